@@ -1,0 +1,1 @@
+"""Analyze stage: Gram caches from activation stores, and CKA for every layer pair of every model pair."""

@@ -1,0 +1,5 @@
+"""CLI commands of the extract stage (filled in by the extract stage)."""
+
+import click
+
+commands: list[click.Command] = []

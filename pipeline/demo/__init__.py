@@ -1,0 +1,1 @@
+"""The built-in demo study: a generated dataset and small models trained by the demo itself."""

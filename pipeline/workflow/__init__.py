@@ -1,0 +1,1 @@
+"""Snakemake workflow shipped inside the package (rules, config schema, default config)."""
