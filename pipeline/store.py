@@ -1,0 +1,525 @@
+"""The activation store: one zarr v3 group per model × dataset. Both stages use this module.
+
+Layout (format ``ckapipe.activation-store``, version 1)::
+
+    STORE/                      zarr v3 group
+      zarr.json                 attributes (below)
+      sample_ids                (n,) int64: dataset index of each stored row
+      layers/<layer name>       (n, p) activations, dimension_names ("sample", "feature")
+      .writer.lock              advisory lock held by the one writer (not part of the format)
+
+Rows are samples in the order they were written: a seeded random permutation of the dataset by
+default, so that contiguous row blocks are random minibatches. Each layer array is chunked in 2-D
+(``row_chunk`` × ``column_chunk``, ~16 MB) so that both row blocks (minibatch analysis) and
+full-height column slabs (exact analysis) read in one pass. Row chunks are a multiple of the
+store's ``row_block``: the writer advances ``rows_complete`` one row block at a time, and resumes
+from there after an interruption.
+
+Root attributes: ``format``, ``format_version``, ``n_samples``, ``layers`` (list of layer records,
+selection order), ``dtype`` (logical dtype), ``codec``, ``row_block``, ``sample_ids_sha256``,
+``rows_complete``, ``complete`` (written last, with ``completed_at``), plus the provenance the
+writer passes (model and dataset specs, weights hash, seed, order, input fingerprint, versions,
+timestamps). bfloat16 is stored as uint16 bit patterns (zarr 3 has no bfloat16) with the
+array attribute ``logical_dtype = "bfloat16"``; :meth:`ActivationStore.read` decodes it.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import fcntl
+import hashlib
+import math
+import os
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "ActivationStore",
+    "IncompleteStoreError",
+    "LayerRecord",
+    "StoreError",
+    "StoreLockedError",
+    "open_store",
+    "sample_ids_digest",
+]
+
+FORMAT_NAME = "ckapipe.activation-store"
+FORMAT_VERSION = 1
+LOGICAL_DTYPES = ("float16", "float32", "bfloat16")
+CODECS = ("none", "zstd")
+FLOAT16_MAX = 65504.0
+TARGET_CHUNK_BYTES = 16 * 2**20
+_LOCK_NAME = ".writer.lock"
+
+
+class StoreError(Exception):
+    """A store is missing, malformed or used in a way its format does not allow."""
+
+
+class IncompleteStoreError(StoreError):
+    """The store has no completion flag: its writer was interrupted or is still running."""
+
+
+class StoreLockedError(StoreError):
+    """Another process is writing this store (one writer per store)."""
+
+
+@dataclass(frozen=True)
+class LayerRecord:
+    """One captured layer.
+
+    Parameters
+    ----------
+    name:
+        Module name as selected (``"layer1.0.conv1"``); also the array name under ``layers/``.
+    shape:
+        Per-sample output shape before reduction, e.g. ``(64, 8, 8)``.
+    reduction:
+        How the output became a feature vector: ``flatten``, ``mean``, ``cls`` or ``masked_mean``.
+    n_features:
+        Number of stored features ``p`` per sample.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    reduction: str
+    n_features: int
+
+    def __post_init__(self) -> None:
+        if not self.name or "/" in self.name or self.name.startswith("__"):
+            raise StoreError(
+                f"layer name {self.name!r} cannot name a zarr array: it must be non-empty, "
+                "contain no '/' and not start with '__'"
+            )
+        if self.n_features < 1:
+            raise StoreError(f"layer {self.name!r}: n_features must be >= 1, got {self.n_features}")
+        object.__setattr__(self, "shape", tuple(int(s) for s in self.shape))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> LayerRecord:
+        return cls(
+            name=data["name"],
+            shape=tuple(data["shape"]),
+            reduction=data["reduction"],
+            n_features=int(data["n_features"]),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["shape"] = list(self.shape)
+        return record
+
+
+def sample_ids_digest(sample_ids: np.ndarray) -> str:
+    """SHA-256 of the row order: two stores with equal digests hold the same samples in the same rows."""
+    return hashlib.sha256(np.ascontiguousarray(sample_ids, dtype="<i8").tobytes()).hexdigest()
+
+
+def _chunk_shape(n_rows: int, n_features: int, itemsize: int, row_block: int) -> tuple[int, int]:
+    """A ~16 MB 2-D chunk whose row count is a multiple of ``row_block``."""
+    rows = row_block
+    columns = max(1, min(n_features, TARGET_CHUNK_BYTES // (rows * itemsize)))
+    if columns == n_features:
+        # narrow layer: grow the chunk downwards instead, in whole row blocks
+        blocks = max(1, TARGET_CHUNK_BYTES // (row_block * n_features * itemsize))
+        rows = row_block * blocks
+    rows = min(rows, max(row_block, math.ceil(n_rows / row_block) * row_block))
+    return rows, columns
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+
+
+class ActivationStore:
+    """A per-layer activation store on disk (zarr v3). Create with :meth:`create`, read with :meth:`open`.
+
+    A reader refuses a store without the completion flag unless ``allow_incomplete=True``.
+    A writer holds an exclusive advisory lock; a second writer is refused with
+    :class:`StoreLockedError`. The lock dies with its process, so a killed extraction can resume.
+    """
+
+    def __init__(self, group: zarr.Group, path: Path, *, writable: bool, lock_fd: int | None = None):
+        self._group = group
+        self.path = path
+        self.writable = writable
+        self._lock_fd = lock_fd
+        attrs = dict(group.attrs)
+        if attrs.get("format") != FORMAT_NAME:
+            raise StoreError(
+                f"{path} is not a ckapipe activation store (format attribute is "
+                f"{attrs.get('format')!r}); create one with `ckapipe extract` or `ckapipe import-h5`"
+            )
+        if attrs.get("format_version") != FORMAT_VERSION:
+            raise StoreError(
+                f"{path} has store format version {attrs.get('format_version')}, this ckapipe "
+                f"reads version {FORMAT_VERSION}; re-extract it with this version"
+            )
+        self.layers = [LayerRecord.from_dict(d) for d in attrs["layers"]]
+        self._by_name = {layer.name: layer for layer in self.layers}
+        self.n_samples = int(attrs["n_samples"])
+        self.dtype = attrs["dtype"]
+        self.row_block = int(attrs["row_block"])
+        self._sample_ids: np.ndarray | None = None
+
+    # -- creation ---------------------------------------------------------------------------
+    @classmethod
+    def create(
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        layers: Sequence[LayerRecord],
+        sample_ids: np.ndarray,
+        dtype: str = "float16",
+        codec: str | None = None,
+        attrs: Mapping[str, Any] | None = None,
+        row_block: int = 256,
+    ) -> ActivationStore:
+        """Create an empty store and return it open for writing (holding the writer lock).
+
+        Parameters
+        ----------
+        path:
+            Directory to create. Refused if it already holds anything.
+        layers:
+            Layer records in selection order; rows of results always follow this order.
+        sample_ids:
+            (n,) dataset index of each row, in the order rows will be written.
+        dtype:
+            Logical storage dtype: ``float16`` (default), ``float32`` or ``bfloat16``.
+        codec:
+            ``None``/``"none"`` (default; dense activations barely compress) or ``"zstd"``.
+        attrs:
+            Provenance to record (model and dataset specs, seeds, versions, ...).
+        row_block:
+            Resume granularity in rows; every row chunk is a multiple of it.
+        """
+        path = Path(path)
+        if dtype not in LOGICAL_DTYPES:
+            raise StoreError(f"dtype must be one of {LOGICAL_DTYPES}, got {dtype!r}")
+        codec = codec or "none"
+        if codec not in CODECS:
+            raise StoreError(f"codec must be one of {CODECS}, got {codec!r}")
+        if not layers:
+            raise StoreError("no layers to store: select at least one layer")
+        names = [layer.name for layer in layers]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise StoreError(f"layers selected more than once: {duplicates}")
+        sample_ids = np.asarray(sample_ids, dtype=np.int64)
+        if sample_ids.ndim != 1 or sample_ids.size == 0:
+            raise StoreError(f"sample_ids must be a non-empty 1-D array, got shape {sample_ids.shape}")
+        if len(np.unique(sample_ids)) != sample_ids.size:
+            raise StoreError("sample_ids contain duplicates: every row must be a distinct sample")
+        if row_block < 1:
+            raise StoreError(f"row_block must be >= 1, got {row_block}")
+        if path.exists() and any(path.iterdir()):
+            raise StoreError(
+                f"{path} already exists and is not empty; remove it, choose another --out, "
+                "or resume an interrupted extraction"
+            )
+        path.mkdir(parents=True, exist_ok=True)
+        lock_fd = _acquire_writer_lock(path)
+        n = int(sample_ids.size)
+        # mode "a", not "w": "w" would wipe the directory, lock file included
+        root = zarr.open_group(str(path), mode="a", zarr_format=3)
+        root.attrs.update(
+            {
+                **dict(attrs or {}),
+                "format": FORMAT_NAME,
+                "format_version": FORMAT_VERSION,
+                "n_samples": n,
+                "layers": [layer.to_dict() for layer in layers],
+                "dtype": dtype,
+                "codec": codec,
+                "row_block": int(row_block),
+                "sample_ids_sha256": sample_ids_digest(sample_ids),
+                "rows_complete": 0,
+                "complete": False,
+                "created_at": _now(),
+            }
+        )
+        ids = root.create_array(
+            "sample_ids",
+            shape=(n,),
+            chunks=(min(n, 1 << 20),),
+            dtype="int64",
+            dimension_names=("sample",),
+            compressors=None,
+        )
+        ids[:] = sample_ids
+        storage_dtype = "uint16" if dtype == "bfloat16" else dtype
+        itemsize = np.dtype(storage_dtype).itemsize
+        compressors = (
+            [zarr.codecs.ZstdCodec(level=3)] if codec == "zstd" else None
+        )  # None: no codec at all
+        layer_group = root.require_group("layers")
+        for layer in layers:
+            chunks = _chunk_shape(n, layer.n_features, itemsize, row_block)
+            array = layer_group.create_array(
+                layer.name,
+                shape=(n, layer.n_features),
+                chunks=chunks,
+                dtype=storage_dtype,
+                dimension_names=("sample", "feature"),
+                compressors=compressors,
+                fill_value=0,
+            )
+            array.attrs.update(
+                {"layer": layer.name, "logical_dtype": dtype, "shape": list(layer.shape)}
+            )
+        store = cls(root, path, writable=True, lock_fd=lock_fd)
+        store._sample_ids = sample_ids
+        return store
+
+    @classmethod
+    def open_for_resume(cls, path: str | os.PathLike[str]) -> ActivationStore:
+        """Reopen an interrupted (incomplete) store for writing, from ``rows_complete`` on."""
+        path = Path(path)
+        _require_store_dir(path)
+        lock_fd = _acquire_writer_lock(path)
+        try:
+            store = cls(zarr.open_group(str(path), mode="r+"), path, writable=True, lock_fd=lock_fd)
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        if store.is_complete:
+            store.close()
+            raise StoreError(f"{path} is already complete; nothing to resume")
+        return store
+
+    @classmethod
+    def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> ActivationStore:
+        """Open a store for reading; refuses an incomplete store unless ``allow_incomplete``."""
+        path = Path(path)
+        _require_store_dir(path)
+        store = cls(zarr.open_group(str(path), mode="r"), path, writable=False)
+        if not store.is_complete and not allow_incomplete:
+            raise IncompleteStoreError(
+                f"{path} is incomplete ({store.rows_complete} of {store.n_samples} rows written, "
+                "no completion flag): its extraction was interrupted or is still running. "
+                "Re-run the same `ckapipe extract` command to resume it."
+            )
+        return store
+
+    # -- reading ----------------------------------------------------------------------------
+    @property
+    def attrs(self) -> dict[str, Any]:
+        return dict(self._group.attrs)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [layer.name for layer in self.layers]
+
+    @property
+    def is_complete(self) -> bool:
+        return bool(self._group.attrs.get("complete", False))
+
+    @property
+    def rows_complete(self) -> int:
+        return int(self._group.attrs.get("rows_complete", 0))
+
+    @property
+    def sample_ids(self) -> np.ndarray:
+        if self._sample_ids is None:
+            self._sample_ids = np.asarray(self._group["sample_ids"][:], dtype=np.int64)
+        return self._sample_ids
+
+    def layer(self, name: str) -> LayerRecord:
+        """The record of layer ``name``; a clear error naming the known layers otherwise."""
+        try:
+            return self._by_name[name]
+        except KeyError:
+            raise StoreError(
+                f"store {self.path} has no layer {name!r}; its layers are {self.layer_names}"
+            ) from None
+
+    def array(self, name: str) -> zarr.Array:
+        """The raw zarr array of layer ``name`` (uint16 bit patterns for bfloat16 stores)."""
+        self.layer(name)
+        return self._group["layers"][name]
+
+    def chunk_shape(self, name: str) -> tuple[int, int]:
+        return tuple(self.array(name).chunks)  # type: ignore[return-value]
+
+    def read(
+        self,
+        name: str,
+        rows: slice = slice(None),
+        cols: slice = slice(None),
+        out: np.ndarray | None = None,
+    ) -> np.ndarray:
+        """Read a rectangle of layer ``name`` in its logical values.
+
+        Returns float16 or float32 (bfloat16 is decoded to float32). ``out``, if given, must have the
+        storage dtype and the selection's shape; reusing it avoids an allocation per block.
+        """
+        array = self.array(name)
+        selection = (rows, cols)
+        data = array.get_basic_selection(selection, out=_as_buffer(out) if out is not None else None)
+        if out is not None:
+            data = out
+        if self.dtype == "bfloat16":
+            return bfloat16_bits_to_float32(data)
+        return data
+
+    def identity(self) -> dict[str, Any]:
+        """What makes two stores comparable, and which model/dataset a store came from."""
+        attrs = self.attrs
+        return {
+            "path": str(self.path),
+            "model": attrs.get("model"),
+            "weights_sha256": attrs.get("weights_sha256"),
+            "dataset": attrs.get("dataset"),
+            "sample_ids_sha256": attrs["sample_ids_sha256"],
+            "n_samples": self.n_samples,
+            "layers": self.layer_names,
+            "dtype": self.dtype,
+        }
+
+    # -- writing ----------------------------------------------------------------------------
+    def write_rows(self, start: int, activations: Mapping[str, np.ndarray]) -> None:
+        """Write rows ``start:start+k`` of every layer (all layers at once, ``k`` equal for all).
+
+        Values are checked before anything is written: NaN/Inf, or values beyond float16's range in a
+        float16 store, raise :class:`StoreError` naming the layer and the sample id.
+        """
+        self._require_writable()
+        missing = [name for name in self.layer_names if name not in activations]
+        unknown = [name for name in activations if name not in self._by_name]
+        if missing or unknown:
+            raise StoreError(f"write_rows needs every layer once; missing {missing}, unknown {unknown}")
+        counts = {name: np.shape(values)[0] for name, values in activations.items()}
+        if len(set(counts.values())) != 1:
+            raise StoreError(f"layers have different row counts in one write: {counts}")
+        k = next(iter(counts.values()))
+        if start < 0 or start + k > self.n_samples:
+            raise StoreError(f"rows {start}:{start + k} are outside the store's {self.n_samples} rows")
+        encoded = {}
+        for layer in self.layers:
+            values = np.asarray(activations[layer.name])
+            if values.shape != (k, layer.n_features):
+                raise StoreError(
+                    f"layer {layer.name!r}: expected rows of shape ({k}, {layer.n_features}), "
+                    f"got {values.shape}"
+                )
+            encoded[layer.name] = self._encode(layer.name, values, start)
+        for name, values in encoded.items():
+            self._group["layers"][name][start : start + k, :] = values
+
+    def set_rows_complete(self, rows: int) -> None:
+        """Record that rows ``0:rows`` of every layer are durably written (the resume point)."""
+        self._require_writable()
+        self._group.attrs["rows_complete"] = int(rows)
+
+    def mark_complete(self, **extra_attrs: Any) -> None:
+        """Write the completion flag, last. Until then readers refuse the store."""
+        self._require_writable()
+        if self.rows_complete != self.n_samples:
+            raise StoreError(
+                f"cannot mark {self.path} complete: {self.rows_complete} of {self.n_samples} rows written"
+            )
+        self._group.attrs.update({**extra_attrs, "completed_at": _now()})
+        self._group.attrs["complete"] = True
+
+    def close(self) -> None:
+        """Release the writer lock (readers hold none)."""
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> ActivationStore:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def _require_writable(self) -> None:
+        if not self.writable or self._lock_fd is None:
+            raise StoreError(f"{self.path} is open read-only")
+
+    def _encode(self, name: str, values: np.ndarray, start: int) -> np.ndarray:
+        finite = np.isfinite(values)
+        if not finite.all():
+            row = int(np.argwhere(~finite)[0][0])
+            raise StoreError(
+                f"layer {name!r} has a non-finite activation (NaN or Inf) for sample id "
+                f"{int(self.sample_ids[start + row])} (row {start + row}); check the model and input"
+            )
+        if self.dtype == "float16":
+            peak = float(np.abs(values).max()) if values.size else 0.0
+            if peak > FLOAT16_MAX:
+                row = int(np.argwhere(np.abs(values) > FLOAT16_MAX)[0][0])
+                raise StoreError(
+                    f"layer {name!r} has values up to {peak:.4g}, beyond float16's ±65504 (first at "
+                    f"sample id {int(self.sample_ids[start + row])}); extract with --dtype float32 "
+                    "(or bfloat16)"
+                )
+            return values.astype(np.float16, copy=False)
+        if self.dtype == "bfloat16":
+            return float32_to_bfloat16_bits(values)
+        return values.astype(np.float32, copy=False)
+
+
+def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
+    """Round float32 to bfloat16 (round-to-nearest-even) and return the uint16 bit patterns."""
+    bits = np.ascontiguousarray(values, dtype=np.float32).view(np.uint32)
+    rounding = ((bits >> 16) & 1) + np.uint32(0x7FFF)
+    return ((bits + rounding) >> 16).astype(np.uint16)
+
+
+def bfloat16_bits_to_float32(bits: np.ndarray) -> np.ndarray:
+    """Decode uint16 bfloat16 bit patterns to float32 (exact)."""
+    return (np.asarray(bits, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def open_store(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Open a complete store as ``{layer name: dask array (n, p)}`` in logical values.
+
+    For exploring in notebooks (``da.mean``, rechunking, xarray); the analysis stage reads the zarr
+    arrays directly. bfloat16 layers are decoded to float32 lazily.
+    """
+    import dask.array as da
+
+    store = ActivationStore.open(path)
+    arrays = {}
+    for name in store.layer_names:
+        array = da.from_zarr(store.array(name))
+        if store.dtype == "bfloat16":
+            array = array.map_blocks(bfloat16_bits_to_float32, dtype=np.float32)
+        arrays[name] = array
+    return arrays
+
+
+def _as_buffer(out: np.ndarray) -> Any:
+    from zarr.core.buffer import default_buffer_prototype
+
+    return default_buffer_prototype().nd_buffer.from_numpy_array(out)
+
+
+def _require_store_dir(path: Path) -> None:
+    if not (path / "zarr.json").is_file():
+        raise StoreError(f"{path} is not a zarr store (no zarr.json); check the path")
+
+
+def _acquire_writer_lock(path: Path) -> int:
+    fd = os.open(path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise StoreLockedError(
+            f"{path} is being written by another process (pid {holder}); one writer per store: "
+            "wait for it, or write to another --out"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.write(fd, str(os.getpid()).encode())
+    return fd

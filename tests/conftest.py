@@ -1,0 +1,8 @@
+"""Shared pytest configuration. Fixtures that belong to one stage live in that stage's test files."""
+
+from __future__ import annotations
+
+import os
+
+# Plots render headless everywhere (CI has no display).
+os.environ.setdefault("MPLBACKEND", "Agg")
