@@ -360,8 +360,7 @@ def cka_from_hsic(
     -----
     DegenerateLayerWarning
         For every layer whose self term is zero (constant or all-zero activations), negative
-        (possible for an unbiased estimate; reported, never clamped) or NaN. Its row (column)
-        of the result is NaN.
+        (reported with its value, never clamped) or NaN. Its row (column) of the result is NaN.
     """
     h = np.asarray(hsic.cpu() if isinstance(hsic, Tensor) else hsic, dtype=np.float64)
     sa = np.asarray(self_a.cpu() if isinstance(self_a, Tensor) else self_a, dtype=np.float64)
@@ -373,6 +372,11 @@ def cka_from_hsic(
         )
     names_a = list(layers_a) if layers_a is not None else [f"a[{i}]" for i in range(sa.shape[-1])]
     names_b = list(layers_b) if layers_b is not None else [f"b[{j}]" for j in range(sb.shape[-1])]
+    if len(names_a) != sa.shape[-1] or len(names_b) != sb.shape[-1]:
+        raise ValueError(
+            f"cka_from_hsic: {len(names_a)} layers_a and {len(names_b)} layers_b names for "
+            f"hsic of shape {h.shape}"
+        )
     _warn_degenerate(sa, names_a)
     _warn_degenerate(sb, names_b)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -391,8 +395,9 @@ def _warn_degenerate(self_hsic: np.ndarray, names: Sequence[str]) -> None:
         worst = float(np.nanmin(values)) if not np.isnan(values).all() else float("nan")
         if worst < 0:
             why = (
-                f"is negative ({worst:.6g}): an unbiased estimate below zero, usually too few "
-                "samples for a near-constant layer; CKA is undefined there and is not clamped"
+                f"is negative ({worst:.6g}): a self-HSIC₁ ||Ũ(K)||²/(m(m−3)) is ≥ 0, so this "
+                "comes from rounding on a near-constant layer or from corrupted per-batch "
+                "values; CKA is undefined there and is not clamped"
             )
         elif worst == 0:
             why = "is 0: the layer's activations are constant or all zero"
@@ -405,6 +410,20 @@ def _warn_degenerate(self_hsic: np.ndarray, names: Sequence[str]) -> None:
             DegenerateLayerWarning,
             stacklevel=3,
         )
+
+
+def _hsic_triplet_grams(k: Tensor, l: Tensor, unbiased: bool) -> tuple[float, float, float]:  # noqa: E741
+    """(HSIC(K,L), HSIC(K,K), HSIC(L,L)) from float64 (n, n) Grams, centering each Gram once.
+
+    HSIC₁ = ⟨Ũ(K), Ũ(L)⟩ / (n(n−3)); HSIC₀ = ⟨HKH, HLH⟩ / (n−1)² = tr(KHLH) / (n−1)².
+    """
+    n = k.shape[0]
+    if unbiased:
+        kc, lc, norm = _u_center(k), _u_center(l), n * (n - 3)
+    else:
+        kc, lc, norm = center_gram(k), center_gram(l), (n - 1) ** 2
+    xy, xx, yy = (float((a * b).sum()) / norm for a, b in ((kc, lc), (kc, kc), (lc, lc)))
+    return xy, xx, yy
 
 
 def _hsic_triplet_linear_features(
@@ -474,10 +493,9 @@ def cka(
     if kernel == "linear" and xt.shape[1] < n and yt.shape[1] < n:
         xy, xx, yy = _hsic_triplet_linear_features(xt, yt, unbiased=unbiased)
     else:
-        k = _kernel_gram(xt, kernel, threshold)
-        l = _kernel_gram(yt, kernel, threshold)  # noqa: E741
-        estimate = hsic1 if unbiased else hsic0
-        xy, xx, yy = estimate(k, l), estimate(k, k), estimate(l, l)
+        xy, xx, yy = _hsic_triplet_grams(
+            _kernel_gram(xt, kernel, threshold), _kernel_gram(yt, kernel, threshold), unbiased
+        )
     ratio = cka_from_hsic(
         np.array([[xy]]), np.array([xx]), np.array([yy]), layers_a=["x"], layers_b=["y"]
     )
@@ -633,7 +651,11 @@ class MinibatchCKA:
             if acts_b is None:
                 raise ValueError("acts_b is required: this accumulator compares two models")
             grams_b = self._grams(acts_b, self.layers_b, "acts_b")
-            _same_samples(grams_a, grams_b, "acts_a", "acts_b")
+            if grams_a.shape[1] != grams_b.shape[1]:
+                raise ValueError(
+                    f"acts_a and acts_b must hold the same samples: batches of "
+                    f"{grams_a.shape[1]} and {grams_b.shape[1]} samples"
+                )
         self._add(grams_a, grams_b)
 
     def update_grams(self, grams_a: ArrayLike, grams_b: ArrayLike | None = None) -> None:
@@ -700,10 +722,13 @@ class MinibatchCKA:
             )
         _need_four(g.shape[1], f"{arg}: batch")
         g = g.to(torch.float64)
+        finite = torch.isfinite(g).flatten(1).all(dim=1)  # (L,)
+        zero_diagonal = torch.diagonal(g, dim1=1, dim2=2).eq(0).all(dim=1)  # (L,)
+        ok = torch.stack([finite, zero_diagonal]).cpu()  # one device sync per batch
         for i, name in enumerate(names):
-            if not bool(torch.isfinite(g[i]).all()):
+            if not ok[0, i]:
                 raise ValueError(f"{arg}: the Gram of layer {name!r} contains NaN or Inf")
-            if bool(torch.diagonal(g[i]).ne(0).any()):
+            if not ok[1, i]:
                 raise ValueError(
                     f"{arg}: the Gram of layer {name!r} has a nonzero diagonal, so it is not "
                     "U-centered; pass u_center(K) or u_centered_gram(x)"

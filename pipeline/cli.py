@@ -33,9 +33,10 @@ def main(verbose: int) -> None:
 def _register() -> None:
     from ckapipe.analyze.cli import commands as analyze_commands
     from ckapipe.extract.cli import commands as extract_commands
+    from ckapipe.extract.cli_tools import commands as store_tool_commands
     from ckapipe.run import commands as run_commands
 
-    for command in (*extract_commands, *analyze_commands, *run_commands):
+    for command in (*extract_commands, *store_tool_commands, *analyze_commands, *run_commands):
         main.add_command(command)
 
 

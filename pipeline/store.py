@@ -28,6 +28,7 @@ from __future__ import annotations
 import datetime as _dt
 import fcntl
 import hashlib
+import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -93,10 +94,15 @@ class LayerRecord:
     n_features: int
 
     def __post_init__(self) -> None:
-        if not self.name or "/" in self.name or self.name.startswith("__"):
+        if (
+            not self.name
+            or "/" in self.name
+            or self.name.startswith("__")
+            or self.name in (".", "..", "zarr.json")
+        ):
             raise StoreError(
                 f"layer name {self.name!r} cannot name a zarr array: it must be non-empty, "
-                "contain no '/' and not start with '__'"
+                "contain no '/', not start with '__' and not be '.', '..' or 'zarr.json'"
             )
         if self.n_features < 1:
             raise StoreError(f"layer {self.name!r}: n_features must be >= 1, got {self.n_features}")
@@ -220,6 +226,12 @@ class ActivationStore:
             raise StoreError("sample_ids contain duplicates: every row must be a distinct sample")
         if row_block < 1:
             raise StoreError(f"row_block must be >= 1, got {row_block}")
+        try:
+            json.dumps(dict(attrs or {}))
+        except (TypeError, ValueError) as error:
+            raise StoreError(
+                f"store attrs must be JSON-serializable (plain str/int/float/bool/list/dict): {error}"
+            ) from None
         if path.exists() and any(path.iterdir()):
             raise StoreError(
                 f"{path} already exists and is not empty; remove it, choose another --out, "
@@ -227,56 +239,61 @@ class ActivationStore:
             )
         path.mkdir(parents=True, exist_ok=True)
         lock_fd = _acquire_writer_lock(path)
-        n = int(sample_ids.size)
-        # mode "a", not "w": "w" would wipe the directory, lock file included
-        root = zarr.open_group(str(path), mode="a", zarr_format=3)
-        root.attrs.update(
-            {
-                **dict(attrs or {}),
-                "format": FORMAT_NAME,
-                "format_version": FORMAT_VERSION,
-                "n_samples": n,
-                "layers": [layer.to_dict() for layer in layers],
-                "dtype": dtype,
-                "codec": codec,
-                "row_block": int(row_block),
-                "sample_ids_sha256": sample_ids_digest(sample_ids),
-                "rows_complete": 0,
-                "complete": False,
-                "created_at": _now(),
-            }
-        )
-        ids = root.create_array(
-            "sample_ids",
-            shape=(n,),
-            chunks=(min(n, 1 << 20),),
-            dtype="int64",
-            dimension_names=("sample",),
-            compressors=None,
-        )
-        ids[:] = sample_ids
-        storage_dtype = "uint16" if dtype == "bfloat16" else dtype
-        itemsize = np.dtype(storage_dtype).itemsize
-        compressors = (
-            [zarr.codecs.ZstdCodec(level=3)] if codec == "zstd" else None
-        )  # None: no codec at all
-        layer_group = root.require_group("layers")
-        for layer in layers:
-            chunks = _chunk_shape(n, layer.n_features, itemsize, row_block)
-            array = layer_group.create_array(
-                layer.name,
-                shape=(n, layer.n_features),
-                chunks=chunks,
-                dtype=storage_dtype,
-                dimension_names=("sample", "feature"),
-                compressors=compressors,
-                fill_value=0,
+        try:
+            n = int(sample_ids.size)
+            # mode "a", not "w": "w" would wipe the directory, lock file included
+            root = zarr.open_group(str(path), mode="a", zarr_format=3)
+            root.attrs.update(
+                {
+                    **dict(attrs or {}),
+                    "format": FORMAT_NAME,
+                    "format_version": FORMAT_VERSION,
+                    "n_samples": n,
+                    "layers": [layer.to_dict() for layer in layers],
+                    "dtype": dtype,
+                    "codec": codec,
+                    "row_block": int(row_block),
+                    "sample_ids_sha256": sample_ids_digest(sample_ids),
+                    "rows_complete": 0,
+                    "complete": False,
+                    "created_at": _now(),
+                }
             )
-            array.attrs.update(
-                {"layer": layer.name, "logical_dtype": dtype, "shape": list(layer.shape)}
+            ids = root.create_array(
+                "sample_ids",
+                shape=(n,),
+                chunks=(min(n, 1 << 20),),
+                dtype="int64",
+                dimension_names=("sample",),
+                compressors=None,
             )
-        store = cls(root, path, writable=True, lock_fd=lock_fd)
-        store._sample_ids = sample_ids
+            ids[:] = sample_ids
+            storage_dtype = "uint16" if dtype == "bfloat16" else dtype
+            itemsize = np.dtype(storage_dtype).itemsize
+            compressors = (
+                [zarr.codecs.ZstdCodec(level=3)] if codec == "zstd" else None
+            )  # None: no codec at all
+            layer_group = root.require_group("layers")
+            for layer in layers:
+                chunks = _chunk_shape(n, layer.n_features, itemsize, row_block)
+                array = layer_group.create_array(
+                    layer.name,
+                    shape=(n, layer.n_features),
+                    chunks=chunks,
+                    dtype=storage_dtype,
+                    dimension_names=("sample", "feature"),
+                    compressors=compressors,
+                    fill_value=0,
+                )
+                array.attrs.update(
+                    {"layer": layer.name, "logical_dtype": dtype, "shape": list(layer.shape)}
+                )
+            store = cls(root, path, writable=True, lock_fd=lock_fd)
+            store._sample_ids = sample_ids
+        except BaseException:
+            # a failed create must not keep this process's lock (a retry would be refused)
+            os.close(lock_fd)
+            raise
         return store
 
     @classmethod
@@ -414,10 +431,14 @@ class ActivationStore:
         for name, values in encoded.items():
             self._group["layers"][name][start : start + k, :] = values
 
-    def set_rows_complete(self, rows: int) -> None:
-        """Record that rows ``0:rows`` of every layer are durably written (the resume point)."""
+    def set_rows_complete(self, rows: int, **extra_attrs: Any) -> None:
+        """Record that rows ``0:rows`` of every layer are durably written (the resume point).
+
+        ``extra_attrs`` (the writer's resume state, e.g. a running input fingerprint) are written
+        in the same metadata update, so they always match ``rows_complete``.
+        """
         self._require_writable()
-        self._group.attrs["rows_complete"] = int(rows)
+        self._group.attrs.update({**extra_attrs, "rows_complete": int(rows)})
 
     def mark_complete(self, **extra_attrs: Any) -> None:
         """Write the completion flag, last. Until then readers refuse the store."""
@@ -464,8 +485,23 @@ class ActivationStore:
                 )
             return values.astype(np.float16, copy=False)
         if self.dtype == "bfloat16":
-            return float32_to_bfloat16_bits(values)
-        return values.astype(np.float32, copy=False)
+            encoded = float32_to_bfloat16_bits(values)
+            # rounding can carry a finite value into the all-ones exponent (Inf)
+            overflow = (encoded & np.uint16(0x7F80)) == np.uint16(0x7F80)
+        else:
+            with np.errstate(over="ignore"):
+                encoded = values.astype(np.float32, copy=False)
+            overflow = ~np.isfinite(encoded)  # float64 input beyond float32's range
+        if overflow.any():
+            row = int(np.argwhere(overflow)[0][0])
+            advice = (
+                "check the model" if self.dtype == "float32" else "extract with --dtype float32"
+            )
+            raise StoreError(
+                f"layer {name!r} has values beyond {self.dtype}'s range (first at sample id "
+                f"{int(self.sample_ids[start + row])}, row {start + row}); {advice}"
+            )
+        return encoded
 
 
 def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:

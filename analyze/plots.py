@@ -1,0 +1,816 @@
+"""Figures of CKA results: layer × layer heatmaps, a study grid and layer-correspondence curves.
+
+Every function builds a :class:`matplotlib.figure.Figure` with an Agg canvas attached and returns
+it; :mod:`matplotlib.pyplot` is never imported, so no global figure registry, backend switch or
+interactive state is touched and the functions are safe in headless jobs, threads and notebooks.
+
+Conventions shared by the figures:
+
+- A heatmap's rows are the layers of ``model_a`` (y axis, first layer at the top) and its
+  columns the layers of ``model_b`` (x axis), exactly like the ``(layer_a, layer_b)`` arrays of
+  a :class:`~ckapipe.analyze.study.PairResult`.
+- Undefined entries (NaN: a degenerate layer whose self-HSIC is zero or negative) are drawn as
+  hatched grey cells and the pair's ``diagnostics`` are printed in a footnote; they are never
+  given a colour of the scale.
+- Values outside ``[vmin, vmax]`` (the unbiased estimator can go slightly below 0) are not
+  hidden: the colour bar gets an extension arrow and annotations print the value itself.
+- Long layer names: a dotted prefix shared by all layers of a model is moved into the axis label
+  (lossless), and names still longer than ``max_label_chars`` are shortened in the middle with
+  "…", keeping the start and the (more specific) end.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import textwrap
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PatchCollection
+from matplotlib.colors import Colormap, Normalize
+from matplotlib.figure import Figure
+from matplotlib.patches import Patch, Rectangle
+
+if TYPE_CHECKING:
+    from ckapipe.analyze.study import PairResult, StudyResult
+    from matplotlib.axes import Axes
+    from matplotlib.image import AxesImage
+
+__all__ = [
+    "NAN_CELL_COLOR",
+    "plot_correspondence",
+    "plot_heatmap",
+    "plot_result",
+    "plot_study_grid",
+    "save_figure",
+]
+
+#: face colour of undefined (NaN) cells; hatched with :data:`NAN_HATCH_COLOR`
+NAN_CELL_COLOR = "#b8b8b8"
+NAN_HATCH_COLOR = "#6e6e6e"
+# auto annotation only while the numbers still fit in their cells
+_AUTO_ANNOTATE_MAX_LAYERS = 12
+_TICK_FONTSIZE = 8.0
+_GRID_TICK_FONTSIZE = 6.5
+_FOOTNOTE_FONTSIZE = 7.0
+_MAX_FOOTNOTE_LINES = 8
+
+AnnotateOption = bool | Literal["auto"]
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _new_figure(figsize: tuple[float, float], *, constrained: bool = True) -> Figure:
+    """A figure with its own Agg canvas, outside pyplot's registry."""
+    fig = Figure(figsize=figsize, layout="constrained" if constrained else None)
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _as_matrix(value: Any, name: str, pair: PairResult) -> np.ndarray:
+    shape = (len(pair.layers_a), len(pair.layers_b))
+    matrix = np.asarray(value, dtype=np.float64)
+    if matrix.shape != shape:
+        raise ValueError(
+            f"pair {pair.model_a}--{pair.model_b}: {name} has shape {matrix.shape} but the pair "
+            f"has {shape[0]} layers_a and {shape[1]} layers_b; expected {shape}. "
+            "Rebuild the PairResult from one consistent result file."
+        )
+    return matrix
+
+
+def _pair_label(pair: PairResult) -> str:
+    return f"{pair.model_a}--{pair.model_b}"
+
+
+def _is_self(pair: PairResult) -> bool:
+    return pair.model_a == pair.model_b
+
+
+def _common_prefix(names: Sequence[str]) -> str:
+    """Longest dotted prefix shared by all names that leaves every name non-empty.
+
+    E.g. ``["encoder.layer.0.out", "encoder.layer.1.out"]`` → ``"encoder.layer."``.
+    """
+    if len(names) < 2:
+        return ""
+    split = [name.split(".") for name in names]
+    prefix: list[str] = []
+    for parts in zip(*split, strict=False):
+        if all(part == parts[0] for part in parts):
+            prefix.append(parts[0])
+        else:
+            break
+    # keep at least one component of every name
+    shortest = min(len(parts) for parts in split)
+    prefix = prefix[: shortest - 1]
+    return ".".join(prefix) + "." if prefix else ""
+
+
+def _ellipsize(name: str, max_chars: int) -> str:
+    """Shorten ``name`` to at most ``max_chars`` by replacing its middle with "…"."""
+    if len(name) <= max_chars:
+        return name
+    keep = max_chars - 1
+    # the end of a module path (block index, sublayer) tells layers apart: keep more of it
+    head = keep // 3
+    tail = keep - head
+    return name[:head] + "…" + name[len(name) - tail :]
+
+
+def _tick_labels(names: Sequence[str], max_chars: int) -> tuple[list[str], str]:
+    """Display labels for ``names`` and the common prefix that was stripped from them."""
+    prefix = _common_prefix(names)
+    labels = [_ellipsize(name[len(prefix) :], max_chars) for name in names]
+    return labels, prefix
+
+
+def _tick_step(n_labels: int, axis_inches: float, fontsize: float) -> int:
+    """Show every k-th label so that neighbouring labels do not overlap."""
+    line_inches = fontsize * 1.35 / 72.0
+    fits = max(1, int(axis_inches / line_inches))
+    return max(1, math.ceil(n_labels / fits))
+
+
+def _axis_title(model: str, prefix: str) -> str:
+    return f"layer of {model}" + (f'  (after "{prefix}")' if prefix else "")
+
+
+def _set_layer_ticks(
+    ax: Axes,
+    *,
+    layers_x: Sequence[str] | None,
+    layers_y: Sequence[str] | None,
+    max_chars: int,
+    fontsize: float,
+    axis_inches: tuple[float, float],
+) -> tuple[str, str]:
+    """Put (thinned, shortened) layer names on the axes; returns the stripped prefixes (x, y)."""
+    prefix_x = prefix_y = ""
+    if layers_x is not None:
+        labels, prefix_x = _tick_labels(layers_x, max_chars)
+        step = _tick_step(len(labels), axis_inches[0], fontsize)
+        positions = np.arange(0, len(labels), step)
+        ax.set_xticks(positions, [labels[i] for i in positions], fontsize=fontsize)
+        ax.tick_params(axis="x", labelrotation=45)
+        for label in ax.get_xticklabels():
+            label.set_horizontalalignment("right")
+            label.set_rotation_mode("anchor")
+    if layers_y is not None:
+        labels, prefix_y = _tick_labels(layers_y, max_chars)
+        step = _tick_step(len(labels), axis_inches[1], fontsize)
+        positions = np.arange(0, len(labels), step)
+        ax.set_yticks(positions, [labels[i] for i in positions], fontsize=fontsize)
+    return prefix_x, prefix_y
+
+
+def _resolve_cmap(cmap: str | Colormap) -> Colormap:
+    base = colormaps[cmap] if isinstance(cmap, str) else cmap
+    # masked cells (the hidden half of a self-comparison, and NaN cells, which get their own
+    # hatched patch on top) must show the axes background, not a colour of the scale
+    return base.with_extremes(bad=(0.0, 0.0, 0.0, 0.0))
+
+
+def _extend(
+    values: np.ndarray, vmin: float, vmax: float
+) -> Literal["neither", "both", "min", "max"]:
+    finite = values[np.isfinite(values)]
+    below = finite.size > 0 and bool(finite.min() < vmin)
+    above = finite.size > 0 and bool(finite.max() > vmax)
+    if below and above:
+        return "both"
+    if below:
+        return "min"
+    if above:
+        return "max"
+    return "neither"
+
+
+def _self_mask(n_layers: int) -> np.ndarray:
+    """True above the diagonal: the redundant half of a symmetric self-comparison."""
+    return np.triu(np.ones((n_layers, n_layers), dtype=bool), k=1)
+
+
+def _draw_matrix(
+    ax: Axes,
+    pair: PairResult,
+    *,
+    transpose: bool,
+    annotate: bool,
+    vmin: float,
+    vmax: float,
+    cmap: Colormap,
+) -> tuple[AxesImage, np.ndarray]:
+    """Draw one pair's CKA matrix into ``ax``; returns the image and the matrix as drawn.
+
+    ``transpose=True`` draws pair (b, a) from the stored pair (a, b) (study grid lower half).
+    """
+    matrix = _as_matrix(pair.cka, "cka", pair)
+    if transpose:
+        matrix = matrix.T
+    hidden = _self_mask(matrix.shape[0]) if _is_self(pair) else np.zeros(matrix.shape, dtype=bool)
+    undefined = ~np.isfinite(matrix) & ~hidden
+    shown = np.ma.masked_array(matrix, mask=hidden | undefined)
+    image = ax.imshow(
+        shown,
+        cmap=cmap,
+        norm=Normalize(vmin=vmin, vmax=vmax),
+        aspect="auto",
+        interpolation="nearest",
+        origin="upper",
+    )
+    if undefined.any():
+        rows, cols = np.nonzero(undefined)
+        cells = [Rectangle((c - 0.5, r - 0.5), 1.0, 1.0) for r, c in zip(rows, cols, strict=True)]
+        ax.add_collection(
+            PatchCollection(
+                cells,
+                facecolor=NAN_CELL_COLOR,
+                edgecolor=NAN_HATCH_COLOR,
+                hatch="////",
+                linewidth=0.0,
+            )
+        )
+    if annotate:
+        _annotate_cells(ax, matrix, hidden | undefined, image)
+    ax.set_xlim(-0.5, matrix.shape[1] - 0.5)
+    ax.set_ylim(matrix.shape[0] - 0.5, -0.5)
+    return image, matrix
+
+
+def _annotate_cells(ax: Axes, matrix: np.ndarray, skip: np.ndarray, image: AxesImage) -> None:
+    n_rows, n_cols = matrix.shape
+    fontsize = float(np.clip(10.0 - 0.2 * max(n_rows, n_cols), 6.0, 8.5))
+    for r in range(n_rows):
+        for c in range(n_cols):
+            if skip[r, c]:
+                continue
+            value = float(matrix[r, c])
+            red, green, blue, _ = image.cmap(image.norm(value))
+            # relative luminance (ITU-R BT.709): dark text on light cells and vice versa
+            light = 0.2126 * red + 0.7152 * green + 0.0722 * blue > 0.5
+            ax.text(
+                c,
+                r,
+                f"{value:.2f}",
+                ha="center",
+                va="center",
+                fontsize=fontsize,
+                color="black" if light else "white",
+            )
+
+
+def _footnote(
+    diagnostics: Iterable[str], undefined_layers: Sequence[str], width_inches: float
+) -> str:
+    """Footnote text: why cells are undefined (the pair's diagnostics), wrapped to the figure."""
+    lines: list[str] = []
+    if undefined_layers:
+        lines.append(
+            "Hatched grey cells are undefined (NaN): degenerate layer(s) "
+            + ", ".join(undefined_layers)
+            + "."
+        )
+    lines.extend(diagnostics)
+    if not lines:
+        return ""
+    width_chars = max(40, int(width_inches * 72.0 / (_FOOTNOTE_FONTSIZE * 0.55)))
+    wrapped: list[str] = []
+    for line in lines:
+        wrapped.extend(textwrap.wrap(line, width=width_chars, subsequent_indent="  ") or [""])
+    if len(wrapped) > _MAX_FOOTNOTE_LINES:
+        left = len(wrapped) - (_MAX_FOOTNOTE_LINES - 1)
+        wrapped = wrapped[: _MAX_FOOTNOTE_LINES - 1] + [
+            f"… {left} more line(s): see the result's diagnostics"
+        ]
+    return "\n".join(wrapped)
+
+
+def _undefined_layers(pair: PairResult) -> list[str]:
+    """Layers whose whole row / column is NaN (degenerate self-HSIC), named with their model."""
+    matrix = _as_matrix(pair.cka, "cka", pair)
+    bad = ~np.isfinite(matrix)
+    names = [
+        f"{pair.model_a}:{name}" for name, row in zip(pair.layers_a, bad, strict=True) if row.all()
+    ]
+    if not _is_self(pair):
+        names += [
+            f"{pair.model_b}:{name}"
+            for name, col in zip(pair.layers_b, bad.T, strict=True)
+            if col.all()
+        ]
+    if bad.any() and not names:
+        names = [f"{int(bad.sum())} isolated cell(s) of {_pair_label(pair)}"]
+    return names
+
+
+def _resolve_annotate(annotate: AnnotateOption, n_rows: int, n_cols: int) -> bool:
+    if annotate == "auto":
+        return max(n_rows, n_cols) <= _AUTO_ANNOTATE_MAX_LAYERS
+    if isinstance(annotate, bool):
+        return annotate
+    raise ValueError(f"annotate must be True, False or 'auto', got {annotate!r}")
+
+
+def _nan_legend(ax: Axes) -> None:
+    ax.legend(
+        handles=[
+            Patch(
+                facecolor=NAN_CELL_COLOR,
+                edgecolor=NAN_HATCH_COLOR,
+                hatch="////",
+                label="undefined (NaN)",
+            )
+        ],
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.0),
+        fontsize=7,
+        frameon=False,
+        borderaxespad=0.2,
+    )
+
+
+# --------------------------------------------------------------------------- heatmap
+
+
+def plot_heatmap(
+    pair: PairResult,
+    *,
+    annotate: AnnotateOption = "auto",
+    ax: Axes | None = None,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    cmap: str | Colormap = "magma",
+    max_label_chars: int = 32,
+    title: str | None = None,
+) -> Figure:
+    """Layer × layer CKA heatmap of one model pair.
+
+    Parameters
+    ----------
+    pair
+        A :class:`~ckapipe.analyze.study.PairResult`; ``pair.cka`` is (La, Lb) with rows the
+        layers of ``model_a`` (y axis) and columns the layers of ``model_b`` (x axis).
+    annotate
+        Print each value in its cell. ``"auto"``: only when both models have at most 12 layers.
+    ax
+        Draw into this axes (of a figure you own) instead of a new figure. The colour bar is
+        still added next to it; the diagnostics footnote is only added to a new figure.
+    vmin, vmax
+        Colour scale limits. Values outside get the end colours and an arrow on the colour bar.
+    cmap
+        Matplotlib colormap (name or object).
+    max_label_chars
+        Layer names longer than this (after stripping the prefix all layers share) are shortened
+        in the middle.
+    title
+        Overrides the default title (the model names).
+
+    Returns
+    -------
+    Figure
+        The figure holding the heatmap (``ax.figure`` when ``ax`` was given). For a
+        self-comparison (``model_a == model_b``) the redundant upper half (column > row) is
+        left blank. NaN cells are hatched grey and listed in a footnote.
+    """
+    n_rows, n_cols = len(pair.layers_a), len(pair.layers_b)
+    matrix = _as_matrix(pair.cka, "cka", pair)
+    do_annotate = _resolve_annotate(annotate, n_rows, n_cols)
+    colormap = _resolve_cmap(cmap)
+
+    labels_x, _ = _tick_labels(pair.layers_b, max_label_chars)
+    labels_y, _ = _tick_labels(pair.layers_a, max_label_chars)
+    char_inches = 0.6 * _TICK_FONTSIZE / 72.0
+    cell = 0.42 if do_annotate else 0.26
+    axes_w = float(np.clip(n_cols * cell, 3.0, 22.0))
+    axes_h = float(np.clip(n_rows * cell, 3.0, 22.0))
+
+    undefined = _undefined_layers(pair)
+    own_figure = ax is None
+    if ax is None:
+        x_label_depth = max(map(len, labels_x)) * char_inches * 0.75
+        y_label_width = max(map(len, labels_y)) * char_inches
+        fig_w = axes_w + y_label_width + 2.2
+        footnote_w = max(fig_w, 5.0)
+        note = _footnote(pair.diagnostics, undefined, footnote_w - 0.3)
+        note_h = (note.count("\n") + 1) * _FOOTNOTE_FONTSIZE * 1.4 / 72.0 if note else 0.0
+        fig_h = axes_h + x_label_depth + 1.5 + note_h
+        fig = _new_figure((max(fig_w, 5.0), max(fig_h, 4.0)))
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure  # type: ignore[assignment]
+        bbox = ax.get_window_extent().transformed(fig.dpi_scale_trans.inverted())
+        axes_w, axes_h = bbox.width, bbox.height
+        note = ""
+
+    image, _ = _draw_matrix(
+        ax,
+        pair,
+        transpose=False,
+        annotate=do_annotate,
+        vmin=vmin,
+        vmax=vmax,
+        cmap=colormap,
+    )
+    prefix_x, prefix_y = _set_layer_ticks(
+        ax,
+        layers_x=pair.layers_b,
+        layers_y=pair.layers_a,
+        max_chars=max_label_chars,
+        fontsize=_TICK_FONTSIZE,
+        axis_inches=(axes_w, axes_h),
+    )
+    ax.set_xlabel(_axis_title(pair.model_b, prefix_x), fontsize=9)
+    ax.set_ylabel(_axis_title(pair.model_a, prefix_y), fontsize=9)
+    if title is None:
+        title = (
+            f"CKA: {pair.model_a} (self-comparison)"
+            if _is_self(pair)
+            else f"CKA: {pair.model_a} vs {pair.model_b}"
+        )
+    ax.set_title(title, fontsize=11, pad=14 if undefined else 6)
+    colorbar = fig.colorbar(image, ax=ax, extend=_extend(matrix, vmin, vmax), shrink=0.85)
+    colorbar.set_label("CKA", fontsize=9)
+    colorbar.ax.tick_params(labelsize=8)
+    if undefined:
+        _nan_legend(ax)
+    if own_figure and note:
+        fig.supxlabel(note, x=0.01, ha="left", fontsize=_FOOTNOTE_FONTSIZE, color="#333333")
+    return fig
+
+
+# --------------------------------------------------------------------------- study grid
+
+
+def _model_layers(result: StudyResult) -> dict[str, list[str]]:
+    """Layer names of every model, taken from any pair it appears in."""
+    layers: dict[str, list[str]] = {}
+    for pair in result.pairs.values():
+        layers.setdefault(pair.model_a, list(pair.layers_a))
+        layers.setdefault(pair.model_b, list(pair.layers_b))
+    for model in result.models:
+        if model not in layers:
+            info = result.provenance.get("models", {}).get(model, {})
+            layers[model] = list(info.get("layers", []))
+    return layers
+
+
+def _find_pair(result: StudyResult, model_a: str, model_b: str) -> tuple[PairResult | None, bool]:
+    """The pair (a, b) as stored, or the stored (b, a) with ``transpose=True``; else None."""
+    if (model_a, model_b) in result.pairs:
+        return result.pairs[(model_a, model_b)], False
+    if (model_b, model_a) in result.pairs:
+        return result.pairs[(model_b, model_a)], True
+    return None, False
+
+
+def plot_study_grid(
+    result: StudyResult,
+    *,
+    vmin: float = 0.0,
+    vmax: float = 1.0,
+    cmap: str | Colormap = "magma",
+    max_label_chars: int = 22,
+) -> Figure:
+    """All model pairs of a study as one grid of layer × layer heatmaps.
+
+    Parameters
+    ----------
+    result
+        A :class:`~ckapipe.analyze.study.StudyResult` with M models.
+    vmin, vmax, cmap
+        One colour scale for every panel (one shared colour bar).
+    max_label_chars
+        Longer layer names are shortened in the middle.
+
+    Returns
+    -------
+    Figure
+        An M × M grid: row i shows ``result.models[i]`` on the y axis, column j shows
+        ``result.models[j]`` on the x axis. The full grid is drawn so that every row and every
+        column has one layer axis, labelled once on the outer edge; a pair stored only as (b, a)
+        is drawn transposed in the (a, b) panel. Self-comparisons on the diagonal show their
+        lower half. Pairs not in the result are marked "not computed". NaN cells are hatched
+        grey and listed in a footnote.
+    """
+    models = list(result.models)
+    if not models:
+        raise ValueError("the study result has no models; nothing to plot")
+    layers = _model_layers(result)
+    n_models = len(models)
+    max_layers = max((len(v) for v in layers.values()), default=1)
+    panel = float(np.clip(0.13 * max_layers, 1.6, 3.0))
+    char_inches = 0.6 * _GRID_TICK_FONTSIZE / 72.0
+    label_extent = max_label_chars * char_inches
+    colormap = _resolve_cmap(cmap)
+
+    undefined: list[str] = []
+    diagnostics: list[str] = []
+    for pair in result.pairs.values():
+        undefined.extend(_undefined_layers(pair))
+        diagnostics.extend(f"{_pair_label(pair)}: {d}" for d in pair.diagnostics)
+    undefined = list(dict.fromkeys(undefined))
+    fig_w = n_models * panel + label_extent + 2.4
+    note = _footnote(diagnostics, undefined, fig_w - 0.3)
+    note_h = (note.count("\n") + 1) * _FOOTNOTE_FONTSIZE * 1.4 / 72.0 if note else 0.0
+    fig_h = n_models * panel + label_extent * 0.75 + 1.6 + note_h
+    fig = _new_figure((fig_w, fig_h))
+    axes = fig.subplots(n_models, n_models, squeeze=False)
+
+    image: AxesImage | None = None
+    all_values: list[np.ndarray] = []
+    for i, model_a in enumerate(models):
+        for j, model_b in enumerate(models):
+            ax = axes[i, j]
+            pair, transpose = _find_pair(result, model_a, model_b)
+            if pair is None:
+                ax.set_facecolor("#f2f2f2")
+                ax.text(
+                    0.5,
+                    0.5,
+                    "not computed",
+                    ha="center",
+                    va="center",
+                    fontsize=7,
+                    color="#777777",
+                    transform=ax.transAxes,
+                )
+                ax.set_xlim(-0.5, max(len(layers[model_b]), 1) - 0.5)
+                ax.set_ylim(max(len(layers[model_a]), 1) - 0.5, -0.5)
+            else:
+                image, drawn = _draw_matrix(
+                    ax,
+                    pair,
+                    transpose=transpose,
+                    annotate=False,
+                    vmin=vmin,
+                    vmax=vmax,
+                    cmap=colormap,
+                )
+                all_values.append(drawn.ravel())
+            # layer names once per row (left column) and once per column (bottom row)
+            _set_layer_ticks(
+                ax,
+                layers_x=layers[model_b] if i == n_models - 1 else None,
+                layers_y=layers[model_a] if j == 0 else None,
+                max_chars=max_label_chars,
+                fontsize=_GRID_TICK_FONTSIZE,
+                axis_inches=(panel, panel),
+            )
+            if i != n_models - 1:
+                ax.set_xticks([])
+            if j != 0:
+                ax.set_yticks([])
+            if i == 0:
+                ax.set_title(model_b, fontsize=9, fontweight="bold")
+            if j == 0:
+                ax.set_ylabel(model_a, fontsize=9, fontweight="bold")
+    fig.suptitle(
+        "CKA of every model pair (rows: model a, y axis; columns: model b, x axis)", fontsize=11
+    )
+    if image is not None:
+        values = np.concatenate(all_values)
+        colorbar = fig.colorbar(
+            image, ax=axes, extend=_extend(values, vmin, vmax), shrink=0.6, aspect=30
+        )
+        colorbar.set_label("CKA", fontsize=9)
+        colorbar.ax.tick_params(labelsize=8)
+    if note:
+        fig.supxlabel(note, x=0.01, ha="left", fontsize=_FOOTNOTE_FONTSIZE, color="#333333")
+    return fig
+
+
+# --------------------------------------------------------------------------- correspondence
+
+
+def _check_same_architecture(pair: PairResult) -> None:
+    layers_a, layers_b = list(pair.layers_a), list(pair.layers_b)
+    if layers_a == layers_b:
+        return
+    if len(layers_a) != len(layers_b):
+        detail = f"{pair.model_a} has {len(layers_a)} layers, {pair.model_b} has {len(layers_b)}"
+    else:
+        k = next(i for i, (a, b) in enumerate(zip(layers_a, layers_b, strict=True)) if a != b)
+        detail = (
+            f"layer {k} is {layers_a[k]!r} in {pair.model_a} but {layers_b[k]!r} in {pair.model_b}"
+        )
+    raise ValueError(
+        f"pair {_pair_label(pair)}: a layer-correspondence curve needs the same layer list in "
+        f"both models (matched layers = same name at the same position), but {detail}. "
+        "Use plot_heatmap for models of different architectures."
+    )
+
+
+def plot_correspondence(
+    pair_or_pairs: PairResult | Sequence[PairResult],
+    *,
+    labels: Sequence[str] | None = None,
+    ci_level: float | None = None,
+    ax: Axes | None = None,
+    max_label_chars: int = 32,
+    title: str | None = None,
+) -> Figure:
+    """CKA of matched layers (layer i of a vs layer i of b) with its confidence band.
+
+    Parameters
+    ----------
+    pair_or_pairs
+        One :class:`~ckapipe.analyze.study.PairResult` or several to overlay. Every pair must
+        compare two models with the same layer list (``layers_a == layers_b``), and overlaid
+        pairs must all share that list.
+    labels
+        Legend label per pair; default ``"a vs b"``.
+    ci_level
+        Confidence level of ``ci_low``/``ci_high`` for the legend (e.g. 0.95), if known.
+    ax
+        Draw into this axes instead of a new figure.
+    max_label_chars
+        Longer layer names are shortened in the middle.
+    title
+        Overrides the default title.
+
+    Returns
+    -------
+    Figure
+        x: layer (in order), y: ``cka[i, i]`` with the band ``ci_low[i, i]``…``ci_high[i, i]``.
+        NaN entries leave a gap in the curve.
+
+    Raises
+    ------
+    ValueError
+        A pair whose two layer lists differ, overlaid pairs with different layer lists, no pairs,
+        or a ``labels`` list of the wrong length.
+    """
+    pairs = [pair_or_pairs] if hasattr(pair_or_pairs, "cka") else list(pair_or_pairs)  # type: ignore[arg-type]
+    if not pairs:
+        raise ValueError("plot_correspondence needs at least one pair")
+    for pair in pairs:
+        _check_same_architecture(pair)
+    reference = list(pairs[0].layers_a)
+    for pair in pairs[1:]:
+        if list(pair.layers_a) != reference:
+            raise ValueError(
+                f"cannot overlay pair {_pair_label(pair)} on {_pair_label(pairs[0])}: their layer "
+                f"lists differ ({len(pair.layers_a)} vs {len(reference)} layers, or other names). "
+                "Plot each architecture separately."
+            )
+    if labels is None:
+        labels = [f"{p.model_a} vs {p.model_b}" for p in pairs]
+    elif len(labels) != len(pairs):
+        raise ValueError(f"labels has {len(labels)} entries but there are {len(pairs)} pairs")
+
+    n_layers = len(reference)
+    axis_w = float(np.clip(0.32 * n_layers, 4.5, 20.0))
+    own_figure = ax is None
+    if ax is None:
+        tick_labels, _ = _tick_labels(reference, max_label_chars)
+        depth = max(map(len, tick_labels)) * 0.6 * _TICK_FONTSIZE / 72.0 * 0.75
+        fig = _new_figure((axis_w + 1.5, 3.8 + depth))
+        ax = fig.add_subplot()
+    else:
+        fig = ax.figure  # type: ignore[assignment]
+
+    x = np.arange(n_layers)
+    band_label = f"band: {ci_level:.0%} CI" if ci_level is not None else "band: CI"
+    colors = colormaps["tab10"]
+    lowest, highest = 0.0, 1.0
+    handles: list[Any] = []
+    undefined: list[tuple[int, Any, str]] = []
+    for k, (pair, label) in enumerate(zip(pairs, labels, strict=True)):
+        color = colors(k % 10)
+        matched = np.diagonal(_as_matrix(pair.cka, "cka", pair))
+        low = np.diagonal(_as_matrix(pair.ci_low, "ci_low", pair))
+        high = np.diagonal(_as_matrix(pair.ci_high, "ci_high", pair))
+        (line,) = ax.plot(x, matched, marker="o", markersize=3.5, color=color, linewidth=1.5)
+        if np.isfinite(low).any() and np.isfinite(high).any():
+            band = ax.fill_between(x, low, high, color=color, alpha=0.25, linewidth=0)
+            # one legend entry per pair: the line drawn over its band
+            handles.append(((band, line), f"{label} ({band_label})"))
+            lowest = min(lowest, float(np.nanmin(low)))
+            highest = max(highest, float(np.nanmax(high)))
+        else:
+            handles.append((line, f"{label} (no CI)"))
+        if np.isfinite(matched).any():
+            lowest = min(lowest, float(np.nanmin(matched)))
+            highest = max(highest, float(np.nanmax(matched)))
+        undefined.extend((i, color, label) for i in np.flatnonzero(~np.isfinite(matched)))
+    margin = 0.05 * (highest - lowest)
+    ax.set_ylim(lowest - margin, highest + margin)
+    if undefined:
+        # a NaN only leaves a gap in the line; mark it on the x axis so it is not overlooked
+        (marker,) = ax.plot(
+            [i for i, _, _ in undefined],
+            [lowest - margin] * len(undefined),
+            linestyle="none",
+            marker="X",
+            markersize=8,
+            color=NAN_HATCH_COLOR,
+            clip_on=False,
+            zorder=5,
+        )
+        handles.append((marker, "undefined (NaN)"))
+    ax.set_xlim(-0.5, n_layers - 0.5)
+    ax.axhline(1.0, color="#999999", linewidth=0.8, linestyle=":")
+    ax.axhline(0.0, color="#999999", linewidth=0.8, linestyle=":")
+    bbox = ax.get_window_extent().transformed(fig.dpi_scale_trans.inverted())
+    prefix_x, _ = _set_layer_ticks(
+        ax,
+        layers_x=reference,
+        layers_y=None,
+        max_chars=max_label_chars,
+        fontsize=_TICK_FONTSIZE,
+        axis_inches=(max(bbox.width, axis_w * 0.8), bbox.height),
+    )
+    ax.set_xlabel("matched layer" + (f'  (after "{prefix_x}")' if prefix_x else ""), fontsize=9)
+    ax.set_ylabel("CKA of layer i of a vs layer i of b", fontsize=9)
+    ax.grid(axis="y", color="#e0e0e0", linewidth=0.6)
+    ax.legend([h for h, _ in handles], [t for _, t in handles], fontsize=8, loc="best")
+    ax.set_title(title or "Layer correspondence (matched layers)", fontsize=11)
+    if undefined and own_figure:
+        note = "Undefined (NaN) matched CKA: " + "; ".join(
+            f"{label} at {reference[i]}" for i, _, label in undefined
+        )
+        note = _footnote([note], [], fig.get_figwidth() - 0.3)
+        fig.supxlabel(note, x=0.01, ha="left", fontsize=_FOOTNOTE_FONTSIZE, color="#333333")
+    return fig
+
+
+# --------------------------------------------------------------------------- files
+
+
+def save_figure(fig: Figure, path: str | Path, *, dpi: float | None = None) -> Path:
+    """Write ``fig`` to ``path`` (format from the suffix, e.g. ``.png``) and return the path.
+
+    The parent directory is created. ``dpi=None`` uses the figure's own dpi.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not isinstance(fig.canvas, FigureCanvasAgg):
+        FigureCanvasAgg(fig)
+    fig.savefig(path, dpi="figure" if dpi is None else dpi, facecolor="white")
+    return path
+
+
+def _file_part(name: str) -> str:
+    """A model name made safe for a file name (path separators and odd characters → "_")."""
+    return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
+
+
+def plot_result(
+    result: str | Path | StudyResult,
+    out_dir: str | Path,
+    *,
+    annotate: AnnotateOption = "auto",
+    dpi: float = 150,
+) -> list[Path]:
+    """Write every figure of a study result as PNG files into ``out_dir``.
+
+    Parameters
+    ----------
+    result
+        Path of a ``RESULT.zarr`` (read with :func:`ckapipe.analyze.study.load_result`) or a
+        loaded :class:`~ckapipe.analyze.study.StudyResult`.
+    out_dir
+        Output directory (created).
+    annotate
+        Per-cell numbers in the heatmaps (see :func:`plot_heatmap`).
+    dpi
+        Resolution of the PNG files.
+
+    Returns
+    -------
+    list[Path]
+        The files written: ``heatmap_<a>--<b>.png`` per pair, ``study_grid.png``,
+        ``correspondence_<a>--<b>.png`` per pair of two different models with the same layer
+        list, and ``correspondence.png`` overlaying those when there are two or more sharing one
+        layer list (``correspondence_<k>.png`` per layer list when there are several).
+    """
+    if isinstance(result, str | Path):
+        from ckapipe.analyze.study import load_result
+
+        result = load_result(result)
+    out = Path(out_dir)
+    ci_level = result.provenance.get("ci_level")
+    written: list[Path] = []
+    same_architecture: dict[tuple[str, ...], list[PairResult]] = {}
+    for pair in result.pairs.values():
+        stem = f"{_file_part(pair.model_a)}--{_file_part(pair.model_b)}"
+        fig = plot_heatmap(pair, annotate=annotate)
+        written.append(save_figure(fig, out / f"heatmap_{stem}.png", dpi=dpi))
+        if not _is_self(pair) and list(pair.layers_a) == list(pair.layers_b):
+            fig = plot_correspondence(pair, ci_level=ci_level)
+            written.append(save_figure(fig, out / f"correspondence_{stem}.png", dpi=dpi))
+            same_architecture.setdefault(tuple(pair.layers_a), []).append(pair)
+    written.append(save_figure(plot_study_grid(result), out / "study_grid.png", dpi=dpi))
+    groups = [pairs for pairs in same_architecture.values() if len(pairs) >= 2]
+    for k, pairs in enumerate(groups):
+        name = "correspondence.png" if len(groups) == 1 else f"correspondence_{k}.png"
+        fig = plot_correspondence(pairs, ci_level=ci_level)
+        written.append(save_figure(fig, out / name, dpi=dpi))
+    return written

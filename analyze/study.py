@@ -1,0 +1,1066 @@
+"""The pairs step: CKA of every layer pair of every model pair of a study, from Gram caches.
+
+``analyze_study`` reads each model's Gram cache once and computes, for every requested model
+pair, the (La, Lb) matrix of CKA values with confidence intervals and, optionally, permutation
+p-values; ``load_result`` reads the written result back.
+
+Estimators
+----------
+- ``"minibatch"`` (default; minibatch caches): Σ_b HSIC₁ / sqrt(Σ_b HSIC₁ · Σ_b HSIC₁) over the
+  cached batches (Nguyen et al. 2021), one :class:`MinibatchCKA` per model pair fed with the
+  cached U-centered Grams of all caches in lockstep: all layer pairs in one product per batch,
+  on the GPU when there is one. Intervals: percentile bootstrap over batches
+  (:mod:`ckapipe.analyze.intervals`), one shared set of resampling counts for every pair.
+  p-values: permutations of the samples of model b within each batch (PŨP ᵀ of its cached
+  Grams), the same permutations for every pair.
+- ``"debiased"`` / ``"biased"`` (full caches): exact HSIC₁ / HSIC₀ CKA over all n samples from
+  the cached n×n linear Grams, optionally turned into RBF Grams (σ² = threshold² · median of
+  the n×n squared distances, diagonal included). Memory stays O(n²): one layer at a time for
+  the centering statistics, then row blocks of every Gram stacked into one product. There are
+  no batches, so there is no bootstrap interval (``ci_low``/``ci_high`` NaN, said in the pair's
+  diagnostics) and no permutation test (refused).
+
+Self-pairs (a model with itself: within-model layer similarity, symmetric with ones on the
+diagonal) are included by default (``include_self=True``).
+
+Result format: see ``docs/CONTRACTS.md`` ("Result format"); a tidy CSV is written beside it.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as _dt
+import math
+import os
+import platform
+import shutil
+import warnings
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+import numpy as np
+import torch
+import zarr
+from ckapipe.analyze.estimators import DegenerateLayerWarning, MinibatchCKA
+from ckapipe.analyze.intervals import (
+    bootstrap_cka,
+    bootstrap_counts,
+    nonpositive_self_hsic,
+    permutation_p_value,
+    ratio_cka,
+)
+
+if TYPE_CHECKING:
+    from ckapipe.analyze.gram_cache import GramCache
+
+__all__ = [
+    "RESULT_FORMAT",
+    "RESULT_FORMAT_VERSION",
+    "CSV_COLUMNS",
+    "PairResult",
+    "StudyError",
+    "StudyResult",
+    "analyze_study",
+    "csv_path_for",
+    "load_result",
+]
+
+RESULT_FORMAT = "ckapipe.cka-result"
+RESULT_FORMAT_VERSION = 1
+CSV_COLUMNS = ("model_a", "model_b", "layer_a", "layer_b", "cka", "ci_low", "ci_high", "p_value")
+Estimator = Literal["minibatch", "debiased", "biased"]
+ESTIMATORS = ("minibatch", "debiased", "biased")
+BANDWIDTH_RULE = (
+    "sigma^2 = threshold^2 * median of the n x n squared distances (diagonal included, numpy "
+    "median), from the linear Gram of the column-centered features; per layer and per batch "
+    "(minibatch) or over all n samples (full)"
+)
+# Elements of float64 temporaries the permutation null and the full-mode row blocks may hold.
+_WORK_ELEMENTS = 1 << 24
+
+
+class StudyError(ValueError):
+    """The caches or options of a study do not fit together; the message says what to change."""
+
+
+@dataclass
+class PairResult:
+    """CKA of every layer pair of one model pair, as labeled numpy arrays.
+
+    Attributes
+    ----------
+    model_a, model_b : model names (equal for a self-comparison).
+    layers_a, layers_b : layer names; rows / columns of the arrays.
+    cka, ci_low, ci_high : (La, Lb) float64. NaN where a layer's self-HSIC is not positive, and
+        intervals NaN where none can be computed (see ``diagnostics``).
+    p_value : (La, Lb) float64 permutation p-values, or None when not computed.
+    diagnostics : human-readable notes on degenerate layers and missing intervals.
+    hsic_per_batch : (B, La, Lb) per-batch HSIC (full mode: one row, the exact HSIC).
+    self_a_per_batch, self_b_per_batch : (B, La), (B, Lb) per-batch self-HSIC.
+    """
+
+    model_a: str
+    model_b: str
+    layers_a: list[str]
+    layers_b: list[str]
+    cka: np.ndarray
+    ci_low: np.ndarray
+    ci_high: np.ndarray
+    p_value: np.ndarray | None = None
+    diagnostics: list[str] = field(default_factory=list)
+    hsic_per_batch: np.ndarray | None = None
+    self_a_per_batch: np.ndarray | None = None
+    self_b_per_batch: np.ndarray | None = None
+
+    @property
+    def is_self_comparison(self) -> bool:
+        return self.model_a == self.model_b
+
+    def transposed(self) -> PairResult:
+        """The same comparison seen from model b: every (La, Lb) array becomes (Lb, La)."""
+
+        def t(x: np.ndarray | None, axes: tuple[int, ...]) -> np.ndarray | None:
+            return None if x is None else np.transpose(x, axes)
+
+        return replace(
+            self,
+            model_a=self.model_b,
+            model_b=self.model_a,
+            layers_a=list(self.layers_b),
+            layers_b=list(self.layers_a),
+            cka=self.cka.T,
+            ci_low=self.ci_low.T,
+            ci_high=self.ci_high.T,
+            p_value=t(self.p_value, (1, 0)),
+            hsic_per_batch=t(self.hsic_per_batch, (0, 2, 1)),
+            self_a_per_batch=self.self_b_per_batch,
+            self_b_per_batch=self.self_a_per_batch,
+        )
+
+
+@dataclass
+class StudyResult:
+    """All model pairs of a study.
+
+    Attributes
+    ----------
+    models : model names in study order.
+    pairs : {(model_a, model_b): PairResult} for the computed pairs.
+    provenance : the result's root attributes (estimator, caches, stores, seeds, versions …).
+    path : the result group on disk, if any.
+    """
+
+    models: list[str]
+    pairs: dict[tuple[str, str], PairResult]
+    provenance: dict[str, Any]
+    path: Path | None = None
+
+    def pair(self, model_a: str, model_b: str) -> PairResult:
+        """The comparison of ``model_a`` (rows) with ``model_b`` (columns).
+
+        A pair stored as (b, a) is returned transposed. Raises ``KeyError`` naming the pairs
+        the study holds.
+        """
+        if (model_a, model_b) in self.pairs:
+            return self.pairs[(model_a, model_b)]
+        if (model_b, model_a) in self.pairs:
+            return self.pairs[(model_b, model_a)].transposed()
+        held = ", ".join(f"{a}:{b}" for a, b in self.pairs)
+        raise KeyError(f"no pair {model_a}:{model_b} in this study; it holds {held}")
+
+
+# ------------------------------------------------------------------------------ public API
+
+
+def analyze_study(
+    gram_caches: Sequence[str | os.PathLike[str] | GramCache],
+    out: str | os.PathLike[str],
+    *,
+    names: Sequence[str] | None = None,
+    estimator: Estimator = "minibatch",
+    kernel: str | None = None,
+    threshold: float | None = None,
+    ci_level: float = 0.95,
+    n_bootstrap: int = 1000,
+    n_permutations: int = 0,
+    seed: int = 0,
+    pairs: str | Sequence[tuple[str, str]] = "all",
+    include_self: bool = True,
+    device: str = "auto",
+    overwrite: bool = False,
+) -> StudyResult:
+    """CKA of every layer pair of every requested model pair, written to a result group.
+
+    Parameters
+    ----------
+    gram_caches : one Gram cache per model (paths or open :class:`GramCache`), all built from
+        stores with the same samples in the same order, with the same partition and kernel.
+    out : the result group to write (``RESULT.zarr``); ``RESULT.csv`` is written beside it.
+    names : model names, one per cache (unique; no ``/`` and no ``--``). Default: each cache's
+        file name without its suffix (``grams/resnet18.zarr`` → ``resnet18``).
+    estimator : ``"minibatch"`` (minibatch caches) or ``"debiased"`` / ``"biased"`` (full caches).
+    kernel : full mode only: ``"linear"`` or ``"rbf"`` applied to the cached linear Gram
+        (default: the caches' kernel). Minibatch caches hold Grams of a fixed kernel; a different
+        ``kernel`` is refused.
+    threshold : RBF bandwidth multiple in full mode (default: the caches' threshold).
+    ci_level : nominal coverage of the bootstrap intervals, in (0, 1).
+    n_bootstrap : bootstrap replicates R (0: no intervals).
+    n_permutations : permutations P for p-values (0: none; minibatch estimator only).
+    seed : seeds the bootstrap counts (``default_rng(seed)``) and the permutations of batch k
+        (``default_rng([seed, k])``).
+    pairs : ``"all"`` (every unordered pair a < b in study order, plus self-pairs when
+        ``include_self``) or a list of (model_a, model_b) name pairs (a == b allowed).
+    include_self : with ``pairs="all"``, also compare each model with itself.
+    device : ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+    overwrite : replace an existing ckapipe result at ``out`` (anything else is never deleted).
+
+    Returns
+    -------
+    StudyResult (the same values :func:`load_result` reads back).
+
+    Raises
+    ------
+    StudyError
+        Incompatible caches (naming the first mismatch and the two models), a wrong estimator for
+        the caches' mode, bad names or pairs, or an existing ``out``.
+    """
+    estimator = _choice(estimator, ESTIMATORS, "estimator")
+    if not 0.0 < ci_level < 1.0:
+        raise StudyError(f"ci_level must be in (0, 1), e.g. 0.95; got {ci_level!r}")
+    if n_bootstrap < 0 or n_permutations < 0:
+        raise StudyError(
+            f"n_bootstrap and n_permutations must be >= 0, got {n_bootstrap} and {n_permutations}"
+        )
+    if seed < 0:
+        raise StudyError(f"seed must be >= 0, got {seed}")
+    out = Path(out)
+    _check_out(out, overwrite)
+    caches = [_open_cache(c) for c in gram_caches]
+    if not caches:
+        raise StudyError("no Gram caches given: pass one cache per model")
+    model_names = _model_names(caches, names)
+    _check_compatible(caches, model_names)
+    mode = caches[0].mode
+    if (estimator == "minibatch") != (mode == "minibatch"):
+        need = "minibatch" if estimator == "minibatch" else "full"
+        raise StudyError(
+            f"estimator {estimator!r} needs {need}-mode Gram caches, but the caches are "
+            f"{mode!r}; build them with `ckapipe gram --mode {need}` or choose "
+            f"--estimator {'minibatch' if mode == 'minibatch' else 'debiased|biased'}"
+        )
+    requested = _resolve_pairs(pairs, model_names, include_self)
+    torch_device = _resolve_device(device)
+    by_name = dict(zip(model_names, caches, strict=True))
+    layers = {name: list(cache.layer_names) for name, cache in by_name.items()}
+
+    provenance: dict[str, Any] = {
+        "format": RESULT_FORMAT,
+        "format_version": RESULT_FORMAT_VERSION,
+        "estimator": estimator,
+        "ci_level": float(ci_level),
+        "n_bootstrap": int(n_bootstrap),
+        "n_permutations": int(n_permutations),
+        "seed": int(seed),
+        "mode": mode,
+        "models": {
+            name: {
+                "store": (cache.identity or {}).get("path"),
+                "gram_cache": str(_cache_path(cache)),
+                "identity": _jsonable(cache.identity),
+                "layers": layers[name],
+                "gram_cache_attrs": _jsonable(_cache_settings(cache)),
+            }
+            for name, cache in by_name.items()
+        },
+        "pairs": [[a, b] for a, b in requested],
+        "partition": _jsonable(caches[0].partition),
+        "device": str(torch_device),
+        "versions": _versions(),
+        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+    }
+
+    if mode == "minibatch":
+        cache_kernel = caches[0].kernel
+        if kernel is not None and kernel != cache_kernel:
+            raise StudyError(
+                f"the minibatch Gram caches hold {cache_kernel!r}-kernel Grams; kernel {kernel!r} "
+                f"needs caches built with `ckapipe gram --kernel {kernel}`"
+            )
+        cache_threshold = caches[0].attrs.get("threshold")
+        if threshold is not None and cache_kernel == "rbf" and threshold != cache_threshold:
+            raise StudyError(
+                f"the minibatch Gram caches hold RBF Grams with threshold {cache_threshold}; "
+                f"threshold {threshold} needs caches built with --threshold {threshold}"
+            )
+        provenance["kernel"] = cache_kernel
+        provenance["threshold"] = cache_threshold
+        if n_permutations and n_permutations > 0:
+            provenance["permutation_scheme"] = (
+                "samples of model b permuted within each batch; batch k uses "
+                "numpy.random.default_rng([seed, k]); one-sided p = (1 + #{null >= obs}) / (1 + P)"
+            )
+        results = _minibatch_pairs(
+            by_name,
+            layers,
+            requested,
+            ci_level=ci_level,
+            n_bootstrap=n_bootstrap,
+            n_permutations=n_permutations,
+            seed=seed,
+            device=torch_device,
+        )
+    else:
+        if n_permutations:
+            raise StudyError(
+                "permutation p-values need minibatch Gram caches (they permute samples within "
+                "batches); full-mode caches have no batches. Use --permutations 0 or minibatch caches"
+            )
+        kernel = kernel or caches[0].kernel
+        kernel = _choice(kernel, ("linear", "rbf"), "kernel")
+        if threshold is None:
+            threshold = float(caches[0].attrs.get("threshold") or 1.0)
+        if kernel == "rbf" and not threshold > 0:
+            raise StudyError(f"threshold must be > 0 for the RBF kernel, got {threshold!r}")
+        provenance["kernel"] = kernel
+        provenance["threshold"] = float(threshold)
+        results, bandwidths = _full_pairs(
+            by_name,
+            layers,
+            requested,
+            biased=estimator == "biased",
+            kernel=kernel,
+            threshold=float(threshold),
+            device=torch_device,
+        )
+        if kernel == "rbf":
+            for name, sigma2 in bandwidths.items():
+                provenance["models"][name]["rbf_sigma2"] = sigma2
+    if provenance["kernel"] == "rbf":
+        provenance["bandwidth_rule"] = BANDWIDTH_RULE
+
+    study = StudyResult(models=model_names, pairs=results, provenance=provenance, path=out)
+    _write_result(study, out, overwrite=overwrite)
+    return study
+
+
+def csv_path_for(result_path: str | os.PathLike[str]) -> Path:
+    """The tidy CSV written beside a result: ``RESULT.zarr`` → ``RESULT.csv``."""
+    path = Path(result_path)
+    return path.with_suffix(".csv") if path.suffix else path.with_name(path.name + ".csv")
+
+
+def load_result(path: str | os.PathLike[str]) -> StudyResult:
+    """Read a result written by :func:`analyze_study`.
+
+    Parameters
+    ----------
+    path : the ``RESULT.zarr`` group.
+
+    Returns
+    -------
+    StudyResult with one :class:`PairResult` per stored pair.
+
+    Raises
+    ------
+    StudyError
+        Not a ckapipe result, another format version, or incomplete (its writer was interrupted).
+    """
+    path = Path(path)
+    if not (path / "zarr.json").is_file():
+        raise StudyError(f"{path} is not a zarr group (no zarr.json); check the path")
+    root = zarr.open_group(str(path), mode="r")
+    attrs = dict(root.attrs)
+    if attrs.get("format") != RESULT_FORMAT:
+        raise StudyError(
+            f"{path} is not a ckapipe CKA result (format {attrs.get('format')!r}); "
+            "create one with `ckapipe analyze`"
+        )
+    if attrs.get("format_version") != RESULT_FORMAT_VERSION:
+        raise StudyError(
+            f"{path} has result format version {attrs.get('format_version')}, this ckapipe reads "
+            f"version {RESULT_FORMAT_VERSION}; re-run `ckapipe analyze`"
+        )
+    if attrs.get("complete") is not True:
+        raise StudyError(
+            f"{path} is incomplete (no completion flag): `ckapipe analyze` was interrupted while "
+            "writing it; run it again (with --overwrite)"
+        )
+    results: dict[tuple[str, str], PairResult] = {}
+    for model_a, model_b in attrs["pairs"]:
+        group = root[f"pairs/{_pair_key(model_a, model_b)}"]
+        g_attrs = dict(group.attrs)
+        p_value = group["p_value"][...] if "p_value" in group else None
+        results[(model_a, model_b)] = PairResult(
+            model_a=g_attrs["model_a"],
+            model_b=g_attrs["model_b"],
+            layers_a=list(g_attrs["layers_a"]),
+            layers_b=list(g_attrs["layers_b"]),
+            cka=group["cka"][...],
+            ci_low=group["ci_low"][...],
+            ci_high=group["ci_high"][...],
+            p_value=p_value,
+            diagnostics=list(g_attrs["diagnostics"]),
+            hsic_per_batch=group["hsic_per_batch"][...],
+            self_a_per_batch=group["self_a_per_batch"][...],
+            self_b_per_batch=group["self_b_per_batch"][...],
+        )
+    return StudyResult(models=list(attrs["models"]), pairs=results, provenance=attrs, path=path)
+
+
+# ------------------------------------------------------------------------------ inputs
+
+
+def _open_cache(cache: str | os.PathLike[str] | GramCache) -> GramCache:
+    if isinstance(cache, str | os.PathLike):
+        from ckapipe.analyze.gram_cache import GramCache
+
+        return GramCache.open(cache)
+    return cache
+
+
+def _cache_path(cache: GramCache) -> Path:
+    path = getattr(cache, "path", None)
+    if path is None:
+        raise StudyError(f"cannot tell where Gram cache {cache!r} lives (no .path)")
+    return Path(path)
+
+
+def _cache_settings(cache: GramCache) -> dict[str, Any]:
+    keep = ("mode", "kernel", "threshold", "batch_size", "epochs", "seed", "epoch_seeds", "created")
+    return {key: cache.attrs.get(key) for key in keep}
+
+
+def _model_names(caches: Sequence[GramCache], names: Sequence[str] | None) -> list[str]:
+    if names is None:
+        result = [_cache_path(c).name.split(".")[0] or _cache_path(c).name for c in caches]
+        origin = "the Gram cache file names"
+    else:
+        if isinstance(names, str):
+            names = names.split(",")
+        result = [str(n) for n in names]
+        origin = "names"
+        if len(result) != len(caches):
+            raise StudyError(
+                f"got {len(result)} model names {result} for {len(caches)} Gram caches; give one "
+                "name per cache, in the same order"
+            )
+    for name in result:
+        if not name or "/" in name or "--" in name or name.startswith("__"):
+            raise StudyError(
+                f"model name {name!r} (from {origin}) cannot name a result group: it must be "
+                "non-empty, contain no '/' or '--' and not start with '__'; pass --names"
+            )
+    duplicates = sorted({n for n in result if result.count(n) > 1})
+    if duplicates:
+        raise StudyError(
+            f"model names must be unique, but {duplicates} occur more than once (from {origin}); "
+            "pass distinct --names a,b,…"
+        )
+    return result
+
+
+def _check_compatible(caches: Sequence[GramCache], names: Sequence[str]) -> None:
+    """Refuse caches that do not hold the same samples, in the same order, batched the same way.
+
+    The first cache is the reference; the message names the first cache that differs from it
+    by model name. The Gram cache module's own check runs last, for anything not covered here.
+    """
+    _check_models_compatible(caches, names)
+    from ckapipe.analyze.gram_cache import IncompatibleGramCachesError, check_compatible
+
+    try:
+        check_compatible(list(caches))
+    except IncompatibleGramCachesError as error:
+        raise StudyError(str(error)) from error
+
+
+def _check_models_compatible(caches: Sequence[GramCache], names: Sequence[str]) -> None:
+    ref, ref_name = caches[0], names[0]
+    ref_identity = ref.identity or {}
+    for cache, name in zip(caches[1:], names[1:], strict=True):
+        identity = cache.identity or {}
+        if identity.get("sample_ids_sha256") != ref_identity.get("sample_ids_sha256"):
+            raise StudyError(
+                f"model {name!r}: sample order differs from model {ref_name!r} (sample ids sha256 "
+                f"{_short(identity.get('sample_ids_sha256'))} vs "
+                f"{_short(ref_identity.get('sample_ids_sha256'))}); both stores must be extracted "
+                "with the same dataset, --seed and --order"
+            )
+        if identity.get("n_samples") != ref_identity.get("n_samples"):
+            raise StudyError(
+                f"model {name!r}: {identity.get('n_samples')} samples, model {ref_name!r} has "
+                f"{ref_identity.get('n_samples')}; extract both with the same dataset and --limit"
+            )
+        if cache.mode != ref.mode:
+            raise StudyError(
+                f"model {name!r}: Gram cache mode {cache.mode!r} differs from model {ref_name!r} "
+                f"({ref.mode!r}); build every cache with the same `ckapipe gram --mode`"
+            )
+        if cache.kernel != ref.kernel or cache.attrs.get("threshold") != ref.attrs.get("threshold"):
+            raise StudyError(
+                f"model {name!r}: kernel {cache.kernel!r} (threshold "
+                f"{cache.attrs.get('threshold')}) differs from model {ref_name!r} ({ref.kernel!r}, "
+                f"threshold {ref.attrs.get('threshold')}); build every cache with the same "
+                "--kernel and --threshold"
+            )
+        if ref.mode == "minibatch":
+            part, ref_part = cache.partition or {}, ref.partition or {}
+            if part.get("sha256") != ref_part.get("sha256"):
+                raise StudyError(
+                    f"model {name!r}: minibatch partition differs from model {ref_name!r} "
+                    f"(batch size {part.get('batch_size')} vs {ref_part.get('batch_size')}, "
+                    f"epochs {part.get('epochs')} vs {ref_part.get('epochs')}, partition sha256 "
+                    f"{_short(part.get('sha256'))} vs {_short(ref_part.get('sha256'))}); build "
+                    "every cache with the same --batch-size, --epochs and --seed"
+                )
+            batches, ref_batches = np.asarray(cache.batches), np.asarray(ref.batches)
+            if not np.array_equal(batches, ref_batches):
+                missing = np.setdiff1d(ref_batches, batches)[:5].tolist()
+                extra = np.setdiff1d(batches, ref_batches)[:5].tolist()
+                raise StudyError(
+                    f"model {name!r}: its Gram cache holds other batches than model {ref_name!r}'s "
+                    f"({batches.size} vs {ref_batches.size}; missing e.g. {missing}, extra e.g. "
+                    f"{extra}); build or merge both caches over the same rows"
+                )
+
+
+def _resolve_pairs(
+    pairs: str | Sequence[tuple[str, str]] | Sequence[str], names: list[str], include_self: bool
+) -> list[tuple[str, str]]:
+    if isinstance(pairs, str):
+        if pairs == "all":
+            result = [
+                (a, b) for i, a in enumerate(names) for b in names[i:] if include_self or a != b
+            ]
+            if not result:
+                raise StudyError(
+                    "no pairs to compare: one model and include_self=False; give two or more "
+                    "caches or allow self-comparisons"
+                )
+            return result
+        pairs = [p for p in pairs.split(",") if p]
+    result = []
+    seen: set[frozenset[str]] = set()
+    for item in pairs:
+        if isinstance(item, str):
+            parts = item.split(":")
+            if len(parts) != 2:
+                raise StudyError(f"pair {item!r} is not of the form model_a:model_b")
+            item = (parts[0], parts[1])
+        a, b = item
+        for name in (a, b):
+            if name not in names:
+                raise StudyError(f"pair {a}:{b}: unknown model {name!r}; the models are {names}")
+        key = frozenset((a, b))
+        if key in seen:
+            raise StudyError(f"pair {a}:{b} is requested twice (a:b and b:a are the same pair)")
+        seen.add(key)
+        result.append((a, b))
+    if not result:
+        raise StudyError("no pairs requested; use pairs='all' or a:b,c:d")
+    return result
+
+
+def _resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise StudyError(
+            f"device {device!r} is not a torch device; use auto, cpu or cuda"
+        ) from error
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise StudyError(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return resolved
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    csv_path = csv_path_for(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not overwrite:
+            raise StudyError(
+                f"{out} already exists; choose another --out or pass --overwrite to replace it"
+            )
+        if not _is_result(out):
+            raise StudyError(
+                f"{out} exists and is not a ckapipe CKA result; refusing to overwrite it"
+            )
+    if csv_path.exists() and not overwrite:
+        raise StudyError(
+            f"{csv_path} already exists; choose another --out or pass --overwrite to replace it"
+        )
+
+
+def _is_result(path: Path) -> bool:
+    try:
+        return zarr.open_group(str(path), mode="r").attrs.get("format") == RESULT_FORMAT
+    except Exception:  # noqa: BLE001 - anything unreadable is not a result
+        return False
+
+
+def _choice(value: str, allowed: Sequence[str], what: str) -> str:
+    if value not in allowed:
+        raise StudyError(f"unknown {what} {value!r}; use one of {', '.join(allowed)}")
+    return value
+
+
+# ------------------------------------------------------------------------------ minibatch mode
+
+
+def _minibatch_pairs(
+    caches: Mapping[str, GramCache],
+    layers: Mapping[str, list[str]],
+    requested: Sequence[tuple[str, str]],
+    *,
+    ci_level: float,
+    n_bootstrap: int,
+    n_permutations: int,
+    seed: int,
+    device: torch.device,
+) -> dict[tuple[str, str], PairResult]:
+    used = [name for name in caches if any(name in pair for pair in requested)]
+    accumulators = {
+        (a, b): MinibatchCKA(layers[a], None if a == b else layers[b]) for a, b in requested
+    }
+    null = _PermutationNull(requested, layers, n_permutations, seed, device)
+    for batch_number, grams in _lockstep(caches, used, device):
+        for (a, b), accumulator in accumulators.items():
+            if a == b:
+                accumulator.update_grams(grams[a])
+            else:
+                accumulator.update_grams(grams[a], grams[b])
+        null.update(batch_number, grams)
+
+    some = next(iter(caches.values()))
+    epochs = int((some.partition or {}).get("epochs") or 1)
+    n_batches = next(iter(accumulators.values())).n_batches
+    counts = None
+    if n_bootstrap > 0 and n_batches >= 2:
+        counts = bootstrap_counts(n_batches, n_bootstrap, np.random.default_rng(seed))
+
+    results = {}
+    for (a, b), accumulator in accumulators.items():
+        hsic, self_a, self_b, _ = accumulator.per_batch()
+        sum_a, sum_b = self_a.sum(axis=0), self_b.sum(axis=0)
+        cka = ratio_cka(hsic.sum(axis=0), sum_a, sum_b)
+        diagnostics = _degenerate_layers(sum_a, sum_b, layers, a, b)
+        la, lb = cka.shape
+        ci_low = np.full((la, lb), np.nan)
+        ci_high = np.full((la, lb), np.nan)
+        if n_bootstrap == 0:
+            diagnostics.append("no bootstrap requested (n_bootstrap = 0): ci_low/ci_high are NaN")
+        elif counts is None:
+            diagnostics.append(
+                f"only {n_batches} batch: a bootstrap over batches needs at least 2, so "
+                "ci_low/ci_high are NaN; build the Gram cache with a smaller --batch-size"
+            )
+        else:
+            interval = bootstrap_cka(hsic, self_a, self_b, ci_level=ci_level, counts=counts)
+            ci_low, ci_high = interval.low, interval.high
+            diagnostics += _undefined_replicates(interval.n_undefined, layers[a], layers[b], a, b)
+            if epochs > 1:
+                diagnostics.append(
+                    f"the batches come from {epochs} epochs that reuse the same samples; the "
+                    "bootstrap treats them as independent, so the intervals are too narrow"
+                )
+        p_value = None
+        if n_permutations > 0:
+            null_cka = ratio_cka(null.cross[(a, b)].cpu().numpy(), sum_a, sum_b)
+            p_value = permutation_p_value(cka, null_cka)
+        results[(a, b)] = PairResult(
+            model_a=a,
+            model_b=b,
+            layers_a=list(layers[a]),
+            layers_b=list(layers[b]),
+            cka=cka,
+            ci_low=ci_low,
+            ci_high=ci_high,
+            p_value=p_value,
+            diagnostics=diagnostics,
+            hsic_per_batch=hsic,
+            self_a_per_batch=self_a,
+            self_b_per_batch=self_b,
+        )
+    return results
+
+
+def _lockstep(
+    caches: Mapping[str, GramCache], used: Sequence[str], device: torch.device
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Yield (batch number, {model: (L, m, m) U-centered Grams}) with every cache at the same batch."""
+    iterators = [caches[name].iter_batches(device=device) for name in used]
+    for items in zip(*iterators, strict=True):
+        numbers = [int(number) for number, _ in items]
+        if len(set(numbers)) != 1:
+            raise StudyError(
+                f"Gram caches went out of step: batch numbers {dict(zip(used, numbers, strict=True))}; "
+                "rebuild the caches with the same partition"
+            )
+        yield numbers[0], {name: grams for name, (_, grams) in zip(used, items, strict=True)}
+
+
+def _degenerate_layers(
+    self_a: np.ndarray, self_b: np.ndarray, layers: Mapping[str, list[str]], a: str, b: str
+) -> list[str]:
+    """Diagnostics (also warned) for layers whose summed self-HSIC is not positive."""
+    messages = nonpositive_self_hsic(self_a, layers[a], a)
+    if a != b:
+        messages += nonpositive_self_hsic(self_b, layers[b], b)
+    for message in messages:
+        warnings.warn(f"{a} vs {b}: {message}", DegenerateLayerWarning, stacklevel=4)
+    return messages
+
+
+def _undefined_replicates(
+    n_undefined: np.ndarray, layers_a: Sequence[str], layers_b: Sequence[str], a: str, b: str
+) -> list[str]:
+    if not n_undefined.any():
+        return []
+    rows, cols = np.nonzero(n_undefined)
+    worst = int(n_undefined.max())
+    examples = ", ".join(
+        f"({layers_a[i]!r}, {layers_b[j]!r})" for i, j in zip(rows[:3], cols[:3], strict=True)
+    )
+    return [
+        f"bootstrap: in {rows.size} layer pair(s) of {a} vs {b}, e.g. {examples}, up to {worst} "
+        "replicates had a non-positive resampled self-HSIC; their intervals use the other "
+        "replicates only"
+    ]
+
+
+class _PermutationNull:
+    """Σ_b HSIC₁(K_b, P_b L_b P_bᵀ) for P permutations of model b's samples within each batch.
+
+    Permuting samples permutes the rows and columns of a U-centered Gram (Ũ(PLPᵀ) = PŨ(L)Pᵀ),
+    so the null is computed from the cached Grams. The self terms do not change under a
+    permutation, so only the cross sums are kept: (P, La, Lb) per pair.
+    """
+
+    def __init__(
+        self,
+        requested: Sequence[tuple[str, str]],
+        layers: Mapping[str, list[str]],
+        n_permutations: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.n_permutations = n_permutations
+        self.seed = seed
+        self.requested = list(requested)
+        self.cross = {
+            (a, b): torch.zeros(
+                n_permutations, len(layers[a]), len(layers[b]), dtype=torch.float64, device=device
+            )
+            for a, b in requested
+        }
+
+    def update(self, batch_number: int, grams: Mapping[str, torch.Tensor]) -> None:
+        if self.n_permutations == 0:
+            return
+        any_grams = next(iter(grams.values()))
+        m = any_grams.shape[-1]
+        device = any_grams.device
+        rng = np.random.default_rng([self.seed, batch_number])
+        perms = torch.from_numpy(np.argsort(rng.random((self.n_permutations, m)), axis=1)).to(
+            device
+        )
+        scale = 1.0 / (m * (m - 3))
+        for model_b in dict.fromkeys(b for _, b in self.requested):
+            gb = grams[model_b].to(torch.float64)  # (Lb, m, m)
+            lb = gb.shape[0]
+            step = max(1, _WORK_ELEMENTS // (lb * m * m))
+            for start in range(0, self.n_permutations, step):
+                p = perms[start : start + step]  # (pc, m)
+                pc = p.shape[0]
+                # element [l, k, i, j] = Ũ_l[p_k(i), p_k(j)]
+                permuted = gb[:, p[:, :, None], p[:, None, :]]  # (Lb, pc, m, m)
+                permuted = permuted.transpose(0, 1).reshape(pc * lb, m * m)  # (pc*Lb, m*m)
+                for a, b in self.requested:
+                    if b != model_b:
+                        continue
+                    flat_a = grams[a].to(torch.float64).reshape(-1, m * m)  # (La, m*m)
+                    cross = (flat_a @ permuted.T) * scale  # (La, pc*Lb)
+                    cross = cross.reshape(-1, pc, lb).transpose(0, 1)  # (pc, La, Lb)
+                    self.cross[(a, b)][start : start + pc] += cross
+
+
+# ------------------------------------------------------------------------------ full mode
+
+
+def _full_pairs(
+    caches: Mapping[str, GramCache],
+    layers: Mapping[str, list[str]],
+    requested: Sequence[tuple[str, str]],
+    *,
+    biased: bool,
+    kernel: str,
+    threshold: float,
+    device: torch.device,
+) -> tuple[dict[tuple[str, str], PairResult], dict[str, dict[str, float]]]:
+    """Exact HSIC₁ (or HSIC₀) of every layer pair of every requested pair from full Grams.
+
+    Pass 1, one layer at a time (O(n²) memory): the centering statistics (row sums of the
+    zero-diagonal kernel matrix, or row means for HSIC₀) and, for RBF, the bandwidth. Pass 2:
+    row blocks of every layer's centered kernel matrix stacked into one (ΣL, rows·n) matrix; its
+    product with itself accumulates ⟨C(K_i), C(K_j)⟩ for every layer of every model at once.
+    """
+    used = [name for name in caches if any(name in pair for pair in requested)]
+    n = int(next(iter(caches.values())).identity["n_samples"])
+    if not biased and n < 4:
+        raise StudyError(f"debiased CKA needs at least 4 samples, the stores hold {n}")
+    stats: dict[tuple[str, str], _CenteringStats] = {}
+    bandwidths: dict[str, dict[str, float]] = {}
+    for name in used:
+        for layer in layers[name]:
+            gram = torch.as_tensor(caches[name].full_gram(layer), device=device).to(torch.float64)
+            if gram.shape != (n, n):
+                raise StudyError(
+                    f"model {name!r} layer {layer!r}: full Gram has shape {tuple(gram.shape)}, "
+                    f"expected ({n}, {n}); rebuild the cache"
+                )
+            stats[(name, layer)] = _CenteringStats.from_gram(
+                gram, biased=biased, kernel=kernel, threshold=threshold
+            )
+            if kernel == "rbf":
+                bandwidths.setdefault(name, {})[layer] = float(stats[(name, layer)].sigma2)
+            del gram
+
+    rows_of = [(name, layer) for name in used for layer in layers[name]]
+    total_layers = len(rows_of)
+    block = max(1, min(n, max(n // total_layers, _WORK_ELEMENTS // (total_layers * n))))
+    inner = torch.zeros(total_layers, total_layers, dtype=torch.float64, device=device)
+    for start in range(0, n, block):
+        stop = min(n, start + block)
+        centered = torch.empty(total_layers, (stop - start) * n, dtype=torch.float64, device=device)
+        for index, (name, layer) in enumerate(rows_of):
+            rows = torch.as_tensor(
+                _full_gram_rows(caches[name], layer, start, stop), device=device
+            ).to(torch.float64)  # (rows, n)
+            centered[index] = stats[(name, layer)].center_rows(rows, start).reshape(-1)
+        inner += centered @ centered.T  # (ΣL, ΣL)
+    scale = 1.0 / (n - 1) ** 2 if biased else 1.0 / (n * (n - 3))
+    inner = (inner * scale).cpu().numpy()
+    position = {key: index for index, key in enumerate(rows_of)}
+
+    results = {}
+    for a, b in requested:
+        ia = [position[(a, layer)] for layer in layers[a]]
+        ib = [position[(b, layer)] for layer in layers[b]]
+        hsic = inner[np.ix_(ia, ib)]
+        self_a, self_b = np.diag(inner)[ia], np.diag(inner)[ib]
+        diagnostics = _degenerate_layers(self_a, self_b, layers, a, b)
+        diagnostics.append(
+            f"full mode: exact {'biased HSIC₀' if biased else 'debiased HSIC₁'} CKA over all {n} "
+            "samples; there are no minibatches to resample, so ci_low/ci_high are NaN"
+        )
+        la, lb = hsic.shape
+        results[(a, b)] = PairResult(
+            model_a=a,
+            model_b=b,
+            layers_a=list(layers[a]),
+            layers_b=list(layers[b]),
+            cka=ratio_cka(hsic, self_a, self_b),
+            ci_low=np.full((la, lb), np.nan),
+            ci_high=np.full((la, lb), np.nan),
+            p_value=None,
+            diagnostics=diagnostics,
+            hsic_per_batch=hsic[None],
+            self_a_per_batch=self_a[None],
+            self_b_per_batch=self_b[None],
+        )
+    return results, bandwidths
+
+
+@dataclass
+class _CenteringStats:
+    """What it takes to center any row block of one layer's kernel matrix.
+
+    HSIC₁ (U-centering, Székely & Rizzo 2014), with K̃ = K with a zero diagonal and r its row sums:
+    Ũ_ij = K̃_ij − r_i/(n−2) − r_j/(n−2) + Σr/((n−1)(n−2)), Ũ_ii = 0.
+    HSIC₀ (double centering) with μ the row means: (HKH)_ij = K_ij − μ_i − μ_j + mean(μ).
+    """
+
+    biased: bool
+    kernel: str
+    row_stat: torch.Tensor  # (n,): r (HSIC₁) or μ (HSIC₀)
+    total: float
+    diagonal: torch.Tensor  # (n,) diagonal of the linear Gram (RBF distances)
+    sigma2: float
+
+    @classmethod
+    def from_gram(
+        cls, gram: torch.Tensor, *, biased: bool, kernel: str, threshold: float
+    ) -> _CenteringStats:
+        n = gram.shape[0]
+        diagonal = torch.diagonal(gram).clone()
+        sigma2 = float("nan")
+        if kernel == "rbf":
+            sq_dist = diagonal[:, None] + diagonal[None, :] - 2 * gram
+            median = float(_numpy_median(sq_dist.reshape(-1)))
+            if not median > 0:
+                raise StudyError(
+                    "the median squared distance between samples is 0 for a layer (constant "
+                    "activations), so its RBF bandwidth is undefined; use kernel='linear'"
+                )
+            sigma2 = threshold**2 * median
+            kmat = torch.exp(-sq_dist / (2 * sigma2))
+            del sq_dist
+        else:
+            kmat = gram
+        if biased:
+            row_stat = kmat.mean(dim=1)
+            total = float(row_stat.mean())
+        else:
+            row_stat = kmat.sum(dim=1) - torch.diagonal(kmat)
+            total = float(row_stat.sum()) / ((n - 1) * (n - 2))
+        return cls(biased, kernel, row_stat, total, diagonal, sigma2)
+
+    def center_rows(self, rows: torch.Tensor, start: int) -> torch.Tensor:
+        """Rows ``start:start+k`` of the centered kernel matrix, from the same rows of the Gram."""
+        k, n = rows.shape
+        index = torch.arange(k, device=rows.device)
+        if self.kernel == "rbf":
+            local = self.diagonal[start : start + k]
+            sq_dist = local[:, None] + self.diagonal[None, :] - 2 * rows
+            kmat = torch.exp(-sq_dist / (2 * self.sigma2))
+        else:
+            kmat = rows.clone()
+        if self.biased:
+            return (
+                kmat - self.row_stat[start : start + k, None] - self.row_stat[None, :] + self.total
+            )
+        kmat[index, start + index] = 0.0
+        centered = (
+            kmat
+            - self.row_stat[start : start + k, None] / (n - 2)
+            - self.row_stat[None, :] / (n - 2)
+            + self.total
+        )
+        centered[index, start + index] = 0.0
+        return centered
+
+
+def _numpy_median(values: torch.Tensor) -> torch.Tensor:
+    """numpy's median convention: the mean of the two middle values for an even count."""
+    count = values.numel()
+    upper = torch.kthvalue(values, count // 2 + 1).values
+    if count % 2:
+        return upper
+    return (torch.kthvalue(values, count // 2).values + upper) / 2
+
+
+def _full_gram_rows(cache: GramCache, layer: str, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a full-mode cached Gram (``grams/<layer>``, chunked in row
+    blocks per the Gram cache format), read without loading the whole matrix."""
+    group = zarr.open_group(str(_cache_path(cache)), mode="r")
+    return group["grams"][layer][start:stop, :]
+
+
+# ------------------------------------------------------------------------------ writing
+
+
+def _pair_key(model_a: str, model_b: str) -> str:
+    return f"{model_a}--{model_b}"
+
+
+def _write_result(study: StudyResult, out: Path, *, overwrite: bool) -> None:
+    """Write the zarr group, then the CSV, then the completion flag (last)."""
+    if out.exists() and overwrite:
+        shutil.rmtree(out)
+    root = zarr.open_group(str(out), mode="w-", zarr_format=3)
+    root.attrs.update(_jsonable({**study.provenance, "complete": False}))
+    pairs_group = root.create_group("pairs")
+    for (a, b), pair in study.pairs.items():
+        group = pairs_group.create_group(_pair_key(a, b))
+        group.attrs.update(
+            {
+                "model_a": a,
+                "model_b": b,
+                "layers_a": pair.layers_a,
+                "layers_b": pair.layers_b,
+                "diagnostics": pair.diagnostics,
+                "n_batches": int(pair.hsic_per_batch.shape[0]),
+            }
+        )
+        layer_dims = ("layer_a", "layer_b")
+        arrays: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {
+            "cka": (pair.cka, layer_dims),
+            "ci_low": (pair.ci_low, layer_dims),
+            "ci_high": (pair.ci_high, layer_dims),
+            "hsic_per_batch": (pair.hsic_per_batch, ("batch", "layer_a", "layer_b")),
+            "self_a_per_batch": (pair.self_a_per_batch, ("batch", "layer_a")),
+            "self_b_per_batch": (pair.self_b_per_batch, ("batch", "layer_b")),
+        }
+        if pair.p_value is not None:
+            arrays["p_value"] = (pair.p_value, layer_dims)
+        for name, (values, dims) in arrays.items():
+            group.create_array(
+                name,
+                data=np.ascontiguousarray(values, dtype=np.float64),
+                dimension_names=dims,
+                fill_value=np.nan,
+            )
+    _write_csv(study, csv_path_for(out))
+    root.attrs["complete"] = True
+
+
+def _write_csv(study: StudyResult, path: Path) -> None:
+    """One row per model pair × layer pair; floats in full precision (``repr``), NaN as ``nan``,
+    an empty ``p_value`` when none was computed."""
+    tmp = path.with_name(path.name + ".partial")
+    with tmp.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(CSV_COLUMNS)
+        for (a, b), pair in study.pairs.items():
+            for i, layer_a in enumerate(pair.layers_a):
+                for j, layer_b in enumerate(pair.layers_b):
+                    p = "" if pair.p_value is None else repr(float(pair.p_value[i, j]))
+                    writer.writerow(
+                        [
+                            a,
+                            b,
+                            layer_a,
+                            layer_b,
+                            repr(float(pair.cka[i, j])),
+                            repr(float(pair.ci_low[i, j])),
+                            repr(float(pair.ci_high[i, j])),
+                            p,
+                        ]
+                    )
+    tmp.replace(path)
+
+
+def _versions() -> dict[str, str]:
+    import ckapipe
+
+    return {
+        "ckapipe": ckapipe.__version__,
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+        "torch": torch.__version__,
+        "zarr": zarr.__version__,
+    }
+
+
+def _jsonable(value: Any) -> Any:
+    """Attributes must be JSON: numpy scalars/arrays to Python, NaN/inf to strings."""
+    if isinstance(value, Mapping):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_jsonable(v) for v in value]
+    if isinstance(value, np.ndarray):
+        return _jsonable(value.tolist())
+    if isinstance(value, np.generic):
+        return _jsonable(value.item())
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def _short(digest: Any) -> str:
+    return f"{str(digest)[:12]}…" if digest else "missing"

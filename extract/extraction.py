@@ -1,0 +1,553 @@
+"""Run a model once over a dataset and stream the selected layers' activations into a store.
+
+Row order. The dataset's n items are written in ``numpy.random.default_rng(seed).permutation(n)``
+order (``order="random"``, the default) or in dataset order (``order="dataset"``); ``limit=N``
+keeps the first N entries of that order, i.e. a seeded random subset. The order depends only on
+the dataset size, the seed, the order and the limit, so every model extracted with them has the
+same ``sample_ids``.
+
+Resume. Rows are written one row block at a time (a multiple of the batch size, so batches are
+composed identically after a resume) and ``rows_complete`` advances after each block. Running
+the same extraction again on an interrupted store checks that everything that determines its
+contents is unchanged (naming the first field that differs) and continues from
+``rows_complete``; the finished store is byte-identical to an uninterrupted run's.
+
+Input fingerprint. ``input_sha256`` is ``h_n`` with ``h_0`` = 32 zero bytes and
+``h_i = sha256(h_{i-1} || sha256(sample_i))``, where ``sample_i`` is, for each input tensor of
+row i as fed to the model (dict keys sorted): its name, dtype, per-sample shape and raw bytes.
+It does not depend on the batch size or device, and changes with any change of preprocessing.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import logging
+import os
+import platform
+import sys
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from ckapipe.extract.capture import (
+    REDUCTIONS,
+    LayerCapture,
+    autocast_context,
+    batch_size_of,
+    eval_mode,
+    split_batch,
+)
+from ckapipe.extract.layers import LayerSelector, resolve_layers
+from ckapipe.extract.progress import Progress
+from ckapipe.extract.specs import (
+    DatasetSpec,
+    DatasetSpecLike,
+    ModelSpecLike,
+    parse_dataset_spec,
+    parse_model_spec,
+)
+from ckapipe.store import (
+    CODECS,
+    LOGICAL_DTYPES,
+    ActivationStore,
+    LayerRecord,
+    StoreError,
+    sample_ids_digest,
+)
+
+__all__ = [
+    "ExtractionError",
+    "extract_activations",
+    "input_sample_digests",
+    "resolve_device",
+    "sample_order",
+]
+
+log = logging.getLogger("ckapipe.extract")
+
+ORDERS = ("random", "dataset")
+TARGET_ROWS_PER_BLOCK = 256
+MAX_BLOCK_BYTES = 512 * 2**20
+# attrs that determine a store's contents: a resume must find them unchanged
+IDENTITY_FIELDS = (
+    "model",
+    "weights_sha256",
+    "model_state_sha256",
+    "dataset",
+    "dataset_size",
+    "seed",
+    "order",
+    "limit",
+    "batch_size",
+    "row_block",
+    "reduce",
+    "output_index",
+    "output_key",
+    "autocast",
+    "layer_selection",
+    "layers",
+    "dtype",
+    "codec",
+    "sample_ids_sha256",
+)
+
+
+class ExtractionError(ValueError):
+    """An extraction cannot run as asked (bad argument, mismatched resume, unusable dataset)."""
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``auto`` → ``cuda`` when available, else ``cpu``; anything else as given (checked)."""
+    if isinstance(device, torch.device):
+        return device
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise ExtractionError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ExtractionError(
+            f"device {device!r} requested but CUDA is not available; use --device cpu"
+        )
+    return resolved
+
+
+def sample_order(
+    n_dataset: int, *, seed: int = 0, order: str = "random", limit: int | None = None
+) -> np.ndarray:
+    """The dataset indices to extract, in row order (see the module docstring).
+
+    Returns
+    -------
+    ndarray (n,) int64
+    """
+    if order not in ORDERS:
+        raise ExtractionError(f"order must be one of {ORDERS}, got {order!r}")
+    if limit is not None and not 1 <= limit <= n_dataset:
+        raise ExtractionError(
+            f"limit must be between 1 and the dataset size {n_dataset}, got {limit}"
+        )
+    if order == "random":
+        ids = np.random.default_rng(seed).permutation(n_dataset)
+    else:
+        ids = np.arange(n_dataset)
+    return np.asarray(ids[:limit] if limit is not None else ids, dtype=np.int64)
+
+
+def input_sample_digests(model_input: Any) -> list[bytes]:
+    """Per-sample SHA-256 digests of a batch as fed to the model (tensor or dict of tensors)."""
+    tensors = (
+        [("", model_input)]
+        if isinstance(model_input, torch.Tensor)
+        else [
+            (key, value)
+            for key, value in sorted(model_input.items())
+            if isinstance(value, torch.Tensor)
+        ]
+    )
+    arrays = [(key, tensor.detach().cpu().contiguous()) for key, tensor in tensors]
+    digests = []
+    for row in range(batch_size_of(model_input)):
+        digest = hashlib.sha256()
+        for key, tensor in arrays:
+            sample = tensor[row]
+            digest.update(f"{key}|{sample.dtype}|{tuple(sample.shape)}|".encode())
+            # bytes via a uint8 view: numpy has no bfloat16
+            digest.update(sample.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digests.append(digest.digest())
+    return digests
+
+
+def _chain(state: bytes, digests: Iterable[bytes]) -> bytes:
+    for digest in digests:
+        state = hashlib.sha256(state + digest).digest()
+    return state
+
+
+def _state_sha256(model: torch.nn.Module) -> str:
+    """SHA-256 over the model's state_dict (names, dtypes, shapes, values)."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        if not isinstance(tensor, torch.Tensor):
+            continue
+        values = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{values.dtype}|{tuple(values.shape)}|".encode())
+        digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _versions() -> dict[str, str]:
+    import ckapipe
+    import zarr
+
+    versions = {
+        "ckapipe": ckapipe.__version__,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "zarr": zarr.__version__,
+    }
+    for optional in ("transformers", "torchvision", "timm"):
+        module = sys.modules.get(optional)
+        if module is not None:
+            versions[optional] = getattr(module, "__version__", "unknown")
+    return versions
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _object_record(obj: Any) -> dict[str, str]:
+    cls = type(obj)
+    return {"object": f"{cls.__module__}.{cls.__qualname__}"}
+
+
+def _to_device(model_input: Any, device: torch.device) -> Any:
+    non_blocking = device.type == "cuda"
+    if isinstance(model_input, torch.Tensor):
+        return model_input.to(device, non_blocking=non_blocking)
+    return {
+        key: value.to(device, non_blocking=non_blocking)
+        if isinstance(value, torch.Tensor)
+        else value
+        for key, value in model_input.items()
+    }
+
+
+def extract_activations(
+    model: ModelSpecLike | torch.nn.Module,
+    dataset: DatasetSpecLike | torch.utils.data.Dataset,
+    *,
+    layers: str | Iterable[str],
+    out: str | os.PathLike[str],
+    batch_size: int = 64,
+    num_workers: int = 0,
+    device: str | torch.device = "auto",
+    dtype: str = "float16",
+    reduce: str = "flatten",
+    limit: int | None = None,
+    seed: int = 0,
+    order: str = "random",
+    codec: str | None = None,
+    autocast: str | bool | None = None,
+    output_index: int = 0,
+    output_key: str = "last_hidden_state",
+    progress: bool = True,
+    row_block: int | None = None,
+) -> ActivationStore:
+    """Extract the selected layers' activations of ``model`` on ``dataset`` into a store at ``out``.
+
+    Parameters
+    ----------
+    model:
+        A model spec (``module:callable``, dict, JSON, ``@file``; see :mod:`ckapipe.extract.specs`)
+        or a built ``torch.nn.Module`` (recorded by class name and state_dict hash only).
+    dataset:
+        A dataset spec, or a map-style dataset object (items: tensor, tuple with the input
+        first, or dict of keyword tensors).
+    layers:
+        Layer selection (names, globs, ``type:NAME``, ``name@K``; see :mod:`ckapipe.extract.layers`).
+    out:
+        Store directory. If it holds an interrupted store of the same extraction, it is resumed;
+        if it holds the same extraction complete, it is returned as is.
+    batch_size, num_workers:
+        DataLoader settings.
+    device:
+        ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
+    dtype:
+        Store dtype: ``float16`` (default), ``float32`` or ``bfloat16``.
+    reduce:
+        ``flatten``, ``mean``, ``cls`` or ``masked_mean`` (see :mod:`ckapipe.extract.capture`).
+    limit, seed, order:
+        Which samples in which row order (see the module docstring).
+    codec:
+        ``None``/``"none"`` or ``"zstd"``.
+    autocast:
+        None (off), ``"float16"``, ``"bfloat16"`` or True (the device's default).
+    output_index, output_key:
+        Which element of a tuple output / key of a dict output is captured.
+    progress:
+        Report progress on stderr.
+    row_block:
+        Rows per write and resume step; a multiple of ``batch_size`` (default: about 256 rows,
+        at most ~512 MB of float32 activations).
+
+    Returns
+    -------
+    ActivationStore
+        The complete store, open for reading. Rows ``(n, p)`` per layer, in selection order.
+    """
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ExtractionError(f"batch_size must be a positive integer, got {batch_size!r}")
+    if num_workers < 0:
+        raise ExtractionError(f"num_workers must be >= 0, got {num_workers}")
+    if dtype not in LOGICAL_DTYPES:
+        raise ExtractionError(f"dtype must be one of {LOGICAL_DTYPES}, got {dtype!r}")
+    codec = codec or "none"
+    if codec not in CODECS:
+        raise ExtractionError(f"codec must be one of {CODECS}, got {codec!r}")
+    if reduce not in REDUCTIONS:
+        raise ExtractionError(f"reduce must be one of {REDUCTIONS}, got {reduce!r}")
+    if row_block is not None and (row_block < 1 or row_block % batch_size):
+        raise ExtractionError(
+            f"row_block must be a positive multiple of batch_size {batch_size}, got {row_block}"
+        )
+    out = Path(out)
+    torch_device = resolve_device(device)
+
+    # -- model and dataset ------------------------------------------------------------------
+    if isinstance(model, torch.nn.Module):
+        model_spec, model_record, weights_sha256 = None, _object_record(model), None
+        net = model
+    else:
+        model_spec = parse_model_spec(model)
+        model_record, weights_sha256 = model_spec.to_dict(), model_spec.weights_sha256()
+        net = model_spec.build()
+    if isinstance(dataset, str | Mapping | DatasetSpec):
+        dataset_spec = parse_dataset_spec(dataset)
+        data = dataset_spec.build()
+        dataset_record = dataset_spec.to_dict()
+    else:
+        dataset_spec, data, dataset_record = (
+            DatasetSpec(factory="object:dataset"),
+            dataset,
+            _object_record(dataset),
+        )
+    if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise ExtractionError(
+            f"dataset {type(data).__name__} is not map-style (needs __len__ and __getitem__); "
+            "iterable datasets cannot be permuted or resumed"
+        )
+    n_dataset = len(data)
+    if n_dataset == 0:
+        raise ExtractionError("the dataset is empty")
+    sample_ids = sample_order(n_dataset, seed=seed, order=order, limit=limit)
+    selectors = resolve_layers(net, layers)
+    state_sha256 = _state_sha256(net)
+
+    original_device = next((p.device for p in net.parameters()), None)
+    net.to(torch_device)
+    try:
+        with eval_mode(net), torch.inference_mode():
+            records = _probe(
+                net, data, sample_ids, selectors, dataset_spec, torch_device,
+                reduce=reduce, autocast=autocast, output_index=output_index, output_key=output_key,
+            )  # fmt: skip
+            if row_block is None:
+                row_block = _default_row_block(batch_size, sum(r.n_features for r in records))
+            identity = _jsonable(
+                {
+                    "model": model_record,
+                    "weights_sha256": weights_sha256,
+                    "model_state_sha256": state_sha256,
+                    "dataset": dataset_record,
+                    "dataset_size": n_dataset,
+                    "seed": seed,
+                    "order": order,
+                    "limit": limit,
+                    "batch_size": batch_size,
+                    "row_block": row_block,
+                    "reduce": reduce,
+                    "output_index": output_index,
+                    "output_key": output_key,
+                    "autocast": autocast,
+                    "layer_selection": [s.name for s in selectors],
+                    "layers": [r.to_dict() for r in records],
+                    "dtype": dtype,
+                    "codec": codec,
+                    "sample_ids_sha256": sample_ids_digest(sample_ids),
+                }
+            )
+            store = _open_or_create(
+                out, identity, records, sample_ids, dtype, codec, row_block, torch_device
+            )
+            if store.is_complete:
+                return store
+            try:
+                _run(
+                    store, net, data, sample_ids, selectors, dataset_spec, torch_device,
+                    batch_size=batch_size, num_workers=num_workers, seed=seed, reduce=reduce,
+                    autocast=autocast, output_index=output_index, output_key=output_key,
+                    progress=progress,
+                )  # fmt: skip
+            finally:
+                store.close()
+    finally:
+        if original_device is not None and model_spec is None:
+            net.to(original_device)
+    return ActivationStore.open(out)
+
+
+def _default_row_block(batch_size: int, n_features: int) -> int:
+    batches = max(1, TARGET_ROWS_PER_BLOCK // batch_size)
+    # the block buffers hold row_block x n_features float32: bound them
+    while batches > 1 and batches * batch_size * n_features * 4 > MAX_BLOCK_BYTES:
+        batches //= 2
+    return batches * batch_size
+
+
+def _probe(
+    net: torch.nn.Module,
+    data: Any,
+    sample_ids: np.ndarray,
+    selectors: list[LayerSelector],
+    dataset_spec: DatasetSpec,
+    device: torch.device,
+    **capture_options: Any,
+) -> list[LayerRecord]:
+    """One forward pass on the first two samples: checks the selection, finds shapes and widths."""
+    autocast = capture_options.pop("autocast")
+    items = [data[int(i)] for i in sample_ids[:2]]
+    batch = torch.utils.data.default_collate(items)
+    model_input, mask = split_batch(batch, input_index=dataset_spec.input, keys=dataset_spec.keys)
+    with (
+        LayerCapture(net, selectors, **capture_options) as capture,
+        autocast_context(device, autocast),
+    ):
+        features = capture.run(
+            _to_device(model_input, device), _to_device(mask, device) if mask is not None else None
+        )
+    return [
+        LayerRecord(
+            name=name,
+            shape=capture.shapes[name],
+            reduction=capture_options["reduce"],
+            n_features=int(values.shape[1]),
+        )
+        for name, values in features.items()
+    ]
+
+
+def _open_or_create(
+    out: Path,
+    identity: dict[str, Any],
+    records: list[LayerRecord],
+    sample_ids: np.ndarray,
+    dtype: str,
+    codec: str,
+    row_block: int,
+    device: torch.device,
+) -> ActivationStore:
+    if not (out / "zarr.json").is_file():
+        attrs = {
+            **{
+                key: value
+                for key, value in identity.items()
+                if key not in ("layers", "dtype", "codec")
+            },
+            "device": str(device),
+            "versions": _versions(),
+            "started_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        }
+        return ActivationStore.create(
+            out, layers=records, sample_ids=sample_ids, dtype=dtype, codec=codec,
+            attrs=attrs, row_block=row_block,
+        )  # fmt: skip
+    existing = ActivationStore.open(out, allow_incomplete=True)
+    stored = existing.attrs
+    for field in IDENTITY_FIELDS:
+        if stored.get(field) != identity[field]:
+            state = "a complete" if existing.is_complete else "an interrupted"
+            raise ExtractionError(
+                f"{out} holds {state} extraction whose {field!r} is {stored.get(field)!r}, but this "
+                f"run's is {identity[field]!r}; re-run with the original settings to "
+                f"{'reuse' if existing.is_complete else 'resume'} it, or choose another --out"
+            )
+    if existing.is_complete:
+        log.info("%s already holds this extraction, complete; nothing to do", out)
+        return existing
+    if stored.get("device") != str(device):
+        log.warning(
+            "%s was started on %s and resumes on %s: float results may differ slightly between "
+            "devices, so the store will not be byte-identical to a one-device run",
+            out, stored.get("device"), device,
+        )  # fmt: skip
+    log.info("resuming %s from row %d of %d", out, existing.rows_complete, existing.n_samples)
+    return ActivationStore.open_for_resume(out)
+
+
+def _run(
+    store: ActivationStore,
+    net: torch.nn.Module,
+    data: Any,
+    sample_ids: np.ndarray,
+    selectors: list[LayerSelector],
+    dataset_spec: DatasetSpec,
+    device: torch.device,
+    *,
+    batch_size: int,
+    num_workers: int,
+    seed: int,
+    reduce: str,
+    autocast: str | bool | None,
+    output_index: int,
+    output_key: str,
+    progress: bool,
+) -> None:
+    """The streaming loop: batches → block buffers → one store write per row block."""
+    n = store.n_samples
+    row_block = store.row_block
+    start = store.rows_complete
+    attrs = store.attrs
+    fingerprint = bytes(32) if start == 0 else bytes.fromhex(attrs["input_sha256_partial"])
+    on_cuda = device.type == "cuda"
+    # pinned host buffers let the device→host copies run asynchronously
+    buffers = {
+        record.name: torch.empty(
+            (row_block, record.n_features), dtype=torch.float32, pin_memory=on_cuda
+        )
+        for record in store.layers
+    }
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(data, sample_ids[start:].tolist()),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+        pin_memory=on_cuda,
+        generator=torch.Generator().manual_seed(seed),
+    )
+    meter = Progress(n, initial=start, label=str(store.path), enabled=progress)
+    block_start, filled = start, 0
+    with LayerCapture(
+        net, selectors, reduce=reduce, output_index=output_index, output_key=output_key
+    ) as capture:
+        capture.shapes.update({record.name: record.shape for record in store.layers})
+        for batch in loader:
+            model_input, mask = split_batch(
+                batch, input_index=dataset_spec.input, keys=dataset_spec.keys
+            )
+            fingerprint = _chain(fingerprint, input_sample_digests(model_input))
+            rows = batch_size_of(model_input)
+            with autocast_context(device, autocast):
+                features = capture.run(
+                    _to_device(model_input, device),
+                    _to_device(mask, device) if mask is not None else None,
+                )
+            for name, values in features.items():
+                buffers[name][filled : filled + rows].copy_(values, non_blocking=on_cuda)
+            filled += rows
+            meter.update(rows)
+            if filled == row_block or block_start + filled == n:
+                if on_cuda:
+                    torch.cuda.current_stream(device).synchronize()
+                try:
+                    store.write_rows(
+                        block_start, {k: v[:filled].numpy() for k, v in buffers.items()}
+                    )
+                except StoreError as error:
+                    raise StoreError(f"{error} [store {store.path} left incomplete]") from None
+                block_start += filled
+                filled = 0
+                store.set_rows_complete(block_start, input_sha256_partial=fingerprint.hex())
+    meter.close()
+    if block_start != n:
+        raise ExtractionError(
+            f"the data loader yielded {block_start} of {n} rows; was the dataset changed?"
+        )
+    store.mark_complete(input_sha256=fingerprint.hex())

@@ -1,0 +1,188 @@
+"""Describe an activation store: layout, completeness, size on disk and provenance.
+
+:func:`describe_store` returns plain JSON-ready data (what ``ckapipe info --json`` prints);
+:func:`format_store_info` renders it as a text block for people. Both work on incomplete stores.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from ckapipe.store import ActivationStore
+
+__all__ = ["describe_store", "format_store_info"]
+
+# root attributes that describe the layout; every other attribute is provenance
+_LAYOUT_ATTRS = (
+    "format",
+    "format_version",
+    "n_samples",
+    "layers",
+    "dtype",
+    "codec",
+    "row_block",
+    "sample_ids_sha256",
+    "rows_complete",
+    "complete",
+)
+# provenance keys shown first, in this order, when present
+_PROVENANCE_ORDER = (
+    "model",
+    "weights_sha256",
+    "dataset",
+    "seed",
+    "order",
+    "input_fingerprint",
+    "imported_from",
+    "source_path",
+    "source_sha256",
+    "versions",
+    "created_at",
+    "completed_at",
+)
+
+
+def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Everything a store says about itself, as JSON-ready data.
+
+    Parameters
+    ----------
+    path:
+        The store directory. Incomplete stores are described too (``complete`` is False and
+        ``rows_complete`` says how far the writer got).
+
+    Returns
+    -------
+    dict
+        ``path``, ``format``, ``format_version``, ``complete``, ``rows_complete``, ``n_samples``,
+        ``dtype`` (logical), ``codec``, ``row_block``, ``sample_ids_sha256``, ``size_bytes``
+        (all files on disk), ``layers`` (one dict per layer in selection order: ``name``,
+        ``stored_shape`` [n, p], ``original_shape`` (per sample, before reduction),
+        ``reduction``, ``chunk_shape``, ``storage_dtype``, ``size_bytes``) and ``provenance``
+        (every other root attribute, e.g. model and dataset specs, weights SHA-256, seed,
+        order, input fingerprint, versions, timestamps).
+    """
+    store = ActivationStore.open(path, allow_incomplete=True)
+    attrs = store.attrs
+    layers = []
+    for record in store.layers:
+        array = store.array(record.name)
+        layers.append(
+            {
+                "name": record.name,
+                "stored_shape": [int(s) for s in array.shape],
+                "original_shape": list(record.shape),
+                "reduction": record.reduction,
+                "n_features": record.n_features,
+                "chunk_shape": [int(c) for c in array.chunks],
+                "storage_dtype": str(array.dtype),
+                "size_bytes": _size_on_disk(Path(store.path) / "layers" / record.name),
+            }
+        )
+    provenance = {key: attrs[key] for key in _PROVENANCE_ORDER if key in attrs}
+    provenance.update(
+        {key: value for key, value in attrs.items() if key not in _LAYOUT_ATTRS + _PROVENANCE_ORDER}
+    )
+    return {
+        "path": str(Path(store.path).resolve()),
+        "format": attrs.get("format"),
+        "format_version": attrs.get("format_version"),
+        "complete": store.is_complete,
+        "rows_complete": store.rows_complete,
+        "n_samples": store.n_samples,
+        "dtype": store.dtype,
+        "codec": attrs.get("codec", "none"),
+        "row_block": store.row_block,
+        "sample_ids_sha256": attrs.get("sample_ids_sha256"),
+        "size_bytes": _size_on_disk(Path(store.path)),
+        "layers": layers,
+        "provenance": provenance,
+    }
+
+
+def format_store_info(info: dict[str, Any]) -> str:
+    """Render :func:`describe_store`'s result as a readable text block.
+
+    Parameters
+    ----------
+    info:
+        The dict returned by :func:`describe_store`.
+
+    Returns
+    -------
+    str
+        Multi-line text: status, layout, one line per layer, then provenance.
+    """
+    n = info["n_samples"]
+    if info["complete"]:
+        status = "complete"
+    else:
+        percent = 100.0 * info["rows_complete"] / n if n else 0.0
+        status = (
+            f"INCOMPLETE: {info['rows_complete']} of {n} rows written ({percent:.1f}%), no "
+            "completion flag (extraction interrupted or still running; re-run it to resume)"
+        )
+    lines = [
+        f"store      {info['path']}",
+        f"status     {status}",
+        f"samples    {n}",
+        f"dtype      {info['dtype']}    codec {info['codec']}    row block {info['row_block']}",
+        f"size       {_human_bytes(info['size_bytes'])} on disk ({info['size_bytes']} bytes)",
+        f"sample ids sha256 {info['sample_ids_sha256']}",
+        f"layers     {len(info['layers'])}",
+    ]
+    header = ("name", "stored (n, p)", "per-sample shape", "reduction", "chunk", "size")
+    rows = [
+        (
+            layer["name"],
+            str(tuple(layer["stored_shape"])),
+            str(tuple(layer["original_shape"])),
+            layer["reduction"],
+            "×".join(str(c) for c in layer["chunk_shape"]),
+            _human_bytes(layer["size_bytes"]),
+        )
+        for layer in info["layers"]
+    ]
+    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    for row in [header, *rows]:
+        lines.append(
+            "  "
+            + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    lines.append("provenance")
+    if not info["provenance"]:
+        lines.append("  (none recorded)")
+    for key, value in info["provenance"].items():
+        lines.append(f"  {key}: {_compact(value)}")
+    return "\n".join(lines)
+
+
+def _compact(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, sort_keys=True, default=str)
+
+
+def _size_on_disk(path: Path) -> int:
+    """Bytes of all regular files under ``path`` (the writer's lock file included)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            file_path = os.path.join(root, name)
+            if not os.path.islink(file_path):
+                total += os.stat(file_path).st_size
+    return total
+
+
+def _human_bytes(size: int) -> str:
+    if size < 1024:
+        return f"{size} B"
+    value = float(size)
+    for unit in ("KiB", "MiB", "GiB", "TiB"):
+        value /= 1024
+        if value < 1024 or unit == "TiB":
+            break
+    return f"{value:.1f} {unit}"

@@ -1,0 +1,107 @@
+"""A real SIGKILL of a `ckapipe extract` child process, then resume: byte-identical to one run.
+
+The child imports ``models`` through PYTHONPATH and is slowed down by
+``CKAPIPE_TEST_ITEM_DELAY`` (read by ``models.VectorDataset``), which leaves its spec unchanged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from ckapipe.extract.cli import extract_command
+from ckapipe.extract.extraction import ExtractionError, extract_activations
+from ckapipe.store import ActivationStore, StoreLockedError
+
+TESTS = Path(__file__).parent
+N = 96
+DATASET = {"factory": "models:vector_dataset", "kwargs": {"n": N}}
+ARGS = [
+    "--model", "models:make_mlp",
+    "--dataset", json.dumps(DATASET),
+    "--layers", "0,3",
+    "--batch-size", "4",
+    "--row-block", "8",
+]  # fmt: skip
+TIMESTAMPS = {"started_at", "created_at", "completed_at"}
+
+
+def _rows_complete(path: Path) -> int:
+    try:
+        return ActivationStore.open(path, allow_incomplete=True).rows_complete
+    except Exception:  # not created yet
+        return -1
+
+
+def _files(root: Path) -> dict[str, bytes]:
+    return {
+        str(path.relative_to(root)): path.read_bytes()
+        for path in sorted(root.rglob("*"))
+        if path.is_file() and path.name != ".writer.lock"
+    }
+
+
+def test_sigkill_then_resume_is_byte_identical(tmp_path, caplog):
+    killed = tmp_path / "killed"
+    env = dict(os.environ, CKAPIPE_TEST_ITEM_DELAY="0.03")
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(TESTS), env.get("PYTHONPATH")]))
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from ckapipe.extract.cli import extract_command; extract_command()", *ARGS, "--out", str(killed)],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while _rows_complete(killed) < 16:
+            assert child.poll() is None, child.stderr.read().decode()
+            assert time.monotonic() < deadline, "the child wrote nothing within 60 s"
+            time.sleep(0.02)
+        # a second writer while the child holds the store is refused
+        with pytest.raises(StoreLockedError, match=r"being written by another process"):
+            extract_activations("models:make_mlp", DATASET, layers="0,3", out=killed, batch_size=4, row_block=8, progress=False)
+        os.kill(child.pid, signal.SIGKILL)
+    finally:
+        child.kill()
+        child.wait()
+    assert child.returncode == -signal.SIGKILL
+    interrupted = ActivationStore.open(killed, allow_incomplete=True)
+    assert 16 <= interrupted.rows_complete < N and not interrupted.is_complete
+    assert interrupted.rows_complete % 8 == 0
+
+    # a resume with other settings is refused, naming the differing field
+    with pytest.raises(ExtractionError, match=r"interrupted extraction whose 'seed' is 0, but this run's is 1"):
+        extract_activations("models:make_mlp", DATASET, layers="0,3", out=killed, batch_size=4, row_block=8, seed=1, progress=False)
+    with pytest.raises(ExtractionError, match=r"'batch_size' is 4, but this run's is 8"):
+        extract_activations("models:make_mlp", DATASET, layers="0,3", out=killed, batch_size=8, row_block=8, progress=False)
+    with pytest.raises(ExtractionError, match=r"'dataset' is"):
+        extract_activations("models:make_mlp", dict(DATASET, transform="models:double"), layers="0,3", out=killed, batch_size=4, row_block=8, progress=False)
+
+    runner = CliRunner()
+    with caplog.at_level("INFO", logger="ckapipe.extract"):
+        resumed = runner.invoke(extract_command, [*ARGS, "--out", str(killed), "--no-progress"])
+    assert resumed.exit_code == 0, resumed.output
+    assert f"resuming {killed} from row {interrupted.rows_complete} of {N}" in caplog.text
+    fresh = runner.invoke(extract_command, [*ARGS, "--out", str(tmp_path / "fresh"), "--no-progress"])
+    assert fresh.exit_code == 0, fresh.output
+
+    a, b = _files(killed), _files(tmp_path / "fresh")
+    assert sorted(a) == sorted(b)
+    assert any(name.startswith("layers/0/c/") for name in a)  # chunk files were compared
+    for name in a:
+        if name != "zarr.json":
+            assert a[name] == b[name], name
+    attrs_a = json.loads(a["zarr.json"])["attributes"]
+    attrs_b = json.loads(b["zarr.json"])["attributes"]
+    for key in TIMESTAMPS:
+        attrs_a.pop(key), attrs_b.pop(key)
+    assert attrs_a == attrs_b
+    assert attrs_a["complete"] is True and attrs_a["rows_complete"] == N

@@ -1,0 +1,333 @@
+"""Gram caches, checked against an independent float64 numpy reference of the stored rows.
+
+The reference reads the layers straight from zarr (decoding bfloat16 bits here), centers each
+batch's features, forms the Gram and U-centers it with the formulas written out below; it does not
+use ckapipe's estimator module.
+"""
+
+from __future__ import annotations
+
+import ckapipe.store as store_module
+import numpy as np
+import pytest
+import zarr
+from ckapipe.analyze.gram_cache import (
+    GramCache,
+    GramCacheError,
+    IncompatibleGramCachesError,
+    build_gram_cache,
+    check_compatible,
+    merge_gram_caches,
+)
+from ckapipe.cli import main
+from ckapipe.store import ActivationStore, IncompleteStoreError, LayerRecord
+from click.testing import CliRunner
+
+N = 203  # not a multiple of the batch size
+M = 24
+FEATURES = {"narrow": 7, "wide": 300}
+
+
+@pytest.fixture(autouse=True)
+def small_chunks(monkeypatch):
+    # 4 KiB chunks: tiny stores get many chunks along both axes (row chunks 16, 48 or 144 rows)
+    monkeypatch.setattr(store_module, "TARGET_CHUNK_BYTES", 4096)
+
+
+def make_store(
+    path, *, n=N, dtype="float16", seed=0, sample_ids=None, features=None, complete=True
+):
+    rng = np.random.default_rng(seed)
+    features = features or FEATURES
+    records = [LayerRecord(name, (p,), "flatten", p) for name, p in features.items()]
+    # a large mean offset, as in post-ReLU layers: centering must happen before the products
+    data = {name: (rng.normal(size=(n, p)) + 20).astype(np.float32) for name, p in features.items()}
+    ids = np.arange(n) if sample_ids is None else sample_ids
+    store = ActivationStore.create(path, layers=records, sample_ids=ids, dtype=dtype, row_block=16)
+    store.write_rows(0, data)
+    store.set_rows_complete(n)
+    if complete:
+        store.mark_complete()
+    store.close()
+    return path
+
+
+# --------------------------------------------------------------------------- numpy reference
+
+
+def stored(path, name) -> np.ndarray:
+    raw = zarr.open_group(str(path), mode="r")["layers"][name][...]
+    if raw.dtype == np.uint16:  # bfloat16 bit patterns
+        raw = (raw.astype(np.uint32) << 16).view(np.float32)
+    return raw.astype(np.float64)
+
+
+def linear_gram(x: np.ndarray) -> np.ndarray:
+    centered = x - x.mean(axis=0)
+    return centered @ centered.T
+
+
+def rbf_gram(x: np.ndarray, threshold: float) -> np.ndarray:
+    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
+    sigma2 = threshold**2 * np.median(sq)
+    return np.exp(-sq / (2 * sigma2))
+
+
+def u_centered(k: np.ndarray) -> np.ndarray:
+    """Székely & Rizzo (2014): zero diagonal, row/column sums over (n−2), total over (n−1)(n−2)."""
+    n = k.shape[0]
+    k = k.copy()
+    np.fill_diagonal(k, 0.0)
+    u = (
+        k
+        - k.sum(axis=1, keepdims=True) / (n - 2)
+        - k.sum(axis=0, keepdims=True) / (n - 2)
+        + k.sum() / ((n - 1) * (n - 2))
+    )
+    np.fill_diagonal(u, 0.0)
+    return u
+
+
+def expected_batch_rows(n, m, epochs, epoch_seeds):
+    """Global batch number -> store rows, from the documented partition rule."""
+    rows = {}
+    for epoch in range(epochs):
+        order = (
+            np.arange(n) if epoch == 0 else np.random.default_rng(epoch_seeds[epoch]).permutation(n)
+        )
+        for k in range(n // m):
+            rows[epoch * (n // m) + k] = order[k * m : (k + 1) * m]
+    return rows
+
+
+def assert_close(actual, expected, what):
+    scale = np.abs(expected).max()
+    error = np.abs(np.asarray(actual) - expected).max()
+    assert error <= 1e-10 * scale, f"{what}: max error {error:.3g} (scale {scale:.3g})"
+
+
+# --------------------------------------------------------------------------- minibatch mode
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
+def test_minibatch_grams_equal_numpy_reference(tmp_path, dtype):
+    store = make_store(tmp_path / "store", dtype=dtype)
+    cache = build_gram_cache(
+        store, tmp_path / "grams", batch_size=M, epochs=2, seed=7, device="cpu"
+    )
+    per_epoch = N // M
+    assert cache.mode == "minibatch" and cache.kernel == "linear" and cache.batch_size == M
+    assert cache.layer_names == ["narrow", "wide"]
+    assert list(cache.batches) == list(range(2 * per_epoch))
+    partition = cache.partition
+    assert partition["dropped_rows"] == N - per_epoch * M == 11
+    assert partition["n_batches_total"] == 2 * per_epoch
+    assert (
+        cache.identity["sample_ids_sha256"]
+        == ActivationStore.open(store).identity()["sample_ids_sha256"]
+    )
+    rows = expected_batch_rows(N, M, 2, partition["epoch_seeds"])
+    values = {name: stored(store, name) for name in FEATURES}
+    seen = []
+    for number, grams in cache.iter_batches():
+        seen.append(number)
+        assert grams.shape == (2, M, M)
+        for i, name in enumerate(cache.layer_names):
+            reference = u_centered(linear_gram(values[name][rows[number]]))
+            assert_close(grams[i].numpy(), reference, f"{dtype} layer {name} batch {number}")
+    assert seen == list(range(2 * per_epoch))
+
+
+def test_rbf_minibatch_grams_use_the_batch_median(tmp_path):
+    store = make_store(tmp_path / "store", dtype="float32")
+    cache = build_gram_cache(
+        store, tmp_path / "grams", batch_size=M, kernel="rbf", threshold=0.7, device="cpu"
+    )
+    assert cache.kernel == "rbf" and "median" in cache.attrs["rbf_bandwidth_rule"]
+    values = stored(store, "wide")
+    for number, grams in cache.iter_batches(layers=["wide"]):
+        reference = u_centered(rbf_gram(values[number * M : (number + 1) * M], 0.7))
+        assert_close(grams[0].numpy(), reference, f"rbf batch {number}")
+
+
+def test_constant_layer_gives_exact_zero_linear_grams_and_a_named_rbf_error(tmp_path):
+    path = tmp_path / "store"
+    records = [LayerRecord("flat", (5,), "flatten", 5)]
+    store = ActivationStore.create(path, layers=records, sample_ids=np.arange(64), row_block=16)
+    store.write_rows(0, {"flat": np.full((64, 5), 3.5, dtype=np.float32)})
+    store.set_rows_complete(64)
+    store.mark_complete()
+    store.close()
+    cache = build_gram_cache(path, tmp_path / "linear", batch_size=16, device="cpu")
+    for _, grams in cache.iter_batches():
+        assert not grams.any()
+    with pytest.raises(GramCacheError, match=r"layer 'flat', batch 0: .*median"):
+        build_gram_cache(path, tmp_path / "rbf", batch_size=16, kernel="rbf", device="cpu")
+
+
+# --------------------------------------------------------------------------- full mode
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_full_mode_equals_numpy_centered_gram(tmp_path, dtype):
+    store = make_store(tmp_path / "store", dtype=dtype)
+    # a tiny slab bound forces column slabs narrower than one chunk
+    cache = build_gram_cache(
+        store, tmp_path / "grams", mode="full", device="cpu", max_slab_bytes=N * 2 * 5
+    )
+    assert cache.mode == "full" and cache.attrs["stored"] == "linear_gram"
+    for name in FEATURES:
+        gram = cache.full_gram(name)
+        assert gram.shape == (N, N) and gram.dtype == np.float64
+        assert_close(gram, linear_gram(stored(store, name)), f"full {name}")
+    with pytest.raises(GramCacheError, match="full-mode cache"):
+        next(cache.iter_batches())
+
+
+# --------------------------------------------------------------------------- partitions
+
+
+def test_epoch_partitions_depend_only_on_seed_n_and_m(tmp_path):
+    a = make_store(tmp_path / "a", seed=1)
+    b = make_store(tmp_path / "b", seed=2)  # other data, same n
+    ca = build_gram_cache(a, tmp_path / "ga", batch_size=M, epochs=3, seed=5, device="cpu")
+    cb = build_gram_cache(b, tmp_path / "gb", batch_size=M, epochs=3, seed=5, device="cpu")
+    cc = build_gram_cache(a, tmp_path / "gc", batch_size=M, epochs=3, seed=6, device="cpu")
+    assert ca.partition == cb.partition
+    assert ca.partition["epoch_seeds"][0] is None
+    assert ca.partition["sha256"] != cc.partition["sha256"]
+    assert ca.partition["epoch_seeds"][1:] != cc.partition["epoch_seeds"][1:]
+    check_compatible([ca, cb])
+    with pytest.raises(IncompatibleGramCachesError, match="different partitions.*epoch_seeds"):
+        check_compatible([ca, cc])
+    # the permuted epochs are permutations of all rows, different from each other
+    seeds = ca.partition["epoch_seeds"]
+    orders = [np.random.default_rng(s).permutation(N) for s in seeds[1:]]
+    assert not np.array_equal(orders[0], orders[1])
+
+
+def test_partial_caches_merge_bit_for_bit_into_one_pass(tmp_path):
+    store = make_store(tmp_path / "store")
+    settings = {"batch_size": M, "epochs": 2, "seed": 3, "device": "cpu"}
+    whole = build_gram_cache(store, tmp_path / "whole", **settings)
+    parts = [
+        build_gram_cache(store, tmp_path / f"part{i}", rows=rows, **settings)
+        for i, rows in enumerate([(0, 48), (48, 120), (120, N)])
+    ]
+    assert list(parts[1].batches) == [2, 3, 4, 10, 11, 12]
+    merged = merge_gram_caches(parts[::-1], tmp_path / "merged")  # any order of parts
+    assert list(merged.batches) == list(whole.batches)
+    assert merged.partition == whole.partition
+    for name in FEATURES:
+        a = zarr.open_group(str(tmp_path / "whole"))["grams"][name][...]
+        b = zarr.open_group(str(tmp_path / "merged"))["grams"][name][...]
+        assert a.tobytes() == b.tobytes()
+    np.testing.assert_array_equal(
+        zarr.open_group(str(tmp_path / "merged"))["batch_index"][...], whole.batches
+    )
+    check_compatible([whole, merged])
+    with pytest.raises(IncompatibleGramCachesError, match="holds batches 2-4,10-12"):
+        check_compatible([parts[1], whole])
+
+
+def test_merge_refuses_overlaps_and_mismatches(tmp_path):
+    store = make_store(tmp_path / "store")
+    other = make_store(tmp_path / "other", sample_ids=np.arange(N) + 1)
+    settings = {"batch_size": M, "device": "cpu"}
+    first = build_gram_cache(store, tmp_path / "p0", rows=(0, 96), **settings)
+    overlapping = build_gram_cache(store, tmp_path / "p1", rows=(72, N), **settings)
+    with pytest.raises(IncompatibleGramCachesError, match="batch 3 is in both"):
+        merge_gram_caches([first, overlapping], tmp_path / "m1")
+    resized = build_gram_cache(store, tmp_path / "p2", rows=(96, N), batch_size=32, device="cpu")
+    with pytest.raises(IncompatibleGramCachesError, match="differ in partition"):
+        merge_gram_caches([first, resized], tmp_path / "m2")
+    foreign = build_gram_cache(other, tmp_path / "p3", rows=(96, N), **settings)
+    with pytest.raises(IncompatibleGramCachesError, match="differ in store"):
+        merge_gram_caches([first, foreign], tmp_path / "m3")
+    with pytest.raises(IncompatibleGramCachesError, match="different sample ids"):
+        check_compatible([first, foreign])
+
+
+# --------------------------------------------------------------------------- refusals
+
+
+def test_bad_arguments_are_refused_with_clear_messages(tmp_path):
+    store = make_store(tmp_path / "store")
+    out = tmp_path / "grams"
+    with pytest.raises(GramCacheError, match="batch_size must be an integer >= 4"):
+        build_gram_cache(store, out, batch_size=3)
+    with pytest.raises(GramCacheError, match=f"larger than the store's {N} samples"):
+        build_gram_cache(store, out, batch_size=N + 1)
+    with pytest.raises(GramCacheError, match=r"no layer\(s\) \['nope'\]; its layers are"):
+        build_gram_cache(store, out, layers=["nope"])
+    with pytest.raises(GramCacheError, match="batch boundaries"):
+        build_gram_cache(store, out, batch_size=M, rows=(10, 48))
+    with pytest.raises(GramCacheError, match="full mode computes the exact"):
+        build_gram_cache(store, out, mode="full", rows=(0, 48))
+    with pytest.raises(GramCacheError, match="kernel must be one of"):
+        build_gram_cache(store, out, kernel="cosine")
+    assert not out.exists()
+    incomplete = make_store(tmp_path / "incomplete", complete=False)
+    with pytest.raises(IncompleteStoreError, match="incomplete"):
+        build_gram_cache(incomplete, out, batch_size=M)
+    opened = ActivationStore.open(incomplete, allow_incomplete=True)
+    with pytest.raises(GramCacheError, match="incomplete"):
+        build_gram_cache(opened, out, batch_size=M)
+
+
+def test_incomplete_and_foreign_caches_are_refused(tmp_path):
+    store = make_store(tmp_path / "store")
+    build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
+    zarr.open_group(str(tmp_path / "grams"), mode="r+").attrs["complete"] = False
+    with pytest.raises(GramCacheError, match="incomplete"):
+        GramCache.open(tmp_path / "grams")
+    # an interrupted cache is replaced by a new build; anything else at --out is refused
+    rebuilt = build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
+    assert rebuilt.attrs["complete"] is True
+    with pytest.raises(GramCacheError, match="already exists"):
+        build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
+    with pytest.raises(GramCacheError, match="not a ckapipe Gram cache"):
+        GramCache.open(store)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def test_cli_gram_and_merge(tmp_path):
+    store = make_store(tmp_path / "store")
+    runner = CliRunner()
+    for rows, out in (("0:96", "p0"), ("96:", "p1")):
+        result = runner.invoke(
+            main,
+            ["gram", str(store), "-m", str(M), "--epochs", "2", "--rows", rows, "--device", "cpu",
+             "--out", str(tmp_path / out)],
+        )  # fmt: skip
+        assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        main,
+        ["merge-grams", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "m")],
+    )
+    assert result.exit_code == 0, result.output
+    assert "16 of 16 batches" in result.output
+    single = runner.invoke(
+        main, ["gram", str(store), "-m", str(M), "--epochs", "2", "--out", str(tmp_path / "s")]
+    )
+    assert single.exit_code == 0, single.output
+    for name in FEATURES:
+        a = zarr.open_group(str(tmp_path / "s"))["grams"][name][...]
+        b = zarr.open_group(str(tmp_path / "m"))["grams"][name][...]
+        assert a.tobytes() == b.tobytes()
+
+
+def test_cli_usage_errors_are_one_line_messages(tmp_path):
+    store = make_store(tmp_path / "store")
+    runner = CliRunner()
+    result = runner.invoke(main, ["gram", str(store), "-m", "3", "--out", str(tmp_path / "g")])
+    assert result.exit_code != 0 and "batch_size must be an integer >= 4" in result.output
+    assert "Traceback" not in result.output
+    result = runner.invoke(main, ["gram", str(store), "--rows", "9", "--out", str(tmp_path / "g")])
+    assert result.exit_code == 2 and "START:STOP" in result.output
+    result = runner.invoke(
+        main, ["gram", str(store), "--layers", "nope", "--out", str(tmp_path / "g")]
+    )
+    assert result.exit_code == 1 and "its layers are ['narrow', 'wide']" in result.output

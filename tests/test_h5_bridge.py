@@ -1,0 +1,275 @@
+"""HDF5 bridge (ckapipe.extract.h5bridge): real HDF5 files via h5py, real stores in tmp_path."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from ckapipe.extract import h5bridge
+from ckapipe.extract.h5bridge import H5BridgeError, export_h5, import_h5
+from ckapipe.store import ActivationStore, LayerRecord, StoreError
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _per_layer_file(path: Path, n: int = 37, dtype: str = "float32") -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    data = {
+        "conv1": rng.normal(size=(n, 4, 3, 3)).astype(dtype),
+        "blocks/0/out": rng.normal(size=(n, 6)).astype(dtype),
+        "head": rng.integers(-5, 5, size=(n,)).astype(np.int32),
+    }
+    with h5py.File(path, "w") as h5:
+        for name, values in data.items():
+            h5.create_dataset(name, data=values)
+    return data
+
+
+def test_import_one_dataset_per_layer(tmp_path: Path) -> None:
+    h5_path = tmp_path / "acts.h5"
+    data = _per_layer_file(h5_path)
+    store = import_h5(h5_path, tmp_path / "store", row_block=8)
+    assert store.is_complete
+    assert sorted(store.layer_names) == ["blocks.0.out", "conv1", "head"]
+    assert store.dtype == "float32"
+    np.testing.assert_array_equal(store.sample_ids, np.arange(37))
+    conv = store.layer("conv1")
+    assert conv.shape == (4, 3, 3) and conv.n_features == 36 and conv.reduction == "flatten"
+    assert store.layer("head").shape == () and store.layer("head").n_features == 1
+    np.testing.assert_array_equal(store.read("conv1"), data["conv1"].reshape(37, 36))
+    np.testing.assert_array_equal(store.read("blocks.0.out"), data["blocks/0/out"])
+    np.testing.assert_array_equal(store.read("head")[:, 0], data["head"].astype(np.float32))
+    attrs = store.attrs
+    assert attrs["imported_from"] == "hdf5"
+    assert attrs["source_path"] == str(h5_path.resolve())
+    assert attrs["source_sha256"] == _sha256(h5_path)
+    assert attrs["order"] == "dataset"
+    assert attrs["h5_datasets"]["blocks.0.out"] == ["blocks/0/out"]
+
+
+def test_import_select_layers_by_name_or_path_and_key(tmp_path: Path) -> None:
+    h5_path = tmp_path / "acts.h5"
+    data = _per_layer_file(h5_path)
+    store = import_h5(h5_path, tmp_path / "a", layers=["blocks/0/out", "conv1"])
+    assert store.layer_names == ["blocks.0.out", "conv1"]  # selection order
+    store = import_h5(h5_path, tmp_path / "b", layers=["blocks.0.out"])
+    assert store.layer_names == ["blocks.0.out"]
+    store = import_h5(h5_path, tmp_path / "c", key="blocks")
+    assert store.layer_names == ["0.out"]
+    np.testing.assert_array_equal(store.read("0.out"), data["blocks/0/out"])
+    store = import_h5(h5_path, tmp_path / "d", key="conv1", dtype="float16")
+    assert store.layer_names == ["conv1"]
+    np.testing.assert_array_equal(
+        store.read("conv1"), data["conv1"].reshape(37, 36).astype(np.float16)
+    )
+    with pytest.raises(H5BridgeError, match=r"no layer 'nope'.*conv1"):
+        import_h5(h5_path, tmp_path / "e", layers=["nope"])
+
+
+def test_thingsvision_single_features(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    features = rng.normal(size=(50, 8, 2)).astype(np.float32)
+    with h5py.File(tmp_path / "features.hdf5", "w") as h5:
+        h5.create_dataset("features", data=features)
+    ids = np.arange(50)[::-1] + 1000
+    store = import_h5(tmp_path / "features.hdf5", tmp_path / "s", sample_ids=ids)
+    assert store.layer_names == ["features"]
+    assert store.layer("features").shape == (8, 2)
+    np.testing.assert_array_equal(store.sample_ids, ids)
+    np.testing.assert_array_equal(store.read("features"), features.reshape(50, 16))
+    assert store.attrs["order"] != "dataset"
+
+
+def test_thingsvision_split_features_concatenated_in_numeric_order(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+    pieces = [
+        rng.normal(size=(rows, 5)).astype(np.float32) for rows in (7, 3, 9, 4, 6, 2, 5, 1, 8, 4, 3)
+    ]
+    with h5py.File(tmp_path / "features.hdf5", "w") as h5:
+        # written out of order, and 10/11 sort before 02 as strings
+        for index in reversed(range(len(pieces))):
+            h5.create_dataset(f"features_{index + 1:02d}", data=pieces[index])
+    store = import_h5(tmp_path / "features.hdf5", tmp_path / "s", row_block=4)
+    assert store.layer_names == ["features"]
+    expected = np.concatenate(pieces, axis=0)
+    assert store.n_samples == expected.shape[0] == 52
+    np.testing.assert_array_equal(store.read("features"), expected)
+    assert store.attrs["h5_datasets"]["features"] == [f"features_{i:02d}" for i in range(1, 12)]
+
+
+def test_import_streams_in_row_blocks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(3)
+    values = rng.normal(size=(300, 16)).astype(np.float32)
+    with h5py.File(tmp_path / "a.h5", "w") as h5:
+        h5.create_dataset("x", data=values)
+    # a tiny byte budget forces one row block (row_block rows) per step
+    monkeypatch.setattr(h5bridge, "_BLOCK_BYTES", 1)
+    reads: list[int] = []
+    original = h5bridge._read_rows
+
+    def counting_read(h5, source, start, stop):  # type: ignore[no-untyped-def]
+        reads.append(stop - start)
+        return original(h5, source, start, stop)
+
+    monkeypatch.setattr(h5bridge, "_read_rows", counting_read)
+    store = import_h5(tmp_path / "a.h5", tmp_path / "s", row_block=32)
+    assert max(reads) == 32 and sum(reads) == 300
+    np.testing.assert_array_equal(store.read("x"), values)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16"])
+def test_round_trip_import_export_import_is_exact(tmp_path: Path, dtype: str) -> None:
+    h5_path = tmp_path / "acts.h5"
+    _per_layer_file(h5_path, n=41, dtype=dtype)
+    first = import_h5(h5_path, tmp_path / "first", dtype=dtype, sample_ids=np.arange(41) * 3 + 1)
+    exported = export_h5(first, tmp_path / "export.h5")
+    second = import_h5(exported, tmp_path / "second", dtype=dtype)
+    assert second.layers == first.layers
+    np.testing.assert_array_equal(second.sample_ids, first.sample_ids)
+    assert second.attrs["sample_ids_sha256"] == first.attrs["sample_ids_sha256"]
+    for name in first.layer_names:
+        a, b = first.read(name), second.read(name)
+        assert a.dtype == b.dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(a, b)
+    # the exported file holds logical values in natural shapes
+    with h5py.File(exported, "r") as h5:
+        assert h5["layers/conv1"].shape == (41, 4, 3, 3)
+        assert h5["layers/conv1"].dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(h5["sample_ids"][:], first.sample_ids)
+        assert h5.attrs["format"] == "ckapipe.activation-export"
+        provenance = json.loads(h5.attrs["store_attrs"])
+        assert provenance["source_sha256"] == _sha256(h5_path)
+    assert second.attrs["source_sha256"] == _sha256(exported)
+
+
+def test_export_restores_reduced_records_and_provenance(tmp_path: Path) -> None:
+    layers = [
+        LayerRecord("features.3", (16, 4, 4), "mean", 16),
+        LayerRecord("encoder.cls", (9, 12), "cls", 12),
+    ]
+    rng = np.random.default_rng(4)
+    data = {"features.3": rng.normal(size=(20, 16)), "encoder.cls": rng.normal(size=(20, 12))}
+    provenance = {
+        "model": {"factory": "m:f"},
+        "weights_sha256": "00" * 32,
+        "seed": 7,
+        "order": "random",
+    }
+    ids = rng.permutation(20)
+    with ActivationStore.create(
+        tmp_path / "s", layers=layers, sample_ids=ids, dtype="bfloat16", attrs=provenance
+    ) as store:
+        store.write_rows(0, data)
+        store.set_rows_complete(20)
+        store.mark_complete()
+    original = ActivationStore.open(tmp_path / "s")
+    export_h5(tmp_path / "s", tmp_path / "e.h5", layers=["encoder.cls"])
+    with h5py.File(tmp_path / "e.h5", "r") as h5:
+        assert list(h5["layers"]) == ["encoder.cls"]
+        assert h5["layers/encoder.cls"].dtype == np.float32  # bfloat16 exported as float32
+        assert h5["layers/encoder.cls"].shape == (20, 12)
+        assert h5["layers/encoder.cls"].attrs["reduction"] == "cls"
+    back = import_h5(tmp_path / "e.h5", tmp_path / "back", dtype="bfloat16")
+    assert back.layers == [layers[1]]
+    np.testing.assert_array_equal(back.read("encoder.cls"), original.read("encoder.cls"))
+    np.testing.assert_array_equal(back.sample_ids, ids)
+    assert back.attrs["model"] == provenance["model"]
+    assert back.attrs["seed"] == 7 and back.attrs["order"] == "random"
+    assert back.identity()["sample_ids_sha256"] == original.identity()["sample_ids_sha256"]
+
+
+# -- errors ------------------------------------------------------------------------------------
+
+
+def test_missing_key(tmp_path: Path) -> None:
+    _per_layer_file(tmp_path / "a.h5")
+    with pytest.raises(H5BridgeError, match=r"no dataset or group 'feats'.*conv1"):
+        import_h5(tmp_path / "a.h5", tmp_path / "s", key="feats")
+
+
+def test_different_row_counts_name_both(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "a.h5", "w") as h5:
+        h5.create_dataset("layer_a", data=np.zeros((10, 2)))
+        h5.create_dataset("layer_b", data=np.zeros((12, 2)))
+    with pytest.raises(H5BridgeError, match=r"'layer_a' \(10 rows\) and 'layer_b' \(12 rows\)"):
+        import_h5(tmp_path / "a.h5", tmp_path / "s")
+    assert not (tmp_path / "s").exists()
+
+
+def test_empty_file_and_empty_dataset(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "empty.h5", "w") as h5:
+        h5.create_group("nothing")
+    with pytest.raises(H5BridgeError, match="holds no datasets"):
+        import_h5(tmp_path / "empty.h5", tmp_path / "s")
+    with h5py.File(tmp_path / "zero.h5", "w") as h5:
+        h5.create_dataset("x", shape=(0, 3), dtype="f4")
+    with pytest.raises(H5BridgeError, match=r"'x'.*no rows"):
+        import_h5(tmp_path / "zero.h5", tmp_path / "s")
+
+
+def test_non_numeric_dataset(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "a.h5", "w") as h5:
+        h5.create_dataset("acts", data=np.zeros((3, 2)))
+        h5.create_dataset("names", data=np.array([b"a", b"b", b"c"]))
+    with pytest.raises(H5BridgeError, match=r"'names'.*non-numeric"):
+        import_h5(tmp_path / "a.h5", tmp_path / "s")
+    store = import_h5(tmp_path / "a.h5", tmp_path / "s", layers=["acts"])
+    assert store.layer_names == ["acts"]
+
+
+def test_names_colliding_after_mapping(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "a.h5", "w") as h5:
+        h5.create_dataset("a/b", data=np.zeros((3, 2)))
+        h5.create_dataset("a.b", data=np.zeros((3, 2)))
+    with pytest.raises(H5BridgeError, match="same layer name 'a.b'"):
+        import_h5(tmp_path / "a.h5", tmp_path / "s")
+
+
+def test_missing_file_wrong_ids_and_nan(tmp_path: Path) -> None:
+    with pytest.raises(H5BridgeError, match="does not exist"):
+        import_h5(tmp_path / "nope.h5", tmp_path / "s")
+    values = np.ones((4, 2))
+    values[2, 1] = np.nan
+    with h5py.File(tmp_path / "a.h5", "w") as h5:
+        h5.create_dataset("x", data=values)
+    with pytest.raises(H5BridgeError, match=r"sample_ids has shape \(3,\).*4 rows"):
+        import_h5(tmp_path / "a.h5", tmp_path / "s", sample_ids=[0, 1, 2])
+    with pytest.raises(H5BridgeError, match=r"'x'.*non-finite.*sample id 2(.|\n)*partial store"):
+        import_h5(tmp_path / "a.h5", tmp_path / "s2")
+    # the writer lock was released: the partial store can be inspected and is marked incomplete
+    partial = ActivationStore.open(tmp_path / "s2", allow_incomplete=True)
+    assert not partial.is_complete
+
+
+def test_export_refuses_incomplete_store_and_existing_file(tmp_path: Path) -> None:
+    with ActivationStore.create(
+        tmp_path / "s", layers=[LayerRecord("x", (2,), "flatten", 2)], sample_ids=np.arange(4)
+    ) as store:
+        store.write_rows(0, {"x": np.ones((4, 2))})
+        with pytest.raises(H5BridgeError, match="incomplete"):
+            export_h5(store, tmp_path / "out.h5")
+        with pytest.raises(StoreError, match="incomplete"):
+            export_h5(tmp_path / "s", tmp_path / "out.h5")
+        store.set_rows_complete(4)
+        store.mark_complete()
+    (tmp_path / "out.h5").write_text("occupied")
+    with pytest.raises(H5BridgeError, match="already exists"):
+        export_h5(tmp_path / "s", tmp_path / "out.h5")
+    with pytest.raises(StoreError, match="no layer 'y'"):
+        export_h5(tmp_path / "s", tmp_path / "other.h5", layers=["y"])
+    assert not (tmp_path / "other.h5").exists()
+    assert not (tmp_path / "other.h5.partial").exists()
+
+
+def test_reserved_names_are_mapped_and_recorded(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "a.h5", "w") as h5:
+        h5.create_dataset("__hidden/acts", data=np.ones((3, 2)))
+    store = import_h5(tmp_path / "a.h5", tmp_path / "s")
+    assert store.layer_names == ["h5__hidden.acts"]
+    assert store.attrs["h5_datasets"] == {"h5__hidden.acts": ["__hidden/acts"]}

@@ -1,0 +1,191 @@
+"""The shipped SLURM profile, checked statically, by a dry run, and against a real SLURM.
+
+The live tests use the ``slurm_cluster`` fixture (tests/slurm_cluster.py): a real slurmctld +
+slurmd + munged on 127.0.0.1 started by ``.ci/slurm-up.sh``. They skip only when that cluster
+cannot be started (not root, no apt); CI sets CKAPIPE_REQUIRE_SLURM=1 so they fail instead.
+"""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import yaml
+from slurm_cluster import PROFILE_DIR, SlurmCluster, slurm_available
+
+# Two rules, each run as its own SLURM job; `all` stays local. Each job writes SLURM_JOB_ID so
+# the test can tell that the rule really ran inside a SLURM allocation.
+TWO_RULE_SNAKEFILE = """
+localrules: all
+
+rule all:
+    input: "help.txt"
+
+rule version:
+    output: "version.txt"
+    resources: runtime=5, mem_mb=600
+    shell: "ckapipe --version > {output} && echo job=$SLURM_JOB_ID >> {output}"
+
+rule help:
+    input: "version.txt"
+    output: "help.txt"
+    threads: 2
+    shell: "python -m ckapipe.cli --help > {output} && echo job=$SLURM_JOB_ID >> {output}"
+"""
+
+GPU_SNAKEFILE = """
+localrules: all
+
+rule all:
+    input: "report.txt"
+
+rule embed:
+    output: "embed.txt"
+    resources: gpu=1, runtime=30, mem_mb=2048
+    threads: 2
+    shell: "echo gpu job > {output}"
+
+rule report:
+    input: "embed.txt"
+    output: "report.txt"
+    shell: "cat {input} > {output}"
+"""
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    (tmp_path / "Snakefile").write_text(textwrap.dedent(text))
+    return tmp_path
+
+
+# ---------------------------------------------------------------------------- the profile itself
+
+
+def test_profile_is_valid_yaml_with_a_comment_on_every_entry():
+    config_file = PROFILE_DIR / "config.yaml"
+    assert config_file.is_file(), f"profile missing at {config_file} (package data not installed?)"
+    profile = yaml.safe_load(config_file.read_text())
+    assert profile["executor"] == "slurm"
+    # GPU needs belong in rule resources (gpu=1); the plugin rejects --gres/--gpus in slurm_extra.
+    active = [
+        line for line in config_file.read_text().splitlines() if not line.lstrip().startswith("#")
+    ]
+    assert not any("--gres" in line or "--gpus" in line for line in active), active
+    # Every active entry is directly preceded by a comment line saying why it is there.
+    lines = config_file.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if re.match(r"^\s*[A-Za-z_-]+:", line) and not line.lstrip().startswith("#"):
+            previous = lines[i - 1].strip() if i else ""
+            key = line.split(":")[0].strip()
+            assert previous.startswith("#"), f"profile entry {key!r} has no comment above it"
+
+
+# ---------------------------------------------------------------------------- dry run, no SLURM
+
+
+def test_dry_run_maps_rule_resources_and_profile_defaults(tmp_path):
+    """`--executor slurm --dry-run` works without a cluster and plans the declared resources."""
+    workdir = _write(tmp_path, GPU_SNAKEFILE)
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "--profile", str(PROFILE_DIR), "--dry-run"],
+        cwd=workdir,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log
+    blocks = {m.group(1): m.group(2) for m in re.finditer(r"rule (\w+):\n(.*?)\n(?=\S)", log, re.S)}
+    assert set(blocks) == {"all", "embed", "report"}, log
+    embed = re.search(r"resources: (.*)", blocks["embed"]).group(1)
+    report = re.search(r"resources: (.*)", blocks["report"]).group(1)
+    # Rule-declared resources win over the profile defaults ...
+    for item in ("gpu=1", "runtime=30", "mem_mb=2048"):
+        assert item in embed.split(", "), embed
+    # ... and a rule without its own gets the profile's defaults, and no GPU.
+    for item in ("runtime=120", "mem_mb=16000"):
+        assert item in report.split(", "), report
+    assert "gpu" not in report, report
+    assert re.search(r"^total\s+3$", log, re.M), log
+    assert "dry-run" in log
+
+
+# ---------------------------------------------------------------------------- real SLURM
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_two_rule_workflow_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_path):
+    """Two jobs go through sbatch with the shipped profile and finish; SLURM saw both."""
+    workdir = _write(tmp_path, TWO_RULE_SNAKEFILE)
+    cmd = [sys.executable, "-m", "snakemake", *slurm_cluster.snakemake_args(), "--verbose"]
+    result = slurm_cluster.run(cmd, cwd=workdir, timeout=150)
+    assert not result.timed_out, result.output[-4000:]
+    assert result.returncode == 0, result.output[-4000:]
+
+    import ckapipe
+
+    version = (workdir / "version.txt").read_text()
+    helptext = (workdir / "help.txt").read_text()
+    assert ckapipe.__version__ in version
+    assert "Usage:" in helptext
+
+    # Both rules were submitted, each as its own SLURM job, and ran inside it.
+    assert len(result.job_ids) == 2, result.output[-4000:]
+    ran_in = {re.search(r"job=(\d+)", text).group(1) for text in (version, helptext)}
+    assert ran_in == set(result.job_ids)
+
+    # SLURM itself (scontrol and squeue) knows the jobs as completed, with the mapped resources.
+    jobs = [slurm_cluster.job_info(job_id) for job_id in ran_in]
+    info = {job["Comment"].strip(): job for job in jobs}
+    assert set(info) == {"rule_version", "rule_help"}, info
+    for job in info.values():
+        assert job["JobState"] == "COMPLETED", job
+        assert job["Partition"] == slurm_cluster.partition
+        assert job["Account"] == slurm_cluster.account
+    assert info["rule_version"]["TimeLimit"] == "00:05:00"
+    assert info["rule_version"]["MinMemoryNode"] == "600M"
+    assert info["rule_help"]["NumCPUs"] == "2"  # threads: 2 -> --cpus-per-task=2
+    assert info["rule_help"]["TimeLimit"] == "00:10:00"  # the fixture's default runtime
+    squeue = subprocess.run(
+        ["squeue", "-h", "-t", "all", "-j", ",".join(result.job_ids), "-o", "%i %T"],
+        capture_output=True,
+        text=True,
+        env=slurm_cluster.env,
+        timeout=30,
+    )
+    assert squeue.returncode == 0, squeue.stderr
+    states = dict(line.split() for line in squeue.stdout.splitlines())
+    assert states == dict.fromkeys(result.job_ids, "COMPLETED")
+
+    # The sbatch calls carry no --gres, and the cluster is usable for the next test.
+    sbatch_calls = [line for line in result.output.splitlines() if line.startswith("sbatch call:")]
+    assert len(sbatch_calls) == 2 and not any("--gres" in c for c in sbatch_calls)
+    assert slurm_available()
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_gpu_resource_reaches_sbatch_as_gpus(slurm_cluster: SlurmCluster, tmp_path):
+    """`resources: gpu=1` becomes `sbatch --gpus=1` (no --gres), which this GPU-less node
+    rejects; `cpu_only_rules` turns the request off so the same workflow runs."""
+    workdir = _write(tmp_path, GPU_SNAKEFILE)
+    cmd = [sys.executable, "-m", "snakemake", *slurm_cluster.snakemake_args()]
+    rejected = slurm_cluster.run(cmd, cwd=workdir, timeout=90)
+    assert rejected.returncode != 0 and not rejected.timed_out, rejected.output[-4000:]
+    call = re.search(r"^\s*sbatch .*--comment rule_embed.*$", rejected.output, re.M)
+    assert call, rejected.output[-4000:]
+    assert "--gpus=1" in call.group(0) and "--gres" not in call.group(0)
+    assert "sbatch: error" in rejected.output  # SLURM itself refused: no GPU on this node
+
+    # Only the GPU rule's job, to keep the test short.
+    args = slurm_cluster.snakemake_args(cpu_only_rules=["embed"])
+    cmd = [sys.executable, "-m", "snakemake", *args, "embed.txt"]
+    accepted = slurm_cluster.run(cmd, cwd=workdir, timeout=120)
+    assert accepted.returncode == 0, accepted.output[-4000:]
+    assert (workdir / "embed.txt").read_text().strip() == "gpu job"
+    assert len(accepted.job_ids) == 1
+    assert slurm_cluster.job_info(accepted.job_ids[0])["JobState"] == "COMPLETED"

@@ -1,0 +1,627 @@
+"""The pairs step (ckapipe.analyze.study, ckapipe analyze): every number against float64 numpy
+references computed here from the stored activations (read with zarr), on real stores and Gram
+caches in tmp_path."""
+
+from __future__ import annotations
+
+import csv
+import math
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+import zarr
+from ckapipe.analyze.cli_study import analyze
+from ckapipe.analyze.estimators import DegenerateLayerWarning
+from ckapipe.analyze.gram_cache import build_gram_cache
+from ckapipe.analyze.study import StudyError, analyze_study, csv_path_for, load_result
+from ckapipe.store import ActivationStore, LayerRecord
+from click.testing import CliRunner
+
+N = 60  # samples
+M = 12  # minibatch size: 5 batches
+
+
+# ---------------------------------------------------------------------- float64 references
+
+
+def reference_u_center(k: np.ndarray) -> np.ndarray:
+    """Székely & Rizzo (2014) U-centering, written out."""
+    m = k.shape[0]
+    kt = k - np.diag(np.diag(k))
+    row = kt.sum(axis=1)
+    u = kt - row[:, None] / (m - 2) - row[None, :] / (m - 2) + row.sum() / ((m - 1) * (m - 2))
+    np.fill_diagonal(u, 0.0)
+    return u
+
+
+def reference_hsic1(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
+    m = k.shape[0]
+    return float((reference_u_center(k) * reference_u_center(l)).sum() / (m * (m - 3)))
+
+
+def reference_hsic0(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
+    """Gretton et al. (2005): tr(K H L H) / (n − 1)²."""
+    n = k.shape[0]
+    h = np.eye(n) - np.ones((n, n)) / n
+    return float(np.trace(k @ h @ l @ h) / (n - 1) ** 2)
+
+
+def reference_rbf(x: np.ndarray, threshold: float) -> np.ndarray:
+    """Kornblith et al. (2019) RBF Gram: σ² = threshold² · median of all squared distances."""
+    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=-1)
+    return np.exp(-sq / (2 * threshold**2 * np.median(sq)))
+
+
+def stored(store_path: Path) -> dict[str, np.ndarray]:
+    """Every layer of a store as float64, read directly with zarr."""
+    group = zarr.open_group(str(store_path), mode="r")
+    return {
+        name: np.asarray(array[...], dtype=np.float64) for name, array in group["layers"].arrays()
+    }
+
+
+def layer_order(store_path: Path) -> list[str]:
+    return [layer["name"] for layer in zarr.open_group(str(store_path), mode="r").attrs["layers"]]
+
+
+def reference_minibatch(xa: list[np.ndarray], xb: list[np.ndarray], m: int):
+    """Per-batch HSIC₁ over contiguous batches of m rows (the epoch-0 partition), and the CKA."""
+    n_batches = xa[0].shape[0] // m
+    hsic = np.zeros((n_batches, len(xa), len(xb)))
+    self_a = np.zeros((n_batches, len(xa)))
+    self_b = np.zeros((n_batches, len(xb)))
+    for k in range(n_batches):
+        rows = slice(k * m, (k + 1) * m)
+        ka = [x[rows] @ x[rows].T for x in xa]
+        kb = [y[rows] @ y[rows].T for y in xb]
+        for i, gi in enumerate(ka):
+            self_a[k, i] = reference_hsic1(gi, gi)
+            for j, gj in enumerate(kb):
+                hsic[k, i, j] = reference_hsic1(gi, gj)
+        for j, gj in enumerate(kb):
+            self_b[k, j] = reference_hsic1(gj, gj)
+    cka = hsic.sum(0) / np.sqrt(np.outer(self_a.sum(0), self_b.sum(0)))
+    return cka, hsic, self_a, self_b
+
+
+def reference_full(grams_a: list[np.ndarray], grams_b: list[np.ndarray], hsic) -> np.ndarray:
+    out = np.zeros((len(grams_a), len(grams_b)))
+    for i, k in enumerate(grams_a):
+        for j, l in enumerate(grams_b):  # noqa: E741
+            out[i, j] = hsic(k, l) / math.sqrt(hsic(k, k) * hsic(l, l))
+    return out
+
+
+def reference_counts(seed: int, n_bootstrap: int, n_batches: int) -> np.ndarray:
+    """The documented resampling: default_rng(seed).integers(0, B, (R, B)), counted per row."""
+    draws = np.random.default_rng(seed).integers(0, n_batches, size=(n_bootstrap, n_batches))
+    return np.stack([np.bincount(row, minlength=n_batches) for row in draws])
+
+
+def reference_interval(hsic, self_a, self_b, counts, level):
+    n_rep = counts.shape[0]
+    values = np.empty((n_rep, *hsic.shape[1:]))
+    for r in range(n_rep):
+        idx = np.repeat(np.arange(counts.shape[1]), counts[r])
+        values[r] = hsic[idx].sum(0) / np.sqrt(np.outer(self_a[idx].sum(0), self_b[idx].sum(0)))
+    alpha = (1 - level) / 2
+    return np.quantile(values, alpha, axis=0), np.quantile(values, 1 - alpha, axis=0)
+
+
+# ---------------------------------------------------------------------- fixtures
+
+
+def write_store(path: Path, data: dict[str, np.ndarray], sample_ids, dtype: str) -> Path:
+    layers = [
+        LayerRecord(name=name, shape=(x.shape[1],), reduction="flatten", n_features=x.shape[1])
+        for name, x in data.items()
+    ]
+    store = ActivationStore.create(
+        path, layers=layers, sample_ids=sample_ids, dtype=dtype, attrs={"model": path.stem}
+    )
+    with store:
+        store.write_rows(0, data)
+        store.set_rows_complete(len(sample_ids))
+        store.mark_complete()
+    return path
+
+
+@pytest.fixture(scope="module")
+def study_dir(tmp_path_factory):
+    """Stores of four models over the same 60 samples (d: same samples, another row order),
+    and their Gram caches."""
+    root = tmp_path_factory.mktemp("study")
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(N, 5))
+    sample_ids = rng.permutation(500)[:N]
+    models = {
+        "a": (
+            {
+                "a.l0": x @ rng.normal(size=(5, 8)),
+                "a.l1": np.maximum(x @ rng.normal(size=(5, 6)), 0),
+            },
+            "float16",
+        ),
+        "b": (
+            {
+                "b.h0": x[:, :3] + 0.3 * rng.normal(size=(N, 3)),
+                "b.h1": np.tanh(x @ rng.normal(size=(5, 7))),
+                "b.h2": x[:, :1] ** 2 + 2.0,
+            },
+            "float32",
+        ),
+        "c": ({"c.z0": rng.normal(size=(N, 4)), "c.z1": rng.normal(size=(N, 9))}, "float32"),
+    }
+    stores = {
+        name: write_store(root / f"{name}.store", data, sample_ids, dtype)
+        for name, (data, dtype) in models.items()
+    }
+    shuffled = rng.permutation(N)
+    stores["d"] = write_store(
+        root / "d.store",
+        {name: values[shuffled] for name, values in models["c"][0].items()},
+        sample_ids[shuffled],
+        "float32",
+    )
+    caches = {}
+    for name in ("a", "b", "c", "d"):
+        caches[name] = build_gram_cache(
+            stores[name], root / f"{name}.grams", batch_size=M, device="cpu"
+        )
+    for name in ("a", "b"):
+        caches[f"{name}-one"] = build_gram_cache(
+            stores[name], root / f"{name}-one.grams", batch_size=N, device="cpu"
+        )
+        caches[f"{name}-full"] = build_gram_cache(
+            stores[name], root / f"{name}-full.grams", mode="full", device="cpu"
+        )
+        caches[f"{name}-rbf"] = build_gram_cache(
+            stores[name],
+            root / f"{name}-rbf.grams",
+            mode="full",
+            kernel="rbf",
+            threshold=0.8,
+            device="cpu",
+        )
+    caches["a-m10"] = build_gram_cache(
+        stores["a"], root / "a-m10.grams", batch_size=10, device="cpu"
+    )
+    acts = {name: stored(path) for name, path in stores.items()}
+    order = {name: layer_order(path) for name, path in stores.items()}
+    return {"root": root, "stores": stores, "caches": caches, "acts": acts, "order": order}
+
+
+def layers_of(study_dir, model: str) -> list[np.ndarray]:
+    return [study_dir["acts"][model][name] for name in study_dir["order"][model]]
+
+
+def cache_path(study_dir, name: str) -> Path:
+    return study_dir["root"] / f"{name}.grams"
+
+
+# ---------------------------------------------------------------------- minibatch estimator
+
+
+def test_minibatch_study_matches_per_batch_reference_with_bootstrap(study_dir, tmp_path):
+    out = tmp_path / "res.zarr"
+    study = analyze_study(
+        [cache_path(study_dir, n) for n in ("a", "b", "c")],
+        out,
+        n_bootstrap=300,
+        ci_level=0.9,
+        seed=3,
+        device="cpu",
+    )
+    assert study.models == ["a", "b", "c"]
+    assert list(study.pairs) == [
+        ("a", "a"),
+        ("a", "b"),
+        ("a", "c"),
+        ("b", "b"),
+        ("b", "c"),
+        ("c", "c"),
+    ]
+    counts = reference_counts(3, 300, N // M)
+    for (a, b), pair in study.pairs.items():
+        cka, hsic, self_a, self_b = reference_minibatch(
+            layers_of(study_dir, a), layers_of(study_dir, b), M
+        )
+        assert pair.layers_a == study_dir["order"][a] and pair.layers_b == study_dir["order"][b]
+        np.testing.assert_allclose(pair.cka, cka, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(pair.hsic_per_batch, hsic, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(pair.self_a_per_batch, self_a, rtol=1e-9, atol=1e-12)
+        np.testing.assert_allclose(pair.self_b_per_batch, self_b, rtol=1e-9, atol=1e-12)
+        low, high = reference_interval(hsic, self_a, self_b, counts, 0.9)
+        np.testing.assert_allclose(pair.ci_low, low, rtol=1e-8, atol=1e-11)
+        np.testing.assert_allclose(pair.ci_high, high, rtol=1e-8, atol=1e-11)
+        assert pair.p_value is None
+    self_pair = study.pair("a", "a")
+    assert self_pair.is_self_comparison
+    np.testing.assert_allclose(np.diagonal(self_pair.cka), 1.0, rtol=1e-12)
+    # (b, a) is served transposed
+    np.testing.assert_array_equal(study.pair("b", "a").cka, study.pairs[("a", "b")].cka.T)
+
+
+def test_one_batch_of_all_samples_equals_exact_hsic1_cka(study_dir, tmp_path):
+    study = analyze_study(
+        [cache_path(study_dir, "a-one"), cache_path(study_dir, "b-one")],
+        tmp_path / "one.zarr",
+        pairs=[("a-one", "b-one")],
+        device="cpu",
+    )
+    grams_a = [x @ x.T for x in layers_of(study_dir, "a")]
+    grams_b = [y @ y.T for y in layers_of(study_dir, "b")]
+    pair = study.pair("a-one", "b-one")
+    np.testing.assert_allclose(
+        pair.cka, reference_full(grams_a, grams_b, reference_hsic1), rtol=1e-9
+    )
+    assert np.isnan(pair.ci_low).all() and np.isnan(pair.ci_high).all()
+    assert any("only 1 batch" in d for d in pair.diagnostics)
+
+
+def test_permutation_p_values_match_reference_and_separate_dependence(study_dir, tmp_path):
+    n_perm, seed = 39, 11
+    study = analyze_study(
+        [cache_path(study_dir, n) for n in ("a", "b", "c")],
+        tmp_path / "perm.zarr",
+        pairs=[("a", "b"), ("a", "c")],
+        n_bootstrap=0,
+        n_permutations=n_perm,
+        seed=seed,
+        device="cpu",
+    )
+    for a, b in (("a", "b"), ("a", "c")):
+        xa, xb = layers_of(study_dir, a), layers_of(study_dir, b)
+        observed = reference_minibatch(xa, xb, M)[0]
+        null_cross = np.zeros((n_perm, len(xa), len(xb)))
+        self_a = np.zeros(len(xa))
+        self_b = np.zeros(len(xb))
+        for k in range(N // M):
+            rows = np.arange(k * M, (k + 1) * M)
+            # documented: batch k permutes model b's samples with default_rng([seed, k])
+            perms = np.argsort(np.random.default_rng([seed, k]).random((n_perm, M)), axis=1)
+            ka = [x[rows] @ x[rows].T for x in xa]
+            for i, gi in enumerate(ka):
+                self_a[i] += reference_hsic1(gi, gi)
+            for j, y in enumerate(xb):
+                yk = y[rows]
+                self_b[j] += reference_hsic1(yk @ yk.T, yk @ yk.T)
+                for r in range(n_perm):
+                    yp = yk[perms[r]]
+                    for i, gi in enumerate(ka):
+                        null_cross[r, i, j] += reference_hsic1(gi, yp @ yp.T)
+        null = null_cross / np.sqrt(np.outer(self_a, self_b))
+        expected = (1 + (null >= observed).sum(0)) / (1 + n_perm)
+        pair = study.pair(a, b)
+        np.testing.assert_allclose(pair.p_value, expected, rtol=0, atol=0)
+        assert np.isnan(pair.ci_low).all()
+    dependent = study.pair("a", "b").p_value
+    assert dependent[0, 0] == 1 / (n_perm + 1)  # a.l0 and b.h0 share the same 3 directions
+
+
+def test_permutation_p_values_are_not_small_for_independent_layers(study_dir, tmp_path):
+    """40 layer pairs that are independent by construction: the p-values spread over (0, 1]."""
+    rng = np.random.default_rng(5)
+    sample_ids = zarr.open_group(str(study_dir["stores"]["a"]), mode="r")["sample_ids"][...]
+    noise = {f"noise.{i}": rng.normal(size=(N, 2)) for i in range(20)}
+    store = write_store(tmp_path / "noise.store", noise, sample_ids, "float32")
+    build_gram_cache(store, tmp_path / "noise.grams", batch_size=M, device="cpu")
+    n_perm = 99
+    study = analyze_study(
+        [cache_path(study_dir, "a"), tmp_path / "noise.grams"],
+        tmp_path / "noise.zarr",
+        pairs=[("a", "noise")],
+        n_bootstrap=0,
+        n_permutations=n_perm,
+        device="cpu",
+    )
+    p = study.pair("a", "noise").p_value.ravel()
+    assert p.size == 40
+    assert 0.35 < p.mean() < 0.65
+    # under independence P(p <= 0.1) <= 0.1: allow three binomial standard errors
+    assert (p <= 0.1).mean() <= 0.1 + 3 * np.sqrt(0.1 * 0.9 / p.size)
+    assert (p == 1 / (n_perm + 1)).sum() <= 2
+
+
+def test_degenerate_layer_is_a_named_diagnostic_with_nan_not_clamped(study_dir, tmp_path):
+    store = write_store(
+        tmp_path / "dead.store",
+        {"dead.const": np.full((N, 3), 2.5), "dead.live": study_dir["acts"]["a"]["a.l0"][:, :4]},
+        zarr.open_group(str(study_dir["stores"]["a"]), mode="r")["sample_ids"][...],
+        "float32",
+    )
+    build_gram_cache(store, tmp_path / "dead.grams", batch_size=M, device="cpu")
+    with pytest.warns(DegenerateLayerWarning, match="dead.const"):
+        study = analyze_study(
+            [cache_path(study_dir, "a"), tmp_path / "dead.grams"],
+            tmp_path / "dead.zarr",
+            pairs=[("a", "dead")],
+            n_bootstrap=50,
+            device="cpu",
+        )
+    pair = study.pair("a", "dead")
+    assert np.isnan(pair.cka[:, 0]).all() and np.isnan(pair.ci_low[:, 0]).all()
+    assert np.isfinite(pair.cka[:, 1]).all()
+    assert any("'dead.const'" in d and "self-HSIC is 0" in d for d in pair.diagnostics)
+    assert load_result(tmp_path / "dead.zarr").pair("a", "dead").diagnostics == pair.diagnostics
+
+
+# ---------------------------------------------------------------------- full mode
+
+
+@pytest.mark.parametrize(
+    ("estimator", "hsic"), [("debiased", reference_hsic1), ("biased", reference_hsic0)]
+)
+def test_full_mode_matches_exact_reference(study_dir, tmp_path, estimator, hsic):
+    study = analyze_study(
+        [cache_path(study_dir, "a-full"), cache_path(study_dir, "b-full")],
+        tmp_path / f"{estimator}.zarr",
+        names=["a", "b"],
+        estimator=estimator,
+        device="cpu",
+    )
+    for a, b in (("a", "a"), ("a", "b"), ("b", "b")):
+        grams_a = [x @ x.T for x in layers_of(study_dir, a)]
+        grams_b = [y @ y.T for y in layers_of(study_dir, b)]
+        pair = study.pair(a, b)
+        np.testing.assert_allclose(pair.cka, reference_full(grams_a, grams_b, hsic), rtol=1e-9)
+        assert np.isnan(pair.ci_low).all()
+        assert any("full mode" in d for d in pair.diagnostics)
+    assert study.provenance["estimator"] == estimator and study.provenance["kernel"] == "linear"
+
+
+def test_full_mode_rbf_matches_reference_and_records_bandwidth(study_dir, tmp_path):
+    study = analyze_study(
+        [cache_path(study_dir, "a-rbf"), cache_path(study_dir, "b-rbf")],
+        tmp_path / "rbf.zarr",
+        names=["a", "b"],
+        estimator="debiased",
+        pairs="a:b",
+        device="cpu",
+    )
+    assert study.provenance["kernel"] == "rbf" and study.provenance["threshold"] == 0.8
+    grams_a = [reference_rbf(x, 0.8) for x in layers_of(study_dir, "a")]
+    grams_b = [reference_rbf(y, 0.8) for y in layers_of(study_dir, "b")]
+    np.testing.assert_allclose(
+        study.pair("a", "b").cka, reference_full(grams_a, grams_b, reference_hsic1), rtol=1e-9
+    )
+    sigma2 = study.provenance["models"]["a"]["rbf_sigma2"]
+    for name, x in zip(study_dir["order"]["a"], layers_of(study_dir, "a"), strict=True):
+        sq = ((x[:, None] - x[None]) ** 2).sum(-1)
+        assert sigma2[name] == pytest.approx(0.8**2 * np.median(sq), rel=1e-9)
+    assert "median" in study.provenance["bandwidth_rule"]
+
+
+def test_full_mode_row_blocks_give_the_same_result_as_one_block(study_dir, tmp_path, monkeypatch):
+    import ckapipe.analyze.study as study_module
+
+    caches = [cache_path(study_dir, "a-full"), cache_path(study_dir, "b-full")]
+    whole = analyze_study(caches, tmp_path / "whole.zarr", estimator="debiased", device="cpu")
+    monkeypatch.setattr(study_module, "_WORK_ELEMENTS", 1)  # rows blocks of n // ΣL = 12 rows
+    blocks = analyze_study(caches, tmp_path / "blocks.zarr", estimator="debiased", device="cpu")
+    for key, pair in whole.pairs.items():
+        np.testing.assert_allclose(blocks.pairs[key].cka, pair.cka, rtol=1e-12)
+
+
+# ---------------------------------------------------------------------- refusals
+
+
+def test_different_sample_order_is_refused_naming_the_models(study_dir, tmp_path):
+    with pytest.raises(StudyError, match=r"model 'd': sample order differs from model 'c'.*--seed"):
+        analyze_study(
+            [cache_path(study_dir, "c"), cache_path(study_dir, "d")],
+            tmp_path / "x.zarr",
+            device="cpu",
+        )
+    assert not (tmp_path / "x.zarr").exists()
+
+
+def test_other_mismatches_are_refused(study_dir, tmp_path):
+    with pytest.raises(
+        StudyError, match=r"model 'a-m10': minibatch partition differs.*batch size 10 vs 12"
+    ):
+        analyze_study(
+            [cache_path(study_dir, "b"), cache_path(study_dir, "a-m10")], tmp_path / "1.zarr"
+        )
+    with pytest.raises(StudyError, match="mode 'full' differs"):
+        analyze_study(
+            [cache_path(study_dir, "b"), cache_path(study_dir, "a-full")], tmp_path / "2.zarr"
+        )
+    with pytest.raises(StudyError, match="needs full-mode Gram caches"):
+        analyze_study([cache_path(study_dir, "a")], tmp_path / "3.zarr", estimator="debiased")
+    with pytest.raises(StudyError, match="permutation p-values need minibatch"):
+        analyze_study(
+            [cache_path(study_dir, "a-full")],
+            tmp_path / "4.zarr",
+            estimator="biased",
+            n_permutations=10,
+        )
+    with pytest.raises(StudyError, match="kernel 'rbf' needs caches built"):
+        analyze_study([cache_path(study_dir, "a")], tmp_path / "5.zarr", kernel="rbf")
+    with pytest.raises(StudyError, match=r"unique.*\['x'\]"):
+        analyze_study(
+            [cache_path(study_dir, "a"), cache_path(study_dir, "b")],
+            tmp_path / "6.zarr",
+            names=["x", "x"],
+        )
+    with pytest.raises(StudyError, match="unknown model 'z'"):
+        analyze_study(
+            [cache_path(study_dir, "a"), cache_path(study_dir, "b")],
+            tmp_path / "7.zarr",
+            pairs=[("a", "z")],
+        )
+    with pytest.raises(StudyError, match="requested twice"):
+        analyze_study(
+            [cache_path(study_dir, "a"), cache_path(study_dir, "b")],
+            tmp_path / "8.zarr",
+            pairs="a:b,b:a",
+        )
+    assert not any(tmp_path.iterdir())
+
+
+def test_existing_output_is_refused_unless_overwrite(study_dir, tmp_path):
+    out = tmp_path / "res.zarr"
+    caches = [cache_path(study_dir, "a"), cache_path(study_dir, "b")]
+    analyze_study(caches, out, n_bootstrap=10, device="cpu")
+    with pytest.raises(StudyError, match="already exists"):
+        analyze_study(caches, out, n_bootstrap=10, device="cpu")
+    again = analyze_study(caches, out, n_bootstrap=10, seed=1, device="cpu", overwrite=True)
+    assert load_result(out).provenance["seed"] == 1 == again.provenance["seed"]
+    other = tmp_path / "notmine"
+    other.mkdir()
+    (other / "keep.txt").write_text("x")
+    with pytest.raises(StudyError, match="not a ckapipe CKA result"):
+        analyze_study(caches, other, device="cpu", overwrite=True)
+    assert (other / "keep.txt").exists()
+
+
+# ---------------------------------------------------------------------- result format
+
+
+def test_result_round_trip_csv_and_format(study_dir, tmp_path):
+    out = tmp_path / "study.zarr"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no degenerate layers here: nothing may warn
+        study = analyze_study(
+            [cache_path(study_dir, n) for n in ("a", "b")],
+            out,
+            n_bootstrap=100,
+            n_permutations=9,
+            device="cpu",
+        )
+    loaded = load_result(out)
+    assert loaded.models == study.models == ["a", "b"]
+    assert list(loaded.pairs) == list(study.pairs)
+    for key, pair in study.pairs.items():
+        got = loaded.pairs[key]
+        for field in (
+            "cka",
+            "ci_low",
+            "ci_high",
+            "p_value",
+            "hsic_per_batch",
+            "self_a_per_batch",
+            "self_b_per_batch",
+        ):
+            np.testing.assert_array_equal(getattr(got, field), getattr(pair, field))
+        assert (got.model_a, got.model_b, got.layers_a, got.layers_b, got.diagnostics) == (
+            pair.model_a,
+            pair.model_b,
+            pair.layers_a,
+            pair.layers_b,
+            pair.diagnostics,
+        )
+
+    root = zarr.open_group(str(out), mode="r")
+    attrs = dict(root.attrs)
+    assert attrs["format"] == "ckapipe.cka-result" and attrs["format_version"] == 1
+    assert attrs["complete"] is True and list(attrs)[-1] == "complete"
+    for key in (
+        "estimator",
+        "kernel",
+        "ci_level",
+        "n_bootstrap",
+        "n_permutations",
+        "seed",
+        "partition",
+        "versions",
+        "created",
+    ):
+        assert key in attrs, key
+    model_a = attrs["models"]["a"]
+    assert model_a["store"] == str(study_dir["stores"]["a"])
+    assert model_a["gram_cache"] == str(cache_path(study_dir, "a"))
+    assert model_a["identity"]["sample_ids_sha256"] and model_a["layers"] == ["a.l0", "a.l1"]
+    assert attrs["partition"]["batch_size"] == M
+    group = root["pairs/a--b"]
+    assert group["cka"].metadata.dimension_names == ("layer_a", "layer_b")
+    assert group["p_value"].metadata.dimension_names == ("layer_a", "layer_b")
+    assert group["hsic_per_batch"].metadata.dimension_names == ("batch", "layer_a", "layer_b")
+    assert group["self_a_per_batch"].metadata.dimension_names == ("batch", "layer_a")
+    assert group["self_b_per_batch"].metadata.dimension_names == ("batch", "layer_b")
+    assert group.attrs["layers_b"] == ["b.h0", "b.h1", "b.h2"]
+
+    with csv_path_for(out).open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert list(rows[0]) == [
+        "model_a",
+        "model_b",
+        "layer_a",
+        "layer_b",
+        "cka",
+        "ci_low",
+        "ci_high",
+        "p_value",
+    ]
+    assert len(rows) == 2 * 2 + 2 * 3 + 3 * 3
+    for row in rows:
+        g = root[f"pairs/{row['model_a']}--{row['model_b']}"]
+        i = g.attrs["layers_a"].index(row["layer_a"])
+        j = g.attrs["layers_b"].index(row["layer_b"])
+        for column in ("cka", "ci_low", "ci_high", "p_value"):
+            assert float(row[column]) == g[column][i, j], (row, column)
+
+
+def test_load_result_refuses_incomplete_and_foreign_groups(study_dir, tmp_path):
+    out = tmp_path / "r.zarr"
+    analyze_study([cache_path(study_dir, "a")], out, n_bootstrap=10, device="cpu")
+    zarr.open_group(str(out), mode="r+").attrs["complete"] = False
+    with pytest.raises(StudyError, match="incomplete"):
+        load_result(out)
+    with pytest.raises(StudyError, match="not a ckapipe CKA result"):
+        load_result(cache_path(study_dir, "a"))
+    with pytest.raises(StudyError, match="no zarr.json"):
+        load_result(tmp_path / "missing.zarr")
+
+
+# ---------------------------------------------------------------------- CLI
+
+
+def test_cli_analyze_writes_result_and_prints_summary(study_dir, tmp_path):
+    out = tmp_path / "cli.zarr"
+    runner = CliRunner()
+    result = runner.invoke(
+        analyze,
+        [
+            str(cache_path(study_dir, "a")),
+            str(cache_path(study_dir, "c")),
+            "--out",
+            str(out),
+            "--names",
+            "first,second",
+            "--pairs",
+            "first:second,second:second",
+            "--bootstrap",
+            "50",
+            "--seed",
+            "2",
+            "--device",
+            "cpu",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    assert "first : second" in result.output and "second : second" in result.output
+    assert str(csv_path_for(out)) in result.output
+    loaded = load_result(out)
+    assert list(loaded.pairs) == [("first", "second"), ("second", "second")]
+    cka = reference_minibatch(layers_of(study_dir, "a"), layers_of(study_dir, "c"), M)[0]
+    np.testing.assert_allclose(loaded.pair("first", "second").cka, cka, rtol=1e-9)
+
+    refused = runner.invoke(
+        analyze,
+        [
+            str(cache_path(study_dir, "c")),
+            str(cache_path(study_dir, "d")),
+            "--out",
+            str(tmp_path / "bad.zarr"),
+        ],
+    )
+    assert refused.exit_code == 1
+    assert "sample order differs" in refused.output
+    bad_pairs = runner.invoke(
+        analyze,
+        [str(cache_path(study_dir, "a")), "--out", str(tmp_path / "p.zarr"), "--pairs", "a-b"],
+    )
+    assert bad_pairs.exit_code == 2 and "model_a:model_b" in bad_pairs.output
