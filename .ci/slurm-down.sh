@@ -20,11 +20,11 @@ pid_alive() {
 }
 
 stop_pidfile() {  # stop_pidfile NAME PIDFILE
-    local name="$1" pidfile="$2" pid i
+    local name="$1" pidfile="$2" pid
     pid=$([[ -r "$pidfile" ]] && tr -dc '0-9' <"$pidfile")
     if pid_alive "$pid"; then
         kill -TERM "$pid" 2>/dev/null
-        for i in $(seq 100); do pid_alive "$pid" || break; sleep 0.1; done
+        for _ in $(seq 100); do pid_alive "$pid" || break; sleep 0.1; done
         if pid_alive "$pid"; then
             log "$name (pid $pid) ignored SIGTERM for 10 s; sending SIGKILL"
             kill -KILL "$pid" 2>/dev/null

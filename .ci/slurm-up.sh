@@ -32,7 +32,7 @@ log() { echo "slurm-up: $*"; }
 die() {
     echo "slurm-up: ERROR: $*" >&2
     for f in "$LOG_DIR/slurmctld.log" "$LOG_DIR/slurmd.log" /var/log/munge/munged.log; do
-        if [[ -s "$f" ]]; then
+        if [[ -r "$f" && -s "$f" ]]; then
             echo "---- last lines of $f ----" >&2
             tail -n 15 "$f" >&2
         fi
@@ -48,22 +48,22 @@ pid_alive() {
     state=$(awk '{ print $3 }' "/proc/$pid/stat" 2>/dev/null) || return 1
     [[ "$state" != "Z" && "$state" != "X" ]]
 }
-pid_from() { [[ -r "$1" ]] && tr -dc '0-9' <"$1" || true; }
+pid_from() { if [[ -r "$1" ]]; then tr -dc '0-9' <"$1"; fi; }
 
 # Stop the daemon recorded in a pid file (TERM, then KILL) and remove a stale pid file.
 stop_pidfile() {
-    local pidfile="$1" pid i
+    local pidfile="$1" pid
     pid=$(pid_from "$pidfile")
     if pid_alive "$pid"; then
         kill -TERM "$pid" 2>/dev/null || true
-        for i in $(seq 50); do pid_alive "$pid" || break; sleep 0.1; done
-        pid_alive "$pid" && kill -KILL "$pid" 2>/dev/null || true
+        for _ in $(seq 50); do pid_alive "$pid" || break; sleep 0.1; done
+        if pid_alive "$pid"; then kill -KILL "$pid" 2>/dev/null || true; fi
     fi
     rm -f "$pidfile"
 }
 
-wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
-    local limit="$1" what="$2"; shift 2
+wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND... (DESCRIPTION documents the call)
+    local limit="$1"; shift 2
     local deadline=$(( $(date +%s) + limit ))
     until "$@" >/dev/null 2>&1; do
         (( $(date +%s) < deadline )) || return 1
@@ -72,6 +72,16 @@ wait_for() {  # wait_for SECONDS DESCRIPTION COMMAND...
 }
 
 [[ $(id -u) -eq 0 ]] || die "must run as root (it installs packages and starts daemons); try: sudo $0"
+
+# One setup at a time: parallel test sessions may call this script together.
+exec 9>/run/ckapipe-slurm-up.lock
+flock -w "$TIMEOUT" 9 || die "another .ci/slurm-up.sh holds /run/ckapipe-slurm-up.lock for over ${TIMEOUT} s"
+
+# srun binds its I/O ports to the address this host's name resolves to (NoInAddrAny).
+host_addr=$(getent ahostsv4 "$(hostname)" | awk 'NR == 1 { print $1 }')
+if [[ "$host_addr" != 127.* ]]; then
+    log "warning: host name '$(hostname)' resolves to '${host_addr:-nothing}', not 127.x: srun will listen there"
+fi
 
 # ---------------------------------------------------------------- 1. packages
 t0=$(date +%s.%N)
@@ -196,8 +206,10 @@ if ctld_ok; then
     log "slurmctld already running (pid $(ctld_pid))"
 else
     stop_pidfile "$RUN_DIR/slurmctld.pid"
-    # -i: ignore unreadable saved state instead of refusing to start.
-    slurmctld -i || die "slurmctld did not start"
+    # -c: start with no saved jobs. A controller that has to be (re)started here lost track of
+    # its jobs anyway, and state saved just before a crash can resurrect finished jobs as
+    # "running" forever, holding CPUs of the only node.
+    slurmctld -c || die "slurmctld did not start"
     wait_for "$TIMEOUT" slurmctld ctld_ok || die "slurmctld started but 'scontrol ping' does not report it UP"
     log "started slurmctld (pid $(ctld_pid))"
 fi

@@ -114,6 +114,14 @@ class RowRange(click.ParamType):
     help="auto (CUDA if available), cpu, cuda or cuda:N.",
 )
 @click.option(
+    "--precision",
+    type=click.Choice(["float64", "float32"]),
+    default="float64",
+    show_default=True,
+    help="float32: tile products in float32, summed in float64 (~2x faster on a CPU; "
+    "minibatch mode only).",
+)
+@click.option(
     "--threads",
     type=int,
     default=4,
@@ -137,6 +145,7 @@ def gram(
     rows: tuple[int, int | None] | None,
     layers: tuple[str, ...],
     device: str,
+    precision: str,
     threads: int,
     out: Path,
 ) -> None:
@@ -161,6 +170,7 @@ def gram(
             device=device,
             layers=list(layers) or None,
             threads=threads,
+            precision=precision,
         )
     except _user_errors() as error:
         raise click.ClickException(str(error)) from None

@@ -133,11 +133,15 @@ def percentile_interval(replicates: np.ndarray, ci_level: float) -> tuple[np.nda
     shape = replicates.shape[1:]
     low = np.full(shape, np.nan)
     high = np.full(shape, np.nan)
-    defined = ~np.isnan(replicates).all(axis=0)
-    if defined.any():
-        # np.nanquantile warns on all-NaN slices: give it the defined ones only
-        quantiles = np.nanquantile(replicates[:, defined], [alpha, 1.0 - alpha], axis=0)
-        low[defined], high[defined] = quantiles[0], quantiles[1]
+    missing = np.isnan(replicates)
+    complete = ~missing.any(axis=0)
+    partial = missing.any(axis=0) & ~missing.all(axis=0)
+    # np.quantile is vectorized; np.nanquantile loops over columns, so only the columns with
+    # some NaN go there (and none that are all NaN: it would warn)
+    for columns, quantile in ((complete, np.quantile), (partial, np.nanquantile)):
+        if columns.any():
+            bounds = quantile(replicates[:, columns], [alpha, 1.0 - alpha], axis=0)
+            low[columns], high[columns] = bounds[0], bounds[1]
     return low, high
 
 

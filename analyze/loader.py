@@ -43,9 +43,10 @@ from typing import Any
 import numpy as np
 import torch
 import zarr
-from ckapipe.store import ActivationStore, StoreError
 from torch import Tensor
 from zarr.core.buffer import default_buffer_prototype
+
+from ckapipe.store import ActivationStore, StoreError
 
 __all__ = [
     "Block",

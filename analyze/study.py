@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 import zarr
+
 from ckapipe.analyze.estimators import DegenerateLayerWarning, MinibatchCKA
 from ckapipe.analyze.intervals import (
     bootstrap_cka,
@@ -199,7 +200,8 @@ def analyze_study(
         stores with the same samples in the same order, with the same partition and kernel.
     out : the result group to write (``RESULT.zarr``); ``RESULT.csv`` is written beside it.
     names : model names, one per cache (unique; no ``/`` and no ``--``). Default: each cache's
-        file name without its suffix (``grams/resnet18.zarr`` → ``resnet18``).
+        file name without ``.zarr`` / ``.grams`` suffixes (``grams/resnet18.grams.zarr`` →
+        ``resnet18``).
     estimator : ``"minibatch"`` (minibatch caches) or ``"debiased"`` / ``"biased"`` (full caches).
     kernel : full mode only: ``"linear"`` or ``"rbf"`` applied to the cached linear Gram
         (default: the caches' kernel). Minibatch caches hold Grams of a fixed kernel; a different
@@ -276,6 +278,7 @@ def analyze_study(
         },
         "pairs": [[a, b] for a, b in requested],
         "partition": _jsonable(caches[0].partition),
+        "batches": [int(b) for b in caches[0].batches] if mode == "minibatch" else [],
         "device": str(torch_device),
         "versions": _versions(),
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
@@ -342,6 +345,8 @@ def analyze_study(
 
     study = StudyResult(models=model_names, pairs=results, provenance=provenance, path=out)
     _write_result(study, out, overwrite=overwrite)
+    # the provenance as stored (JSON-normalised, with the completion flag), as load_result gives it
+    study.provenance = dict(zarr.open_group(str(out), mode="r").attrs)
     return study
 
 
@@ -434,7 +439,7 @@ def _cache_settings(cache: GramCache) -> dict[str, Any]:
 
 def _model_names(caches: Sequence[GramCache], names: Sequence[str] | None) -> list[str]:
     if names is None:
-        result = [_cache_path(c).name.split(".")[0] or _cache_path(c).name for c in caches]
+        result = [_default_name(_cache_path(c)) for c in caches]
         origin = "the Gram cache file names"
     else:
         if isinstance(names, str):
@@ -459,6 +464,14 @@ def _model_names(caches: Sequence[GramCache], names: Sequence[str] | None) -> li
             "pass distinct --names a,b,…"
         )
     return result
+
+
+def _default_name(path: Path) -> str:
+    """``grams/resnet18.grams.zarr`` → ``resnet18``: the file name without cache suffixes."""
+    name = path.name
+    while Path(name).suffix in (".zarr", ".grams", ".gram") and Path(name).stem:
+        name = Path(name).stem
+    return name
 
 
 def _check_compatible(caches: Sequence[GramCache], names: Sequence[str]) -> None:
@@ -621,29 +634,38 @@ def _minibatch_pairs(
     seed: int,
     device: torch.device,
 ) -> dict[tuple[str, str], PairResult]:
+    """Minibatch CKA of the requested pairs.
+
+    One self-comparison :class:`MinibatchCKA` over the layers of every model involved
+    (qualified ``model/layer``): per batch, the Grams of all models are concatenated into
+    (ΣL, m, m) and one (ΣL, m²) @ (m², ΣL) product gives the HSIC₁ of every layer pair of every
+    model pair, each model's Grams checked once. Each pair's per-batch values are blocks of it.
+    """
     used = [name for name in caches if any(name in pair for pair in requested)]
-    accumulators = {
-        (a, b): MinibatchCKA(layers[a], None if a == b else layers[b]) for a, b in requested
-    }
+    accumulator = MinibatchCKA([f"{name}/{layer}" for name in used for layer in layers[name]])
+    offsets, start = {}, 0
+    for name in used:
+        offsets[name], start = start, start + len(layers[name])
     null = _PermutationNull(requested, layers, n_permutations, seed, device)
     for batch_number, grams in _lockstep(caches, used, device):
-        for (a, b), accumulator in accumulators.items():
-            if a == b:
-                accumulator.update_grams(grams[a])
-            else:
-                accumulator.update_grams(grams[a], grams[b])
+        accumulator.update_grams(torch.cat([grams[name] for name in used]))  # (ΣL, m, m)
         null.update(batch_number, grams)
+    hsic_all, self_all, _, _ = accumulator.per_batch()  # (B, ΣL, ΣL), (B, ΣL)
 
     some = next(iter(caches.values()))
     epochs = int((some.partition or {}).get("epochs") or 1)
-    n_batches = next(iter(accumulators.values())).n_batches
+    n_batches = accumulator.n_batches
     counts = None
     if n_bootstrap > 0 and n_batches >= 2:
         counts = bootstrap_counts(n_batches, n_bootstrap, np.random.default_rng(seed))
 
     results = {}
-    for (a, b), accumulator in accumulators.items():
-        hsic, self_a, self_b, _ = accumulator.per_batch()
+    for a, b in requested:
+        rows = slice(offsets[a], offsets[a] + len(layers[a]))
+        cols = slice(offsets[b], offsets[b] + len(layers[b]))
+        hsic = np.ascontiguousarray(hsic_all[:, rows, cols])  # (B, La, Lb)
+        self_a = np.ascontiguousarray(self_all[:, rows])  # (B, La)
+        self_b = np.ascontiguousarray(self_all[:, cols])  # (B, Lb)
         sum_a, sum_b = self_a.sum(axis=0), self_b.sum(axis=0)
         cka = ratio_cka(hsic.sum(axis=0), sum_a, sum_b)
         diagnostics = _degenerate_layers(sum_a, sum_b, layers, a, b)

@@ -25,6 +25,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
+
 from ckapipe.extract.layers import LayerSelectionError, LayerSelector
 
 __all__ = [
@@ -79,6 +80,8 @@ def split_batch(
             )
         return split_batch(batch[input_index])
     if isinstance(batch, Mapping):
+        # the mask serves masked_mean even when it is not passed to the model
+        mask = batch.get("attention_mask")
         if keys is not None:
             missing = [key for key in keys if key not in batch]
             if missing:
@@ -88,7 +91,6 @@ def split_batch(
             batch = {key: batch[key] for key in keys}
         else:
             batch = dict(batch)
-        mask = batch.get("attention_mask")
         return batch, mask if isinstance(mask, torch.Tensor) else None
     raise CaptureError(
         f"dataset items collate to {type(batch).__name__}; expected a tensor, a tuple whose "

@@ -114,6 +114,7 @@ def layers_command(
         raise click.UsageError("give exactly one of --dataset and --input-shape")
     try:
         import torch
+
         from ckapipe.extract.capture import split_batch
         from ckapipe.extract.layers import list_layers
 

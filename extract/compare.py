@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from ckapipe.extract.capture import LayerCapture, autocast_context, eval_mode, split_batch
 from ckapipe.extract.extraction import _to_device, resolve_device
 from ckapipe.extract.layers import resolve_layers

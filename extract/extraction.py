@@ -20,28 +20,31 @@ It does not depend on the batch size or device, and changes with any change of p
 
 from __future__ import annotations
 
+import concurrent.futures
 import datetime as _dt
 import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import platform
-import sys
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+
 from ckapipe.extract.capture import (
     REDUCTIONS,
+    CaptureError,
     LayerCapture,
     autocast_context,
     batch_size_of,
     eval_mode,
     split_batch,
 )
-from ckapipe.extract.layers import LayerSelector, resolve_layers
+from ckapipe.extract.layers import LayerSelectionError, LayerSelector, resolve_layers
 from ckapipe.extract.progress import Progress
 from ckapipe.extract.specs import (
     DatasetSpec,
@@ -72,6 +75,7 @@ log = logging.getLogger("ckapipe.extract")
 ORDERS = ("random", "dataset")
 TARGET_ROWS_PER_BLOCK = 256
 MAX_BLOCK_BYTES = 512 * 2**20
+HASH_THREADS = min(4, os.cpu_count() or 1)
 # attrs that determine a store's contents: a resume must find them unchanged
 IDENTITY_FIELDS = (
     "model",
@@ -139,8 +143,19 @@ def sample_order(
     return np.asarray(ids[:limit] if limit is not None else ids, dtype=np.int64)
 
 
-def input_sample_digests(model_input: Any) -> list[bytes]:
-    """Per-sample SHA-256 digests of a batch as fed to the model (tensor or dict of tensors)."""
+def input_sample_digests(
+    model_input: Any, executor: concurrent.futures.Executor | None = None
+) -> list[bytes]:
+    """Per-sample SHA-256 digests of a batch as fed to the model (tensor or dict of tensors).
+
+    With ``executor``, rows are hashed in its threads (hashlib releases the GIL on large buffers).
+    """
+    return [future.result() for future in _submit_digests(model_input, executor)]
+
+
+def _submit_digests(
+    model_input: Any, executor: concurrent.futures.Executor | None
+) -> list[concurrent.futures.Future[bytes]]:
     tensors = (
         [("", model_input)]
         if isinstance(model_input, torch.Tensor)
@@ -151,16 +166,25 @@ def input_sample_digests(model_input: Any) -> list[bytes]:
         ]
     )
     arrays = [(key, tensor.detach().cpu().contiguous()) for key, tensor in tensors]
-    digests = []
-    for row in range(batch_size_of(model_input)):
+
+    def digest_row(row: int) -> bytes:
         digest = hashlib.sha256()
         for key, tensor in arrays:
             sample = tensor[row]
             digest.update(f"{key}|{sample.dtype}|{tuple(sample.shape)}|".encode())
-            # bytes via a uint8 view: numpy has no bfloat16
-            digest.update(sample.reshape(-1).view(torch.uint8).numpy().tobytes())
-        digests.append(digest.digest())
-    return digests
+            # the bytes through a uint8 view (numpy has no bfloat16), without a copy
+            digest.update(sample.reshape(-1).view(torch.uint8).numpy())
+        return digest.digest()
+
+    rows = range(batch_size_of(model_input))
+    if executor is None:
+        done = []
+        for row in rows:
+            future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
+            future.set_result(digest_row(row))
+            done.append(future)
+        return done
+    return [executor.submit(digest_row, row) for row in rows]
 
 
 def _chain(state: bytes, digests: Iterable[bytes]) -> bytes:
@@ -182,8 +206,9 @@ def _state_sha256(model: torch.nn.Module) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import ckapipe
     import zarr
+
+    import ckapipe
 
     versions = {
         "ckapipe": ckapipe.__version__,
@@ -193,9 +218,10 @@ def _versions() -> dict[str, str]:
         "zarr": zarr.__version__,
     }
     for optional in ("transformers", "torchvision", "timm"):
-        module = sys.modules.get(optional)
-        if module is not None:
-            versions[optional] = getattr(module, "__version__", "unknown")
+        try:  # installed, not necessarily imported: the record must not depend on process state
+            versions[optional] = importlib.metadata.version(optional)
+        except importlib.metadata.PackageNotFoundError:
+            pass
     return versions
 
 
@@ -275,8 +301,10 @@ def extract_activations(
     progress:
         Report progress on stderr.
     row_block:
-        Rows per write and resume step; a multiple of ``batch_size`` (default: about 256 rows,
-        at most ~512 MB of float32 activations).
+        The store's row block, a multiple of ``batch_size`` (default: about 256 rows, fewer if
+        a block of all layers would exceed ~512 MB in float32; a resume keeps the store's).
+        Every chunk's height is a multiple of it; each layer is written one whole chunk at a
+        time, so resume points are chunk boundaries.
 
     Returns
     -------
@@ -313,12 +341,11 @@ def extract_activations(
         dataset_spec = parse_dataset_spec(dataset)
         data = dataset_spec.build()
         dataset_record = dataset_spec.to_dict()
+        batch_keys = {"input_index": dataset_spec.input, "keys": dataset_spec.keys}
     else:
-        dataset_spec, data, dataset_record = (
-            DatasetSpec(factory="object:dataset"),
-            dataset,
-            _object_record(dataset),
-        )
+        # a dataset object: tuple items have the input first, dict items go in whole
+        data, dataset_record = dataset, _object_record(dataset)
+        batch_keys = {"input_index": 0, "keys": None}
     if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
         raise ExtractionError(
             f"dataset {type(data).__name__} is not map-style (needs __len__ and __getitem__); "
@@ -336,11 +363,13 @@ def extract_activations(
     try:
         with eval_mode(net), torch.inference_mode():
             records = _probe(
-                net, data, sample_ids, selectors, dataset_spec, torch_device,
+                net, data, sample_ids, selectors, batch_keys, torch_device,
                 reduce=reduce, autocast=autocast, output_index=output_index, output_key=output_key,
             )  # fmt: skip
             if row_block is None:
-                row_block = _default_row_block(batch_size, sum(r.n_features for r in records))
+                row_block = _stored_row_block(out, batch_size) or _default_row_block(
+                    batch_size, sum(r.n_features for r in records)
+                )
             identity = _jsonable(
                 {
                     "model": model_record,
@@ -371,7 +400,7 @@ def extract_activations(
                 return store
             try:
                 _run(
-                    store, net, data, sample_ids, selectors, dataset_spec, torch_device,
+                    store, net, data, sample_ids, selectors, batch_keys, torch_device,
                     batch_size=batch_size, num_workers=num_workers, seed=seed, reduce=reduce,
                     autocast=autocast, output_index=output_index, output_key=output_key,
                     progress=progress,
@@ -382,6 +411,23 @@ def extract_activations(
         if original_device is not None and model_spec is None:
             net.to(original_device)
     return ActivationStore.open(out)
+
+
+def _describe_input(model_input: Any) -> str:
+    if isinstance(model_input, torch.Tensor):
+        return f"{tuple(model_input.shape)} {model_input.dtype}"
+    return "{" + ", ".join(f"{k}: {_describe_input(v)}" for k, v in model_input.items()) + "}"
+
+
+def _stored_row_block(out: Path, batch_size: int) -> int | None:
+    """The row block of an existing store at ``out`` (resume), if it fits ``batch_size``."""
+    if not (out / "zarr.json").is_file():
+        return None
+    try:
+        row_block = ActivationStore.open(out, allow_incomplete=True).row_block
+    except StoreError:
+        return None  # not a store: creating it reports the problem
+    return row_block if row_block % batch_size == 0 else None
 
 
 def _default_row_block(batch_size: int, n_features: int) -> int:
@@ -397,22 +443,38 @@ def _probe(
     data: Any,
     sample_ids: np.ndarray,
     selectors: list[LayerSelector],
-    dataset_spec: DatasetSpec,
+    batch_keys: dict[str, Any],
     device: torch.device,
     **capture_options: Any,
 ) -> list[LayerRecord]:
     """One forward pass on the first two samples: checks the selection, finds shapes and widths."""
     autocast = capture_options.pop("autocast")
     items = [data[int(i)] for i in sample_ids[:2]]
-    batch = torch.utils.data.default_collate(items)
-    model_input, mask = split_batch(batch, input_index=dataset_spec.input, keys=dataset_spec.keys)
+    try:
+        batch = torch.utils.data.default_collate(items)
+    except (TypeError, RuntimeError) as error:
+        raise ExtractionError(
+            f"dataset items ({type(items[0]).__name__}) cannot be batched: {error}; give the "
+            "dataset spec a 'transform' that returns tensors of one shape"
+        ) from None
+    model_input, mask = split_batch(batch, **batch_keys)
     with (
         LayerCapture(net, selectors, **capture_options) as capture,
         autocast_context(device, autocast),
     ):
-        features = capture.run(
-            _to_device(model_input, device), _to_device(mask, device) if mask is not None else None
-        )
+        try:
+            features = capture.run(
+                _to_device(model_input, device),
+                _to_device(mask, device) if mask is not None else None,
+            )
+        except (CaptureError, LayerSelectionError):
+            raise
+        except Exception as error:  # the model's own code failed: most often a wrong input
+            raise CaptureError(
+                f"the model failed on the first batch, input {_describe_input(model_input)}: "
+                f"{type(error).__name__}: {error}; check that the dataset (and its transform) "
+                "yields what the model expects"
+            ) from error
     return [
         LayerRecord(
             name=name,
@@ -472,13 +534,84 @@ def _open_or_create(
     return ActivationStore.open_for_resume(out)
 
 
+class _ChunkWriter:
+    """Buffers each layer's rows on the host and writes them to the store in whole chunks.
+
+    A write that covers part of a chunk makes zarr read, patch and rewrite the whole chunk
+    (measured ~100x slower than whole-chunk writes for narrow layers, whose chunks hold many row
+    blocks), so each layer is flushed at its own chunk boundaries, and at the end.
+    ``rows_complete`` advances to the rows every layer holds, with the input fingerprint of
+    exactly those rows. Batches never straddle a chunk boundary: chunk rows are multiples of the
+    row block, a multiple of the batch size, and writing starts at a row-block boundary.
+    """
+
+    def __init__(self, store: ActivationStore, start: int, fingerprint: bytes, pinned: bool):
+        self.store = store
+        self.n = store.n_samples
+        self.rows_done = start
+        self.chunk_rows = {
+            record.name: store.chunk_shape(record.name)[0] for record in store.layers
+        }
+        self.flushed = dict.fromkeys(self.chunk_rows, start)
+        # pinned host buffers let the device→host copies run asynchronously
+        self.buffers = {
+            record.name: torch.empty(
+                (min(self.chunk_rows[record.name], self.n), record.n_features),
+                dtype=torch.float32,
+                pin_memory=pinned,
+            )
+            for record in store.layers
+        }
+        self.fingerprints = {start: fingerprint}  # rows written -> fingerprint of those rows
+
+    def append(
+        self, features: dict[str, torch.Tensor], fingerprint: bytes, non_blocking: bool
+    ) -> None:
+        """Queue one batch (every layer's (B, p) features) whose rows start at ``rows_done``."""
+        rows = next(iter(features.values())).shape[0]
+        for name, values in features.items():
+            offset = self.rows_done - self.flushed[name]
+            self.buffers[name][offset : offset + rows].copy_(values, non_blocking=non_blocking)
+        self.rows_done += rows
+        self.fingerprints[self.rows_done] = fingerprint
+
+    def due(self) -> list[str]:
+        """Layers whose buffered rows end at a chunk boundary (or at the last row)."""
+        return [
+            name
+            for name, chunk in self.chunk_rows.items()
+            if self.rows_done > self.flushed[name]
+            and (self.rows_done % chunk == 0 or self.rows_done == self.n)
+        ]
+
+    def flush(self, names: list[str]) -> None:
+        """Write the given layers' buffered rows, then advance ``rows_complete`` if it moved."""
+        groups: dict[int, dict[str, np.ndarray]] = {}
+        for name in names:
+            rows = self.rows_done - self.flushed[name]
+            groups.setdefault(self.flushed[name], {})[name] = self.buffers[name][:rows].numpy()
+        for start, values in groups.items():
+            try:
+                self.store.write_rows(start, values, some_layers=True)
+            except StoreError as error:
+                raise StoreError(f"{error} [store {self.store.path} left incomplete]") from None
+        for name in names:
+            self.flushed[name] = self.rows_done
+        complete = min(self.flushed.values())
+        if complete > self.store.rows_complete or complete == self.n:
+            self.store.set_rows_complete(
+                complete, input_sha256_partial=self.fingerprints[complete].hex()
+            )
+            self.fingerprints = {k: v for k, v in self.fingerprints.items() if k >= complete}
+
+
 def _run(
     store: ActivationStore,
     net: torch.nn.Module,
     data: Any,
     sample_ids: np.ndarray,
     selectors: list[LayerSelector],
-    dataset_spec: DatasetSpec,
+    batch_keys: dict[str, Any],
     device: torch.device,
     *,
     batch_size: int,
@@ -490,20 +623,12 @@ def _run(
     output_key: str,
     progress: bool,
 ) -> None:
-    """The streaming loop: batches → block buffers → one store write per row block."""
+    """The streaming loop: batches → per-layer host buffers → whole-chunk store writes."""
     n = store.n_samples
-    row_block = store.row_block
     start = store.rows_complete
-    attrs = store.attrs
-    fingerprint = bytes(32) if start == 0 else bytes.fromhex(attrs["input_sha256_partial"])
+    fingerprint = bytes(32) if start == 0 else bytes.fromhex(store.attrs["input_sha256_partial"])
     on_cuda = device.type == "cuda"
-    # pinned host buffers let the device→host copies run asynchronously
-    buffers = {
-        record.name: torch.empty(
-            (row_block, record.n_features), dtype=torch.float32, pin_memory=on_cuda
-        )
-        for record in store.layers
-    }
+    writer = _ChunkWriter(store, start, fingerprint, pinned=on_cuda)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(data, sample_ids[start:].tolist()),
         batch_size=batch_size,
@@ -513,41 +638,33 @@ def _run(
         generator=torch.Generator().manual_seed(seed),
     )
     meter = Progress(n, initial=start, label=str(store.path), enabled=progress)
-    block_start, filled = start, 0
-    with LayerCapture(
-        net, selectors, reduce=reduce, output_index=output_index, output_key=output_key
-    ) as capture:
+    with (
+        concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as hasher,
+        LayerCapture(
+            net, selectors, reduce=reduce, output_index=output_index, output_key=output_key
+        ) as capture,
+    ):
         capture.shapes.update({record.name: record.shape for record in store.layers})
         for batch in loader:
-            model_input, mask = split_batch(
-                batch, input_index=dataset_spec.input, keys=dataset_spec.keys
-            )
-            fingerprint = _chain(fingerprint, input_sample_digests(model_input))
-            rows = batch_size_of(model_input)
+            model_input, mask = split_batch(batch, **batch_keys)
+            # the input fingerprint is hashed in threads while the model runs
+            digests = _submit_digests(model_input, hasher)
             with autocast_context(device, autocast):
                 features = capture.run(
                     _to_device(model_input, device),
                     _to_device(mask, device) if mask is not None else None,
                 )
-            for name, values in features.items():
-                buffers[name][filled : filled + rows].copy_(values, non_blocking=on_cuda)
-            filled += rows
-            meter.update(rows)
-            if filled == row_block or block_start + filled == n:
+            fingerprint = _chain(fingerprint, (future.result() for future in digests))
+            writer.append(features, fingerprint, non_blocking=on_cuda)
+            meter.update(batch_size_of(model_input))
+            due = writer.due()
+            if due:
                 if on_cuda:
                     torch.cuda.current_stream(device).synchronize()
-                try:
-                    store.write_rows(
-                        block_start, {k: v[:filled].numpy() for k, v in buffers.items()}
-                    )
-                except StoreError as error:
-                    raise StoreError(f"{error} [store {store.path} left incomplete]") from None
-                block_start += filled
-                filled = 0
-                store.set_rows_complete(block_start, input_sha256_partial=fingerprint.hex())
+                writer.flush(due)
     meter.close()
-    if block_start != n:
+    if store.rows_complete != n:
         raise ExtractionError(
-            f"the data loader yielded {block_start} of {n} rows; was the dataset changed?"
+            f"the data loader yielded {writer.rows_done} of {n} rows; was the dataset changed?"
         )
     store.mark_complete(input_sha256=fingerprint.hex())

@@ -183,6 +183,7 @@ def list_layers(
         ``(name, type, shape, calls, output)`` in registration order; the root module is omitted.
     """
     import torch
+
     from ckapipe.extract.capture import call_model, eval_mode, select_output
 
     records: dict[str, dict[str, Any]] = {

@@ -130,6 +130,9 @@ class ModelSpec:
         if not isinstance(self.strict, bool):
             raise SpecError(f"model 'strict' must be true or false, got {self.strict!r}")
 
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
     def to_dict(self) -> dict[str, Any]:
         """The spec as a plain dict (what the store records)."""
         return {
@@ -254,6 +257,9 @@ class DatasetSpec:
                 _frozen_mapping(self.transform_kwargs, "dataset transform_kwargs"),
             )
 
+    def __hash__(self) -> int:
+        return hash(json.dumps(self.to_dict(), sort_keys=True))
+
     def to_dict(self) -> dict[str, Any]:
         """The spec as a plain dict (what the store records); unset optional fields are omitted."""
         record: dict[str, Any] = {}
@@ -323,12 +329,14 @@ class ArrayDataset:
         self.path = path
         self.key = key
         self._array: Any = None
+        self._pid: int | None = None
 
     def __getstate__(self) -> dict[str, Any]:
-        return {"path": self.path, "key": self.key, "_array": None}
+        return {"path": self.path, "key": self.key, "_array": None, "_pid": None}
 
     def _open(self) -> Any:
-        if self._array is not None:
+        # a forked DataLoader worker must not share the parent's open HDF5 handle
+        if self._array is not None and self._pid == os.getpid():
             return self._array
         path = Path(self.path)
         if not path.exists():
@@ -366,7 +374,7 @@ class ArrayDataset:
             raise SpecError(f"cannot open dataset array {self.path!r}: {error}") from None
         if len(array.shape) < 1 or array.shape[0] == 0:
             raise SpecError(f"dataset array {self.path!r} has no rows (shape {array.shape})")
-        self._array = array
+        self._array, self._pid = array, os.getpid()
         return array
 
     def __len__(self) -> int:

@@ -47,9 +47,12 @@ _PUBLIC_API: dict[str, str] = {
     "merge_gram_caches": "ckapipe.analyze.gram_cache",
     "analyze_study": "ckapipe.analyze.study",
     "load_result": "ckapipe.analyze.study",
+    "StudyResult": "ckapipe.analyze.study",
+    "PairResult": "ckapipe.analyze.study",
     "plot_heatmap": "ckapipe.analyze.plots",
     "plot_study_grid": "ckapipe.analyze.plots",
     "plot_correspondence": "ckapipe.analyze.plots",
+    "plot_result": "ckapipe.analyze.plots",
     # pipeline
     "run_study": "ckapipe.run",
 }

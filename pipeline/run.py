@@ -1,5 +1,133 @@
-"""``ckapipe run``: a whole study through Snakemake (filled in by the pipeline stage)."""
+"""``ckapipe run``: a whole study through Snakemake.
+
+The workflow ships inside the package (``ckapipe/workflow/Snakefile``). Snakemake runs as a
+subprocess (``python -m snakemake``), not through its Python API, because the API ignores
+profiles: run this way, ``--profile``, executor plugins (SLURM) and every other flag behave
+exactly as on the command line.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Sequence
+from pathlib import Path
 
 import click
 
-commands: list[click.Command] = []
+__all__ = ["DEFAULT_CONFIG", "PROFILE_DIR", "SNAKEFILE", "commands", "run", "run_study", "snakemake_command"]
+
+_PACKAGE_DIR = Path(__file__).resolve().parent
+SNAKEFILE = _PACKAGE_DIR / "workflow" / "Snakefile"
+"""The packaged workflow."""
+DEFAULT_CONFIG = _PACKAGE_DIR / "workflow" / "config.yaml"
+"""The demo study: the default when no config is given."""
+PROFILE_DIR = _PACKAGE_DIR / "profiles" / "default"
+"""The workflow profile applied to every run (resume, show commands and failed logs)."""
+
+_CORES_FLAGS = ("--cores", "-c", "--jobs", "-j")
+
+
+def _has_flag(args: Sequence[str], flags: Sequence[str]) -> bool:
+    return any(arg == flag or arg.startswith(f"{flag}=") for arg in args for flag in flags)
+
+
+def snakemake_command(
+    config: str | os.PathLike[str] | None = None,
+    *,
+    workdir: str | os.PathLike[str] = ".",
+    snakemake_args: Sequence[str] = (),
+) -> list[str]:
+    """The ``python -m snakemake`` command line that :func:`run_study` runs.
+
+    Parameters
+    ----------
+    config:
+        Study config (YAML); ``None`` runs the demo study.
+    workdir:
+        Working directory of the study: ``results/<study>/`` and (by default) the cache go there.
+    snakemake_args:
+        Extra Snakemake arguments, passed last (so they win): ``--dry-run``, ``--profile slurm``,
+        ``--cores 4``, targets, …. Without ``--cores``/``--jobs`` every core is used.
+    """
+    config_path = Path(config) if config is not None else DEFAULT_CONFIG
+    if not config_path.is_file():
+        raise click.BadParameter(f"study config {config_path} does not exist", param_hint="CONFIG")
+    extra = list(snakemake_args)
+    command = [
+        sys.executable,
+        "-m",
+        "snakemake",
+        "--snakefile",
+        str(SNAKEFILE),
+        "--configfile",
+        str(config_path.resolve()),
+        "--directory",
+        str(Path(workdir).resolve()),
+    ]
+    if not _has_flag(extra, ("--workflow-profile",)):
+        command += ["--workflow-profile", str(PROFILE_DIR)]
+    if not _has_flag(extra, _CORES_FLAGS):
+        command += ["--cores", "all"]
+    return command + extra
+
+
+def run_study(
+    config: str | os.PathLike[str] | None = None,
+    *,
+    workdir: str | os.PathLike[str] = ".",
+    snakemake_args: Sequence[str] = (),
+) -> int:
+    """Run a study (default: the demo) with Snakemake; return Snakemake's exit status.
+
+    Parameters are those of :func:`snakemake_command`. Output goes to this process's stdout and
+    stderr.
+    """
+    command = snakemake_command(config, workdir=workdir, snakemake_args=snakemake_args)
+    return subprocess.run(command, check=False).returncode
+
+
+def _split_config(args: Sequence[str]) -> tuple[Path | None, list[str]]:
+    """Separate the optional CONFIG from the Snakemake arguments.
+
+    click drops the ``--`` separator, so ``ckapipe run -- -n`` and ``ckapipe run study.yaml -- -n``
+    arrive as ``("-n",)`` and ``("study.yaml", "-n")``: the first argument is the config when it
+    is an existing file or ends in .yaml/.yml/.json, else it is Snakemake's.
+    """
+    if args and not args[0].startswith("-"):
+        candidate = Path(args[0])
+        if candidate.is_file() or candidate.suffix.lower() in (".yaml", ".yml", ".json"):
+            return candidate, list(args[1:])
+    return None, list(args)
+
+
+@click.command(
+    "run",
+    context_settings={"ignore_unknown_options": True},
+)
+@click.option(
+    "-d",
+    "--workdir",
+    type=click.Path(file_okay=False, path_type=Path),
+    default=Path("."),
+    show_default=True,
+    help="Working directory: results/<study>/ and the default cache root go here.",
+)
+@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[CONFIG] [-- SNAKEMAKE_ARGS]...")
+def run(workdir: Path, args: tuple[str, ...]) -> None:
+    """Run a whole study with Snakemake (no CONFIG: the demo study).
+
+    Extract every model on every dataset, build Gram caches, compare all pairs, plot, and write
+    results/<study>/report.html. Activation stores and Gram caches go to the config's
+    storage.cache_root, keyed by content, so studies share them. CONFIG is a YAML file (see the
+    demo's config.yaml). Anything after `--` goes to Snakemake, e.g.
+    `ckapipe run study.yaml -- --dry-run` or `ckapipe run study.yaml -- --profile slurm`.
+    """
+    config, snakemake_args = _split_config(args)
+    returncode = run_study(config, workdir=workdir, snakemake_args=snakemake_args)
+    if returncode:
+        raise SystemExit(returncode)
+
+
+commands: list[click.Command] = [run]

@@ -402,16 +402,21 @@ class ActivationStore:
         }
 
     # -- writing ----------------------------------------------------------------------------
-    def write_rows(self, start: int, activations: Mapping[str, np.ndarray]) -> None:
+    def write_rows(
+        self, start: int, activations: Mapping[str, np.ndarray], *, some_layers: bool = False
+    ) -> None:
         """Write rows ``start:start+k`` of every layer (all layers at once, ``k`` equal for all).
 
         Values are checked before anything is written: NaN/Inf, or values beyond float16's range in a
         float16 store, raise :class:`StoreError` naming the layer and the sample id.
+        ``some_layers=True`` allows writing only some layers, so that a writer can flush each layer
+        in whole chunks (a partial-chunk write rewrites the whole chunk); ``rows_complete`` must
+        then only advance to rows that every layer holds.
         """
         self._require_writable()
         missing = [name for name in self.layer_names if name not in activations]
         unknown = [name for name in activations if name not in self._by_name]
-        if missing or unknown:
+        if (missing and not some_layers) or unknown or not activations:
             raise StoreError(f"write_rows needs every layer once; missing {missing}, unknown {unknown}")
         counts = {name: np.shape(values)[0] for name, values in activations.items()}
         if len(set(counts.values())) != 1:
@@ -421,6 +426,8 @@ class ActivationStore:
             raise StoreError(f"rows {start}:{start + k} are outside the store's {self.n_samples} rows")
         encoded = {}
         for layer in self.layers:
+            if layer.name not in activations:
+                continue
             values = np.asarray(activations[layer.name])
             if values.shape != (k, layer.n_features):
                 raise StoreError(

@@ -161,37 +161,33 @@ def image_dataset(n: int = 40, size: int = 8, seed: int = 0) -> torch.utils.data
 
 
 class VectorDataset(torch.utils.data.Dataset):
-    """Items are plain (features,) tensors; ``delay`` seconds per item makes extraction slow."""
+    """Items are plain (features,) non-negative tensors; sample ``negative`` gets a -1.
 
-    def __init__(
-        self,
-        n: int = 40,
-        features: int = 12,
-        seed: int = 0,
-        delay: float = 0.0,
-        negative: int | None = None,
-    ):
-        self.data = _rng_tensor((n, features), seed)
-        self.data = self.data.abs()  # non-negative, except the sample chosen by `negative`
+    If the environment variable ``CKAPIPE_TEST_STALL_AT`` names a dataset index, loading that
+    item blocks for 10 minutes: a child process then stops at a known row, without changing the
+    spec, until the test kills it. ``CKAPIPE_TEST_FAIL_AT`` makes loading that item raise.
+    """
+
+    def __init__(self, n: int = 40, features: int = 12, seed: int = 0, negative: int | None = None):
+        self.data = _rng_tensor((n, features), seed).abs()
         if negative is not None:
             self.data[negative, 0] = -1.0
-        self.delay = delay
 
     def __len__(self) -> int:
         return len(self.data)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        # the environment variable slows a child process down without changing the spec
-        delay = self.delay or float(os.environ.get("CKAPIPE_TEST_ITEM_DELAY", "0"))
-        if delay:
-            time.sleep(delay)
+        if os.environ.get("CKAPIPE_TEST_STALL_AT") == str(index):
+            time.sleep(600)
+        if os.environ.get("CKAPIPE_TEST_FAIL_AT") == str(index):
+            raise RuntimeError(f"test failure loading item {index}")
         return self.data[index]
 
 
 def vector_dataset(
-    n: int = 40, features: int = 12, seed: int = 0, delay: float = 0.0, negative: int | None = None
+    n: int = 40, features: int = 12, seed: int = 0, negative: int | None = None
 ) -> VectorDataset:
-    return VectorDataset(n, features, seed, delay, negative)
+    return VectorDataset(n, features, seed, negative)
 
 
 def sequence_dataset(
@@ -235,3 +231,8 @@ def add_offset(offset: float = 1.0):
 
 def double(x: torch.Tensor) -> torch.Tensor:
     return x * 2
+
+
+def string_dataset(n: int = 4) -> list[str]:
+    """Items that cannot be batched into tensors."""
+    return [f"item {i}" for i in range(n)]

@@ -14,10 +14,12 @@ Use in a test::
             assert slurm_cluster.job_info(job_id)["JobState"] == "COMPLETED"
 
 Fixture life cycle: if SLURM already answers (CI runs ``.ci/slurm-up.sh`` first), the fixture
-uses it and leaves it running. Otherwise it runs ``.ci/slurm-up.sh`` itself (root only) and runs
-``.ci/slurm-down.sh`` at the end of the session (set ``CKAPIPE_SLURM_KEEP=1`` to keep it up).
-If SLURM cannot be started the tests are skipped with the reason, unless
-``CKAPIPE_REQUIRE_SLURM=1`` is set (CI), which turns that into a failure.
+uses it. Otherwise it runs ``.ci/slurm-up.sh`` itself (root only; ~2 s when the packages are
+installed, ~15 s with the install). Either way the cluster is left running and idle afterwards:
+other test sessions on the same machine may be using it (``.ci/slurm-down.sh`` stops it; set
+``CKAPIPE_SLURM_STOP=1`` to have the fixture stop a cluster it started itself). If SLURM cannot
+be started the tests are skipped with the reason, unless ``CKAPIPE_REQUIRE_SLURM=1`` is set
+(CI), which turns that into a failure.
 """
 
 from __future__ import annotations
@@ -88,9 +90,15 @@ def slurm_available(timeout: float = 10.0) -> bool:
     bool
         True if ``sinfo`` succeeds and some node is idle, mixed, allocated or completing.
     """
-    if shutil.which("sinfo") is None:
+    if shutil.which("sinfo") is None or shutil.which("scontrol") is None:
         return False
     try:
+        # `scontrol ping` answers at once; sinfo retries for ~10 s when no controller is up.
+        ping = subprocess.run(
+            ["scontrol", "ping"], capture_output=True, text=True, timeout=timeout, env=_slurm_env()
+        )
+        if "is UP" not in ping.stdout:
+            return False
         out = subprocess.run(
             ["sinfo", "-h", "-N", "-o", "%T"],
             capture_output=True,
@@ -164,7 +172,8 @@ class SlurmCluster:
         Environment for subprocesses (Snakemake, ``ckapipe run``): interpreter bin dir first on
         PATH, no inherited SLURM_/SBATCH_ variables.
     started_here : bool
-        Whether the fixture started the cluster (and will stop it at session end).
+        Whether the fixture started the cluster (it stops it at session end only when
+        CKAPIPE_SLURM_STOP=1).
     """
 
     profile_dir: Path
@@ -327,5 +336,5 @@ def slurm_cluster() -> Iterable[SlurmCluster]:
     yield _cluster
     if created:
         cluster, _cluster = _cluster, None
-        if cluster.started_here and os.environ.get("CKAPIPE_SLURM_KEEP") != "1":
+        if cluster.started_here and os.environ.get("CKAPIPE_SLURM_STOP") == "1":
             stop_slurm()

@@ -27,7 +27,9 @@ def runner():
 
 
 def test_extract_from_spec_files(tmp_path, runner):
-    (tmp_path / "model.json").write_text(json.dumps({"factory": "models:make_cnn", "kwargs": {"channels": 4}}))
+    (tmp_path / "model.json").write_text(
+        json.dumps({"factory": "models:make_cnn", "kwargs": {"channels": 4}})
+    )
     (tmp_path / "data.yaml").write_text("factory: models:image_dataset\nkwargs:\n  n: 24\n")
     out = tmp_path / "store"
     result = runner.invoke(
@@ -53,11 +55,25 @@ def test_extract_from_spec_files(tmp_path, runner):
         (["--layers", "0", "--batch-size", "0"], 2, "Invalid value for '--batch-size'"),
         (["--layers", "0", "--dtype", "float64"], 2, "'float64' is not one of"),
         (["--layers", "0", "--model", "{not json"], 2, "model spec is not valid JSON"),
-        (["--layers", "0", "--model", "no_such_module:f"], 1, "cannot import module 'no_such_module'"),
+        (
+            ["--layers", "0", "--model", "no_such_module:f"],
+            1,
+            "cannot import module 'no_such_module'",
+        ),
     ],
 )
-def test_extract_user_errors_have_messages_not_tracebacks(tmp_path, runner, arguments, code, message):
-    base = ["extract", "--model", "models:make_cnn", "--dataset", "models:image_dataset", "--out", str(tmp_path / "s")]
+def test_extract_user_errors_have_messages_not_tracebacks(
+    tmp_path, runner, arguments, code, message
+):
+    base = [
+        "extract",
+        "--model",
+        "models:make_cnn",
+        "--dataset",
+        "models:image_dataset",
+        "--out",
+        str(tmp_path / "s"),
+    ]
     result = runner.invoke(main, [*base, *arguments])
     assert result.exit_code == code, result.output
     assert message in result.output
@@ -72,7 +88,9 @@ def test_layers_command_table_and_json(runner):
     assert lines[0].split() == ["name", "type", "calls", "output"]
     assert lines[2].split() == ["block", "Linear", "2", "(1,", "6)"]
     assert lines[3].split() == ["unused", "Linear", "0", "(did", "not", "run)"]
-    result = runner.invoke(main, ["layers", "models:make_tiny_bert", "--dataset", "models:token_dataset", "--json"])
+    result = runner.invoke(
+        main, ["layers", "models:make_tiny_bert", "--dataset", "models:token_dataset", "--json"]
+    )
     assert result.exit_code == 0, result.output
     rows = {row["name"]: row for row in json.loads(result.output)}
     assert rows["encoder.layer.1"]["shape"] == [1, 10, 32]
@@ -89,7 +107,11 @@ def test_progress_lines_without_a_terminal():
     meter.close()
     lines = stream.getvalue().splitlines()
     assert len(lines) == 2 and "\r" not in stream.getvalue()
-    assert lines[-1].startswith("s: 50/100 samples (50%)") and "samples/s" in lines[-1] and "ETA" in lines[-1]
+    assert (
+        lines[-1].startswith("s: 50/100 samples (50%)")
+        and "samples/s" in lines[-1]
+        and "ETA" in lines[-1]
+    )
 
 
 # -- compare ------------------------------------------------------------------------------------
@@ -98,11 +120,17 @@ def _hsic1(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
     k, l = k.copy(), l.copy()  # noqa: E741
     np.fill_diagonal(k, 0.0)
     np.fill_diagonal(l, 0.0)
-    value = np.trace(k @ l) + k.sum() * l.sum() / ((n - 1) * (n - 2)) - 2.0 * (k.sum(0) @ l.sum(0)) / (n - 2)
+    value = (
+        np.trace(k @ l)
+        + k.sum() * l.sum() / ((n - 1) * (n - 2))
+        - 2.0 * (k.sum(0) @ l.sum(0)) / (n - 2)
+    )
     return value / (n * (n - 3))
 
 
-def _reference_minibatch_cka(batches_a: list[list[np.ndarray]], batches_b: list[list[np.ndarray]]) -> np.ndarray:
+def _reference_minibatch_cka(
+    batches_a: list[list[np.ndarray]], batches_b: list[list[np.ndarray]]
+) -> np.ndarray:
     la, lb = len(batches_a[0]), len(batches_b[0])
     cross, self_a, self_b = np.zeros((la, lb)), np.zeros(la), np.zeros(lb)
     for acts_a, acts_b in zip(batches_a, batches_b, strict=True):
@@ -121,7 +149,9 @@ def test_compare_matches_numpy_reference():
     data = models.image_dataset(40)
     loader = torch.utils.data.DataLoader(data, batch_size=10)  # 4 batches, tuple items
     net_a, net_b = models.make_cnn(), models.make_cnn(channels=4, seed=1)
-    result = compare(net_a, net_b, loader, layers_a=["6", "1"], layers_b=["type:Conv2d"], device="cpu")
+    result = compare(
+        net_a, net_b, loader, layers_a=["6", "1"], layers_b=["type:Conv2d"], device="cpu"
+    )
     assert result.layers_a == ["6", "1"] and result.layers_b == ["0", "2"]
     assert result.cka.shape == (2, 2) and result.n_samples == 40 and result.n_batches == 4
 
@@ -132,7 +162,9 @@ def test_compare_matches_numpy_reference():
             batches_a.append([net_a(x).double().numpy(), h1.reshape(10, -1).double().numpy()])
             c0 = net_b[0](x)
             c2 = net_b[:3](x)
-            batches_b.append([c0.reshape(10, -1).double().numpy(), c2.reshape(10, -1).double().numpy()])
+            batches_b.append(
+                [c0.reshape(10, -1).double().numpy(), c2.reshape(10, -1).double().numpy()]
+            )
     expected = _reference_minibatch_cka(batches_a, batches_b)
     np.testing.assert_allclose(result.cka, expected, rtol=1e-6, atol=1e-9)
     assert result.value("1", "2") == pytest.approx(expected[1, 1], rel=1e-6)
@@ -146,7 +178,36 @@ def test_compare_short_batches_and_bad_layers():
     data = models.vector_dataset(22)
     loader = torch.utils.data.DataLoader(data, batch_size=10)  # 10, 10, 2
     with pytest.warns(UserWarning, match=r"2 samples in batches smaller than 4"):
-        result = compare(models.make_mlp(), models.make_reordered(), loader, layers_a=["1"], layers_b=["early", "late"])
+        result = compare(
+            models.make_mlp(),
+            models.make_reordered(),
+            loader,
+            layers_a=["1"],
+            layers_b=["early", "late"],
+        )
     assert result.n_samples == 20 and result.dropped_samples == 2
-    with pytest.raises(LayerSelectionError, match=r"unknown layer 'erly'; closest valid names: \['early'\]"):
-        compare(models.make_mlp(), models.make_reordered(), loader, layers_a=["1"], layers_b=["erly"])
+    with pytest.raises(
+        LayerSelectionError, match=r"unknown layer 'erly'; closest valid names: \['early'\]"
+    ):
+        compare(
+            models.make_mlp(), models.make_reordered(), loader, layers_a=["1"], layers_b=["erly"]
+        )
+
+
+def test_compare_dict_batches_with_masked_mean():
+    net = models.make_tiny_bert()
+    data = models.token_dataset(24)
+    loader = torch.utils.data.DataLoader(data, batch_size=8)
+    layers = ["encoder.layer.0", "encoder"]
+    result = compare(net, None, loader, layers_a=layers, reduce="masked_mean", device="cpu")
+    batches = []
+    with torch.no_grad():
+        for batch in loader:
+            hidden = net(**batch, output_hidden_states=True).hidden_states
+            weights = batch["attention_mask"].double().numpy()[:, :, None]
+            batches.append(
+                [(h.double().numpy() * weights).sum(1) / weights.sum(1) for h in hidden[1:]]
+            )
+    expected = _reference_minibatch_cka(batches, batches)
+    np.testing.assert_allclose(result.cka, expected, rtol=1e-5, atol=1e-8)
+    assert result.layers_a == layers and result.n_batches == 3

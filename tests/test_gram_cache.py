@@ -7,10 +7,12 @@ use ckapipe's estimator module.
 
 from __future__ import annotations
 
-import ckapipe.store as store_module
 import numpy as np
 import pytest
 import zarr
+from click.testing import CliRunner
+
+import ckapipe.store as store_module
 from ckapipe.analyze.gram_cache import (
     GramCache,
     GramCacheError,
@@ -21,7 +23,6 @@ from ckapipe.analyze.gram_cache import (
 )
 from ckapipe.cli import main
 from ckapipe.store import ActivationStore, IncompleteStoreError, LayerRecord
-from click.testing import CliRunner
 
 N = 203  # not a multiple of the batch size
 M = 24
@@ -136,6 +137,25 @@ def test_minibatch_grams_equal_numpy_reference(tmp_path, dtype):
             reference = u_centered(linear_gram(values[name][rows[number]]))
             assert_close(grams[i].numpy(), reference, f"{dtype} layer {name} batch {number}")
     assert seen == list(range(2 * per_epoch))
+
+
+def test_float32_products_stay_within_float32_accuracy(tmp_path):
+    # float32 data: (bfloat16 data is short enough that float32 products are nearly exact)
+    store = make_store(tmp_path / "store", dtype="float32")
+    cache = build_gram_cache(
+        store, tmp_path / "grams", batch_size=M, epochs=2, precision="float32", device="cpu"
+    )
+    assert cache.attrs["precision"] == "float32"
+    rows = expected_batch_rows(N, M, 2, cache.partition["epoch_seeds"])
+    values = stored(store, "wide")
+    worst = 0.0
+    for number, grams in cache.iter_batches(layers=["wide"]):
+        reference = u_centered(linear_gram(values[rows[number]]))
+        worst = max(worst, np.abs(grams[0].numpy() - reference).max() / np.abs(reference).max())
+    # float32 products of 300 shifted features: float32 rounding, not float64's, and small
+    assert 1e-10 < worst < 1e-5
+    with pytest.raises(GramCacheError, match="full mode is the exact estimator"):
+        build_gram_cache(store, tmp_path / "full", mode="full", precision="float32")
 
 
 def test_rbf_minibatch_grams_use_the_batch_median(tmp_path):

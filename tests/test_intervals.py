@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+
 from ckapipe.analyze.intervals import (
     bootstrap_cka,
     bootstrap_counts,

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import ckapipe.store as store_module
 import numpy as np
 import pytest
 import torch
 import zarr
+
+import ckapipe.store as store_module
 from ckapipe.analyze.loader import (
     BlockRequest,
     column_ranges,

@@ -69,15 +69,16 @@ def test_profile_is_valid_yaml_with_a_comment_on_every_entry():
     assert config_file.is_file(), f"profile missing at {config_file} (package data not installed?)"
     profile = yaml.safe_load(config_file.read_text())
     assert profile["executor"] == "slurm"
+    assert profile["set-resources"] == {"extract": {"gpu": 1}, "gram": {"gpu": 1}}
     # GPU needs belong in rule resources (gpu=1); the plugin rejects --gres/--gpus in slurm_extra.
     active = [
         line for line in config_file.read_text().splitlines() if not line.lstrip().startswith("#")
     ]
     assert not any("--gres" in line or "--gpus" in line for line in active), active
-    # Every active entry is directly preceded by a comment line saying why it is there.
+    # Every top-level entry is directly preceded by a comment line saying why it is there.
     lines = config_file.read_text().splitlines()
     for i, line in enumerate(lines):
-        if re.match(r"^\s*[A-Za-z_-]+:", line) and not line.lstrip().startswith("#"):
+        if re.match(r"^[A-Za-z_-]+:", line):
             previous = lines[i - 1].strip() if i else ""
             key = line.split(":")[0].strip()
             assert previous.startswith("#"), f"profile entry {key!r} has no comment above it"
@@ -113,6 +114,33 @@ def test_dry_run_maps_rule_resources_and_profile_defaults(tmp_path):
     assert "dry-run" in log
 
 
+def test_dry_run_of_the_ckapipe_workflow_asks_gpus_for_extract_and_gram_only(tmp_path):
+    """With the shipped profile, the packaged study workflow (demo config) plans gpu=1 for
+    every extract and gram job and for nothing else."""
+    import importlib.util
+
+    snakefile = Path(importlib.util.find_spec("ckapipe.workflow").origin).parent / "Snakefile"
+    out = subprocess.run(
+        [sys.executable, "-m", "snakemake", "-s", str(snakefile)]
+        + ["--profile", str(PROFILE_DIR), "--directory", str(tmp_path), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    log = out.stdout + out.stderr
+    assert out.returncode == 0, log[-4000:]
+    jobs = re.findall(r"^(?:local)?rule (\w+):\n(.*?)\n(?=\S)", log, re.M | re.S)
+    planned = {rule for rule, _ in jobs}
+    assert {"extract", "gram"} <= planned, sorted(planned)
+    for rule, block in jobs:
+        resources = re.search(r"resources: (.*)", block)
+        items = resources.group(1).split(", ") if resources else []
+        if rule in ("extract", "gram"):
+            assert "gpu=1" in items, (rule, items)
+        else:
+            assert not any(item.startswith("gpu=") for item in items), (rule, items)
+
+
 # ---------------------------------------------------------------------------- real SLURM
 
 
@@ -122,7 +150,7 @@ def test_two_rule_workflow_runs_through_slurm(slurm_cluster: SlurmCluster, tmp_p
     """Two jobs go through sbatch with the shipped profile and finish; SLURM saw both."""
     workdir = _write(tmp_path, TWO_RULE_SNAKEFILE)
     cmd = [sys.executable, "-m", "snakemake", *slurm_cluster.snakemake_args(), "--verbose"]
-    result = slurm_cluster.run(cmd, cwd=workdir, timeout=150)
+    result = slurm_cluster.run(cmd, cwd=workdir, timeout=240)
     assert not result.timed_out, result.output[-4000:]
     assert result.returncode == 0, result.output[-4000:]
 
@@ -174,7 +202,7 @@ def test_gpu_resource_reaches_sbatch_as_gpus(slurm_cluster: SlurmCluster, tmp_pa
     rejects; `cpu_only_rules` turns the request off so the same workflow runs."""
     workdir = _write(tmp_path, GPU_SNAKEFILE)
     cmd = [sys.executable, "-m", "snakemake", *slurm_cluster.snakemake_args()]
-    rejected = slurm_cluster.run(cmd, cwd=workdir, timeout=90)
+    rejected = slurm_cluster.run(cmd, cwd=workdir, timeout=120)
     assert rejected.returncode != 0 and not rejected.timed_out, rejected.output[-4000:]
     call = re.search(r"^\s*sbatch .*--comment rule_embed.*$", rejected.output, re.M)
     assert call, rejected.output[-4000:]
@@ -184,7 +212,7 @@ def test_gpu_resource_reaches_sbatch_as_gpus(slurm_cluster: SlurmCluster, tmp_pa
     # Only the GPU rule's job, to keep the test short.
     args = slurm_cluster.snakemake_args(cpu_only_rules=["embed"])
     cmd = [sys.executable, "-m", "snakemake", *args, "embed.txt"]
-    accepted = slurm_cluster.run(cmd, cwd=workdir, timeout=120)
+    accepted = slurm_cluster.run(cmd, cwd=workdir, timeout=180)
     assert accepted.returncode == 0, accepted.output[-4000:]
     assert (workdir / "embed.txt").read_text().strip() == "gpu job"
     assert len(accepted.job_ids) == 1

@@ -12,12 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import zarr
+from click.testing import CliRunner
+
 from ckapipe.analyze.cli_study import analyze
 from ckapipe.analyze.estimators import DegenerateLayerWarning
 from ckapipe.analyze.gram_cache import build_gram_cache
 from ckapipe.analyze.study import StudyError, analyze_study, csv_path_for, load_result
 from ckapipe.store import ActivationStore, LayerRecord
-from click.testing import CliRunner
 
 N = 60  # samples
 M = 12  # minibatch size: 5 batches
@@ -188,6 +189,18 @@ def study_dir(tmp_path_factory):
     caches["a-m10"] = build_gram_cache(
         stores["a"], root / "a-m10.grams", batch_size=10, device="cpu"
     )
+    for name in ("a", "b"):
+        caches[f"{name}-rbfm"] = build_gram_cache(
+            stores[name],
+            root / f"{name}-rbfm.grams",
+            batch_size=M,
+            kernel="rbf",
+            threshold=1.3,
+            device="cpu",
+        )
+        caches[f"{name}-e2"] = build_gram_cache(
+            stores[name], root / f"{name}-e2.grams", batch_size=M, epochs=2, seed=4, device="cpu"
+        )
     acts = {name: stored(path) for name, path in stores.items()}
     order = {name: layer_order(path) for name, path in stores.items()}
     return {"root": root, "stores": stores, "caches": caches, "acts": acts, "order": order}
@@ -242,6 +255,59 @@ def test_minibatch_study_matches_per_batch_reference_with_bootstrap(study_dir, t
     np.testing.assert_allclose(np.diagonal(self_pair.cka), 1.0, rtol=1e-12)
     # (b, a) is served transposed
     np.testing.assert_array_equal(study.pair("b", "a").cka, study.pairs[("a", "b")].cka.T)
+
+
+def test_minibatch_rbf_matches_per_batch_reference(study_dir, tmp_path):
+    study = analyze_study(
+        [cache_path(study_dir, "a-rbfm"), cache_path(study_dir, "b-rbfm")],
+        tmp_path / "rbfm.zarr",
+        names=["a", "b"],
+        pairs="a:b",
+        n_bootstrap=0,
+        device="cpu",
+    )
+    xa, xb = layers_of(study_dir, "a"), layers_of(study_dir, "b")
+    hsic = np.zeros((N // M, len(xa), len(xb)))
+    self_a, self_b = np.zeros((N // M, len(xa))), np.zeros((N // M, len(xb)))
+    for k in range(N // M):
+        rows = slice(k * M, (k + 1) * M)
+        ka = [reference_rbf(x[rows], 1.3) for x in xa]  # bandwidth per batch
+        kb = [reference_rbf(y[rows], 1.3) for y in xb]
+        for i, gi in enumerate(ka):
+            self_a[k, i] = reference_hsic1(gi, gi)
+            for j, gj in enumerate(kb):
+                hsic[k, i, j] = reference_hsic1(gi, gj)
+        for j, gj in enumerate(kb):
+            self_b[k, j] = reference_hsic1(gj, gj)
+    expected = hsic.sum(0) / np.sqrt(np.outer(self_a.sum(0), self_b.sum(0)))
+    np.testing.assert_allclose(study.pair("a", "b").cka, expected, rtol=1e-9)
+    assert study.provenance["kernel"] == "rbf" and study.provenance["threshold"] == 1.3
+    assert "bandwidth_rule" in study.provenance
+
+
+def test_two_epochs_use_the_recorded_permutation_and_warn_about_intervals(study_dir, tmp_path):
+    study = analyze_study(
+        [cache_path(study_dir, "a-e2"), cache_path(study_dir, "b-e2")],
+        tmp_path / "e2.zarr",
+        names=["a", "b"],
+        pairs="a:b",
+        n_bootstrap=20,
+        device="cpu",
+    )
+    # documented partition: epoch 1 orders the rows by default_rng(epoch_seeds[1]).permutation(n)
+    seeds = zarr.open_group(str(cache_path(study_dir, "a-e2")), mode="r").attrs["epoch_seeds"]
+    order = np.random.default_rng(seeds[1]).permutation(N)
+    xa, xb = layers_of(study_dir, "a"), layers_of(study_dir, "b")
+    first = reference_minibatch(xa, xb, M)
+    second = reference_minibatch([x[order] for x in xa], [y[order] for y in xb], M)
+    hsic = np.concatenate([first[1], second[1]])
+    self_a = np.concatenate([first[2], second[2]])
+    self_b = np.concatenate([first[3], second[3]])
+    pair = study.pair("a", "b")
+    np.testing.assert_allclose(pair.hsic_per_batch, hsic, rtol=1e-9, atol=1e-12)
+    expected = hsic.sum(0) / np.sqrt(np.outer(self_a.sum(0), self_b.sum(0)))
+    np.testing.assert_allclose(pair.cka, expected, rtol=1e-9)
+    assert any("2 epochs" in d and "too narrow" in d for d in pair.diagnostics)
 
 
 def test_one_batch_of_all_samples_equals_exact_hsic1_cka(study_dir, tmp_path):
@@ -367,26 +433,38 @@ def test_full_mode_matches_exact_reference(study_dir, tmp_path, estimator, hsic)
         grams_b = [y @ y.T for y in layers_of(study_dir, b)]
         pair = study.pair(a, b)
         np.testing.assert_allclose(pair.cka, reference_full(grams_a, grams_b, hsic), rtol=1e-9)
+        exact = np.array([[hsic(k, l) for l in grams_b] for k in grams_a])  # noqa: E741
+        np.testing.assert_allclose(pair.hsic_per_batch, exact[None], rtol=1e-9)
+        np.testing.assert_allclose(
+            pair.self_a_per_batch[0], [hsic(k, k) for k in grams_a], rtol=1e-9
+        )
         assert np.isnan(pair.ci_low).all()
         assert any("full mode" in d for d in pair.diagnostics)
     assert study.provenance["estimator"] == estimator and study.provenance["kernel"] == "linear"
 
 
-def test_full_mode_rbf_matches_reference_and_records_bandwidth(study_dir, tmp_path):
+@pytest.mark.parametrize(
+    ("estimator", "hsic"), [("debiased", reference_hsic1), ("biased", reference_hsic0)]
+)
+def test_full_mode_rbf_matches_reference_and_records_bandwidth(
+    study_dir, tmp_path, estimator, hsic
+):
     study = analyze_study(
         [cache_path(study_dir, "a-rbf"), cache_path(study_dir, "b-rbf")],
         tmp_path / "rbf.zarr",
         names=["a", "b"],
-        estimator="debiased",
+        estimator=estimator,
         pairs="a:b",
         device="cpu",
     )
     assert study.provenance["kernel"] == "rbf" and study.provenance["threshold"] == 0.8
+    # RBF Grams are not centered (unlike the cached linear ones): this exercises the centering
     grams_a = [reference_rbf(x, 0.8) for x in layers_of(study_dir, "a")]
     grams_b = [reference_rbf(y, 0.8) for y in layers_of(study_dir, "b")]
-    np.testing.assert_allclose(
-        study.pair("a", "b").cka, reference_full(grams_a, grams_b, reference_hsic1), rtol=1e-9
-    )
+    pair = study.pair("a", "b")
+    np.testing.assert_allclose(pair.cka, reference_full(grams_a, grams_b, hsic), rtol=1e-9)
+    exact = np.array([[hsic(k, l) for l in grams_b] for k in grams_a])  # noqa: E741
+    np.testing.assert_allclose(pair.hsic_per_batch[0], exact, rtol=1e-9)
     sigma2 = study.provenance["models"]["a"]["rbf_sigma2"]
     for name, x in zip(study_dir["order"]["a"], layers_of(study_dir, "a"), strict=True):
         sq = ((x[:, None] - x[None]) ** 2).sum(-1)
@@ -429,6 +507,10 @@ def test_other_mismatches_are_refused(study_dir, tmp_path):
         analyze_study(
             [cache_path(study_dir, "b"), cache_path(study_dir, "a-full")], tmp_path / "2.zarr"
         )
+    with pytest.raises(StudyError, match=r"model 'b-rbf': kernel 'rbf' \(threshold 0.8\) differs"):
+        analyze_study(
+            [cache_path(study_dir, "a-full"), cache_path(study_dir, "b-rbf")], tmp_path / "0.zarr"
+        )
     with pytest.raises(StudyError, match="needs full-mode Gram caches"):
         analyze_study([cache_path(study_dir, "a")], tmp_path / "3.zarr", estimator="debiased")
     with pytest.raises(StudyError, match="permutation p-values need minibatch"):
@@ -459,6 +541,19 @@ def test_other_mismatches_are_refused(study_dir, tmp_path):
             pairs="a:b,b:a",
         )
     assert not any(tmp_path.iterdir())
+
+
+def test_pairs_all_without_self_comparisons(study_dir, tmp_path):
+    caches = [cache_path(study_dir, n) for n in ("a", "b", "c")]
+    study = analyze_study(caches, tmp_path / "x.zarr", include_self=False, n_bootstrap=0)
+    assert list(study.pairs) == [("a", "b"), ("a", "c"), ("b", "c")]
+    assert load_result(tmp_path / "x.zarr").provenance["pairs"] == [
+        ["a", "b"],
+        ["a", "c"],
+        ["b", "c"],
+    ]
+    with pytest.raises(StudyError, match="no pairs to compare"):
+        analyze_study(caches[:1], tmp_path / "y.zarr", include_self=False)
 
 
 def test_existing_output_is_refused_unless_overwrite(study_dir, tmp_path):
@@ -606,6 +701,8 @@ def test_cli_analyze_writes_result_and_prints_summary(study_dir, tmp_path):
     assert str(csv_path_for(out)) in result.output
     loaded = load_result(out)
     assert list(loaded.pairs) == [("first", "second"), ("second", "second")]
+    with csv_path_for(out).open() as handle:
+        assert {row["p_value"] for row in csv.DictReader(handle)} == {""}  # none computed
     cka = reference_minibatch(layers_of(study_dir, "a"), layers_of(study_dir, "c"), M)[0]
     np.testing.assert_allclose(loaded.pair("first", "second").cka, cka, rtol=1e-9)
 

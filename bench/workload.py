@@ -1,0 +1,189 @@
+"""The benchmark workload: small models and synthetic data, built locally (nothing downloaded).
+
+Every tool in ``bench/run.py`` sees exactly these models and inputs:
+
+- :func:`make_cnn` — a small convolutional net (3×32×32 input), one per seed. Its four studied
+  layers are post-ReLU block outputs of 2048, 1024, 512 and 128 features per sample, the
+  shape of layers people compare in practice (spatial maps, then a dense head).
+- :func:`make_images` — n synthetic 3×32×32 images: smooth random fields plus a few
+  oriented-stripe patterns, so that layers respond with structured, correlated features
+  (white noise would make every CKA value near 0 and hide estimator errors).
+- :func:`offset_features` — post-ReLU-like float32 features whose mean is ~100× their spread,
+  the case where uncentered float32 Gram products cancel catastrophically.
+- :class:`FeatureTable` — a model whose "layers" return fixed feature matrices looked up by
+  sample index, so hook-based tools can be run on exactly the features of the accuracy test.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "CNN_LAYERS",
+    "FeatureTable",
+    "ImageDataset",
+    "IndexDataset",
+    "make_cnn",
+    "make_images",
+    "offset_features",
+]
+
+# the layers every tool compares, in order; output features per sample in the comment
+CNN_LAYERS = [
+    "block1",  # 8 × 16 × 16 = 2048 (block outputs: after ReLU and pooling)
+    "block2",  # 16 × 8 × 8 = 1024
+    "block3",  # 32 × 4 × 4 = 512
+    "head.relu",  # 128
+]
+
+
+class _ConvBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int):
+        super().__init__()
+        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)
+        self.norm = nn.BatchNorm2d(c_out)
+        self.relu = nn.ReLU()
+        self.pool = nn.MaxPool2d(2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.relu(self.norm(self.conv(x))))
+
+
+class _Head(nn.Module):
+    def __init__(self, p_in: int, width: int, n_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(p_in, width)
+        self.relu = nn.ReLU()
+        self.out = nn.Linear(width, n_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.relu(self.fc(x.flatten(1))))
+
+
+class SmallCNN(nn.Module):
+    """3×32×32 → three conv blocks (8, 16, 32 channels; each halves the size) → dense head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.block1 = _ConvBlock(3, 8)
+        self.block2 = _ConvBlock(8, 16)
+        self.block3 = _ConvBlock(16, 32)
+        self.head = _Head(32 * 4 * 4, 128, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.block3(self.block2(self.block1(x))))
+
+
+def make_cnn(seed: int) -> SmallCNN:
+    """A :class:`SmallCNN` initialised from ``seed``, in eval mode, with non-trivial BN statistics.
+
+    The BatchNorm running statistics are set from the seed as well (as a trained net's would be
+    non-default), so two seeds differ in every layer.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    net = SmallCNN()
+    with torch.no_grad():
+        for module in net.modules():
+            if isinstance(module, nn.BatchNorm2d):
+                c = module.num_features
+                module.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
+                module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
+    return net.eval()
+
+
+def make_images(n: int, seed: int = 0) -> torch.Tensor:
+    """``n`` synthetic images, float32 tensor (n, 3, 32, 32), deterministic in ``seed``.
+
+    Each image is a low-frequency random field (bilinear upsampling of 4×4 noise) plus one of 8
+    oriented stripe patterns with a random phase, plus a little pixel noise.
+    """
+    rng = np.random.default_rng(seed)
+    coarse = torch.from_numpy(rng.normal(size=(n, 3, 4, 4)).astype(np.float32))
+    fields = nn.functional.interpolate(coarse, size=(32, 32), mode="bilinear", align_corners=False)
+    yy, xx = np.meshgrid(np.arange(32), np.arange(32), indexing="ij")
+    angles = rng.integers(0, 8, size=n) * (np.pi / 8)
+    phases = rng.uniform(0, 2 * np.pi, size=n)
+    stripes = np.sin(
+        0.6 * (np.cos(angles)[:, None, None] * xx + np.sin(angles)[:, None, None] * yy)
+        + phases[:, None, None]
+    ).astype(np.float32)
+    noise = rng.normal(scale=0.1, size=(n, 3, 32, 32)).astype(np.float32)
+    return fields + torch.from_numpy(stripes)[:, None] + torch.from_numpy(noise)
+
+
+class ImageDataset(torch.utils.data.Dataset):
+    """Map-style dataset over an image tensor; item ``i`` is the tensor ``images[i]`` (3, 32, 32)."""
+
+    def __init__(self, images: torch.Tensor):
+        self.images = images
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.images[index]
+
+
+def offset_features(
+    n: int, p: int, *, seed: int, offset_ratio: float = 100.0, shared: np.ndarray | None = None
+) -> np.ndarray:
+    """Post-ReLU-like float32 features (n, p) whose mean is ``offset_ratio`` × their spread.
+
+    ``relu(z) + offset`` with z a mix of a shared latent (n, k) (so two calls with the same
+    ``shared`` give related layers) and independent noise. With offset ≫ spread, uncentered
+    Gram entries are ~p·offset² while the signal is ~p·spread²: HSIC's terms cancel.
+    """
+    rng = np.random.default_rng(seed)
+    if shared is None:
+        shared = np.zeros((n, 1))
+    mixing = rng.normal(size=(shared.shape[1], p)) / np.sqrt(shared.shape[1])
+    z = shared @ mixing + rng.normal(size=(n, p))
+    relu = np.maximum(z, 0.0)
+    # relu(standard normal-ish) has spread ~0.6–1; scale the offset to the measured spread
+    offset = offset_ratio * float(relu.std())
+    return (relu + offset).astype(np.float32)
+
+
+class IndexDataset(torch.utils.data.Dataset):
+    """Item ``i`` is the int64 scalar tensor ``i`` (the input of a :class:`FeatureTable`)."""
+
+    def __init__(self, n: int):
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return torch.tensor(index, dtype=torch.int64)
+
+
+class _Lookup(nn.Module):
+    def __init__(self, table: torch.Tensor):
+        super().__init__()
+        self.register_buffer("table", table)
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.table[index]
+
+
+class FeatureTable(nn.Module):
+    """A "model" whose layer ``layerK`` outputs row ``index`` of the K-th fixed feature matrix.
+
+    Lets hook-based tools (and ckapipe's extraction) see exactly the given float32 features:
+    input an int64 index batch (B,), layer outputs (B, p_K).
+    """
+
+    def __init__(self, tables: list[np.ndarray]):
+        super().__init__()
+        self.layers = nn.ModuleList(_Lookup(torch.from_numpy(t)) for t in tables)
+
+    @property
+    def layer_names(self) -> list[str]:
+        return [f"layers.{k}" for k in range(len(self.layers))]
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        outputs = [layer(index) for layer in self.layers]
+        return outputs[-1]

@@ -1,0 +1,218 @@
+"""The study report: one self-contained HTML page (figures embedded as base64 PNG).
+
+It shows, per dataset, the study grid, every pair's heatmap and the layer-correspondence curves
+with their confidence intervals (the PNGs `ckapipe plot` wrote), a table of corresponding-layer
+CKA with intervals for same-architecture pairs, the models' accuracies (demo-trained models), and
+the provenance: resolved config, cache keys, store identities and library versions.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as _dt
+import html
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+__all__ = ["diagonal_dominance", "write_report"]
+
+_STYLE = """
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
+h1, h2, h3 { font-weight: 600; } table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size: 0.9em; }
+th { background: #f3f3f3; } img { max-width: 100%; border: 1px solid #eee; margin: 4px 0; }
+pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 0.8em; }
+.ok { color: #176a1c; } .bad { color: #a31515; } figure { margin: 0 0 1em; }
+figcaption { font-size: 0.85em; color: #555; }
+"""
+
+
+def diagonal_dominance(cka: np.ndarray) -> bool:
+    """Whether every diagonal entry of a square CKA matrix is the largest of its row and column.
+
+    Parameters
+    ----------
+    cka:
+        (L, L) matrix, layer i of one model against layer j of a same-architecture model.
+    """
+    cka = np.asarray(cka, dtype=np.float64)
+    if cka.ndim != 2 or cka.shape[0] != cka.shape[1] or not np.isfinite(cka).all():
+        return False
+    diagonal = np.diag(cka)
+    return bool((diagonal >= cka.max(axis=0)).all() and (diagonal >= cka.max(axis=1)).all())
+
+
+def _png(path: Path) -> str:
+    data = base64.b64encode(path.read_bytes()).decode()
+    return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
+
+
+def _table(header: list[str], rows: list[list[Any]]) -> str:
+    head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
+    body = "".join(
+        "<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows
+    )
+    return f"<table><tr>{head}</tr>{body}</table>"
+
+
+def _models_section(plan: Mapping[str, Any]) -> str:
+    rows = []
+    for name, model in plan["models"].items():
+        config = plan["config"]["models"][name]
+        spec = model["spec"]
+        identity = model["weights_identity"]
+        if "sha256" in identity:
+            weights = f"{html.escape(spec['weights'])}<br>sha256 {identity['sha256'][:16]}…"
+        elif "trained" in identity:
+            weights = f"trained by the demo (seed {config['train']['seed']})"
+        else:
+            weights = "none (as constructed)"
+        accuracy = "–"
+        if model.get("metrics") and Path(model["metrics"]).is_file():
+            metrics = json.loads(Path(model["metrics"]).read_text())
+            accuracy = (
+                f"{metrics['probe_accuracy']:.1%} on {metrics['n_probe']} held-out images "
+                f"(chance {metrics['chance_accuracy']:.1%}; train {metrics['train_accuracy']:.1%})"
+            )
+        rows.append(
+            [
+                f"<b>{html.escape(name)}</b>",
+                html.escape(spec["factory"]),
+                html.escape(json.dumps(spec.get("kwargs", {}))),
+                html.escape(", ".join(config["layers"])),
+                html.escape(config.get("reduction", "flatten")),
+                weights,
+                accuracy,
+            ]
+        )
+    return "<h2>Models</h2>" + _table(
+        ["model", "factory", "kwargs", "layers", "reduction", "weights", "accuracy"], rows
+    )
+
+
+def _same_architecture(plan: Mapping[str, Any], a: str, b: str) -> bool:
+    spec_a, spec_b = plan["models"][a]["spec"], plan["models"][b]["spec"]
+    layers_a = plan["config"]["models"][a]["layers"]
+    layers_b = plan["config"]["models"][b]["layers"]
+    return (
+        a != b
+        and spec_a["factory"] == spec_b["factory"]
+        and spec_a.get("kwargs", {}) == spec_b.get("kwargs", {})
+        and layers_a == layers_b
+    )
+
+
+def _dataset_section(plan: Mapping[str, Any], name: str, dataset: Mapping[str, Any]) -> str:
+    from ckapipe.analyze.study import load_result
+
+    result = load_result(dataset["result"])
+    parts = [f"<h2>Dataset {html.escape(name)}</h2>"]
+    parts.append(
+        f"<p>Spec: <code>{html.escape(json.dumps(dataset['spec']))}</code>; "
+        f"{len(result.models)} models, {len(result.pairs)} pairs. "
+        f"Table of every layer pair: <code>{html.escape(dataset['table'])}</code>.</p>"
+    )
+    rows = []
+    for (a, b), pair in sorted(result.pairs.items()):
+        if not _same_architecture(plan, a, b):
+            continue
+        diagonal = np.diag(pair.cka)
+        cells = ", ".join(
+            f"{layer}: {value:.3f} [{low:.3f}, {high:.3f}]"
+            for layer, value, low, high in zip(
+                pair.layers_a, diagonal, np.diag(pair.ci_low), np.diag(pair.ci_high), strict=True
+            )
+        )
+        dominant = diagonal_dominance(pair.cka)
+        verdict = (
+            '<span class="ok">yes</span>' if dominant else '<span class="bad">no</span>'
+        )
+        rows.append([html.escape(f"{a} vs {b}"), cells, verdict])
+    if rows:
+        parts.append(
+            "<h3>Same architecture, different seeds</h3><p>CKA of corresponding layers with "
+            f"{result.provenance.get('ci_level', '')} confidence intervals; the known structure is "
+            "that each layer is most similar to the corresponding layer of the other seed "
+            "(the diagonal dominates its row and column).</p>"
+        )
+        parts.append(
+            _table(["pair", "corresponding layers: CKA [CI]", "diagonal dominates"], rows)
+        )
+    plots = Path(dataset["plots"])
+    figures = sorted(plots.glob("*.png"))
+    order = ("study_grid", "correspondence", "heatmap")
+    for prefix in order:
+        selected = [path for path in figures if path.stem.startswith(prefix)]
+        if not selected:
+            continue
+        title = {
+            "study_grid": "Study grid",
+            "correspondence": "Layer correspondence (with confidence intervals)",
+            "heatmap": "Per-pair heatmaps",
+        }[prefix]
+        parts.append(f"<h3>{title}</h3>")
+        for path in selected:
+            parts.append(
+                f"<figure>{_png(path)}<figcaption>{html.escape(path.name)}</figcaption></figure>"
+            )
+    others = [path for path in figures if not path.stem.startswith(order)]
+    for path in others:
+        parts.append(f"<figure>{_png(path)}<figcaption>{html.escape(path.name)}</figcaption></figure>")
+    caches = [
+        [
+            html.escape(model),
+            html.escape(paths["store"]),
+            html.escape(paths["gram"]),
+        ]
+        for model, paths in dataset["caches"].items()
+    ]
+    parts.append("<h3>Caches used (content-keyed, shared by studies)</h3>")
+    parts.append(_table(["model", "activation store", "Gram cache"], caches))
+    versions = result.provenance.get("versions")
+    if versions:
+        parts.append(f"<p>Versions: <code>{html.escape(json.dumps(versions))}</code></p>")
+    return "\n".join(parts)
+
+
+def write_report(plan: Mapping[str, Any], out: str | Path) -> Path:
+    """Write the study report.
+
+    Parameters
+    ----------
+    plan:
+        What the workflow knows about the study (``report_plan()`` in ``rules/common.smk``):
+        ``study``, resolved ``config``, ``models`` (spec, weights identity, metrics path) and
+        ``datasets`` (spec, result, table and plots paths, caches).
+    out:
+        The HTML file to write.
+    """
+    import ckapipe
+
+    sections = [
+        f"<h1>CKA study “{html.escape(plan['study'])}”</h1>",
+        f"<p>Generated {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} by ckapipe "
+        f"{ckapipe.__version__}. Estimator: {html.escape(plan['config']['analysis']['estimator'])}, "
+        f"kernel {html.escape(plan['config']['analysis']['kernel'])}, mode "
+        f"{html.escape(plan['config']['analysis']['mode'])}, batch size "
+        f"{plan['config']['analysis']['batch_size']}, epochs {plan['config']['analysis']['epochs']}."
+        "</p>",
+        _models_section(plan),
+    ]
+    for name, dataset in plan["datasets"].items():
+        sections.append(_dataset_section(plan, name, dataset))
+    sections.append("<h2>Provenance: the resolved study config</h2>")
+    sections.append(f"<pre>{html.escape(yaml.safe_dump(dict(plan['config']), sort_keys=False))}</pre>")
+    page = (
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        f"<title>ckapipe study {html.escape(plan['study'])}</title><style>{_STYLE}</style></head>"
+        f"<body>{''.join(sections)}</body></html>"
+    )
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(page)
+    return out

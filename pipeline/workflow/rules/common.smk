@@ -1,0 +1,319 @@
+# Helpers of the ckapipe workflow: config loading and validation, the content-keyed plan of
+# stores and Gram caches, and the input/params functions the rules call. No rules here.
+
+import json
+import re
+import shlex
+from pathlib import Path
+
+import yaml
+from snakemake.utils import validate
+
+from ckapipe.workflow.config_check import check_config
+from ckapipe.workflow.keys import FileHasher, content_key, gram_key, store_key
+
+WORKFLOW_DIR = Path(workflow.current_basedir).parent
+CONDA_ENV = str(WORKFLOW_DIR / "environment.yaml")
+
+
+def _merge(base, override):
+    """Recursive dict merge: ``override`` wins; lists and scalars are replaced, not merged."""
+    merged = dict(base)
+    for name, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(name), dict):
+            merged[name] = _merge(merged[name], value)
+        else:
+            merged[name] = value
+    return merged
+
+
+# Without --configfile (e.g. `snakemake --cores all` at the repository root) the study is the demo.
+# A user config *replaces* the demo (no `configfile:` directive: Snakemake would merge the demo's
+# models into every study); `--config key=value` alone still tweaks the demo.
+if "models" not in config:
+    _demo = yaml.safe_load((WORKFLOW_DIR / "config.yaml").read_text())
+    _overrides = dict(config)
+    config.clear()
+    config.update(_merge(_demo, _overrides))
+
+check_config(config)  # every invalid field, by name
+validate(config, schema="../schemas/config.schema.yaml")  # fills in the defaults
+
+STUDY = config["study"]
+RESULTS = f"results/{STUDY}"
+CACHE = config["storage"]["cache_root"].rstrip("/")
+ANALYSIS = config["analysis"]
+STORAGE = config["storage"]
+EXTRACTION = config["extraction"]
+HASHER = FileHasher(f"{CACHE}/sha256-index.json")
+
+KEY_PATTERN = "[0-9a-f]{16}"
+DATASET_PATTERN = "|".join(re.escape(name) for name in config["datasets"])
+
+# -- demo dataset and demo-trained models --------------------------------------------------------
+DEMO_DATA_KEY = content_key({"kind": "demo-data", **config["demo"]})
+DEMO_DATA_DIR = f"{CACHE}/demo/data/{DEMO_DATA_KEY}"
+DEMO_SPLIT_FILES = {
+    split: {kind: f"{DEMO_DATA_DIR}/{split}_{kind}.npy" for kind in ("images", "labels")}
+    for split in ("train", "probe")
+}
+
+
+def _train_recipe(model):
+    return {
+        "factory": model["spec"]["factory"],
+        "kwargs": model["spec"].get("kwargs", {}),
+        "train": model["train"],
+        "data": DEMO_DATA_KEY,
+    }
+
+
+TRAINED = {}  # train key -> recipe (one training job per distinct recipe)
+for _model in config["models"].values():
+    if "train" in _model:
+        TRAINED[content_key({"kind": "demo-training", **_train_recipe(_model)})] = _train_recipe(_model)
+
+
+def trained_dir(model):
+    return f"{CACHE}/demo/models/{content_key({'kind': 'demo-training', **_train_recipe(model)})}"
+
+
+# -- models and datasets: resolved specs and content identities ---------------------------------
+def _resolve_model(model):
+    spec = dict(model["spec"])
+    if "train" in model:
+        spec["weights"] = f"{trained_dir(model)}/weights.pt"
+        identity = {"trained": _train_recipe(model)}
+        metrics = f"{trained_dir(model)}/metrics.json"
+    elif "weights" in spec:
+        identity = {"sha256": HASHER.sha256(spec["weights"])}
+        metrics = None
+    else:
+        identity = {"weights": None}
+        metrics = None
+    return {"spec": spec, "weights_identity": identity, "metrics": metrics}
+
+
+def _resolve_dataset(dataset):
+    files = list(dataset.get("files", []))
+    if "demo" in dataset:
+        split = DEMO_SPLIT_FILES[dataset["demo"]]
+        spec = {"array": split["images"]}
+        identity = {"demo": dataset["demo"], "data": DEMO_DATA_KEY}
+        inputs = [split["images"]]
+    else:
+        spec = dict(dataset["spec"])
+        identity = {name: value for name, value in spec.items() if name != "array"}
+        inputs = []
+        if "array" in spec:
+            # the file's content identifies the data, not its path
+            identity["array_sha256"] = HASHER.sha256(spec["array"])
+            inputs.append(spec["array"])
+    identity["files"] = {path: HASHER.sha256(path) for path in files}
+    identity["limit"] = dataset.get("limit")
+    return {"spec": spec, "identity": identity, "inputs": inputs + files, "limit": dataset.get("limit")}
+
+
+MODELS = {name: _resolve_model(model) for name, model in config["models"].items()}
+DATASETS = {name: _resolve_dataset(dataset) for name, dataset in config["datasets"].items()}
+HASHER.save()
+
+PARTITION = {
+    name: ANALYSIS[name] for name in ("mode", "batch_size", "epochs", "seed", "kernel", "threshold")
+}
+
+STORES = {}  # store key -> what to extract
+GRAMS = {}  # gram key -> store key
+STUDY_GRAMS = {}  # dataset -> [(model name, gram key)] in config order
+for _dataset_name, _dataset in DATASETS.items():
+    STUDY_GRAMS[_dataset_name] = []
+    for _model_name, _model in MODELS.items():
+        _layers = config["models"][_model_name]["layers"]
+        _reduction = config["models"][_model_name]["reduction"]
+        _store = store_key(
+            model_spec=_model["spec"],
+            weights_identity=_model["weights_identity"],
+            dataset_identity=_dataset["identity"],
+            layers=_layers,
+            reduction=_reduction,
+            dtype=STORAGE["dtype"],
+            codec=STORAGE["codec"],
+            order=STORAGE["order"],
+            order_seed=STORAGE["order_seed"],
+        )
+        STORES.setdefault(
+            _store,
+            {
+                "model": _model_name,
+                "dataset": _dataset_name,
+                "model_spec": _model["spec"],
+                "dataset_spec": _dataset["spec"],
+                "dataset_inputs": _dataset["inputs"],
+                "layers": _layers,
+                "reduction": _reduction,
+                "limit": _dataset["limit"],
+            },
+        )
+        _gram = gram_key(_store, PARTITION)
+        GRAMS[_gram] = _store
+        STUDY_GRAMS[_dataset_name].append((_model_name, _gram))
+
+
+def store_path(key):
+    return f"{CACHE}/stores/{key}.zarr"
+
+
+def store_sentinel(key):
+    return f"{CACHE}/stores/{key}.json"
+
+
+def gram_path(key):
+    return f"{CACHE}/grams/{key}.zarr"
+
+
+# -- input and params functions -----------------------------------------------------------------
+def train_inputs(wildcards):
+    return {
+        f"{split}_{kind}": path
+        for split, files in DEMO_SPLIT_FILES.items()
+        for kind, path in files.items()
+    }
+
+
+def train_params(wildcards):
+    recipe = TRAINED[wildcards.train_key]
+    return {
+        "factory": recipe["factory"],
+        "kwargs": json.dumps(recipe["kwargs"], sort_keys=True),
+        **recipe["train"],
+    }
+
+
+def extract_inputs(wildcards):
+    plan = STORES[wildcards.store_key]
+    inputs = {"data": plan["dataset_inputs"]}
+    if plan["model_spec"].get("weights"):
+        inputs["weights"] = plan["model_spec"]["weights"]
+    return inputs
+
+
+def extract_args(wildcards):
+    """Everything after `ckapipe extract`, shell-quoted."""
+    plan = STORES[wildcards.store_key]
+    args = [
+        "--model", json.dumps(plan["model_spec"], sort_keys=True),
+        "--dataset", json.dumps(plan["dataset_spec"], sort_keys=True),
+    ]
+    for layer in plan["layers"]:
+        args += ["--layers", layer]
+    args += [
+        "--out", store_path(wildcards.store_key),
+        "--reduce", plan["reduction"],
+        "--dtype", STORAGE["dtype"],
+        "--codec", STORAGE["codec"],
+        "--order", STORAGE["order"],
+        "--seed", str(STORAGE["order_seed"]),
+        "--batch-size", str(EXTRACTION["batch_size"]),
+        "--num-workers", str(EXTRACTION["num_workers"]),
+        "--device", EXTRACTION["device"],
+    ]
+    if plan["limit"] is not None:
+        args += ["--limit", str(plan["limit"])]
+    return shlex.join(args)
+
+
+def guard_args(wildcards):
+    plan = STORES[wildcards.store_key]
+    args = [store_path(wildcards.store_key)]
+    if plan["model_spec"].get("weights"):
+        args += ["--weights", plan["model_spec"]["weights"]]
+    return shlex.join(args)
+
+
+def gram_inputs(wildcards):
+    return store_sentinel(GRAMS[wildcards.gram_key])
+
+
+def gram_args(wildcards):
+    """Everything after `ckapipe gram STORE`, shell-quoted (the partition and kernel)."""
+    return shlex.join(
+        [
+            "--mode", ANALYSIS["mode"],
+            "--batch-size", str(ANALYSIS["batch_size"]),
+            "--epochs", str(ANALYSIS["epochs"]),
+            "--seed", str(ANALYSIS["seed"]),
+            "--kernel", ANALYSIS["kernel"],
+            "--threshold", str(ANALYSIS["threshold"]),
+            "--device", EXTRACTION["device"],
+        ]
+    )
+
+
+def gram_store(wildcards):
+    return store_path(GRAMS[wildcards.gram_key])
+
+
+def analyze_inputs(wildcards):
+    return [gram_path(key) for _, key in STUDY_GRAMS[wildcards.dataset]]
+
+
+def analyze_args(wildcards):
+    """Everything after the Gram caches of `ckapipe analyze`, shell-quoted."""
+    pairs = config["pairs"]
+    return shlex.join(
+        [
+            "--names", ",".join(name for name, _ in STUDY_GRAMS[wildcards.dataset]),
+            "--estimator", ANALYSIS["estimator"],
+            "--ci-level", str(ANALYSIS["ci_level"]),
+            "--bootstrap", str(ANALYSIS["n_bootstrap"]),
+            "--permutations", str(ANALYSIS["permutations"]),
+            "--seed", str(ANALYSIS["seed"]),
+            "--pairs", pairs if isinstance(pairs, str) else ",".join(pairs),
+        ]
+    )
+
+
+def report_inputs(wildcards):
+    return {
+        "results": expand(f"{RESULTS}/{{dataset}}/cka.zarr", dataset=DATASETS),
+        "tables": expand(f"{RESULTS}/{{dataset}}/cka.csv", dataset=DATASETS),
+        "plots": expand(f"{RESULTS}/{{dataset}}/plots", dataset=DATASETS),
+        "metrics": [model["metrics"] for model in MODELS.values() if model["metrics"]],
+    }
+
+
+def report_plan():
+    """What the report shows besides the results: the study, models, datasets and cache keys."""
+    return {
+        "study": STUDY,
+        "config": config,
+        "models": {
+            name: {
+                "spec": model["spec"],
+                "weights_identity": model["weights_identity"],
+                "metrics": model["metrics"],
+            }
+            for name, model in MODELS.items()
+        },
+        "datasets": {
+            name: {
+                "spec": dataset["spec"],
+                "result": f"{RESULTS}/{name}/cka.zarr",
+                "table": f"{RESULTS}/{name}/cka.csv",
+                "plots": f"{RESULTS}/{name}/plots",
+                "caches": {
+                    model: {"gram": gram_path(key), "store": store_path(GRAMS[key])}
+                    for model, key in STUDY_GRAMS[name]
+                },
+            }
+            for name, dataset in DATASETS.items()
+        },
+    }
+
+
+def final_outputs():
+    return [f"{RESULTS}/report.html", *expand(f"{RESULTS}/{{dataset}}/cka.csv", dataset=DATASETS)]
+
+
+def gpu_resources():
+    return config["resources"]["gpu"]

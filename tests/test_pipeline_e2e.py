@@ -1,0 +1,281 @@
+"""The demo study end to end through the installed `ckapipe run`, and what Snakemake must then
+(not) redo: nothing on a second run, one model's jobs after its weights change, only the new
+model in a second study sharing the cache; an extraction killed mid-way resumes; a bad config
+fails naming its fields.
+
+The tests in this module share one demo run and must run in file order (pytest's default).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+import ckapipe
+from ckapipe.run import DEFAULT_CONFIG
+from ckapipe.store import ActivationStore
+
+pytestmark = pytest.mark.slow
+
+CKAPIPE = shutil.which("ckapipe")
+
+
+def run_ckapipe(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    assert CKAPIPE, "the ckapipe console script is not installed"
+    return subprocess.run(
+        [CKAPIPE, "run", *args], capture_output=True, text=True, check=False, timeout=timeout
+    )
+
+
+def job_counts(output: str) -> dict[str, int]:
+    """The "Job stats" table of a Snakemake (dry) run as {rule: count}; {} when nothing to do."""
+    lines = output.splitlines()
+    if "Job stats:" not in lines:
+        return {}
+    counts = {}
+    for line in lines[lines.index("Job stats:") + 3 :]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    counts.pop("total", None)
+    return counts
+
+
+def write_config(path: Path, config: dict) -> Path:
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def demo(tmp_path_factory):
+    """The shipped demo study (no config), run once in a fresh working directory."""
+    workdir = tmp_path_factory.mktemp("demo")
+    started = time.perf_counter()
+    completed = run_ckapipe("--workdir", str(workdir))
+    seconds = time.perf_counter() - started
+    print(f"\ndemo study wall time: {seconds:.1f} s")
+    assert completed.returncode == 0, completed.stdout[-5000:] + completed.stderr[-5000:]
+    return workdir
+
+
+def trained_weights(workdir: Path, factory: str, seed: int) -> Path:
+    for metrics in (workdir / ".cache/ckapipe/demo/models").glob("*/metrics.json"):
+        record = json.loads(metrics.read_text())
+        if record["factory"] == factory and record["seed"] == seed:
+            return metrics.parent / "weights.pt"
+    raise AssertionError(f"no trained {factory} seed {seed}")
+
+
+def minibatch_cka_reference(x: np.ndarray, y: np.ndarray, m: int) -> float:
+    """Unbiased minibatch linear CKA in float64 over consecutive row blocks of size m."""
+    def u_centered(gram: np.ndarray) -> np.ndarray:
+        n = gram.shape[0]
+        gram = gram.copy()
+        np.fill_diagonal(gram, 0.0)
+        column = gram.sum(0) / (n - 2)
+        u = gram - column[:, None] - column[None, :] + gram.sum() / ((n - 1) * (n - 2))
+        np.fill_diagonal(u, 0.0)
+        return u
+
+    hsic_xy = hsic_xx = hsic_yy = 0.0
+    for start in range(0, x.shape[0] - m + 1, m):
+        a = x[start : start + m].astype(np.float64)
+        b = y[start : start + m].astype(np.float64)
+        k, l = u_centered(a @ a.T), u_centered(b @ b.T)
+        scale = 1.0 / (m * (m - 3))
+        hsic_xy += scale * (k * l).sum()
+        hsic_xx += scale * (k * k).sum()
+        hsic_yy += scale * (l * l).sum()
+    return hsic_xy / np.sqrt(hsic_xx * hsic_yy)
+
+
+def test_demo_study_end_to_end(demo):
+    report = demo / "results/demo/report.html"
+    assert report.is_file()
+    page = report.read_text()
+    assert page.count("data:image/png;base64,") >= 5  # grid, heatmaps, correspondence curves
+    # every demo model is clearly above chance (1/6) and the report says so
+    for factory in ("ckapipe.demo.models:mlp", "ckapipe.demo.models:small_cnn"):
+        for seed in (0, 1):
+            metrics = json.loads(trained_weights(demo, factory, seed).with_name("metrics.json").read_text())
+            assert metrics["chance_accuracy"] == pytest.approx(1 / 6)
+            assert metrics["probe_accuracy"] > 0.8, metrics
+            assert f"{metrics['probe_accuracy']:.1%} on 1024 held-out images" in page
+
+    result = ckapipe.load_result(demo / "results/demo/gratings/cka.zarr")
+    assert result.models == ["mlp_s0", "mlp_s1", "cnn_s0", "cnn_s1"]
+    assert (demo / "results/demo/gratings/cka.csv").is_file()
+    # the known structure: across seeds of one architecture, each layer is most similar to the
+    # corresponding layer (the diagonal is the maximum of its row and of its column)
+    for a, b in (("mlp_s0", "mlp_s1"), ("cnn_s0", "cnn_s1")):
+        pair = result.pair(a, b)
+        assert pair.layers_a == pair.layers_b == ["relu1", "relu2", "relu3"]
+        for i in range(3):
+            others_in_row = np.delete(pair.cka[i], i)
+            others_in_column = np.delete(pair.cka[:, i], i)
+            assert pair.cka[i, i] > others_in_row.max(), (a, b, pair.cka)
+            assert pair.cka[i, i] > others_in_column.max(), (a, b, pair.cka)
+        assert np.all(pair.ci_low <= pair.cka) and np.all(pair.cka <= pair.ci_high)
+    # a model against itself: exactly 1 on the diagonal
+    assert np.allclose(np.diag(result.pair("cnn_s1", "cnn_s1").cka), 1.0, atol=1e-9)
+
+    # the workflow wired each name to its own store: recompute one cross-architecture value
+    # from the stores in float64 (epoch 0 = consecutive blocks of 256 store rows)
+    stores = {name: result.provenance["models"][name]["store"] for name in ("mlp_s1", "cnn_s0")}
+    mlp_store = ActivationStore.open(demo / stores["mlp_s1"])
+    cnn_store = ActivationStore.open(demo / stores["cnn_s0"])
+    assert mlp_store.identity()["weights_sha256"] != cnn_store.identity()["weights_sha256"]
+    reference = minibatch_cka_reference(mlp_store.read("relu2"), cnn_store.read("relu3"), 256)
+    assert result.pair("mlp_s1", "cnn_s0").cka[1, 2] == pytest.approx(reference, abs=1e-9)
+
+
+def test_second_run_does_nothing(demo):
+    completed = run_ckapipe("--workdir", str(demo), "--", "--dry-run")
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Nothing to be done" in completed.stdout + completed.stderr
+
+
+def test_invalid_config_fails_naming_the_fields(tmp_path):
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["analysis"]["batch_size"] = "big"
+    config["storage"]["dtype"] = "int8"
+    del config["models"]["cnn_s0"]["layers"]
+    completed = run_ckapipe(str(write_config(tmp_path / "bad.yaml", config)), "--workdir", str(tmp_path), "--", "-n")
+    output = completed.stdout + completed.stderr
+    assert completed.returncode != 0
+    assert "analysis.batch_size: 'big' is not of type 'integer'" in output
+    assert "storage.dtype: 'int8' is not one of" in output
+    assert "models.cnn_s0: 'layers' is a required property" in output
+    assert not (tmp_path / "results").exists()
+
+
+def test_second_study_reuses_the_shared_cache(demo):
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["study"] = "plus_one"
+    config["models"]["mlp_s2"] = {**config["models"]["mlp_s0"], "train": {"seed": 2, "learning_rate": 0.01}}
+    own_weights = demo / "own_weights.pt"
+    shutil.copyfile(trained_weights(demo, "ckapipe.demo.models:mlp", 0), own_weights)
+    config["models"]["own"] = {
+        "spec": {"factory": "ckapipe.demo.models:mlp", "kwargs": {}, "weights": str(own_weights)},
+        "layers": ["relu1", "relu2", "relu3"],
+    }
+    path = write_config(demo / "plus_one.yaml", config)
+    completed = run_ckapipe(str(path), "--workdir", str(demo), "--", "--dry-run")
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output[-5000:]
+    # only the two new models are trained / extracted; the four demo stores and Grams are reused
+    assert job_counts(output) == {
+        "train": 1, "extract": 2, "gram": 2, "analyze": 1, "plot": 1, "report": 1, "all": 1,
+    }, output
+    planned = {line.split()[-1] for line in output.splitlines() if line.strip().startswith("output: ")}
+
+    # a changed weights file is new content: a new store key, so nothing stale can be reused
+    state = torch.load(own_weights, weights_only=True)
+    state["fc1.bias"] = state["fc1.bias"] + 0.01
+    torch.save(state, own_weights)
+    again = run_ckapipe(str(path), "--workdir", str(demo), "--", "--dry-run")
+    assert again.returncode == 0, again.stderr[-3000:]
+    replanned = {line.split()[-1] for line in (again.stdout + again.stderr).splitlines() if line.strip().startswith("output: ")}
+    new_stores = {p for p in replanned - planned if "/stores/" in p}
+    assert len(new_stores) == 1, (planned, replanned)
+
+
+def test_changed_weights_rerun_exactly_that_model_and_the_study(demo):
+    weights = trained_weights(demo, "ckapipe.demo.models:mlp", 1)
+    state = torch.load(weights, weights_only=True)
+    state["fc2.weight"] = state["fc2.weight"] * 1.01
+    torch.save(state, weights)
+    dry = run_ckapipe("--workdir", str(demo), "--", "--dry-run")
+    output = dry.stdout + dry.stderr
+    assert dry.returncode == 0, output[-3000:]
+    assert job_counts(output) == {"extract": 1, "gram": 1, "analyze": 1, "plot": 1, "report": 1, "all": 1}, output
+    extract_block = output[output.index("rule extract:") :].split("\n\n")[0]
+    assert str(weights.relative_to(demo)) in extract_block
+
+    completed = run_ckapipe("--workdir", str(demo))
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    result = ckapipe.load_result(demo / "results/demo/gratings/cka.zarr")
+    store = ActivationStore.open(demo / result.provenance["models"]["mlp_s1"]["store"])
+    import hashlib
+
+    assert store.identity()["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    assert "Nothing to be done" in (lambda c: c.stdout + c.stderr)(run_ckapipe("--workdir", str(demo), "--", "-n"))
+
+
+def _incomplete_store(stores: Path, before: set[Path]) -> Path | None:
+    for store in set(stores.glob("*.zarr")) - before:
+        try:
+            attrs = json.loads((store / "zarr.json").read_text()).get("attributes", {})
+        except (OSError, ValueError):
+            continue
+        if not attrs.get("complete"):
+            return store
+    return None
+
+
+def test_killed_extraction_resumes(demo, tmp_path):
+    cache = demo / ".cache/ckapipe"
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["study"] = "resume"
+    config["storage"]["cache_root"] = str(cache)  # reuse the demo data, not its stores
+    # an untrained wide CNN in small batches: an extraction slow enough to be killed mid-way
+    config["models"] = {
+        "wide": {
+            "spec": {"factory": "ckapipe.demo.models:small_cnn", "kwargs": {"width": 96}},
+            "layers": ["relu1", "relu2", "relu3"],
+        }
+    }
+    config["extraction"]["batch_size"] = 16
+    path = write_config(tmp_path / "resume.yaml", config)
+    before = set((cache / "stores").glob("*.zarr"))
+    process = subprocess.Popen(
+        [CKAPIPE, "run", str(path), "--workdir", str(tmp_path), "--", "--until", "extract"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+    )
+    deadline = time.monotonic() + 300
+    store = None
+    while store is None and process.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+        store = _incomplete_store(cache / "stores", before)
+    if store is None:
+        process.kill()
+        pytest.fail("the extraction finished or never started before it could be interrupted")
+    os.killpg(process.pid, signal.SIGKILL)  # the whole group: Snakemake and the extract job
+    process.wait()
+    rows_at_kill = json.loads((store / "zarr.json").read_text())["attributes"]["rows_complete"]
+    assert not Path(f"{store.with_suffix('')}.json").exists()
+
+    unlock = run_ckapipe(str(path), "--workdir", str(tmp_path), "--", "--unlock")  # the killed run's lock
+    assert unlock.returncode == 0, unlock.stderr[-3000:]
+    rerun = run_ckapipe(str(path), "--workdir", str(tmp_path), "--", "--until", "extract")
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    log = (cache / "logs/extract" / f"{store.stem}.log").read_text()
+    assert "found interrupted store" in log, log  # kept by the guard, resumed by ckapipe extract
+    resumed = ActivationStore.open(store)
+    assert resumed.is_complete and resumed.n_samples == 1024 and rows_at_kill < 1024
+    print(f"\nkilled the extraction at {rows_at_kill} of 1024 rows; resumed to completion")
+
+    # the resumed store equals an uninterrupted extraction with the same arguments
+    fresh = tmp_path / "fresh.zarr"
+    identity = resumed.identity()
+    subprocess.run(
+        [CKAPIPE, "extract", "--model", json.dumps(identity["model"]), "--dataset", json.dumps(identity["dataset"]),
+         "--layers", "relu1", "--layers", "relu2", "--layers", "relu3", "--out", str(fresh),
+         "--batch-size", "16", "--no-progress"],
+        check=True, capture_output=True,
+    )
+    reference = ActivationStore.open(fresh)
+    assert np.array_equal(resumed.sample_ids, reference.sample_ids)
+    for layer in ("relu1", "relu2", "relu3"):
+        assert np.array_equal(resumed.read(layer), reference.read(layer)), layer

@@ -1,0 +1,279 @@
+"""Pipeline pieces that need no Snakemake run: content keys, the store guard, config checks,
+the `ckapipe run` command line, the demo data and models, and the report's dominance check."""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from ckapipe.demo.data import make_gratings
+from ckapipe.demo.models import mlp, small_cnn
+from ckapipe.run import DEFAULT_CONFIG, SNAKEFILE, _split_config, snakemake_command
+from ckapipe.store import ActivationStore, LayerRecord
+from ckapipe.workflow.config_check import config_errors
+from ckapipe.workflow.guard import store_verdict
+from ckapipe.workflow.html_report import diagonal_dominance
+from ckapipe.workflow.keys import FileHasher, gram_key, store_key
+
+
+def demo_config() -> dict:
+    return yaml.safe_load(DEFAULT_CONFIG.read_text())
+
+
+# -- content keys ---------------------------------------------------------------------------------
+def _key(**changes):
+    arguments = {
+        "model_spec": {"factory": "m:f", "kwargs": {"width": 8}, "weights": "a/w.pt"},
+        "weights_identity": {"sha256": "0" * 64},
+        "dataset_identity": {"array_sha256": "1" * 64, "limit": None},
+        "layers": ["relu1", "relu2"],
+        "reduction": "flatten",
+        "dtype": "float16",
+        "codec": "none",
+        "order": "random",
+        "order_seed": 0,
+    }
+    arguments.update(changes)
+    return store_key(**arguments)
+
+
+def test_store_key_changes_with_every_content_field_and_not_with_the_weights_path():
+    base = _key()
+    assert len(base) == 16 and int(base, 16) >= 0
+    assert _key(model_spec={"factory": "m:f", "kwargs": {"width": 8}, "weights": "elsewhere.pt"}) == base
+    variants = [
+        _key(model_spec={"factory": "m:f", "kwargs": {"width": 9}}),
+        _key(weights_identity={"sha256": "2" * 64}),
+        _key(dataset_identity={"array_sha256": "3" * 64, "limit": None}),
+        _key(dataset_identity={"array_sha256": "1" * 64, "limit": 10}),
+        _key(layers=["relu2", "relu1"]),
+        _key(reduction="mean"),
+        _key(dtype="float32"),
+        _key(codec="zstd"),
+        _key(order_seed=1),
+        _key(order="dataset"),
+    ]
+    assert len({base, *variants}) == len(variants) + 1
+    # the order seed means nothing in dataset order
+    assert _key(order="dataset", order_seed=1) == _key(order="dataset", order_seed=2)
+
+
+def test_gram_key_depends_on_store_and_partition():
+    partition = {"mode": "minibatch", "batch_size": 256, "epochs": 1, "seed": 0, "kernel": "linear", "threshold": 1.0}
+    base = gram_key("a" * 16, partition)
+    assert gram_key("b" * 16, partition) != base
+    for name, value in [("batch_size", 128), ("epochs", 2), ("seed", 1), ("mode", "full"), ("kernel", "rbf")]:
+        assert gram_key("a" * 16, {**partition, name: value}) != base, name
+
+
+def test_file_hasher_matches_hashlib_and_remembers_until_the_file_changes(tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"first")
+    index = tmp_path / "cache" / "index.json"
+    hasher = FileHasher(index)
+    assert hasher.sha256(weights) == hashlib.sha256(b"first").hexdigest()
+    hasher.save()
+    assert json.loads(index.read_text())[str(weights.resolve())]["sha256"] == hashlib.sha256(b"first").hexdigest()
+    weights.write_bytes(b"second, longer")  # new size -> re-hashed even with a stale index entry
+    assert FileHasher(index).sha256(weights) == hashlib.sha256(b"second, longer").hexdigest()
+    folder = tmp_path / "folder"
+    (folder / "sub").mkdir(parents=True)
+    (folder / "sub" / "x").write_bytes(b"x")
+    first = FileHasher(None).sha256(folder)
+    (folder / "sub" / "x").write_bytes(b"y")
+    assert FileHasher(None).sha256(folder) != first
+    with pytest.raises(FileNotFoundError, match="missing.pt"):
+        FileHasher(None).sha256(tmp_path / "missing.pt")
+
+
+# -- the store guard ------------------------------------------------------------------------------
+def _store(path: Path, weights_sha256: str | None, *, complete: bool) -> None:
+    layer = LayerRecord(name="relu1", shape=(4,), reduction="flatten", n_features=4)
+    store = ActivationStore.create(
+        path, layers=[layer], sample_ids=np.arange(8), attrs={"weights_sha256": weights_sha256}, row_block=4
+    )
+    store.write_rows(0, {"relu1": np.ones((4, 4), np.float32)})
+    store.set_rows_complete(4)
+    if complete:
+        store.write_rows(4, {"relu1": np.ones((4, 4), np.float32)})
+        store.set_rows_complete(8)
+        store.mark_complete()
+    store.close()
+
+
+def test_guard_keeps_only_an_interrupted_store_of_the_same_weights(tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"weights")
+    digest = hashlib.sha256(b"weights").hexdigest()
+    assert store_verdict(tmp_path / "absent.zarr", weights) == "absent"
+    _store(tmp_path / "interrupted.zarr", digest, complete=False)
+    assert store_verdict(tmp_path / "interrupted.zarr", weights) == "resume"
+    _store(tmp_path / "other.zarr", "f" * 64, complete=False)
+    assert store_verdict(tmp_path / "other.zarr", weights) == "stale"
+    _store(tmp_path / "complete.zarr", digest, complete=True)
+    assert store_verdict(tmp_path / "complete.zarr", weights) == "stale"
+    (tmp_path / "half").mkdir()
+    assert store_verdict(tmp_path / "half", weights) == "stale"
+    completed = subprocess.run(
+        [sys.executable, "-m", "ckapipe.workflow.guard", str(tmp_path / "other.zarr"), "--weights", str(weights)],
+        capture_output=True, text=True, check=True,
+    )
+    assert "removed stale store" in completed.stderr and not (tmp_path / "other.zarr").exists()
+    subprocess.run(
+        [sys.executable, "-m", "ckapipe.workflow.guard", str(tmp_path / "interrupted.zarr"), "--weights", str(weights)],
+        check=True, capture_output=True,
+    )
+    assert (tmp_path / "interrupted.zarr" / "zarr.json").is_file()
+
+
+# -- config validation ----------------------------------------------------------------------------
+def test_the_demo_config_is_valid():
+    assert config_errors(demo_config()) == []
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda c: c["analysis"].update(batch_size="big"), "analysis.batch_size: 'big' is not of type 'integer'"),
+        (lambda c: c["analysis"].update(kernel="poly"), "analysis.kernel: 'poly' is not one of"),
+        (lambda c: c["models"]["mlp_s0"].pop("layers"), "models.mlp_s0: 'layers' is a required property"),
+        (lambda c: c["storage"].update(dtpye="float16"), "storage: Additional properties are not allowed ('dtpye'"),
+        (lambda c: c["storage"].update(dtype="int8"), "storage.dtype: 'int8' is not one of"),
+        (lambda c: c["analysis"].update(ci_level=1.5), "analysis.ci_level: 1.5 is greater than or equal to the maximum"),
+        (lambda c: c["models"]["cnn_s1"]["spec"].update(weights="w.pt"), "models.cnn_s1: give either spec.weights"),
+        (lambda c: c["datasets"]["gratings"].update(spec={"array": "x.npy"}), "datasets.gratings: give exactly one of spec"),
+        (lambda c: c.update(pairs=["mlp_s0:nope"]), "pairs.0: unknown model 'nope'"),
+        (lambda c: c["models"].update({"a--b": c["models"]["mlp_s0"]}), "models: 'a--b' does not match"),
+        (lambda c: c["models"]["mlp_s0"]["spec"].update(factory="no colon"), "models.mlp_s0.spec.factory: 'no colon' does not match"),
+    ],
+)
+def test_every_invalid_field_is_named(edit, expected):
+    config = copy.deepcopy(demo_config())
+    edit(config)
+    errors = config_errors(config)
+    assert any(message.startswith(expected) for message in errors), errors
+
+
+def test_all_problems_are_listed_at_once():
+    config = copy.deepcopy(demo_config())
+    config["analysis"]["batch_size"] = 0
+    config["storage"]["codec"] = "gzip"
+    errors = config_errors(config)
+    assert [e.split(":")[0] for e in errors] == ["analysis.batch_size", "storage.codec"]
+
+
+# -- ckapipe run's command line -------------------------------------------------------------------
+def test_split_config_tells_a_config_from_snakemake_arguments(tmp_path):
+    study = tmp_path / "study.yaml"
+    study.write_text("study: x\n")
+    assert _split_config(["-n"]) == (None, ["-n"])
+    assert _split_config([str(study), "-n"]) == (study, ["-n"])
+    assert _split_config(["missing.yaml"]) == (Path("missing.yaml"), [])
+    assert _split_config(["all", "-n"]) == (None, ["all", "-n"])  # a target, not a config
+
+
+def test_snakemake_command_runs_the_packaged_workflow_in_a_subprocess(tmp_path):
+    command = snakemake_command(None, workdir=tmp_path, snakemake_args=["-n"])
+    assert command[:3] == [sys.executable, "-m", "snakemake"]
+    assert command[command.index("--snakefile") + 1] == str(SNAKEFILE)
+    assert command[command.index("--configfile") + 1] == str(DEFAULT_CONFIG.resolve())
+    assert command[command.index("--directory") + 1] == str(tmp_path.resolve())
+    assert command[command.index("--cores") + 1] == "all" and command[-1] == "-n"
+    assert "--cores" not in snakemake_command(None, snakemake_args=["-j", "4"])
+    assert SNAKEFILE.is_file() and DEFAULT_CONFIG.is_file()
+
+
+# -- demo data and models -------------------------------------------------------------------------
+def test_demo_data_is_deterministic_balanced_and_not_linearly_trivial():
+    images, labels = make_gratings(600, n_classes=6, seed=3)
+    again, labels_again = make_gratings(600, n_classes=6, seed=3)
+    assert images.shape == (600, 1, 16, 16) and images.dtype == np.float32
+    assert np.array_equal(images, again) and np.array_equal(labels, labels_again)
+    assert not np.array_equal(images, make_gratings(600, n_classes=6, seed=4)[0])
+    assert np.bincount(labels).tolist() == [100] * 6
+    # random phases: every class's mean image is close to zero (a linear read-out of pixels fails)
+    class_means = np.stack([images[labels == c].astype(np.float64).mean(0) for c in range(6)])
+    assert np.abs(class_means).max() < 0.5
+    with pytest.raises(ValueError, match="n_classes"):
+        make_gratings(10, n_classes=1)
+
+
+def test_demo_models_share_layer_names_and_shapes():
+    x = torch.zeros(2, 1, 16, 16)
+    for model in (mlp(), small_cnn()):
+        names = dict(model.named_children())
+        assert {"relu1", "relu2", "relu3", "logits"} <= set(names)
+        assert model(x).shape == (2, 6)
+    with pytest.raises(ValueError, match="divisible by 4"):
+        small_cnn(image_size=18)
+
+
+# -- the report's structure check -----------------------------------------------------------------
+def test_diagonal_dominance():
+    assert diagonal_dominance(np.array([[0.9, 0.5], [0.4, 0.8]]))
+    assert not diagonal_dominance(np.array([[0.9, 0.95], [0.4, 0.8]]))  # row 0
+    assert not diagonal_dominance(np.array([[0.7, 0.5], [0.8, 0.9]]))  # column 0
+    assert not diagonal_dominance(np.array([[np.nan, 0.5], [0.4, 0.8]]))
+    assert not diagonal_dominance(np.ones((2, 3)))
+
+
+# -- Snakemake: lint and dry run ------------------------------------------------------------------
+def _snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True, check=False
+    )
+
+
+def test_workflow_is_lint_clean(tmp_path):
+    repo_root = Path(__file__).resolve().parents[1]
+    for snakefile in (SNAKEFILE, repo_root / "Snakefile"):
+        completed = _snakemake("--snakefile", str(snakefile), "--lint", cwd=tmp_path)
+        assert completed.returncode == 0, completed.stdout + completed.stderr
+        assert "Lints for" not in completed.stdout + completed.stderr
+
+
+def test_dry_run_plans_the_whole_demo(tmp_path):
+    ckapipe = shutil.which("ckapipe")
+    assert ckapipe, "the ckapipe console script is not installed"
+    completed = subprocess.run(
+        [ckapipe, "run", "--workdir", str(tmp_path), "--", "--dry-run"], capture_output=True, text=True, check=False
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    counts = _job_counts(output)
+    assert counts == {
+        "demo_data": 1, "train": 4, "extract": 4, "gram": 4, "analyze": 1, "plot": 1, "report": 1, "all": 1,
+    }, output
+    assert not (tmp_path / "results").exists()
+
+
+def test_repository_snakefile_defaults_to_the_demo(tmp_path):
+    repo_root = Path(__file__).resolve().parents[1]
+    completed = _snakemake("--snakefile", str(repo_root / "Snakefile"), "--dry-run", "--cores", "1", cwd=tmp_path)
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    assert _job_counts(output).get("report") == 1, output
+
+
+def _job_counts(output: str) -> dict[str, int]:
+    """The "Job stats" table of a Snakemake run or dry run, as {rule: count} (total dropped)."""
+    lines = output.splitlines()
+    start = lines.index("Job stats:") + 3
+    counts = {}
+    for line in lines[start:]:
+        parts = line.split()
+        if len(parts) != 2 or not parts[1].isdigit():
+            break
+        counts[parts[0]] = int(parts[1])
+    counts.pop("total", None)
+    return counts
