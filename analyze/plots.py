@@ -37,9 +37,10 @@ from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
 if TYPE_CHECKING:
-    from ckapipe.analyze.study import PairResult, StudyResult
     from matplotlib.axes import Axes
     from matplotlib.image import AxesImage
+
+    from ckapipe.analyze.study import PairResult, StudyResult
 
 __all__ = [
     "NAN_CELL_COLOR",

@@ -18,8 +18,9 @@ import time
 
 import numpy as np
 import torch
-from ckapipe.analyze.estimators import MinibatchCKA, cka
 from torch import nn
+
+from ckapipe.analyze.estimators import MinibatchCKA, cka
 
 BAR = 1e-4
 

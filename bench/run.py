@@ -905,8 +905,10 @@ def write_outputs(result: dict[str, Any]) -> None:
     body = section_text(all_results)
     start = text.find(SECTION)
     if start >= 0:
-        end = text.find("\n## ", start + len(SECTION))
-        text = text[:start] + body + (text[end + 1 :] if end >= 0 else "")
+        # this section ends where the next one (or another script's marker comment) begins
+        ends = [text.find(mark, start + len(SECTION)) for mark in ("\n## ", "\n<!-- ")]
+        end = min((e for e in ends if e >= 0), default=-1)
+        text = text[:start] + body + ("\n" + text[end + 1 :] if end >= 0 else "")
     else:
         text = text.rstrip() + "\n\n" + body
     RESULTS_MD.write_text(text)

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 import click
+
 from ckapipe.store import LOGICAL_DTYPES, StoreError
 
 __all__ = ["commands", "export_h5", "import_h5", "info"]
@@ -100,6 +101,7 @@ def import_h5(
       - files written by `ckapipe export-h5` (exact round trip, provenance restored).
     """
     import numpy as np
+
     from ckapipe.extract.h5bridge import import_h5 as run_import
 
     ids = np.load(sample_ids) if sample_ids is not None else None

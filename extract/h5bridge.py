@@ -29,6 +29,7 @@ from typing import Any
 
 import h5py
 import numpy as np
+
 from ckapipe.store import ActivationStore, LayerRecord, StoreError
 
 __all__ = ["EXPORT_FORMAT", "H5BridgeError", "export_h5", "import_h5"]
@@ -421,6 +422,7 @@ def _sha256_file(path: Path) -> str:
 
 def _versions() -> dict[str, str]:
     import zarr
+
     from ckapipe import __version__
 
     return {

@@ -13,7 +13,9 @@ import click
 from ckapipe import __version__
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CKAPIPE"})
+@click.group(
+    context_settings={"help_option_names": ["-h", "--help"], "auto_envvar_prefix": "CKAPIPE"}
+)
 @click.version_option(__version__, prog_name="ckapipe")
 @click.option("-v", "--verbose", count=True, help="More log output (-v: info, -vv: debug).")
 def main(verbose: int) -> None:

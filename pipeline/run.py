@@ -16,7 +16,15 @@ from pathlib import Path
 
 import click
 
-__all__ = ["DEFAULT_CONFIG", "PROFILE_DIR", "SNAKEFILE", "commands", "run", "run_study", "snakemake_command"]
+__all__ = [
+    "DEFAULT_CONFIG",
+    "PROFILE_DIR",
+    "SNAKEFILE",
+    "commands",
+    "run",
+    "run_study",
+    "snakemake_command",
+]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
 SNAKEFILE = _PACKAGE_DIR / "workflow" / "Snakefile"

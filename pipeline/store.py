@@ -152,7 +152,9 @@ class ActivationStore:
     :class:`StoreLockedError`. The lock dies with its process, so a killed extraction can resume.
     """
 
-    def __init__(self, group: zarr.Group, path: Path, *, writable: bool, lock_fd: int | None = None):
+    def __init__(
+        self, group: zarr.Group, path: Path, *, writable: bool, lock_fd: int | None = None
+    ):
         self._group = group
         self.path = path
         self.writable = writable
@@ -221,7 +223,9 @@ class ActivationStore:
             raise StoreError(f"layers selected more than once: {duplicates}")
         sample_ids = np.asarray(sample_ids, dtype=np.int64)
         if sample_ids.ndim != 1 or sample_ids.size == 0:
-            raise StoreError(f"sample_ids must be a non-empty 1-D array, got shape {sample_ids.shape}")
+            raise StoreError(
+                f"sample_ids must be a non-empty 1-D array, got shape {sample_ids.shape}"
+            )
         if len(np.unique(sample_ids)) != sample_ids.size:
             raise StoreError("sample_ids contain duplicates: every row must be a distinct sample")
         if row_block < 1:
@@ -313,7 +317,9 @@ class ActivationStore:
         return store
 
     @classmethod
-    def open(cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False) -> ActivationStore:
+    def open(
+        cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False
+    ) -> ActivationStore:
         """Open a store for reading; refuses an incomplete store unless ``allow_incomplete``."""
         path = Path(path)
         _require_store_dir(path)
@@ -380,7 +386,9 @@ class ActivationStore:
         """
         array = self.array(name)
         selection = (rows, cols)
-        data = array.get_basic_selection(selection, out=_as_buffer(out) if out is not None else None)
+        data = array.get_basic_selection(
+            selection, out=_as_buffer(out) if out is not None else None
+        )
         if out is not None:
             data = out
         if self.dtype == "bfloat16":
@@ -417,13 +425,17 @@ class ActivationStore:
         missing = [name for name in self.layer_names if name not in activations]
         unknown = [name for name in activations if name not in self._by_name]
         if (missing and not some_layers) or unknown or not activations:
-            raise StoreError(f"write_rows needs every layer once; missing {missing}, unknown {unknown}")
+            raise StoreError(
+                f"write_rows needs every layer once; missing {missing}, unknown {unknown}"
+            )
         counts = {name: np.shape(values)[0] for name, values in activations.items()}
         if len(set(counts.values())) != 1:
             raise StoreError(f"layers have different row counts in one write: {counts}")
         k = next(iter(counts.values()))
         if start < 0 or start + k > self.n_samples:
-            raise StoreError(f"rows {start}:{start + k} are outside the store's {self.n_samples} rows")
+            raise StoreError(
+                f"rows {start}:{start + k} are outside the store's {self.n_samples} rows"
+            )
         encoded = {}
         for layer in self.layers:
             if layer.name not in activations:

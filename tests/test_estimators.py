@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import warnings
 
-import ckapipe
 import numpy as np
 import pytest
 import torch
+
+import ckapipe
 from ckapipe.analyze.estimators import (
     DegenerateLayerWarning,
     MinibatchCKA,

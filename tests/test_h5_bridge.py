@@ -9,6 +9,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
+
 from ckapipe.extract import h5bridge
 from ckapipe.extract.h5bridge import H5BridgeError, export_h5, import_h5
 from ckapipe.store import ActivationStore, LayerRecord, StoreError

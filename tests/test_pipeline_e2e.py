@@ -8,6 +8,7 @@ The tests in this module share one demo run and must run in file order (pytest's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -22,6 +23,7 @@ import torch
 import yaml
 
 import ckapipe
+from ckapipe.demo.models import small_cnn
 from ckapipe.run import DEFAULT_CONFIG
 from ckapipe.store import ActivationStore
 
@@ -79,6 +81,7 @@ def trained_weights(workdir: Path, factory: str, seed: int) -> Path:
 
 def minibatch_cka_reference(x: np.ndarray, y: np.ndarray, m: int) -> float:
     """Unbiased minibatch linear CKA in float64 over consecutive row blocks of size m."""
+
     def u_centered(gram: np.ndarray) -> np.ndarray:
         n = gram.shape[0]
         gram = gram.copy()
@@ -92,11 +95,11 @@ def minibatch_cka_reference(x: np.ndarray, y: np.ndarray, m: int) -> float:
     for start in range(0, x.shape[0] - m + 1, m):
         a = x[start : start + m].astype(np.float64)
         b = y[start : start + m].astype(np.float64)
-        k, l = u_centered(a @ a.T), u_centered(b @ b.T)
+        gram_a, gram_b = u_centered(a @ a.T), u_centered(b @ b.T)
         scale = 1.0 / (m * (m - 3))
-        hsic_xy += scale * (k * l).sum()
-        hsic_xx += scale * (k * k).sum()
-        hsic_yy += scale * (l * l).sum()
+        hsic_xy += scale * (gram_a * gram_b).sum()
+        hsic_xx += scale * (gram_a * gram_a).sum()
+        hsic_yy += scale * (gram_b * gram_b).sum()
     return hsic_xy / np.sqrt(hsic_xx * hsic_yy)
 
 
@@ -108,7 +111,9 @@ def test_demo_study_end_to_end(demo):
     # every demo model is clearly above chance (1/6) and the report says so
     for factory in ("ckapipe.demo.models:mlp", "ckapipe.demo.models:small_cnn"):
         for seed in (0, 1):
-            metrics = json.loads(trained_weights(demo, factory, seed).with_name("metrics.json").read_text())
+            metrics = json.loads(
+                trained_weights(demo, factory, seed).with_name("metrics.json").read_text()
+            )
             assert metrics["chance_accuracy"] == pytest.approx(1 / 6)
             assert metrics["probe_accuracy"] > 0.8, metrics
             assert f"{metrics['probe_accuracy']:.1%} on 1024 held-out images" in page
@@ -151,7 +156,9 @@ def test_invalid_config_fails_naming_the_fields(tmp_path):
     config["analysis"]["batch_size"] = "big"
     config["storage"]["dtype"] = "int8"
     del config["models"]["cnn_s0"]["layers"]
-    completed = run_ckapipe(str(write_config(tmp_path / "bad.yaml", config)), "--workdir", str(tmp_path), "--", "-n")
+    completed = run_ckapipe(
+        str(write_config(tmp_path / "bad.yaml", config)), "--workdir", str(tmp_path), "--", "-n"
+    )
     output = completed.stdout + completed.stderr
     assert completed.returncode != 0
     assert "analysis.batch_size: 'big' is not of type 'integer'" in output
@@ -163,7 +170,10 @@ def test_invalid_config_fails_naming_the_fields(tmp_path):
 def test_second_study_reuses_the_shared_cache(demo):
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     config["study"] = "plus_one"
-    config["models"]["mlp_s2"] = {**config["models"]["mlp_s0"], "train": {"seed": 2, "learning_rate": 0.01}}
+    config["models"]["mlp_s2"] = {
+        **config["models"]["mlp_s0"],
+        "train": {"seed": 2, "learning_rate": 0.01},
+    }
     own_weights = demo / "own_weights.pt"
     shutil.copyfile(trained_weights(demo, "ckapipe.demo.models:mlp", 0), own_weights)
     config["models"]["own"] = {
@@ -176,9 +186,17 @@ def test_second_study_reuses_the_shared_cache(demo):
     assert completed.returncode == 0, output[-5000:]
     # only the two new models are trained / extracted; the four demo stores and Grams are reused
     assert job_counts(output) == {
-        "train": 1, "extract": 2, "gram": 2, "analyze": 1, "plot": 1, "report": 1, "all": 1,
+        "train": 1,
+        "extract": 2,
+        "gram": 2,
+        "analyze": 1,
+        "plot": 1,
+        "report": 1,
+        "all": 1,
     }, output
-    planned = {line.split()[-1] for line in output.splitlines() if line.strip().startswith("output: ")}
+    planned = {
+        line.split()[-1] for line in output.splitlines() if line.strip().startswith("output: ")
+    }
 
     # a changed weights file is new content: a new store key, so nothing stale can be reused
     state = torch.load(own_weights, weights_only=True)
@@ -186,7 +204,11 @@ def test_second_study_reuses_the_shared_cache(demo):
     torch.save(state, own_weights)
     again = run_ckapipe(str(path), "--workdir", str(demo), "--", "--dry-run")
     assert again.returncode == 0, again.stderr[-3000:]
-    replanned = {line.split()[-1] for line in (again.stdout + again.stderr).splitlines() if line.strip().startswith("output: ")}
+    replanned = {
+        line.split()[-1]
+        for line in (again.stdout + again.stderr).splitlines()
+        if line.strip().startswith("output: ")
+    }
     new_stores = {p for p in replanned - planned if "/stores/" in p}
     assert len(new_stores) == 1, (planned, replanned)
 
@@ -199,7 +221,14 @@ def test_changed_weights_rerun_exactly_that_model_and_the_study(demo):
     dry = run_ckapipe("--workdir", str(demo), "--", "--dry-run")
     output = dry.stdout + dry.stderr
     assert dry.returncode == 0, output[-3000:]
-    assert job_counts(output) == {"extract": 1, "gram": 1, "analyze": 1, "plot": 1, "report": 1, "all": 1}, output
+    assert job_counts(output) == {
+        "extract": 1,
+        "gram": 1,
+        "analyze": 1,
+        "plot": 1,
+        "report": 1,
+        "all": 1,
+    }, output
     extract_block = output[output.index("rule extract:") :].split("\n\n")[0]
     assert str(weights.relative_to(demo)) in extract_block
 
@@ -207,20 +236,22 @@ def test_changed_weights_rerun_exactly_that_model_and_the_study(demo):
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     result = ckapipe.load_result(demo / "results/demo/gratings/cka.zarr")
     store = ActivationStore.open(demo / result.provenance["models"]["mlp_s1"]["store"])
-    import hashlib
-
     assert store.identity()["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
-    assert "Nothing to be done" in (lambda c: c.stdout + c.stderr)(run_ckapipe("--workdir", str(demo), "--", "-n"))
+    assert "Nothing to be done" in (lambda c: c.stdout + c.stderr)(
+        run_ckapipe("--workdir", str(demo), "--", "-n")
+    )
 
 
 def _incomplete_store(stores: Path, before: set[Path]) -> Path | None:
-    for store in set(stores.glob("*.zarr")) - before:
+    """A new store with some row blocks written but not complete."""
+    for path in set(stores.glob("*.zarr")) - before:
         try:
-            attrs = json.loads((store / "zarr.json").read_text()).get("attributes", {})
-        except (OSError, ValueError):
+            store = ActivationStore.open(path, allow_incomplete=True)
+            arrays = [store.array(name) for name in store.layer_names]
+        except Exception:  # noqa: BLE001 - still being created
             continue
-        if not attrs.get("complete"):
-            return store
+        if arrays and 0 < store.rows_complete < store.n_samples:
+            return path
     return None
 
 
@@ -229,11 +260,19 @@ def test_killed_extraction_resumes(demo, tmp_path):
     config = yaml.safe_load(DEFAULT_CONFIG.read_text())
     config["study"] = "resume"
     config["storage"]["cache_root"] = str(cache)  # reuse the demo data, not its stores
-    # an untrained wide CNN in small batches: an extraction slow enough to be killed mid-way
+    # an untrained wide CNN: relu1 (32768 features) and relu2 (16384) make chunks of 256 and 512
+    # rows, so the store's resume points are rows 512 and 1024 and a kill can land between them
+    torch.manual_seed(0)
+    weights = tmp_path / "wide.pt"
+    torch.save(small_cnn(width=128).state_dict(), weights)
     config["models"] = {
         "wide": {
-            "spec": {"factory": "ckapipe.demo.models:small_cnn", "kwargs": {"width": 96}},
-            "layers": ["relu1", "relu2", "relu3"],
+            "spec": {
+                "factory": "ckapipe.demo.models:small_cnn",
+                "kwargs": {"width": 128},
+                "weights": str(weights),
+            },
+            "layers": ["relu1", "relu2"],
         }
     }
     config["extraction"]["batch_size"] = 16
@@ -241,7 +280,9 @@ def test_killed_extraction_resumes(demo, tmp_path):
     before = set((cache / "stores").glob("*.zarr"))
     process = subprocess.Popen(
         [CKAPIPE, "run", str(path), "--workdir", str(tmp_path), "--", "--until", "extract"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
     )
     deadline = time.monotonic() + 300
     store = None
@@ -253,29 +294,45 @@ def test_killed_extraction_resumes(demo, tmp_path):
         pytest.fail("the extraction finished or never started before it could be interrupted")
     os.killpg(process.pid, signal.SIGKILL)  # the whole group: Snakemake and the extract job
     process.wait()
-    rows_at_kill = json.loads((store / "zarr.json").read_text())["attributes"]["rows_complete"]
+    rows_at_kill = ActivationStore.open(store, allow_incomplete=True).rows_complete
     assert not Path(f"{store.with_suffix('')}.json").exists()
 
-    unlock = run_ckapipe(str(path), "--workdir", str(tmp_path), "--", "--unlock")  # the killed run's lock
+    # a killed Snakemake leaves its lock behind; --unlock is the documented way out
+    unlock = run_ckapipe(str(path), "--workdir", str(tmp_path), "--", "--unlock")
     assert unlock.returncode == 0, unlock.stderr[-3000:]
     rerun = run_ckapipe(str(path), "--workdir", str(tmp_path), "--", "--until", "extract")
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     log = (cache / "logs/extract" / f"{store.stem}.log").read_text()
     assert "found interrupted store" in log, log  # kept by the guard, resumed by ckapipe extract
     resumed = ActivationStore.open(store)
-    assert resumed.is_complete and resumed.n_samples == 1024 and rows_at_kill < 1024
+    assert resumed.is_complete and resumed.n_samples == 1024 and 0 < rows_at_kill < 1024
     print(f"\nkilled the extraction at {rows_at_kill} of 1024 rows; resumed to completion")
 
     # the resumed store equals an uninterrupted extraction with the same arguments
     fresh = tmp_path / "fresh.zarr"
     identity = resumed.identity()
     subprocess.run(
-        [CKAPIPE, "extract", "--model", json.dumps(identity["model"]), "--dataset", json.dumps(identity["dataset"]),
-         "--layers", "relu1", "--layers", "relu2", "--layers", "relu3", "--out", str(fresh),
-         "--batch-size", "16", "--no-progress"],
-        check=True, capture_output=True,
+        [
+            CKAPIPE,
+            "extract",
+            "--model",
+            json.dumps(identity["model"]),
+            "--dataset",
+            json.dumps(identity["dataset"]),
+            "--layers",
+            "relu1",
+            "--layers",
+            "relu2",
+            "--out",
+            str(fresh),
+            "--batch-size",
+            "16",
+            "--no-progress",
+        ],
+        check=True,
+        capture_output=True,
     )
     reference = ActivationStore.open(fresh)
     assert np.array_equal(resumed.sample_ids, reference.sample_ids)
-    for layer in ("relu1", "relu2", "relu3"):
+    for layer in ("relu1", "relu2"):
         assert np.array_equal(resumed.read(layer), reference.read(layer)), layer

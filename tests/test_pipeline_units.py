@@ -50,7 +50,10 @@ def _key(**changes):
 def test_store_key_changes_with_every_content_field_and_not_with_the_weights_path():
     base = _key()
     assert len(base) == 16 and int(base, 16) >= 0
-    assert _key(model_spec={"factory": "m:f", "kwargs": {"width": 8}, "weights": "elsewhere.pt"}) == base
+    assert (
+        _key(model_spec={"factory": "m:f", "kwargs": {"width": 8}, "weights": "elsewhere.pt"})
+        == base
+    )
     variants = [
         _key(model_spec={"factory": "m:f", "kwargs": {"width": 9}}),
         _key(weights_identity={"sha256": "2" * 64}),
@@ -69,10 +72,23 @@ def test_store_key_changes_with_every_content_field_and_not_with_the_weights_pat
 
 
 def test_gram_key_depends_on_store_and_partition():
-    partition = {"mode": "minibatch", "batch_size": 256, "epochs": 1, "seed": 0, "kernel": "linear", "threshold": 1.0}
+    partition = {
+        "mode": "minibatch",
+        "batch_size": 256,
+        "epochs": 1,
+        "seed": 0,
+        "kernel": "linear",
+        "threshold": 1.0,
+    }
     base = gram_key("a" * 16, partition)
     assert gram_key("b" * 16, partition) != base
-    for name, value in [("batch_size", 128), ("epochs", 2), ("seed", 1), ("mode", "full"), ("kernel", "rbf")]:
+    for name, value in [
+        ("batch_size", 128),
+        ("epochs", 2),
+        ("seed", 1),
+        ("mode", "full"),
+        ("kernel", "rbf"),
+    ]:
         assert gram_key("a" * 16, {**partition, name: value}) != base, name
 
 
@@ -83,7 +99,10 @@ def test_file_hasher_matches_hashlib_and_remembers_until_the_file_changes(tmp_pa
     hasher = FileHasher(index)
     assert hasher.sha256(weights) == hashlib.sha256(b"first").hexdigest()
     hasher.save()
-    assert json.loads(index.read_text())[str(weights.resolve())]["sha256"] == hashlib.sha256(b"first").hexdigest()
+    assert (
+        json.loads(index.read_text())[str(weights.resolve())]["sha256"]
+        == hashlib.sha256(b"first").hexdigest()
+    )
     weights.write_bytes(b"second, longer")  # new size -> re-hashed even with a stale index entry
     assert FileHasher(index).sha256(weights) == hashlib.sha256(b"second, longer").hexdigest()
     folder = tmp_path / "folder"
@@ -100,7 +119,11 @@ def test_file_hasher_matches_hashlib_and_remembers_until_the_file_changes(tmp_pa
 def _store(path: Path, weights_sha256: str | None, *, complete: bool) -> None:
     layer = LayerRecord(name="relu1", shape=(4,), reduction="flatten", n_features=4)
     store = ActivationStore.create(
-        path, layers=[layer], sample_ids=np.arange(8), attrs={"weights_sha256": weights_sha256}, row_block=4
+        path,
+        layers=[layer],
+        sample_ids=np.arange(8),
+        attrs={"weights_sha256": weights_sha256},
+        row_block=4,
     )
     store.write_rows(0, {"relu1": np.ones((4, 4), np.float32)})
     store.set_rows_complete(4)
@@ -118,20 +141,42 @@ def test_guard_keeps_only_an_interrupted_store_of_the_same_weights(tmp_path):
     assert store_verdict(tmp_path / "absent.zarr", weights) == "absent"
     _store(tmp_path / "interrupted.zarr", digest, complete=False)
     assert store_verdict(tmp_path / "interrupted.zarr", weights) == "resume"
+    assert store_verdict(tmp_path / "interrupted.zarr", None) == "stale"  # no weights: unverifiable
     _store(tmp_path / "other.zarr", "f" * 64, complete=False)
     assert store_verdict(tmp_path / "other.zarr", weights) == "stale"
     _store(tmp_path / "complete.zarr", digest, complete=True)
     assert store_verdict(tmp_path / "complete.zarr", weights) == "stale"
     (tmp_path / "half").mkdir()
     assert store_verdict(tmp_path / "half", weights) == "stale"
+    (tmp_path / "half" / "zarr.json").write_text(
+        '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
+    )
+    assert store_verdict(tmp_path / "half", weights) == "stale"  # killed while being created
     completed = subprocess.run(
-        [sys.executable, "-m", "ckapipe.workflow.guard", str(tmp_path / "other.zarr"), "--weights", str(weights)],
-        capture_output=True, text=True, check=True,
+        [
+            sys.executable,
+            "-m",
+            "ckapipe.workflow.guard",
+            str(tmp_path / "other.zarr"),
+            "--weights",
+            str(weights),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert "removed stale store" in completed.stderr and not (tmp_path / "other.zarr").exists()
     subprocess.run(
-        [sys.executable, "-m", "ckapipe.workflow.guard", str(tmp_path / "interrupted.zarr"), "--weights", str(weights)],
-        check=True, capture_output=True,
+        [
+            sys.executable,
+            "-m",
+            "ckapipe.workflow.guard",
+            str(tmp_path / "interrupted.zarr"),
+            "--weights",
+            str(weights),
+        ],
+        check=True,
+        capture_output=True,
     )
     assert (tmp_path / "interrupted.zarr" / "zarr.json").is_file()
 
@@ -144,17 +189,45 @@ def test_the_demo_config_is_valid():
 @pytest.mark.parametrize(
     ("edit", "expected"),
     [
-        (lambda c: c["analysis"].update(batch_size="big"), "analysis.batch_size: 'big' is not of type 'integer'"),
+        (
+            lambda c: c["analysis"].update(batch_size="big"),
+            "analysis.batch_size: 'big' is not of type 'integer'",
+        ),
         (lambda c: c["analysis"].update(kernel="poly"), "analysis.kernel: 'poly' is not one of"),
-        (lambda c: c["models"]["mlp_s0"].pop("layers"), "models.mlp_s0: 'layers' is a required property"),
-        (lambda c: c["storage"].update(dtpye="float16"), "storage: Additional properties are not allowed ('dtpye'"),
+        (
+            lambda c: c["models"]["mlp_s0"].pop("layers"),
+            "models.mlp_s0: 'layers' is a required property",
+        ),
+        (
+            lambda c: c["storage"].update(dtpye="float16"),
+            "storage: Additional properties are not allowed ('dtpye'",
+        ),
         (lambda c: c["storage"].update(dtype="int8"), "storage.dtype: 'int8' is not one of"),
-        (lambda c: c["analysis"].update(ci_level=1.5), "analysis.ci_level: 1.5 is greater than or equal to the maximum"),
-        (lambda c: c["models"]["cnn_s1"]["spec"].update(weights="w.pt"), "models.cnn_s1: give either spec.weights"),
-        (lambda c: c["datasets"]["gratings"].update(spec={"array": "x.npy"}), "datasets.gratings: give exactly one of spec"),
+        (
+            lambda c: c["analysis"].update(ci_level=1.5),
+            "analysis.ci_level: 1.5 is greater than or equal to the maximum",
+        ),
+        (
+            lambda c: c["models"]["cnn_s1"]["spec"].update(weights="w.pt"),
+            "models.cnn_s1: give either spec.weights",
+        ),
+        (
+            lambda c: c["datasets"]["gratings"].update(spec={"array": "x.npy"}),
+            "datasets.gratings: give exactly one of spec",
+        ),
         (lambda c: c.update(pairs=["mlp_s0:nope"]), "pairs.0: unknown model 'nope'"),
-        (lambda c: c["models"].update({"a--b": c["models"]["mlp_s0"]}), "models: 'a--b' does not match"),
-        (lambda c: c["models"]["mlp_s0"]["spec"].update(factory="no colon"), "models.mlp_s0.spec.factory: 'no colon' does not match"),
+        (
+            lambda c: c["analysis"].update(mode="full"),
+            "analysis.estimator: 'minibatch' does not go with",
+        ),
+        (
+            lambda c: c["models"].update({"a--b": c["models"]["mlp_s0"]}),
+            "models: 'a--b' does not match",
+        ),
+        (
+            lambda c: c["models"]["mlp_s0"]["spec"].update(factory="no colon"),
+            "models.mlp_s0.spec.factory: 'no colon' does not match",
+        ),
     ],
 )
 def test_every_invalid_field_is_named(edit, expected):
@@ -230,7 +303,11 @@ def test_diagonal_dominance():
 # -- Snakemake: lint and dry run ------------------------------------------------------------------
 def _snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "snakemake", *args], cwd=cwd, capture_output=True, text=True, check=False
+        [sys.executable, "-m", "snakemake", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        check=False,
     )
 
 
@@ -246,20 +323,57 @@ def test_dry_run_plans_the_whole_demo(tmp_path):
     ckapipe = shutil.which("ckapipe")
     assert ckapipe, "the ckapipe console script is not installed"
     completed = subprocess.run(
-        [ckapipe, "run", "--workdir", str(tmp_path), "--", "--dry-run"], capture_output=True, text=True, check=False
+        [ckapipe, "run", "--workdir", str(tmp_path), "--", "--dry-run"],
+        capture_output=True,
+        text=True,
+        check=False,
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
     counts = _job_counts(output)
     assert counts == {
-        "demo_data": 1, "train": 4, "extract": 4, "gram": 4, "analyze": 1, "plot": 1, "report": 1, "all": 1,
+        "demo_data": 1,
+        "train": 4,
+        "extract": 4,
+        "gram": 4,
+        "analyze": 1,
+        "plot": 1,
+        "report": 1,
+        "all": 1,
     }, output
     assert not (tmp_path / "results").exists()
 
 
+def test_two_datasets_make_one_study_each_from_shared_models(tmp_path):
+    config = demo_config()
+    config["datasets"]["train_subset"] = {"demo": "train", "limit": 512}
+    study = tmp_path / "two.yaml"
+    study.write_text(yaml.safe_dump(config))
+    completed = subprocess.run(
+        [shutil.which("ckapipe"), "run", str(study), "--workdir", str(tmp_path), "--", "-n"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    output = completed.stdout + completed.stderr
+    assert completed.returncode == 0, output
+    counts = _job_counts(output)
+    # models are trained once; each is extracted on both datasets; one analysis per dataset
+    assert (
+        counts["train"],
+        counts["extract"],
+        counts["gram"],
+        counts["analyze"],
+        counts["plot"],
+    ) == (4, 8, 8, 2, 2)
+    assert "--limit 512" in output
+
+
 def test_repository_snakefile_defaults_to_the_demo(tmp_path):
     repo_root = Path(__file__).resolve().parents[1]
-    completed = _snakemake("--snakefile", str(repo_root / "Snakefile"), "--dry-run", "--cores", "1", cwd=tmp_path)
+    completed = _snakemake(
+        "--snakefile", str(repo_root / "Snakefile"), "--dry-run", "--cores", "1", cwd=tmp_path
+    )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
     assert _job_counts(output).get("report") == 1, output

@@ -13,6 +13,10 @@ from pathlib import Path
 import matplotlib
 import numpy as np
 import pytest
+from click.testing import CliRunner
+from matplotlib import colormaps
+from matplotlib.image import imread
+
 from ckapipe.analyze.cli_plot import plot as plot_command
 from ckapipe.analyze.plots import (
     plot_correspondence,
@@ -22,9 +26,6 @@ from ckapipe.analyze.plots import (
     save_figure,
 )
 from ckapipe.analyze.study import PairResult, StudyResult, load_result
-from click.testing import CliRunner
-from matplotlib import colormaps
-from matplotlib.image import imread
 
 RESNET18 = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
 RESNET34 = [

@@ -7,10 +7,11 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+from click.testing import CliRunner
+
 from ckapipe.extract.cli_tools import commands, export_h5, import_h5, info
 from ckapipe.extract.info import describe_store, format_store_info
 from ckapipe.store import ActivationStore, LayerRecord
-from click.testing import CliRunner
 
 PROVENANCE = {
     "model": {"factory": "torchvision.models:resnet18", "kwargs": {"num_classes": 10}},

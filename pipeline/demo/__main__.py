@@ -19,15 +19,33 @@ def main() -> None:
 
 
 @main.command("data")
-@click.option("--out-dir", required=True, help="Folder for <split>_images.npy / <split>_labels.npy.")
+@click.option(
+    "--out-dir", required=True, help="Folder for <split>_images.npy / <split>_labels.npy."
+)
 @click.option("--n-train", type=click.IntRange(min=1), required=True, help="Training images.")
-@click.option("--n-probe", type=click.IntRange(min=1), required=True, help="Probe (held-out) images.")
-@click.option("--n-classes", type=click.IntRange(2, 12), default=6, show_default=True, help="Classes.")
-@click.option("--image-size", type=click.IntRange(min=8), default=16, show_default=True, help="Pixels.")
-@click.option("--noise", type=click.FloatRange(min=0), default=0.6, show_default=True, help="Pixel noise std.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Generator seed (probe uses seed+1).")
+@click.option(
+    "--n-probe", type=click.IntRange(min=1), required=True, help="Probe (held-out) images."
+)
+@click.option(
+    "--n-classes", type=click.IntRange(2, 12), default=6, show_default=True, help="Classes."
+)
+@click.option(
+    "--image-size", type=click.IntRange(min=8), default=16, show_default=True, help="Pixels."
+)
+@click.option(
+    "--noise", type=click.FloatRange(min=0), default=0.6, show_default=True, help="Pixel noise std."
+)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Generator seed (probe uses seed+1)."
+)
 def data_command(
-    out_dir: str, n_train: int, n_probe: int, n_classes: int, image_size: int, noise: float, seed: int
+    out_dir: str,
+    n_train: int,
+    n_probe: int,
+    n_classes: int,
+    image_size: int,
+    noise: float,
+    seed: int,
 ) -> None:
     """Generate the train and probe splits of the grating dataset."""
     common = {"n_classes": n_classes, "image_size": image_size, "noise": noise}
@@ -42,8 +60,16 @@ def data_command(
 @click.option("--seed", type=int, required=True, help="Initialisation and data-order seed.")
 @click.option("--data-dir", required=True, help="Folder written by `data`.")
 @click.option("--epochs", type=click.IntRange(min=1), default=8, show_default=True, help="Epochs.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Batch.")
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=0.01, show_default=True, help="Adam step size.")
+@click.option(
+    "--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Batch."
+)
+@click.option(
+    "--learning-rate",
+    type=click.FloatRange(min=0, min_open=True),
+    default=0.01,
+    show_default=True,
+    help="Adam step size.",
+)
 @click.option("--weights-out", required=True, help="Output state_dict (.pt).")
 @click.option("--metrics-out", required=True, help="Output metrics (.json).")
 def train_command(

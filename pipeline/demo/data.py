@@ -66,7 +66,9 @@ def make_gratings(
     projection = (
         np.cos(angle)[:, None, None] * xx[None] + np.sin(angle)[:, None, None] * yy[None]
     )  # (n, s, s)
-    images = contrast[:, None, None] * np.sin(frequency[:, None, None] * projection + phase[:, None, None])
+    images = contrast[:, None, None] * np.sin(
+        frequency[:, None, None] * projection + phase[:, None, None]
+    )
     images += rng.normal(0.0, noise, images.shape)
     return images[:, None].astype(np.float32), labels
 

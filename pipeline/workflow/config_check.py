@@ -54,6 +54,13 @@ def config_errors(config: Mapping[str, Any], schema_path: Path = SCHEMA_PATH) ->
     messages = sorted({_describe(error) for error in validator.iter_errors(dict(config))})
     if messages:
         return messages
+    analysis = config.get("analysis", {})
+    mode, estimator = analysis.get("mode", "minibatch"), analysis.get("estimator", "minibatch")
+    if (mode == "minibatch") != (estimator == "minibatch"):
+        messages.append(
+            f"analysis.estimator: {estimator!r} does not go with analysis.mode {mode!r}; use "
+            "estimator minibatch with mode minibatch, and debiased or biased with mode full"
+        )
     models = config.get("models", {})
     pairs = config.get("pairs", "all")
     if isinstance(pairs, list):

@@ -6,20 +6,22 @@ here is one of:
 
 * an interrupted extraction of the same content (incomplete, same weights) — kept, so that
   ``ckapipe extract`` resumes it from its last complete row block;
-* a store whose sentinel was invalidated (complete, e.g. its weights file changed in place), or an
-  incomplete store of other weights — removed, so that it is extracted afresh. A stale store is
-  never reused.
+* a store whose sentinel was invalidated (complete, e.g. its weights file changed in place), an
+  incomplete store of other weights, or an incomplete store of a model without a weights file
+  (whose initialisation may differ from run to run, so the rows already written cannot be
+  trusted to match) — removed, so that it is extracted afresh. A stale store is never reused.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import shutil
 import sys
 from pathlib import Path
 
 import click
+
+from ckapipe.store import ActivationStore
 
 
 def _sha256(path: Path) -> str:
@@ -32,26 +34,31 @@ def _sha256(path: Path) -> str:
 
 def store_verdict(store: Path, weights: Path | None) -> str:
     """``"absent"``, ``"resume"`` or ``"stale"`` (see the module docstring)."""
-    metadata = store / "zarr.json"
     if not store.exists():
         return "absent"
-    if not metadata.is_file():
-        return "stale"  # not a zarr group: a half-created folder
     try:
-        attrs = json.loads(metadata.read_text()).get("attributes", {})
-    except ValueError:
+        opened = ActivationStore.open(store, allow_incomplete=True)
+        for name in opened.layer_names:
+            opened.array(name)  # every layer array was created
+        attrs = opened.attrs
+    except Exception:  # noqa: BLE001 - anything unreadable was killed while being created
         return "stale"
-    if attrs.get("complete"):
+    if attrs.get("complete") or weights is None:
         return "stale"
     recorded = attrs.get("weights_sha256")
-    if weights is not None and recorded and recorded != _sha256(weights):
+    if recorded and recorded != _sha256(weights):
         return "stale"
     return "resume"
 
 
 @click.command()
 @click.argument("store", type=click.Path(path_type=Path))
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), default=None, help="The model's weights file, to detect a store made from other weights.")
+@click.option(
+    "--weights",
+    type=click.Path(exists=True, dir_okay=False, path_type=Path),
+    default=None,
+    help="The model's weights file, to detect a store made from other weights.",
+)
 def main(store: Path, weights: Path | None) -> None:
     """Remove STORE unless it is an interrupted extraction of the same content."""
     verdict = store_verdict(store, weights)

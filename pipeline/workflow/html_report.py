@@ -54,9 +54,7 @@ def _png(path: Path) -> str:
 
 def _table(header: list[str], rows: list[list[Any]]) -> str:
     head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows
-    )
+    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
@@ -129,9 +127,7 @@ def _dataset_section(plan: Mapping[str, Any], name: str, dataset: Mapping[str, A
             )
         )
         dominant = diagonal_dominance(pair.cka)
-        verdict = (
-            '<span class="ok">yes</span>' if dominant else '<span class="bad">no</span>'
-        )
+        verdict = '<span class="ok">yes</span>' if dominant else '<span class="bad">no</span>'
         rows.append([html.escape(f"{a} vs {b}"), cells, verdict])
     if rows:
         parts.append(
@@ -140,9 +136,7 @@ def _dataset_section(plan: Mapping[str, Any], name: str, dataset: Mapping[str, A
             "that each layer is most similar to the corresponding layer of the other seed "
             "(the diagonal dominates its row and column).</p>"
         )
-        parts.append(
-            _table(["pair", "corresponding layers: CKA [CI]", "diagonal dominates"], rows)
-        )
+        parts.append(_table(["pair", "corresponding layers: CKA [CI]", "diagonal dominates"], rows))
     plots = Path(dataset["plots"])
     figures = sorted(plots.glob("*.png"))
     order = ("study_grid", "correspondence", "heatmap")
@@ -162,7 +156,9 @@ def _dataset_section(plan: Mapping[str, Any], name: str, dataset: Mapping[str, A
             )
     others = [path for path in figures if not path.stem.startswith(order)]
     for path in others:
-        parts.append(f"<figure>{_png(path)}<figcaption>{html.escape(path.name)}</figcaption></figure>")
+        parts.append(
+            f"<figure>{_png(path)}<figcaption>{html.escape(path.name)}</figcaption></figure>"
+        )
     caches = [
         [
             html.escape(model),
@@ -206,7 +202,9 @@ def write_report(plan: Mapping[str, Any], out: str | Path) -> Path:
     for name, dataset in plan["datasets"].items():
         sections.append(_dataset_section(plan, name, dataset))
     sections.append("<h2>Provenance: the resolved study config</h2>")
-    sections.append(f"<pre>{html.escape(yaml.safe_dump(dict(plan['config']), sort_keys=False))}</pre>")
+    sections.append(
+        f"<pre>{html.escape(yaml.safe_dump(dict(plan['config']), sort_keys=False))}</pre>"
+    )
     page = (
         "<!DOCTYPE html><html><head><meta charset='utf-8'>"
         f"<title>ckapipe study {html.escape(plan['study'])}</title><style>{_STYLE}</style></head>"

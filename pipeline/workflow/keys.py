@@ -75,14 +75,22 @@ class FileHasher:
         stat = path.stat()
         resolved = str(path.resolve())
         remembered = self._index.get(resolved)
-        if remembered and remembered["size"] == stat.st_size and remembered["mtime_ns"] == stat.st_mtime_ns:
+        if (
+            remembered
+            and remembered["size"] == stat.st_size
+            and remembered["mtime_ns"] == stat.st_mtime_ns
+        ):
             return str(remembered["sha256"])
         digest = hashlib.sha256()
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(2**20), b""):
                 digest.update(block)
         value = digest.hexdigest()
-        self._index[resolved] = {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "sha256": value}
+        self._index[resolved] = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "sha256": value,
+        }
         self._dirty = True
         return value
 
