@@ -21,6 +21,7 @@ Conventions shared by the figures:
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import textwrap
@@ -788,8 +789,9 @@ def plot_result(
     -------
     list[Path]
         The files written: ``heatmap_<a>--<b>.png`` per pair, ``study_grid.png``,
-        ``correspondence_<a>--<b>.png`` per pair of two different models with the same layer
-        list, and ``correspondence.png`` overlaying those when there are two or more sharing one
+        ``correspondence_<a>--<b>.png`` per pair of two different models of the same architecture
+        (the same layer list and, where the result records them, the same model factory and
+        constructor arguments), and ``correspondence.png`` overlaying those when there are two or more sharing one
         layer list (``correspondence_<k>.png`` per layer list when there are several).
     """
     if isinstance(result, str | Path):
@@ -799,12 +801,16 @@ def plot_result(
     out = Path(out_dir)
     ci_level = result.provenance.get("ci_level")
     written: list[Path] = []
+    architectures = {
+        name: _architecture(info) for name, info in result.provenance.get("models", {}).items()
+    }
     same_architecture: dict[tuple[str, ...], list[PairResult]] = {}
     for pair in result.pairs.values():
         stem = f"{_file_part(pair.model_a)}--{_file_part(pair.model_b)}"
         fig = plot_heatmap(pair, annotate=annotate)
         written.append(save_figure(fig, out / f"heatmap_{stem}.png", dpi=dpi))
-        if not _is_self(pair) and list(pair.layers_a) == list(pair.layers_b):
+        same_model_kind = architectures.get(pair.model_a) == architectures.get(pair.model_b)
+        if not _is_self(pair) and list(pair.layers_a) == list(pair.layers_b) and same_model_kind:
             fig = plot_correspondence(pair, ci_level=ci_level)
             written.append(save_figure(fig, out / f"correspondence_{stem}.png", dpi=dpi))
             same_architecture.setdefault(tuple(pair.layers_a), []).append(pair)
@@ -815,3 +821,18 @@ def plot_result(
         fig = plot_correspondence(pairs, ci_level=ci_level)
         written.append(save_figure(fig, out / name, dpi=dpi))
     return written
+
+
+def _architecture(model_info: Any) -> str | None:
+    """The model factory and its arguments recorded for a model (``None`` when not recorded).
+
+    Two models with equal layer names are only matched layer by layer when they are also built
+    the same way: an MLP and a CNN may both have ``relu1`` … ``relu3``.
+    """
+    try:
+        spec = model_info["identity"]["model"]
+        return json.dumps(
+            {"factory": spec["factory"], "kwargs": spec.get("kwargs")}, sort_keys=True
+        )
+    except (KeyError, TypeError):
+        return None

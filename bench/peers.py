@@ -34,7 +34,7 @@ __all__ = [
     "ThreeDTaps",
     "ckatorch_features",
     "ckatorch_pair",
-    "dict_batches",
+    "tuple_batches",
     "pytorch_cka_features",
     "pytorch_cka_pair",
 ]
@@ -68,6 +68,7 @@ def pytorch_cka_pair(
     model_b: nn.Module,
     loader: torch.utils.data.DataLoader,
     layers: Sequence[str],
+    device: str = "cpu",
 ) -> np.ndarray:
     """pytorch-cka's minibatch CKA of two models over ``loader``: (La, Lb) float64 numpy.
 
@@ -77,9 +78,9 @@ def pytorch_cka_pair(
 
     with _quiet():
         (matrix,) = compute_cka(
-            model_a, model_b, loader, layers=list(layers), device="cpu", progress=False
+            model_a, model_b, loader, layers=list(layers), device=device, progress=False
         )
-    return matrix.double().numpy()
+    return matrix.double().cpu().numpy()
 
 
 def pytorch_cka_features(x: np.ndarray, y: np.ndarray) -> float:
@@ -128,9 +129,12 @@ class ThreeDTaps(nn.Module):
         self._handles.clear()
 
 
-def dict_batches(items: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """DataLoader ``collate_fn`` giving ``{"x": (B, ...)}``: ckatorch takes dict or tuple batches."""
-    return {"x": torch.stack(items)}
+def tuple_batches(items: list[torch.Tensor]) -> tuple[torch.Tensor]:
+    """DataLoader ``collate_fn`` giving ``(x,)``: ckatorch needs tuple (or dict) batches.
+
+    A tuple, not a dict: ckatorch moves tuple elements to its device but passes dicts as is.
+    """
+    return (torch.stack(items),)
 
 
 def ckatorch_pair(
@@ -138,10 +142,11 @@ def ckatorch_pair(
     model_b: nn.Module,
     loader: torch.utils.data.DataLoader,
     layers: Sequence[str],
+    device: str = "cpu",
 ) -> np.ndarray:
     """What ckatorch's ``CKA`` returns for two models over ``loader`` (one epoch): (La, Lb).
 
-    ``loader`` must yield ``{"x": batch}`` dicts (:func:`dict_batches`) without ``drop_last``.
+    ``loader`` must yield ``(batch,)`` tuples (:func:`tuple_batches`) without ``drop_last``.
     One epoch and the loader's own order, so the value is exactly the last batch's CKA.
     """
     from ckatorch import CKA
@@ -155,13 +160,13 @@ def ckatorch_pair(
                 layers=wrapped_a.tap_names,
                 first_name="model_a",
                 second_name="model_b",
-                device="cpu",
+                device=device,
             )
             matrix = comparison(loader, epochs=1)
     finally:
         wrapped_a.close()
         wrapped_b.close()
-    return matrix.double().numpy()
+    return matrix.double().cpu().numpy()
 
 
 def ckatorch_features(x: np.ndarray, y: np.ndarray) -> float:

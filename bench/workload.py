@@ -3,8 +3,8 @@
 Every tool in ``bench/run.py`` sees exactly these models and inputs:
 
 - :func:`make_cnn` — a small convolutional net (3×32×32 input), one per seed. Its four studied
-  layers are post-ReLU block outputs of 2048, 1024, 512 and 128 features per sample, the
-  shape of layers people compare in practice (spatial maps, then a dense head).
+  layers are the outputs of three two-conv blocks (2048, 1024, 512 features per sample with the
+  default channels) and a dense layer (128): spatial maps, then a dense head, as in practice.
 - :func:`make_images` — n synthetic 3×32×32 images: smooth random fields plus a few
   oriented-stripe patterns, so that layers respond with structured, correlated features
   (white noise would make every CKA value near 0 and hide estimator errors).
@@ -22,6 +22,7 @@ from torch import nn
 
 __all__ = [
     "CNN_LAYERS",
+    "DEFAULT_CHANNELS",
     "FeatureTable",
     "ImageDataset",
     "IndexDataset",
@@ -31,24 +32,30 @@ __all__ = [
 ]
 
 # the layers every tool compares, in order; output features per sample in the comment
+DEFAULT_CHANNELS = (8, 16, 32)
 CNN_LAYERS = [
-    "block1",  # 8 × 16 × 16 = 2048 (block outputs: after ReLU and pooling)
-    "block2",  # 16 × 8 × 8 = 1024
-    "block3",  # 32 × 4 × 4 = 512
+    "block1",  # c1 × 16 × 16 (block outputs: after ReLU and pooling); 2048 for c1 = 8
+    "block2",  # c2 × 8 × 8; 1024
+    "block3",  # c3 × 4 × 4; 512
     "head.relu",  # 128
 ]
 
 
 class _ConvBlock(nn.Module):
+    """Two 3×3 conv + BN layers (VGG style), ReLU, then 2×2 max pooling: the captured output."""
+
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
-        self.conv = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)
-        self.norm = nn.BatchNorm2d(c_out)
+        self.conv1 = nn.Conv2d(c_in, c_out, kernel_size=3, padding=1)
+        self.norm1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, kernel_size=3, padding=1)
+        self.norm2 = nn.BatchNorm2d(c_out)
         self.relu = nn.ReLU()
         self.pool = nn.MaxPool2d(2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.relu(self.norm(self.conv(x))))
+        x = self.relu(self.norm1(self.conv1(x)))
+        return self.pool(self.relu(self.norm2(self.conv2(x))))
 
 
 class _Head(nn.Module):
@@ -63,20 +70,26 @@ class _Head(nn.Module):
 
 
 class SmallCNN(nn.Module):
-    """3×32×32 → three conv blocks (8, 16, 32 channels; each halves the size) → dense head."""
+    """3×32×32 → three two-conv blocks (``channels``; each halves the size) → dense head.
 
-    def __init__(self) -> None:
+    With the default (8, 16, 32) channels: about 5.3 MFLOP per image, ~1400 FLOP per captured
+    feature (ResNet-18's block outputs at 224²: ~4800), a small model on the cheap side of real
+    ones; (16, 32, 64): ~20 MFLOP per image, ~2700 FLOP per captured feature.
+    """
+
+    def __init__(self, channels: tuple[int, int, int] = DEFAULT_CHANNELS) -> None:
         super().__init__()
-        self.block1 = _ConvBlock(3, 8)
-        self.block2 = _ConvBlock(8, 16)
-        self.block3 = _ConvBlock(16, 32)
-        self.head = _Head(32 * 4 * 4, 128, 10)
+        c1, c2, c3 = channels
+        self.block1 = _ConvBlock(3, c1)
+        self.block2 = _ConvBlock(c1, c2)
+        self.block3 = _ConvBlock(c2, c3)
+        self.head = _Head(c3 * 4 * 4, 128, 10)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.block3(self.block2(self.block1(x))))
 
 
-def make_cnn(seed: int) -> SmallCNN:
+def make_cnn(seed: int, channels: tuple[int, int, int] = DEFAULT_CHANNELS) -> SmallCNN:
     """A :class:`SmallCNN` initialised from ``seed``, in eval mode, with non-trivial BN statistics.
 
     The BatchNorm running statistics are set from the seed as well (as a trained net's would be
@@ -84,7 +97,7 @@ def make_cnn(seed: int) -> SmallCNN:
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = SmallCNN()
+    net = SmallCNN(channels)
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, nn.BatchNorm2d):

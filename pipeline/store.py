@@ -31,6 +31,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -241,12 +242,18 @@ class ActivationStore:
                 f"{path} already exists and is not empty; remove it, choose another --out, "
                 "or resume an interrupted extraction"
             )
-        path.mkdir(parents=True, exist_ok=True)
-        lock_fd = _acquire_writer_lock(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # Build the store in a staging folder and rename it into place, so that a creation killed
+        # half-way leaves a staging folder behind, never a half-made store at `path`. The lock
+        # file moves with the folder and the lock stays held.
+        staging = path.parent / f".{path.name}.creating-{os.getpid()}"
+        shutil.rmtree(staging, ignore_errors=True)
+        staging.mkdir()
+        lock_fd = _acquire_writer_lock(staging)
         try:
             n = int(sample_ids.size)
             # mode "a", not "w": "w" would wipe the directory, lock file included
-            root = zarr.open_group(str(path), mode="a", zarr_format=3)
+            root = zarr.open_group(str(staging), mode="a", zarr_format=3)
             root.attrs.update(
                 {
                     **dict(attrs or {}),
@@ -292,11 +299,20 @@ class ActivationStore:
                 array.attrs.update(
                     {"layer": layer.name, "logical_dtype": dtype, "shape": list(layer.shape)}
                 )
+            try:
+                os.rename(staging, path)  # atomic; replaces `path` only if it is an empty folder
+            except OSError:
+                raise StoreLockedError(
+                    f"{path} was created by another process while this one was creating it; "
+                    "one writer per store"
+                ) from None
+            root = zarr.open_group(str(path), mode="r+")
             store = cls(root, path, writable=True, lock_fd=lock_fd)
             store._sample_ids = sample_ids
         except BaseException:
             # a failed create must not keep this process's lock (a retry would be refused)
             os.close(lock_fd)
+            shutil.rmtree(staging, ignore_errors=True)
             raise
         return store
 

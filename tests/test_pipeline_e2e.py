@@ -108,6 +108,8 @@ def test_demo_study_end_to_end(demo):
     assert report.is_file()
     page = report.read_text()
     assert page.count("data:image/png;base64,") >= 5  # grid, heatmaps, correspondence curves
+    for section in ("Study grid", "Layer correspondence", "Per-pair heatmaps", "Provenance"):
+        assert section in page, section
     # every demo model is clearly above chance (1/6) and the report says so
     for factory in ("ckapipe.demo.models:mlp", "ckapipe.demo.models:small_cnn"):
         for seed in (0, 1):

@@ -376,6 +376,23 @@ def test_plot_result_overlays_several_same_architecture_pairs(tmp_path):
     }
 
 
+def test_plot_result_matches_layers_only_within_one_architecture(tmp_path):
+    # an MLP and a CNN may share layer names (relu1..relu3); matching them layer by layer is
+    # meaningless, so correspondence curves need the same recorded factory and arguments too
+    layers = ["relu1", "relu2", "relu3"]
+    pairs = [
+        make_pair("mlp0", "mlp1", layers, layers),
+        make_pair("mlp0", "cnn0", layers, layers, seed=2),
+    ]
+    study = make_study(pairs, ["mlp0", "mlp1", "cnn0"])
+    factories = {"mlp0": "demo:mlp", "mlp1": "demo:mlp", "cnn0": "demo:cnn"}
+    for name, factory in factories.items():
+        study.provenance["models"][name]["identity"] = {"model": {"factory": factory, "kwargs": {}}}
+    names = {p.name for p in plot_result(study, tmp_path, dpi=30)}
+    assert "correspondence_mlp0--mlp1.png" in names
+    assert "correspondence_mlp0--cnn0.png" not in names
+
+
 def test_cli_plots_a_result_written_by_the_study_writer(tmp_path):
     # the real writer and reader of RESULT.zarr, so the CLI sees exactly what `analyze` writes
     from ckapipe.analyze.study import _write_result

@@ -363,7 +363,9 @@ def test_non_json_attrs_refused_before_anything_is_created(tmp_path: Path) -> No
     assert not (tmp_path / "s").exists()
 
 
-def test_failed_create_releases_the_lock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_failed_create_leaves_nothing_and_releases_the_lock(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     import zarr
 
     def disk_full(*args, **kwargs):  # type: ignore[no-untyped-def]
@@ -374,14 +376,14 @@ def test_failed_create_releases_the_lock(tmp_path: Path, monkeypatch: pytest.Mon
     with pytest.raises(OSError, match="No space"):
         ActivationStore.create(tmp_path / "s", layers=_layers(2), sample_ids=np.arange(3))
     monkeypatch.undo()
-    # the lock is free again: another writer in this very process can take it
-    fd = os.open(tmp_path / "s" / ".writer.lock", os.O_RDWR)
-    try:
-        import fcntl
-
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    finally:
-        os.close(fd)
+    # no half-made store (nor staging folder) is left behind to be mistaken for a store
+    assert not (tmp_path / "s").exists()
+    assert list(tmp_path.iterdir()) == []
+    # and the lock is free again: a retry in this very process succeeds
+    with ActivationStore.create(
+        tmp_path / "s", layers=_layers(2), sample_ids=np.arange(3)
+    ) as store:
+        assert store.writable
 
 
 # -- names and ids -----------------------------------------------------------------------------

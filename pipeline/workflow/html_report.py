@@ -137,6 +137,16 @@ def _dataset_section(plan: Mapping[str, Any], name: str, dataset: Mapping[str, A
             "(the diagonal dominates its row and column).</p>"
         )
         parts.append(_table(["pair", "corresponding layers: CKA [CI]", "diagonal dominates"], rows))
+    diagnostics = sorted(
+        {
+            f"{a} vs {b}: {message}"
+            for (a, b), pair in result.pairs.items()
+            for message in pair.diagnostics
+        }
+    )
+    if diagnostics:
+        items = "".join(f"<li>{html.escape(message)}</li>" for message in diagnostics)
+        parts.append(f"<h3>Diagnostics</h3><ul>{items}</ul>")
     plots = Path(dataset["plots"])
     figures = sorted(plots.glob("*.png"))
     order = ("study_grid", "correspondence", "heatmap")

@@ -20,8 +20,6 @@ rule extract:
         f"{CACHE}/logs/extract/{{store_key}}.log",
     resources:
         gpu=gpu_resources(),
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime"],
     conda:
         CONDA_ENV
     shell:

@@ -15,8 +15,6 @@ rule gram:
         f"{CACHE}/logs/gram/{{gram_key}}.log",
     resources:
         gpu=gpu_resources(),
-        mem_mb=config["resources"]["mem_mb"],
-        runtime=config["resources"]["runtime"],
     conda:
         CONDA_ENV
     shell:
