@@ -93,7 +93,12 @@ def run_study(
     stderr.
     """
     command = snakemake_command(config, workdir=workdir, snakemake_args=snakemake_args)
-    return subprocess.run(command, check=False).returncode
+    # The rules call `ckapipe` and `python`: make them this installation's, also when ckapipe was
+    # started from a virtual environment that is not activated (SLURM jobs inherit this PATH).
+    env = dict(os.environ)
+    bin_dir = str(Path(sys.executable).parent)
+    env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
+    return subprocess.run(command, check=False, env=env).returncode
 
 
 def _split_config(args: Sequence[str]) -> tuple[Path | None, list[str]]:
