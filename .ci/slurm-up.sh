@@ -119,7 +119,8 @@ if munge_ok; then
 else
     stop_pidfile /run/munge/munged.pid
     rm -f /run/munge/munge.socket.2 /run/munge/munge.socket.2.lock
-    runuser -u munge -- /usr/sbin/munged || die "munged did not start"
+    # 9>&-: a daemon must not inherit (and hold forever) the lock of this script
+    runuser -u munge -- /usr/sbin/munged 9>&- || die "munged did not start"
     wait_for "$TIMEOUT" munged munge_ok || die "munged started but 'munge -n | unmunge' fails"
     log "started munged (pid $(pid_from /run/munge/munged.pid))"
 fi
@@ -209,7 +210,7 @@ else
     # -c: start with no saved jobs. A controller that has to be (re)started here lost track of
     # its jobs anyway, and state saved just before a crash can resurrect finished jobs as
     # "running" forever, holding CPUs of the only node.
-    slurmctld -c || die "slurmctld did not start"
+    slurmctld -c 9>&- || die "slurmctld did not start"
     wait_for "$TIMEOUT" slurmctld ctld_ok || die "slurmctld started but 'scontrol ping' does not report it UP"
     log "started slurmctld (pid $(ctld_pid))"
 fi
@@ -218,7 +219,7 @@ if slurmd_ok; then
     log "slurmd already running (pid $(slurmd_pid))"
 else
     stop_pidfile "$RUN_DIR/slurmd.pid"
-    slurmd -N "$NODE" || die "slurmd did not start"
+    slurmd -N "$NODE" 9>&- || die "slurmd did not start"
     wait_for "$TIMEOUT" slurmd slurmd_ok || die "slurmd exited right after start"
     log "started slurmd (pid $(slurmd_pid))"
 fi

@@ -8,11 +8,15 @@ cannot be started (not root, no apt); CI sets CKAPIPE_REQUIRE_SLURM=1 so they fa
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
 import textwrap
+import time
+from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from slurm_cluster import PROFILE_DIR, SlurmCluster, slurm_available
@@ -217,3 +221,126 @@ def test_gpu_resource_reaches_sbatch_as_gpus(slurm_cluster: SlurmCluster, tmp_pa
     assert (workdir / "embed.txt").read_text().strip() == "gpu job"
     assert len(accepted.job_ids) == 1
     assert slurm_cluster.job_info(accepted.job_ids[0])["JobState"] == "COMPLETED"
+
+
+def _minibatch_linear_cka(x: np.ndarray, y: np.ndarray, m: int) -> float:
+    """Unbiased minibatch linear CKA in float64 over consecutive row blocks of size ``m``.
+
+    ``x`` is (n, p), ``y`` is (n, q) with the same rows; HSIC_1 (Song et al. 2012) of the
+    U-centered Grams (Szekely & Rizzo 2014), summed over blocks before the ratio.
+    """
+
+    def u_centered(gram: np.ndarray) -> np.ndarray:
+        n = gram.shape[0]
+        gram = gram.copy()
+        np.fill_diagonal(gram, 0.0)
+        column = gram.sum(0) / (n - 2)
+        u = gram - column[:, None] - column[None, :] + gram.sum() / ((n - 1) * (n - 2))
+        np.fill_diagonal(u, 0.0)
+        return u
+
+    xy = xx = yy = 0.0
+    for start in range(0, x.shape[0] - m + 1, m):
+        block_x = x[start : start + m].astype(np.float64)
+        block_y = y[start : start + m].astype(np.float64)
+        gram_x, gram_y = u_centered(block_x @ block_x.T), u_centered(block_y @ block_y.T)
+        xy += (gram_x * gram_y).sum()
+        xx += (gram_x * gram_x).sum()
+        yy += (gram_y * gram_y).sum()
+    return xy / np.sqrt(xx * yy)
+
+
+@pytest.mark.slurm
+@pytest.mark.slow
+def test_small_study_runs_through_slurm_with_ckapipe_run(slurm_cluster: SlurmCluster, tmp_path):
+    """`ckapipe run STUDY -- <SLURM args>`: a small demo study (two architectures) whose
+    demo_data, train, extract, gram and analyze steps each run as SLURM jobs on the node, while
+    the cheap plot and report steps stay local; the result is complete and its numbers are
+    right."""
+    import ckapipe
+    from ckapipe.run import DEFAULT_CONFIG
+    from ckapipe.store import ActivationStore
+
+    ckapipe_script = shutil.which("ckapipe", path=slurm_cluster.env["PATH"])
+    assert ckapipe_script, "the ckapipe console script is not installed"
+
+    # The demo, shrunk: one model per architecture, one training epoch, 512 probe images in
+    # 4 minibatches of 128, 50 bootstrap draws; its own (relative) cache root in the workdir.
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    config["study"] = "on_slurm"
+    config["models"] = {name: config["models"][name] for name in ("mlp_s0", "cnn_s0")}
+    for model in config["models"].values():
+        model["train"]["epochs"] = 1
+    config["demo"].update(n_train=1024, n_probe=512)
+    config["storage"]["cache_root"] = "cache"
+    config["analysis"].update(batch_size=128, n_bootstrap=50)
+    study = tmp_path / "study.yaml"
+    study.write_text(yaml.safe_dump(config, sort_keys=False))
+
+    # The node has no GPU: extract and gram ask for gpu=0 instead of the profile's gpu=1.
+    args = slurm_cluster.snakemake_args(cpu_only_rules=["extract", "gram"])
+    cmd = [ckapipe_script, "run", str(study), "--workdir", str(tmp_path), "--", *args]
+    started = time.perf_counter()
+    result = slurm_cluster.run(cmd, cwd=tmp_path, timeout=420)
+    print(f"\nsmall study through SLURM: {time.perf_counter() - started:.1f} s")
+    assert not result.timed_out, result.output[-6000:]
+    assert result.returncode == 0, result.output[-6000:]
+
+    # Every job except the local rules went through sbatch, one SLURM job each, and finished.
+    jobs = {job_id: slurm_cluster.job_info(job_id) for job_id in result.job_ids}
+    forgotten = [job_id for job_id, job in jobs.items() if not job]
+    assert not forgotten, f"SLURM no longer knows jobs {forgotten} (run longer than MinJobAge?)"
+    rules = Counter(
+        re.fullmatch(r"rule_(\w+?)_wildcards_\S+", job["Comment"].strip()).group(1)
+        for job in jobs.values()
+    )
+    assert rules == {"demo_data": 1, "train": 2, "extract": 2, "gram": 2, "analyze": 1}, jobs
+    for job in jobs.values():
+        assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
+        assert job["Partition"] == slurm_cluster.partition, job
+        assert job["Account"] == slurm_cluster.account, job
+        # relative paths in the rules resolve against the study's workdir on the node
+        assert Path(job["WorkDir"]) == tmp_path, job
+        assert "gpu" not in job["TRES"], job  # gpu=0 reached sbatch: no GPU asked for
+        assert Path(job["StdOut"]).is_file(), job  # the profile keeps successful job logs
+    for rule in ("plot", "report", "all"):
+        assert f"localrule {rule}:" in result.output, rule
+
+    # The study's outputs, and the cache under its own root.
+    results = tmp_path / "results/on_slurm"
+    page = (results / "report.html").read_text()
+    for text in ("Study grid", "Provenance", "mlp_s0", "cnn_s0"):
+        assert text in page, text
+    assert (results / "gratings/cka.zarr").is_dir()
+    assert (results / "gratings/cka.csv").is_file()
+    assert len(list((tmp_path / "cache/stores").glob("*.zarr"))) == 2
+    assert len(list((tmp_path / "cache/grams").glob("*.zarr"))) == 2
+
+    study_result = ckapipe.load_result(results / "gratings/cka.zarr")
+    assert study_result.models == ["mlp_s0", "cnn_s0"]
+    assert set(study_result.pairs) == {
+        ("mlp_s0", "mlp_s0"),
+        ("mlp_s0", "cnn_s0"),
+        ("cnn_s0", "cnn_s0"),
+    }
+    for (a, b), pair in study_result.pairs.items():
+        assert pair.cka.shape == (3, 3), (a, b)
+        assert np.all(np.isfinite(pair.cka)), (a, b, pair.cka)
+        # a model against itself: every estimate and interval on the diagonal is 1 (up to
+        # rounding, which may put the point estimate an ulp below a degenerate interval) ...
+        same_layer = np.eye(3, dtype=bool) if a == b else np.zeros((3, 3), dtype=bool)
+        for values in (pair.cka, pair.ci_low, pair.ci_high):
+            assert np.allclose(values[same_layer], 1.0, atol=1e-9), (a, b, values)
+        # ... and everywhere else the interval brackets the estimate
+        inside = (pair.ci_low <= pair.cka) & (pair.cka <= pair.ci_high)
+        assert np.all(inside[~same_layer]), (a, b, pair.ci_low, pair.cka, pair.ci_high)
+    # One cross-architecture value recomputed in float64 from the stores the SLURM jobs wrote
+    # (epoch 0 = consecutive blocks of 128 store rows).
+    stores = {
+        name: ActivationStore.open(tmp_path / study_result.provenance["models"][name]["store"])
+        for name in ("mlp_s0", "cnn_s0")
+    }
+    reference = _minibatch_linear_cka(
+        stores["mlp_s0"].read("relu2"), stores["cnn_s0"].read("relu3"), 128
+    )
+    assert study_result.pair("mlp_s0", "cnn_s0").cka[1, 2] == pytest.approx(reference, abs=1e-9)
