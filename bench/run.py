@@ -744,10 +744,11 @@ def run_memory(cfg: Config, root: Path) -> dict[str, Any]:
 def import_everything() -> None:
     """Import every tool before anything is timed: import time is not what is compared."""
     import cka  # noqa: F401 - pytorch-cka
+    import ckatorch  # noqa: F401
+
     import ckapipe.analyze.gram_cache  # noqa: F401
     import ckapipe.analyze.study  # noqa: F401
     import ckapipe.extract.extraction  # noqa: F401
-    import ckatorch  # noqa: F401
 
 
 def machine() -> dict[str, Any]:
