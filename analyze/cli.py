@@ -208,8 +208,4 @@ commands.append(merge_grams)
 
 # Commands of the study step live in their own modules; each exports `commands`.
 for _module in ("ckapipe.analyze.cli_study", "ckapipe.analyze.cli_plot"):
-    try:
-        commands.extend(importlib.import_module(_module).commands)
-    except ModuleNotFoundError as _error:
-        if _error.name != _module:
-            raise
+    commands.extend(importlib.import_module(_module).commands)

@@ -30,7 +30,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ckapipe.store import ActivationStore, LayerRecord, StoreError
+from ckapipe.store import LAYOUT_ATTRS, ActivationStore, LayerRecord, StoreError
 
 __all__ = ["EXPORT_FORMAT", "H5BridgeError", "export_h5", "import_h5"]
 
@@ -38,23 +38,8 @@ EXPORT_FORMAT = "ckapipe.activation-export"
 EXPORT_FORMAT_VERSION = 1
 _BLOCK_BYTES = 64 * 2**20  # rows read per step: about this many bytes over all layers
 _SPLIT_PATTERN = re.compile(r"^features_(\d+)$")
-# store attributes that describe the layout, not the provenance: never copied between stores
-_LAYOUT_ATTRS = frozenset(
-    {
-        "format",
-        "format_version",
-        "n_samples",
-        "layers",
-        "dtype",
-        "codec",
-        "row_block",
-        "sample_ids_sha256",
-        "rows_complete",
-        "complete",
-        "created_at",
-        "completed_at",
-    }
-)
+# layout attributes and timestamps describe one store, not the provenance: never copied over
+_NOT_COPIED_ATTRS = LAYOUT_ATTRS | {"created_at", "completed_at"}
 
 
 class H5BridgeError(StoreError):
@@ -137,7 +122,7 @@ def import_h5(
                 f"sample_ids has shape {ids.shape} but the datasets in {h5_path} have {n} rows"
             )
         attrs = {
-            **{k: v for k, v in provenance.items() if k not in _LAYOUT_ATTRS},
+            **{k: v for k, v in provenance.items() if k not in _NOT_COPIED_ATTRS},
             "order": order,
             "imported_from": "hdf5",
             "source_path": str(h5_path.resolve()),
@@ -229,7 +214,7 @@ def export_h5(
     n = store.n_samples
     partial = out_path.with_name(out_path.name + ".partial")
     partial.unlink(missing_ok=True)
-    provenance = {k: v for k, v in store.attrs.items() if k not in _LAYOUT_ATTRS}
+    provenance = {k: v for k, v in store.attrs.items() if k not in _NOT_COPIED_ATTRS}
     try:
         with h5py.File(partial, "w") as h5:
             h5.attrs["format"] = EXPORT_FORMAT

@@ -11,23 +11,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from ckapipe.store import ActivationStore
+from ckapipe.store import LAYOUT_ATTRS, ActivationStore
 
 __all__ = ["describe_store", "format_store_info"]
 
-# root attributes that describe the layout; every other attribute is provenance
-_LAYOUT_ATTRS = (
-    "format",
-    "format_version",
-    "n_samples",
-    "layers",
-    "dtype",
-    "codec",
-    "row_block",
-    "sample_ids_sha256",
-    "rows_complete",
-    "complete",
-)
 # provenance keys shown first, in this order, when present
 _PROVENANCE_ORDER = (
     "model",
@@ -84,7 +71,11 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         )
     provenance = {key: attrs[key] for key in _PROVENANCE_ORDER if key in attrs}
     provenance.update(
-        {key: value for key, value in attrs.items() if key not in _LAYOUT_ATTRS + _PROVENANCE_ORDER}
+        {
+            key: value
+            for key, value in attrs.items()
+            if key not in LAYOUT_ATTRS and key not in _PROVENANCE_ORDER
+        }
     )
     return {
         "path": str(Path(store.path).resolve()),

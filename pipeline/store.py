@@ -45,6 +45,7 @@ __all__ = [
     "FORMAT_VERSION",
     "ActivationStore",
     "IncompleteStoreError",
+    "LAYOUT_ATTRS",
     "LayerRecord",
     "StoreError",
     "StoreLockedError",
@@ -59,6 +60,21 @@ CODECS = ("none", "zstd")
 FLOAT16_MAX = 65504.0
 TARGET_CHUNK_BYTES = 16 * 2**20
 _LOCK_NAME = ".writer.lock"
+#: Root attributes that describe the layout and state of a store; every other one is provenance.
+LAYOUT_ATTRS = frozenset(
+    {
+        "format",
+        "format_version",
+        "n_samples",
+        "layers",
+        "dtype",
+        "codec",
+        "row_block",
+        "sample_ids_sha256",
+        "rows_complete",
+        "complete",
+    }
+)
 
 
 class StoreError(Exception):
