@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from reference import minibatch_linear_cka
 
 import ckapipe
 from ckapipe.demo.models import small_cnn
@@ -79,30 +80,6 @@ def trained_weights(workdir: Path, factory: str, seed: int) -> Path:
     raise AssertionError(f"no trained {factory} seed {seed}")
 
 
-def minibatch_cka_reference(x: np.ndarray, y: np.ndarray, m: int) -> float:
-    """Unbiased minibatch linear CKA in float64 over consecutive row blocks of size m."""
-
-    def u_centered(gram: np.ndarray) -> np.ndarray:
-        n = gram.shape[0]
-        gram = gram.copy()
-        np.fill_diagonal(gram, 0.0)
-        column = gram.sum(0) / (n - 2)
-        u = gram - column[:, None] - column[None, :] + gram.sum() / ((n - 1) * (n - 2))
-        np.fill_diagonal(u, 0.0)
-        return u
-
-    hsic_xy = hsic_xx = hsic_yy = 0.0
-    for start in range(0, x.shape[0] - m + 1, m):
-        a = x[start : start + m].astype(np.float64)
-        b = y[start : start + m].astype(np.float64)
-        gram_a, gram_b = u_centered(a @ a.T), u_centered(b @ b.T)
-        scale = 1.0 / (m * (m - 3))
-        hsic_xy += scale * (gram_a * gram_b).sum()
-        hsic_xx += scale * (gram_a * gram_a).sum()
-        hsic_yy += scale * (gram_b * gram_b).sum()
-    return hsic_xy / np.sqrt(hsic_xx * hsic_yy)
-
-
 def test_demo_study_end_to_end(demo):
     report = demo / "results/demo/report.html"
     assert report.is_file()
@@ -143,7 +120,7 @@ def test_demo_study_end_to_end(demo):
     mlp_store = ActivationStore.open(demo / stores["mlp_s1"])
     cnn_store = ActivationStore.open(demo / stores["cnn_s0"])
     assert mlp_store.identity()["weights_sha256"] != cnn_store.identity()["weights_sha256"]
-    reference = minibatch_cka_reference(mlp_store.read("relu2"), cnn_store.read("relu3"), 256)
+    reference = minibatch_linear_cka(mlp_store.read("relu2"), cnn_store.read("relu3"), 256)
     assert result.pair("mlp_s1", "cnn_s0").cka[1, 2] == pytest.approx(reference, abs=1e-9)
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from reference import minibatch_linear_cka
 from slurm_cluster import PROFILE_DIR, SlurmCluster, slurm_available
 
 # Two rules, each run as its own SLURM job; `all` stays local. Each job writes SLURM_JOB_ID so
@@ -223,33 +224,6 @@ def test_gpu_resource_reaches_sbatch_as_gpus(slurm_cluster: SlurmCluster, tmp_pa
     assert slurm_cluster.job_info(accepted.job_ids[0])["JobState"] == "COMPLETED"
 
 
-def _minibatch_linear_cka(x: np.ndarray, y: np.ndarray, m: int) -> float:
-    """Unbiased minibatch linear CKA in float64 over consecutive row blocks of size ``m``.
-
-    ``x`` is (n, p), ``y`` is (n, q) with the same rows; HSIC_1 (Song et al. 2012) of the
-    U-centered Grams (Szekely & Rizzo 2014), summed over blocks before the ratio.
-    """
-
-    def u_centered(gram: np.ndarray) -> np.ndarray:
-        n = gram.shape[0]
-        gram = gram.copy()
-        np.fill_diagonal(gram, 0.0)
-        column = gram.sum(0) / (n - 2)
-        u = gram - column[:, None] - column[None, :] + gram.sum() / ((n - 1) * (n - 2))
-        np.fill_diagonal(u, 0.0)
-        return u
-
-    xy = xx = yy = 0.0
-    for start in range(0, x.shape[0] - m + 1, m):
-        block_x = x[start : start + m].astype(np.float64)
-        block_y = y[start : start + m].astype(np.float64)
-        gram_x, gram_y = u_centered(block_x @ block_x.T), u_centered(block_y @ block_y.T)
-        xy += (gram_x * gram_y).sum()
-        xx += (gram_x * gram_x).sum()
-        yy += (gram_y * gram_y).sum()
-    return xy / np.sqrt(xx * yy)
-
-
 @pytest.mark.slurm
 @pytest.mark.slow
 def test_small_study_runs_through_slurm_with_ckapipe_run(slurm_cluster: SlurmCluster, tmp_path):
@@ -340,7 +314,7 @@ def test_small_study_runs_through_slurm_with_ckapipe_run(slurm_cluster: SlurmClu
         name: ActivationStore.open(tmp_path / study_result.provenance["models"][name]["store"])
         for name in ("mlp_s0", "cnn_s0")
     }
-    reference = _minibatch_linear_cka(
+    reference = minibatch_linear_cka(
         stores["mlp_s0"].read("relu2"), stores["cnn_s0"].read("relu3"), 128
     )
     assert study_result.pair("mlp_s0", "cnn_s0").cka[1, 2] == pytest.approx(reference, abs=1e-9)
