@@ -1,11 +1,11 @@
 """The activation store: one zarr v3 group per model × dataset. Both stages use this module.
 
-Layout (format ``ckapipe.activation-store``, version 1)::
+Layout (format ``ckapipe.activation-store``, version 2)::
 
     STORE/                      zarr v3 group
       zarr.json                 attributes (below)
       sample_ids                (n,) int64: dataset index of each stored row
-      layers/<layer name>       (n, p) activations, dimension_names ("sample", "feature")
+      layers/<layer name>       (n, p) activations, dimension_names ("sample", "feature:<name>")
       .writer.lock              advisory lock held by the one writer (not part of the format)
 
 Rows are samples in the order they were written: a seeded random permutation of the dataset by
@@ -19,14 +19,14 @@ Root attributes: ``format``, ``format_version``, ``n_samples``, ``layers`` (list
 selection order), ``dtype`` (logical dtype), ``codec``, ``row_block``, ``sample_ids_sha256``,
 ``rows_complete``, ``complete`` (written last, with ``completed_at``), plus the provenance the
 writer passes (model and dataset specs, weights hash, seed, order, input fingerprint, versions,
-timestamps). bfloat16 is stored as uint16 bit patterns (zarr 3 has no bfloat16) with the
+timestamps). Every array carries a CRC-32C checksum per chunk and every chunk of its grid is
+written (see :mod:`ckapipe.formats`), so :meth:`ActivationStore.open` refuses a complete store with
+a deleted chunk and a read of a damaged chunk fails instead of returning zeros. bfloat16 is stored as uint16 bit patterns (zarr 3 has no bfloat16) with the
 array attribute ``logical_dtype = "bfloat16"``; :meth:`ActivationStore.read` decodes it.
 """
 
 from __future__ import annotations
 
-import datetime as _dt
-import fcntl
 import hashlib
 import json
 import math
@@ -39,6 +39,17 @@ from typing import Any
 
 import numpy as np
 import zarr
+
+from ckapipe.errors import FormatError, IncompleteError, WriterLockedError
+from ckapipe.formats import (
+    WriterLock,
+    check_chunks,
+    check_format,
+    create_array,
+    now,
+    writable,
+    write_attrs,
+)
 
 __all__ = [
     "FORMAT_NAME",
@@ -54,7 +65,7 @@ __all__ = [
 ]
 
 FORMAT_NAME = "ckapipe.activation-store"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 LOGICAL_DTYPES = ("float16", "float32", "bfloat16")
 CODECS = ("none", "zstd")
 FLOAT16_MAX = 65504.0
@@ -77,15 +88,15 @@ LAYOUT_ATTRS = frozenset(
 )
 
 
-class StoreError(Exception):
+class StoreError(FormatError):
     """A store is missing, malformed or used in a way its format does not allow."""
 
 
-class IncompleteStoreError(StoreError):
+class IncompleteStoreError(StoreError, IncompleteError):
     """The store has no completion flag: its writer was interrupted or is still running."""
 
 
-class StoreLockedError(StoreError):
+class StoreLockedError(StoreError, WriterLockedError):
     """Another process is writing this store (one writer per store)."""
 
 
@@ -157,10 +168,6 @@ def _chunk_shape(n_rows: int, n_features: int, itemsize: int, row_block: int) ->
     return rows, columns
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
-
-
 class ActivationStore:
     """A per-layer activation store on disk (zarr v3). Create with :meth:`create`, read with :meth:`open`.
 
@@ -170,23 +177,25 @@ class ActivationStore:
     """
 
     def __init__(
-        self, group: zarr.Group, path: Path, *, writable: bool, lock_fd: int | None = None
+        self, group: zarr.Group, path: Path, *, writable: bool, lock: WriterLock | None = None
     ):
         self._group = group
         self.path = path
         self.writable = writable
-        self._lock_fd = lock_fd
+        self._lock = lock
         attrs = dict(group.attrs)
-        if attrs.get("format") != FORMAT_NAME:
-            raise StoreError(
-                f"{path} is not a ckapipe activation store (format attribute is "
-                f"{attrs.get('format')!r}); create one with `ckapipe extract` or `ckapipe import-h5`"
+        try:
+            check_format(
+                attrs,
+                path,
+                name=FORMAT_NAME,
+                version=FORMAT_VERSION,
+                what="activation store",
+                remedy="create one with `ckapipe extract` or `ckapipe import-h5` (a store of an "
+                "older format must be re-extracted)",
             )
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise StoreError(
-                f"{path} has store format version {attrs.get('format_version')}, this ckapipe "
-                f"reads version {FORMAT_VERSION}; re-extract it with this version"
-            )
+        except FormatError as error:
+            raise StoreError(str(error)) from None
         self.layers = [LayerRecord.from_dict(d) for d in attrs["layers"]]
         self._by_name = {layer.name: layer for layer in self.layers}
         self.n_samples = int(attrs["n_samples"])
@@ -265,12 +274,13 @@ class ActivationStore:
         staging = path.parent / f".{path.name}.creating-{os.getpid()}"
         shutil.rmtree(staging, ignore_errors=True)
         staging.mkdir()
-        lock_fd = _acquire_writer_lock(staging)
+        lock = _writer_lock(staging)
         try:
             n = int(sample_ids.size)
             # mode "a", not "w": "w" would wipe the directory, lock file included
             root = zarr.open_group(str(staging), mode="a", zarr_format=3)
-            root.attrs.update(
+            write_attrs(
+                root,
                 {
                     **dict(attrs or {}),
                     "format": FORMAT_NAME,
@@ -283,37 +293,36 @@ class ActivationStore:
                     "sample_ids_sha256": sample_ids_digest(sample_ids),
                     "rows_complete": 0,
                     "complete": False,
-                    "created_at": _now(),
-                }
+                    "created_at": now(),
+                },
             )
-            ids = root.create_array(
+            ids = create_array(
+                root,
                 "sample_ids",
                 shape=(n,),
                 chunks=(min(n, 1 << 20),),
                 dtype="int64",
                 dimension_names=("sample",),
-                compressors=None,
             )
             ids[:] = sample_ids
             storage_dtype = "uint16" if dtype == "bfloat16" else dtype
             itemsize = np.dtype(storage_dtype).itemsize
-            compressors = (
-                [zarr.codecs.ZstdCodec(level=3)] if codec == "zstd" else None
-            )  # None: no codec at all
             layer_group = root.require_group("layers")
             for layer in layers:
-                chunks = _chunk_shape(n, layer.n_features, itemsize, row_block)
-                array = layer_group.create_array(
+                create_array(
+                    layer_group,
                     layer.name,
                     shape=(n, layer.n_features),
-                    chunks=chunks,
+                    chunks=_chunk_shape(n, layer.n_features, itemsize, row_block),
                     dtype=storage_dtype,
-                    dimension_names=("sample", "feature"),
-                    compressors=compressors,
+                    dimension_names=("sample", f"feature:{layer.name}"),
+                    compression=codec,
                     fill_value=0,
-                )
-                array.attrs.update(
-                    {"layer": layer.name, "logical_dtype": dtype, "shape": list(layer.shape)}
+                    attributes={
+                        "layer": layer.name,
+                        "logical_dtype": dtype,
+                        "shape": list(layer.shape),
+                    },
                 )
             try:
                 os.rename(staging, path)  # atomic; replaces `path` only if it is an empty folder
@@ -322,12 +331,13 @@ class ActivationStore:
                     f"{path} was created by another process while this one was creating it; "
                     "one writer per store"
                 ) from None
+            lock.path = path / _LOCK_NAME
             root = zarr.open_group(str(path), mode="r+")
-            store = cls(root, path, writable=True, lock_fd=lock_fd)
+            store = cls(root, path, writable=True, lock=lock)
             store._sample_ids = sample_ids
         except BaseException:
             # a failed create must not keep this process's lock (a retry would be refused)
-            os.close(lock_fd)
+            lock.release()
             shutil.rmtree(staging, ignore_errors=True)
             raise
         return store
@@ -337,11 +347,11 @@ class ActivationStore:
         """Reopen an interrupted (incomplete) store for writing, from ``rows_complete`` on."""
         path = Path(path)
         _require_store_dir(path)
-        lock_fd = _acquire_writer_lock(path)
+        lock = _writer_lock(path)
         try:
-            store = cls(zarr.open_group(str(path), mode="r+"), path, writable=True, lock_fd=lock_fd)
+            store = cls(zarr.open_group(str(path), mode="r+"), path, writable=True, lock=lock)
         except BaseException:
-            os.close(lock_fd)
+            lock.release()
             raise
         if store.is_complete:
             store.close()
@@ -362,7 +372,21 @@ class ActivationStore:
                 "no completion flag): its extraction was interrupted or is still running. "
                 "Re-run the same `ckapipe extract` command to resume it."
             )
+        store.check_chunks()
         return store
+
+    def check_chunks(self) -> None:
+        """Refuse a store with a deleted chunk among the rows it claims (cheap: lists files).
+
+        Raises :class:`~ckapipe.errors.IntegrityError` naming the layer and chunk.
+        """
+        rows = None if self.is_complete else self.rows_complete
+        check_chunks(
+            self.path,
+            rows={f"layers/{name}": rows for name in self.layer_names}
+            if rows is not None
+            else None,
+        )
 
     # -- reading ----------------------------------------------------------------------------
     @property
@@ -480,7 +504,7 @@ class ActivationStore:
                 )
             encoded[layer.name] = self._encode(layer.name, values, start)
         for name, values in encoded.items():
-            self._group["layers"][name][start : start + k, :] = values
+            writable(self._group["layers"][name])[start : start + k, :] = values
 
     def set_rows_complete(self, rows: int, **extra_attrs: Any) -> None:
         """Record that rows ``0:rows`` of every layer are durably written (the resume point).
@@ -489,7 +513,7 @@ class ActivationStore:
         in the same metadata update, so they always match ``rows_complete``.
         """
         self._require_writable()
-        self._group.attrs.update({**extra_attrs, "rows_complete": int(rows)})
+        write_attrs(self._group, {**extra_attrs, "rows_complete": int(rows)})
 
     def mark_complete(self, **extra_attrs: Any) -> None:
         """Write the completion flag, last. Until then readers refuse the store."""
@@ -498,14 +522,14 @@ class ActivationStore:
             raise StoreError(
                 f"cannot mark {self.path} complete: {self.rows_complete} of {self.n_samples} rows written"
             )
-        self._group.attrs.update({**extra_attrs, "completed_at": _now()})
-        self._group.attrs["complete"] = True
+        write_attrs(self._group, {**extra_attrs, "completed_at": now()})
+        write_attrs(self._group, {"complete": True})
 
     def close(self) -> None:
         """Release the writer lock (readers hold none)."""
-        if self._lock_fd is not None:
-            os.close(self._lock_fd)
-            self._lock_fd = None
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     def __enter__(self) -> ActivationStore:
         return self
@@ -514,7 +538,7 @@ class ActivationStore:
         self.close()
 
     def _require_writable(self) -> None:
-        if not self.writable or self._lock_fd is None:
+        if not self.writable or self._lock is None:
             raise StoreError(f"{self.path} is open read-only")
 
     def _encode(self, name: str, values: np.ndarray, start: int) -> np.ndarray:
@@ -603,17 +627,9 @@ def _require_store_dir(path: Path) -> None:
         raise StoreError(f"{path} is not a zarr store (no zarr.json); check the path")
 
 
-def _acquire_writer_lock(path: Path) -> int:
-    fd = os.open(path / _LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+def _writer_lock(store_dir: Path) -> WriterLock:
+    """The one-writer lock of a store: a file inside it, so that it moves with a staged store."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        holder = os.read(fd, 64).decode(errors="replace").strip() or "unknown"
-        os.close(fd)
-        raise StoreLockedError(
-            f"{path} is being written by another process (pid {holder}); one writer per store: "
-            "wait for it, or write to another --out"
-        ) from None
-    os.ftruncate(fd, 0)
-    os.write(fd, str(os.getpid()).encode())
-    return fd
+        return WriterLock(store_dir / _LOCK_NAME, what=f"store {store_dir}").acquire()
+    except WriterLockedError as error:
+        raise StoreLockedError(str(error)) from None

@@ -53,7 +53,7 @@ def test_cnn_4d_outputs_match_direct_forward(tmp_path):
     assert [layer.n_features for layer in store.layers] == [512, 512, 512, 10]
     assert store.is_complete and store.n_samples == 40
     np.testing.assert_array_equal(store.sample_ids, np.random.default_rng(0).permutation(40))
-    assert store.array("0").metadata.dimension_names == ("sample", "feature")
+    assert store.array("0").metadata.dimension_names == ("sample", "feature:0")
 
     net = models.make_cnn().eval()
     x = models.image_dataset(40).tensors[0]
