@@ -12,8 +12,8 @@ import time
 from pathlib import Path
 
 import numpy as np
-import zarr
 import pytest
+import zarr
 
 from ckapipe.store import (
     ActivationStore,
