@@ -52,6 +52,7 @@ from ckapipe.analyze.intervals import (
     permutation_p_value,
     ratio_cka,
 )
+from ckapipe.errors import UsageError
 
 if TYPE_CHECKING:
     from ckapipe.analyze.gram_cache import GramCache
@@ -82,7 +83,7 @@ BANDWIDTH_RULE = (
 _WORK_ELEMENTS = 1 << 24
 
 
-class StudyError(ValueError):
+class StudyError(UsageError):
     """The caches or options of a study do not fit together; the message says what to change."""
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from ckapipe.errors import UsageError
 from ckapipe.extract.layers import LayerSelectionError, LayerSelector
 
 __all__ = [
@@ -43,7 +44,7 @@ __all__ = [
 REDUCTIONS = ("flatten", "mean", "cls", "masked_mean")
 
 
-class CaptureError(ValueError):
+class CaptureError(UsageError):
     """A layer output cannot be captured as asked (wrong type, not per-sample, changing shape)."""
 
 

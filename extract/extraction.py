@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from ckapipe.errors import UsageError
 from ckapipe.extract.capture import (
     REDUCTIONS,
     CaptureError,
@@ -100,7 +101,7 @@ IDENTITY_FIELDS = (
 )
 
 
-class ExtractionError(ValueError):
+class ExtractionError(UsageError):
     """An extraction cannot run as asked (bad argument, mismatched resume, unusable dataset)."""
 
 

@@ -23,6 +23,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, NamedTuple
 
+from ckapipe.errors import UsageError
+
 if TYPE_CHECKING:
     import torch
 
@@ -37,7 +39,7 @@ __all__ = [
 _CALL_SUFFIX = re.compile(r"^(?P<pattern>.*)@(?P<call>\d+)$")
 
 
-class LayerSelectionError(ValueError):
+class LayerSelectionError(UsageError):
     """A layer selection names no module, an ambiguous module call, or a layer that did not run."""
 
 

@@ -48,6 +48,8 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 
 import numpy as np
 
+from ckapipe.errors import UsageError
+
 if TYPE_CHECKING:
     import torch
 
@@ -68,7 +70,7 @@ OPTIONAL_CONSTRUCTORS = ("torchvision", "timm", "transformers")
 ARRAY_SUFFIXES = (".npy", ".zarr", ".h5", ".hdf5")
 
 
-class SpecError(ValueError):
+class SpecError(UsageError):
     """A model or dataset spec is malformed or names something that cannot be loaded."""
 
 

@@ -21,7 +21,7 @@ __version__ = "0.1.0"
 
 # public name -> module that defines it
 _PUBLIC_API: dict[str, str] = {
-    # estimator core (issue: foundation)
+    # estimator core
     "cka": "ckapipe.analyze.estimators",
     "MinibatchCKA": "ckapipe.analyze.estimators",
     "gram_linear": "ckapipe.analyze.estimators",
@@ -55,6 +55,17 @@ _PUBLIC_API: dict[str, str] = {
     "plot_result": "ckapipe.analyze.plots",
     # pipeline
     "run_study": "ckapipe.run",
+    # integrity
+    "verify": "ckapipe.verify",
+    # errors: every user-facing error derives from CkapipeError
+    "CkapipeError": "ckapipe.errors",
+    "UsageError": "ckapipe.errors",
+    "DataError": "ckapipe.errors",
+    "IncompatibleInputsError": "ckapipe.errors",
+    "FormatError": "ckapipe.errors",
+    "IncompleteError": "ckapipe.errors",
+    "WriterLockedError": "ckapipe.errors",
+    "IntegrityError": "ckapipe.errors",
 }
 
 __all__ = ["__version__", *sorted(_PUBLIC_API)]

@@ -15,12 +15,14 @@ from typing import Any
 import jsonschema
 import yaml
 
+from ckapipe.errors import UsageError
+
 __all__ = ["SCHEMA_PATH", "InvalidStudyConfig", "check_config", "config_errors"]
 
 SCHEMA_PATH = Path(__file__).parent / "schemas" / "config.schema.yaml"
 
 
-class InvalidStudyConfig(ValueError):
+class InvalidStudyConfig(UsageError):
     """The study config does not satisfy the schema or a cross-field rule."""
 
 
