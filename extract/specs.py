@@ -38,6 +38,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import importlib.util
+import inspect
 import json
 import os
 import sys
@@ -282,7 +283,8 @@ class DatasetSpec:
     def build(self) -> torch.utils.data.Dataset:
         """Construct the dataset, with the transform applied to each item's input."""
         if self.factory is not None:
-            dataset = load_callable(self.factory, "dataset factory")(**dict(self.kwargs))
+            factory = load_callable(self.factory, "dataset factory")
+            dataset = factory(**_checked_kwargs(factory, self.kwargs, self.factory, "kwargs"))
             if not hasattr(dataset, "__getitem__") or not hasattr(dataset, "__len__"):
                 raise SpecError(
                     f"dataset factory {self.factory!r} returned {type(dataset).__name__}, which is "
@@ -294,7 +296,11 @@ class DatasetSpec:
         if self.transform is not None:
             transform = load_callable(self.transform, "dataset transform")
             if self.transform_kwargs is not None:
-                transform = transform(**dict(self.transform_kwargs))
+                transform = transform(
+                    **_checked_kwargs(
+                        transform, self.transform_kwargs, self.transform, "transform_kwargs"
+                    )
+                )
             dataset = TransformedDataset(dataset, transform, self.input)
         return dataset
 
@@ -513,10 +519,35 @@ def _import_file(path: Path, what: str) -> Any:
     return module
 
 
+def _checked_kwargs(
+    target: Any, kwargs: Mapping[str, Any], name: str, field: str
+) -> dict[str, Any]:
+    """``kwargs`` if ``target`` accepts them; else a :class:`SpecError` naming the misfit.
+
+    Checked against the signature before the call, so that a TypeError raised inside the user's
+    code stays a bug with its traceback instead of being reported as a wrong spec.
+    """
+    kwargs = dict(kwargs)
+    try:
+        signature = inspect.signature(target)
+    except (TypeError, ValueError):  # builtins without a signature: let the call decide
+        return kwargs
+    try:
+        signature.bind(**kwargs)
+    except TypeError as error:
+        accepted = [p for p in signature.parameters if p not in ("self", "args", "kwargs")]
+        raise SpecError(
+            f"{name!r} does not accept the spec's {field} {sorted(kwargs)}: {error}; it takes "
+            f"{accepted} — fix the spelling in the spec's {field!r}"
+        ) from None
+    return kwargs
+
+
 def _build_model(factory: str, kwargs: dict[str, Any]) -> Any:
     package, _, name = factory.partition(":")
     if package not in OPTIONAL_CONSTRUCTORS:
-        return load_callable(factory, "model factory")(**kwargs)
+        build = load_callable(factory, "model factory")
+        return build(**_checked_kwargs(build, kwargs, factory, "kwargs"))
     try:
         module = importlib.import_module(package)
     except ImportError:
