@@ -7,9 +7,12 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -29,6 +32,7 @@ from ckapipe.analyze.study import (
     load_result,
 )
 from ckapipe.errors import FormatError, IncompleteError, IntegrityError
+from ckapipe.formats import WriterLock
 from ckapipe.store import ActivationStore, LayerRecord
 
 N = 60  # samples
@@ -806,3 +810,78 @@ def test_cli_analyze_writes_result_and_prints_summary(study_dir, tmp_path):
         [str(cache_path(study_dir, "a")), "--out", str(tmp_path / "p.zarr"), "--pairs", "a-b"],
     )
     assert bad_pairs.exit_code == 2 and "model_a:model_b" in bad_pairs.output
+
+
+# ---------------------------------------------------------------------- one writer, killed writers
+
+
+def _analyze_process(study_dir, out: Path, seed: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "ckapipe.cli", "analyze"]
+    command += [str(cache_path(study_dir, n)) for n in ("a", "b", "c")]
+    command += ["--out", str(out), "--overwrite", "--seed", str(seed), "--device", "cpu"]
+    command += ["--bootstrap", "2000", "--permutations", "50"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_lock(process: subprocess.Popen, lock: Path) -> bool:
+    """Poll until ``process`` holds the writer lock; False if it ended first."""
+    while not WriterLock.is_held(lock):
+        if process.poll() is not None:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_a_second_writer_of_the_same_result_is_refused_at_once(study_dir, tmp_path):
+    out = tmp_path / "shared.zarr"
+    lock = tmp_path / ".shared.zarr.lock"
+    for _ in range(5):
+        first = _analyze_process(study_dir, out, seed=1)
+        if _wait_for_lock(first, lock):
+            break
+        first.communicate()
+    else:
+        pytest.fail("the first writer never held the lock long enough to be seen")
+    # frozen while it holds the lock: the second writer meets a live writer, deterministically
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = _analyze_process(study_dir, out, seed=2)
+        _, err = second.communicate(timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert f"being written by another process (pid {first.pid})" in lines[0]
+    assert first.wait(timeout=120) == 0, first.communicate()[1]
+    assert load_result(out).provenance["seed"] == 1
+
+
+def test_a_killed_overwrite_leaves_the_old_or_the_new_result_with_its_csv(study_dir, tmp_path):
+    out = tmp_path / "killed.zarr"
+    lock = tmp_path / ".killed.zarr.lock"
+    analyze_study([cache_path(study_dir, n) for n in "abc"], out, n_bootstrap=10, device="cpu")
+    # how long a writer holds the lock, so the kills below fall all over that time
+    whole = _analyze_process(study_dir, out, seed=1)
+    assert _wait_for_lock(whole, lock)
+    start = time.perf_counter()
+    assert whole.wait(timeout=120) == 0
+    held = time.perf_counter() - start
+    seeds = {1}
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for seed in range(2, 7):
+        writer = _analyze_process(study_dir, out, seed=seed)
+        if _wait_for_lock(writer, lock):
+            time.sleep(rng.uniform(0, held))
+            writer.kill()
+        writer.communicate()
+        outcomes.append(writer.returncode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a CSV rewritten from its group warns
+            result = load_result(out)
+        assert result.provenance["seed"] in seeds | {seed}, (seed, result.provenance["seed"])
+        seeds.add(result.provenance["seed"])
+        recorded = result.provenance["csv"]["sha256"]
+        assert hashlib.sha256(csv_path_for(out).read_bytes()).hexdigest() == recorded
+    assert -signal.SIGKILL in outcomes, outcomes  # at least one run was killed mid-way
