@@ -584,12 +584,16 @@ def load_result(path: str | os.PathLike[str], *, repair: bool = True) -> StudyRe
         raise ResultError(f"{path} is not a zarr group (no zarr.json); check the path")
     root = zarr.open_group(str(path), mode="r")
     attrs = dict(root.attrs)
+    ours = attrs.get("format") == RESULT_FORMAT
     try:
         check_format(
-            attrs, path, name=RESULT_FORMAT, version=RESULT_FORMAT_VERSION, what="CKA result",
-            remedy=REMEDY if attrs.get("format") == RESULT_FORMAT else "create one with "
-            "`ckapipe analyze`",
-        )  # fmt: skip
+            attrs,
+            path,
+            name=RESULT_FORMAT,
+            version=RESULT_FORMAT_VERSION,
+            what="CKA result",
+            remedy=REMEDY if ours else "create one with `ckapipe analyze`",
+        )
     except FormatError as error:
         raise ResultError(str(error)) from None
     if attrs.get("complete") is not True:
