@@ -267,7 +267,9 @@ def result_writer(
     :class:`~ckapipe.errors.WriterLockedError` instead of computing for nothing. The yielded
     ``write(study)`` writes the group into the staging folder and the CSV beside ``out``; the
     group is renamed into place when the block ends. It returns the root attributes as stored.
-    Nothing is written to ``out`` unless ``write`` was called and the block ended normally.
+    The group at ``out`` is replaced only when ``write`` was called and the block ended
+    normally; the CSV is placed by ``write`` itself (a CSV that then does not match the group at
+    ``out`` is rewritten by :func:`load_result`).
     """
     out = Path(out)
     written: list[bool] = []
@@ -294,7 +296,10 @@ def result_writer(
 
 
 def write_result(study: StudyResult, out: str | os.PathLike[str], *, overwrite: bool) -> None:
-    """Write ``study`` as a result at ``out`` (and its CSV beside it) in one locked step."""
+    """Write ``study`` as a result at ``out`` (and its CSV beside it) in one locked step.
+
+    ``study.provenance`` becomes the root attributes as stored (what :func:`load_result` reads).
+    """
     with result_writer(out, overwrite=overwrite) as write:
         study.provenance = write(study)
 
