@@ -44,12 +44,13 @@ def plot(result: Path, out_dir: Path, annotate: bool | None, dpi: float) -> None
     """
     # matplotlib is imported only when the command runs, so `ckapipe --help` stays fast
     from ckapipe.analyze.plots import plot_result
+    from ckapipe.errors import CkapipeError
 
     try:
         written = plot_result(
             result, out_dir, annotate="auto" if annotate is None else annotate, dpi=dpi
         )
-    except (ValueError, KeyError, FileNotFoundError) as error:
+    except (CkapipeError, ValueError, KeyError, FileNotFoundError) as error:
         raise click.ClickException(f"cannot plot {result}: {error}") from error
     for path in written:
         click.echo(str(path))

@@ -140,6 +140,7 @@ def analyze(
     """
     from ckapipe.analyze.estimators import DegenerateLayerWarning
     from ckapipe.analyze.study import StudyError, analyze_study, csv_path_for
+    from ckapipe.errors import CkapipeError
 
     try:
         with warnings.catch_warnings():
@@ -161,7 +162,8 @@ def analyze(
                 device=device,
                 overwrite=overwrite,
             )
-    except StudyError as error:
+    except (StudyError, CkapipeError) as error:
+        # one line saying what is wrong and what to do, exit status 1
         raise click.ClickException(str(error)) from error
 
     shared = set.intersection(*(set(pair.diagnostics) for pair in study.pairs.values()))

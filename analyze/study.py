@@ -23,20 +23,16 @@ Estimators
 Self-pairs (a model with itself: within-model layer similarity, symmetric with ones on the
 diagonal) are included by default (``include_self=True``).
 
-Result format: see ``docs/CONTRACTS.md`` ("Result format"); a tidy CSV is written beside it.
+Result format: :mod:`ckapipe.analyze.result` (which also defines :class:`StudyResult`,
+:class:`PairResult`, :func:`load_result`, re-exported here); a tidy CSV is written beside it.
 """
 
 from __future__ import annotations
 
-import csv
-import datetime as _dt
-import math
 import os
-import platform
-import shutil
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -52,7 +48,21 @@ from ckapipe.analyze.intervals import (
     permutation_p_value,
     ratio_cka,
 )
+from ckapipe.analyze.result import (
+    CSV_COLUMNS,
+    RESULT_FORMAT,
+    RESULT_FORMAT_VERSION,
+    PairResult,
+    StudyResult,
+    csv_path_for,
+    is_result,
+    load_result,
+    result_writer,
+    write_result,
+)
+from ckapipe.analyze.result import jsonable as _jsonable
 from ckapipe.errors import UsageError
+from ckapipe.formats import now, versions
 
 if TYPE_CHECKING:
     from ckapipe.analyze.gram_cache import GramCache
@@ -67,11 +77,9 @@ __all__ = [
     "analyze_study",
     "csv_path_for",
     "load_result",
+    "write_result",
 ]
 
-RESULT_FORMAT = "ckapipe.cka-result"
-RESULT_FORMAT_VERSION = 1
-CSV_COLUMNS = ("model_a", "model_b", "layer_a", "layer_b", "cka", "ci_low", "ci_high", "p_value")
 Estimator = Literal["minibatch", "debiased", "biased"]
 ESTIMATORS = ("minibatch", "debiased", "biased")
 BANDWIDTH_RULE = (
@@ -85,92 +93,6 @@ _WORK_ELEMENTS = 1 << 24
 
 class StudyError(UsageError):
     """The caches or options of a study do not fit together; the message says what to change."""
-
-
-@dataclass
-class PairResult:
-    """CKA of every layer pair of one model pair, as labeled numpy arrays.
-
-    Attributes
-    ----------
-    model_a, model_b : model names (equal for a self-comparison).
-    layers_a, layers_b : layer names; rows / columns of the arrays.
-    cka, ci_low, ci_high : (La, Lb) float64. NaN where a layer's self-HSIC is not positive, and
-        intervals NaN where none can be computed (see ``diagnostics``).
-    p_value : (La, Lb) float64 permutation p-values, or None when not computed.
-    diagnostics : human-readable notes on degenerate layers and missing intervals.
-    hsic_per_batch : (B, La, Lb) per-batch HSIC (full mode: one row, the exact HSIC).
-    self_a_per_batch, self_b_per_batch : (B, La), (B, Lb) per-batch self-HSIC.
-    """
-
-    model_a: str
-    model_b: str
-    layers_a: list[str]
-    layers_b: list[str]
-    cka: np.ndarray
-    ci_low: np.ndarray
-    ci_high: np.ndarray
-    p_value: np.ndarray | None = None
-    diagnostics: list[str] = field(default_factory=list)
-    hsic_per_batch: np.ndarray | None = None
-    self_a_per_batch: np.ndarray | None = None
-    self_b_per_batch: np.ndarray | None = None
-
-    @property
-    def is_self_comparison(self) -> bool:
-        return self.model_a == self.model_b
-
-    def transposed(self) -> PairResult:
-        """The same comparison seen from model b: every (La, Lb) array becomes (Lb, La)."""
-
-        def t(x: np.ndarray | None, axes: tuple[int, ...]) -> np.ndarray | None:
-            return None if x is None else np.transpose(x, axes)
-
-        return replace(
-            self,
-            model_a=self.model_b,
-            model_b=self.model_a,
-            layers_a=list(self.layers_b),
-            layers_b=list(self.layers_a),
-            cka=self.cka.T,
-            ci_low=self.ci_low.T,
-            ci_high=self.ci_high.T,
-            p_value=t(self.p_value, (1, 0)),
-            hsic_per_batch=t(self.hsic_per_batch, (0, 2, 1)),
-            self_a_per_batch=self.self_b_per_batch,
-            self_b_per_batch=self.self_a_per_batch,
-        )
-
-
-@dataclass
-class StudyResult:
-    """All model pairs of a study.
-
-    Attributes
-    ----------
-    models : model names in study order.
-    pairs : {(model_a, model_b): PairResult} for the computed pairs.
-    provenance : the result's root attributes (estimator, caches, stores, seeds, versions …).
-    path : the result group on disk, if any.
-    """
-
-    models: list[str]
-    pairs: dict[tuple[str, str], PairResult]
-    provenance: dict[str, Any]
-    path: Path | None = None
-
-    def pair(self, model_a: str, model_b: str) -> PairResult:
-        """The comparison of ``model_a`` (rows) with ``model_b`` (columns).
-
-        A pair stored as (b, a) is returned transposed. Raises ``KeyError`` naming the pairs
-        the study holds.
-        """
-        if (model_a, model_b) in self.pairs:
-            return self.pairs[(model_a, model_b)]
-        if (model_b, model_a) in self.pairs:
-            return self.pairs[(model_b, model_a)].transposed()
-        held = ", ".join(f"{a}:{b}" for a, b in self.pairs)
-        raise KeyError(f"no pair {model_a}:{model_b} in this study; it holds {held}")
 
 
 # ------------------------------------------------------------------------------ public API
@@ -240,6 +162,46 @@ def analyze_study(
         raise StudyError(f"seed must be >= 0, got {seed}")
     out = Path(out)
     _check_out(out, overwrite)
+    # the writer lock is held from here to the end: a second writer of `out` is refused at once
+    with result_writer(out, overwrite=overwrite) as write:
+        study = _compute_study(
+            gram_caches,
+            out,
+            names=names,
+            estimator=estimator,
+            kernel=kernel,
+            threshold=threshold,
+            ci_level=ci_level,
+            n_bootstrap=n_bootstrap,
+            n_permutations=n_permutations,
+            seed=seed,
+            pairs=pairs,
+            include_self=include_self,
+            device=device,
+        )
+        # the provenance as stored (JSON-normalised, with the completion flag), as load_result
+        # gives it
+        study.provenance = write(study)
+    return study
+
+
+def _compute_study(
+    gram_caches: Sequence[str | os.PathLike[str] | GramCache],
+    out: Path,
+    *,
+    names: Sequence[str] | None,
+    estimator: Estimator,
+    kernel: str | None,
+    threshold: float | None,
+    ci_level: float,
+    n_bootstrap: int,
+    n_permutations: int,
+    seed: int,
+    pairs: str | Sequence[tuple[str, str]],
+    include_self: bool,
+    device: str,
+) -> StudyResult:
+    """Everything :func:`analyze_study` computes, with its arguments checked; nothing written."""
     caches = [_open_cache(c) for c in gram_caches]
     if not caches:
         raise StudyError("no Gram caches given: pass one cache per model")
@@ -281,8 +243,8 @@ def analyze_study(
         "partition": _jsonable(caches[0].partition),
         "batches": [int(b) for b in caches[0].batches] if mode == "minibatch" else [],
         "device": str(torch_device),
-        "versions": _versions(),
-        "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "versions": versions(),
+        "created": now(),
     }
 
     if mode == "minibatch":
@@ -344,75 +306,7 @@ def analyze_study(
     if provenance["kernel"] == "rbf":
         provenance["bandwidth_rule"] = BANDWIDTH_RULE
 
-    study = StudyResult(models=model_names, pairs=results, provenance=provenance, path=out)
-    _write_result(study, out, overwrite=overwrite)
-    # the provenance as stored (JSON-normalised, with the completion flag), as load_result gives it
-    study.provenance = dict(zarr.open_group(str(out), mode="r").attrs)
-    return study
-
-
-def csv_path_for(result_path: str | os.PathLike[str]) -> Path:
-    """The tidy CSV written beside a result: ``RESULT.zarr`` → ``RESULT.csv``."""
-    path = Path(result_path)
-    return path.with_suffix(".csv") if path.suffix else path.with_name(path.name + ".csv")
-
-
-def load_result(path: str | os.PathLike[str]) -> StudyResult:
-    """Read a result written by :func:`analyze_study`.
-
-    Parameters
-    ----------
-    path : the ``RESULT.zarr`` group.
-
-    Returns
-    -------
-    StudyResult with one :class:`PairResult` per stored pair.
-
-    Raises
-    ------
-    StudyError
-        Not a ckapipe result, another format version, or incomplete (its writer was interrupted).
-    """
-    path = Path(path)
-    if not (path / "zarr.json").is_file():
-        raise StudyError(f"{path} is not a zarr group (no zarr.json); check the path")
-    root = zarr.open_group(str(path), mode="r")
-    attrs = dict(root.attrs)
-    if attrs.get("format") != RESULT_FORMAT:
-        raise StudyError(
-            f"{path} is not a ckapipe CKA result (format {attrs.get('format')!r}); "
-            "create one with `ckapipe analyze`"
-        )
-    if attrs.get("format_version") != RESULT_FORMAT_VERSION:
-        raise StudyError(
-            f"{path} has result format version {attrs.get('format_version')}, this ckapipe reads "
-            f"version {RESULT_FORMAT_VERSION}; re-run `ckapipe analyze`"
-        )
-    if attrs.get("complete") is not True:
-        raise StudyError(
-            f"{path} is incomplete (no completion flag): `ckapipe analyze` was interrupted while "
-            "writing it; run it again (with --overwrite)"
-        )
-    results: dict[tuple[str, str], PairResult] = {}
-    for model_a, model_b in attrs["pairs"]:
-        group = root[f"pairs/{_pair_key(model_a, model_b)}"]
-        g_attrs = dict(group.attrs)
-        p_value = group["p_value"][...] if "p_value" in group else None
-        results[(model_a, model_b)] = PairResult(
-            model_a=g_attrs["model_a"],
-            model_b=g_attrs["model_b"],
-            layers_a=list(g_attrs["layers_a"]),
-            layers_b=list(g_attrs["layers_b"]),
-            cka=group["cka"][...],
-            ci_low=group["ci_low"][...],
-            ci_high=group["ci_high"][...],
-            p_value=p_value,
-            diagnostics=list(g_attrs["diagnostics"]),
-            hsic_per_batch=group["hsic_per_batch"][...],
-            self_a_per_batch=group["self_a_per_batch"][...],
-            self_b_per_batch=group["self_b_per_batch"][...],
-        )
-    return StudyResult(models=list(attrs["models"]), pairs=results, provenance=attrs, path=path)
+    return StudyResult(models=model_names, pairs=results, provenance=provenance, path=out)
 
 
 # ------------------------------------------------------------------------------ inputs
@@ -598,7 +492,7 @@ def _check_out(out: Path, overwrite: bool) -> None:
             raise StudyError(
                 f"{out} already exists; choose another --out or pass --overwrite to replace it"
             )
-        if not _is_result(out):
+        if not is_result(out):
             raise StudyError(
                 f"{out} exists and is not a ckapipe CKA result; refusing to overwrite it"
             )
@@ -606,13 +500,6 @@ def _check_out(out: Path, overwrite: bool) -> None:
         raise StudyError(
             f"{csv_path} already exists; choose another --out or pass --overwrite to replace it"
         )
-
-
-def _is_result(path: Path) -> bool:
-    try:
-        return zarr.open_group(str(path), mode="r").attrs.get("format") == RESULT_FORMAT
-    except Exception:  # noqa: BLE001 - anything unreadable is not a result
-        return False
 
 
 def _choice(value: str, allowed: Sequence[str], what: str) -> str:
@@ -980,109 +867,6 @@ def _full_gram_rows(cache: GramCache, layer: str, start: int, stop: int) -> np.n
     blocks per the Gram cache format), read without loading the whole matrix."""
     group = zarr.open_group(str(_cache_path(cache)), mode="r")
     return group["grams"][layer][start:stop, :]
-
-
-# ------------------------------------------------------------------------------ writing
-
-
-def _pair_key(model_a: str, model_b: str) -> str:
-    return f"{model_a}--{model_b}"
-
-
-def _write_result(study: StudyResult, out: Path, *, overwrite: bool) -> None:
-    """Write the zarr group, then the CSV, then the completion flag (last)."""
-    if out.exists() and overwrite:
-        shutil.rmtree(out)
-    root = zarr.open_group(str(out), mode="w-", zarr_format=3)
-    root.attrs.update(_jsonable({**study.provenance, "complete": False}))
-    pairs_group = root.create_group("pairs")
-    for (a, b), pair in study.pairs.items():
-        group = pairs_group.create_group(_pair_key(a, b))
-        group.attrs.update(
-            {
-                "model_a": a,
-                "model_b": b,
-                "layers_a": pair.layers_a,
-                "layers_b": pair.layers_b,
-                "diagnostics": pair.diagnostics,
-                "n_batches": int(pair.hsic_per_batch.shape[0]),
-            }
-        )
-        layer_dims = ("layer_a", "layer_b")
-        arrays: dict[str, tuple[np.ndarray, tuple[str, ...]]] = {
-            "cka": (pair.cka, layer_dims),
-            "ci_low": (pair.ci_low, layer_dims),
-            "ci_high": (pair.ci_high, layer_dims),
-            "hsic_per_batch": (pair.hsic_per_batch, ("batch", "layer_a", "layer_b")),
-            "self_a_per_batch": (pair.self_a_per_batch, ("batch", "layer_a")),
-            "self_b_per_batch": (pair.self_b_per_batch, ("batch", "layer_b")),
-        }
-        if pair.p_value is not None:
-            arrays["p_value"] = (pair.p_value, layer_dims)
-        for name, (values, dims) in arrays.items():
-            group.create_array(
-                name,
-                data=np.ascontiguousarray(values, dtype=np.float64),
-                dimension_names=dims,
-                fill_value=np.nan,
-            )
-    _write_csv(study, csv_path_for(out))
-    root.attrs["complete"] = True
-
-
-def _write_csv(study: StudyResult, path: Path) -> None:
-    """One row per model pair × layer pair; floats in full precision (``repr``), NaN as ``nan``,
-    an empty ``p_value`` when none was computed."""
-    tmp = path.with_name(path.name + ".partial")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(CSV_COLUMNS)
-        for (a, b), pair in study.pairs.items():
-            for i, layer_a in enumerate(pair.layers_a):
-                for j, layer_b in enumerate(pair.layers_b):
-                    p = "" if pair.p_value is None else repr(float(pair.p_value[i, j]))
-                    writer.writerow(
-                        [
-                            a,
-                            b,
-                            layer_a,
-                            layer_b,
-                            repr(float(pair.cka[i, j])),
-                            repr(float(pair.ci_low[i, j])),
-                            repr(float(pair.ci_high[i, j])),
-                            p,
-                        ]
-                    )
-    tmp.replace(path)
-
-
-def _versions() -> dict[str, str]:
-    import ckapipe
-
-    return {
-        "ckapipe": ckapipe.__version__,
-        "python": platform.python_version(),
-        "numpy": np.__version__,
-        "torch": torch.__version__,
-        "zarr": zarr.__version__,
-    }
-
-
-def _jsonable(value: Any) -> Any:
-    """Attributes must be JSON: numpy scalars/arrays to Python, NaN/inf to strings."""
-    if isinstance(value, Mapping):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return _jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return _jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def _short(digest: Any) -> str:

@@ -26,8 +26,10 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import zarr
 
 from ckapipe.analyze.gram_cache import GramCache, build_gram_cache
+from ckapipe.analyze.result import StudyResult, jsonable, write_result
 from ckapipe.analyze.study import _lockstep, _minibatch_pairs, _resolve_device, analyze_study
 from ckapipe.store import ActivationStore, LayerRecord
 
@@ -57,6 +59,31 @@ def make_store(path: Path, n: int, layers: int, width: int, seed: int, sample_id
     return path
 
 
+def write_v1(study: StudyResult, out: Path) -> None:
+    """The result writer of format version 1 (a group per pair, attributes set key by key),
+    kept here only to time it beside the current writer; its CSV is not written."""
+    root = zarr.open_group(str(out), mode="w-", zarr_format=3)
+    root.attrs.update(jsonable({**study.provenance, "complete": False}))
+    pairs_group = root.create_group("pairs")
+    for (a, b), pair in study.pairs.items():
+        group = pairs_group.create_group(f"{a}--{b}")
+        group.attrs.update(
+            {
+                "model_a": a,
+                "model_b": b,
+                "layers_a": pair.layers_a,
+                "layers_b": pair.layers_b,
+                "diagnostics": pair.diagnostics,
+                "n_batches": int(pair.hsic_per_batch.shape[0]),
+            }
+        )
+        for name in ("cka", "ci_low", "ci_high", "hsic_per_batch"):
+            group.create_array(name, data=np.asarray(getattr(pair, name)), fill_value=np.nan)
+        for name in ("self_a_per_batch", "self_b_per_batch"):
+            group.create_array(name, data=np.asarray(getattr(pair, name)), fill_value=np.nan)
+    root.attrs["complete"] = True
+
+
 def median_time(fn, repeats: int) -> tuple[float, list[float]]:
     times = []
     for _ in range(repeats):
@@ -64,6 +91,10 @@ def median_time(fn, repeats: int) -> tuple[float, list[float]]:
         fn()
         times.append(time.perf_counter() - t0)
     return statistics.median(times), times
+
+
+def _write_v2(study: StudyResult, out: Path) -> None:
+    write_result(study, out, overwrite=False)
 
 
 def machine() -> str:
@@ -158,14 +189,35 @@ def main() -> None:
                     device=device,
                 )
 
+            study = analyze_study(subset, workdir / f"w{m_models}.zarr", device=device)
+
+            def write(version: int, study=study, m_models=m_models, runs=runs) -> None:
+                out = workdir / f"write-v{version}-{m_models}-{next(runs)}.zarr"
+                (write_v1 if version == 1 else _write_v2)(study, out)
+
+            write_old, _ = median_time(lambda: write(1), args.repeats)
+            write_new, _ = median_time(lambda: write(2), args.repeats)
             full, full_times = median_time(lambda: step(args.bootstrap), args.repeats)
             plain, _ = median_time(lambda: step(0), args.repeats)
             reading, _ = median_time(read_only, args.repeats)
             computing, _ = median_time(compute_only, args.repeats)
-            rows.append((m_models, n_pairs, full, plain, computing, reading, full_times))
+            rows.append(
+                (
+                    m_models,
+                    n_pairs,
+                    full,
+                    plain,
+                    computing,
+                    reading,
+                    write_old,
+                    write_new,
+                    full_times,
+                )
+            )
             print(
                 f"M={m_models}: {n_pairs} pairs, all-pairs step {full:.3f} s (no bootstrap "
-                f"{plain:.3f} s, without writing {computing:.3f} s, reading {reading:.3f} s)",
+                f"{plain:.3f} s, without writing {computing:.3f} s, reading {reading:.3f} s; "
+                f"writing the result: format v1 {write_old:.3f} s, v2 {write_new:.3f} s)",
                 flush=True,
             )
     finally:
@@ -185,17 +237,20 @@ def main() -> None:
         f"`analyze_study` over all pairs (a < b plus each model with itself), medians of "
         f'{args.repeats} runs; bootstrap R = {args.bootstrap}. "reading" = iterating the M caches '
         'once in lockstep, the step\'s I/O floor; "without writing" = the same computation '
-        "(reading, products, bootstrap) without writing RESULT.zarr/CSV.",
+        '(reading, products, bootstrap) without writing RESULT.zarr/CSV; "write" = writing the '
+        "same M-model result alone with the format version 1 writer (a group per pair; kept in "
+        "this script) and the current one (version 2 with its CSV).",
         "",
         "| M models | pairs | all-pairs step (s) | without bootstrap (s) | without writing the "
-        "result (s) | reading only (s) | runs of the step (s) |",
-        "|---:|---:|---:|---:|---:|---:|---|",
+        "result (s) | reading only (s) | write, format v1 (s) | write, format v2 + CSV (s) | "
+        "runs of the step (s) |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for m_models, n_pairs, full, plain, computing, reading, times in rows:
+    for m_models, n_pairs, full, plain, computing, reading, old, new, times in rows:
         runs = ", ".join(f"{t:.2f}" for t in times)
         lines.append(
             f"| {m_models} | {n_pairs} | {full:.3f} | {plain:.3f} | {computing:.3f} | "
-            f"{reading:.3f} | {runs} |"
+            f"{reading:.3f} | {old:.3f} | {new:.3f} | {runs} |"
         )
     lines.append("")
     write_section(args.results, "\n".join(lines) + "\n")

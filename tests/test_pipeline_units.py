@@ -300,6 +300,46 @@ def test_diagonal_dominance():
     assert not diagonal_dominance(np.ones((2, 3)))
 
 
+def test_report_section_reads_a_written_result_and_its_csv(tmp_path):
+    from ckapipe.analyze.result import PairResult, StudyResult, csv_path_for, write_result
+    from ckapipe.workflow.html_report import _dataset_section
+
+    layers = ["l0", "l1"]
+    cka = np.array([[0.91, 0.2], [0.3, 0.82]])
+
+    def pair(a: str, b: str) -> PairResult:
+        return PairResult(
+            a, b, layers, layers, cka, cka - 0.05, cka + 0.04,
+            diagnostics=[f"note on {a}"],
+            hsic_per_batch=np.repeat(cka[None], 3, axis=0),
+            self_a_per_batch=np.ones((3, 2)),
+            self_b_per_batch=np.ones((3, 2)),
+        )  # fmt: skip
+
+    result = tmp_path / "cka.zarr"
+    study = StudyResult(
+        models=["m0", "m1"],
+        pairs={("m0", "m0"): pair("m0", "m0"), ("m0", "m1"): pair("m0", "m1")},
+        provenance={"estimator": "minibatch", "ci_level": 0.95, "models": {"m0": {}, "m1": {}}},
+    )
+    write_result(study, result, overwrite=False)
+    table = csv_path_for(result)
+    good = table.read_bytes()
+    table.write_text("stale\n")  # as a killed run may leave it
+    spec = {"factory": "demo:mlp", "kwargs": {}}
+    plan = {
+        "models": {name: {"spec": spec} for name in ("m0", "m1")},
+        "config": {"models": {name: {"layers": layers} for name in ("m0", "m1")}},
+    }
+    dataset = {"spec": {}, "result": str(result), "table": str(table), "plots": str(tmp_path)}
+    dataset["caches"] = {}
+    with pytest.warns(UserWarning, match="rewritten from the result"):
+        page = _dataset_section(plan, "gratings", dataset)
+    assert "m0 vs m1" in page and "l0: 0.910 [0.860, 0.950]" in page
+    assert "note on m0" in page
+    assert table.read_bytes() == good
+
+
 # -- Snakemake: lint and dry run ------------------------------------------------------------------
 def _snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(

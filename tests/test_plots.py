@@ -79,10 +79,10 @@ def make_study(pairs: list[PairResult], models: list[str]) -> StudyResult:
     return StudyResult(
         models=models,
         pairs={(p.model_a, p.model_b): p for p in pairs},
-        # the root attributes that load_result needs (see docs/CONTRACTS.md, "Result format")
+        # the root attributes plots read (see ckapipe.analyze.result)
         provenance={
             "format": "ckapipe.cka-result",
-            "format_version": 1,
+            "format_version": 2,
             "estimator": "minibatch",
             "ci_level": 0.95,
             "models": {m: {"layers": layers.get(m, [])} for m in models},
@@ -395,7 +395,7 @@ def test_plot_result_matches_layers_only_within_one_architecture(tmp_path):
 
 def test_cli_plots_a_result_written_by_the_study_writer(tmp_path):
     # the real writer and reader of RESULT.zarr, so the CLI sees exactly what `analyze` writes
-    from ckapipe.analyze.study import _write_result
+    from ckapipe.analyze.study import write_result
 
     models = ["r18", "r18_b"]
     pairs = [
@@ -403,7 +403,7 @@ def test_cli_plots_a_result_written_by_the_study_writer(tmp_path):
         make_pair("r18", "r18_b", RESNET18, RESNET18, seed=4),
     ]
     result_path = tmp_path / "RESULT.zarr"
-    _write_result(make_study(pairs, models), result_path, overwrite=False)
+    write_result(make_study(pairs, models), result_path, overwrite=False)
     assert load_result(result_path).models == models
     out = tmp_path / "figs"
     run = CliRunner().invoke(plot_command, [str(result_path), "--out", str(out), "--dpi", "40"])

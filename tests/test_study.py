@@ -5,7 +5,14 @@ caches in tmp_path."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -17,7 +24,15 @@ from click.testing import CliRunner
 from ckapipe.analyze.cli_study import analyze
 from ckapipe.analyze.estimators import DegenerateLayerWarning
 from ckapipe.analyze.gram_cache import build_gram_cache
-from ckapipe.analyze.study import StudyError, analyze_study, csv_path_for, load_result
+from ckapipe.analyze.study import (
+    CSV_COLUMNS,
+    StudyError,
+    analyze_study,
+    csv_path_for,
+    load_result,
+)
+from ckapipe.errors import FormatError, IncompleteError, IntegrityError
+from ckapipe.formats import WriterLock
 from ckapipe.store import ActivationStore, LayerRecord
 
 N = 60  # samples
@@ -540,7 +555,8 @@ def test_other_mismatches_are_refused(study_dir, tmp_path):
             tmp_path / "8.zarr",
             pairs="a:b,b:a",
         )
-    assert not any(tmp_path.iterdir())
+    # nothing written; only the writers' lock files stay (see ckapipe.formats.WriterLock)
+    assert all(p.name.startswith(".") and p.name.endswith(".lock") for p in tmp_path.iterdir())
 
 
 def test_pairs_all_without_self_comparisons(study_dir, tmp_path):
@@ -611,7 +627,7 @@ def test_result_round_trip_csv_and_format(study_dir, tmp_path):
 
     root = zarr.open_group(str(out), mode="r")
     attrs = dict(root.attrs)
-    assert attrs["format"] == "ckapipe.cka-result" and attrs["format_version"] == 1
+    assert attrs["format"] == "ckapipe.cka-result" and attrs["format_version"] == 2
     assert attrs["complete"] is True and list(attrs)[-1] == "complete"
     for key in (
         "estimator",
@@ -630,45 +646,117 @@ def test_result_round_trip_csv_and_format(study_dir, tmp_path):
     assert model_a["gram_cache"] == str(cache_path(study_dir, "a"))
     assert model_a["identity"]["sample_ids_sha256"] and model_a["layers"] == ["a.l0", "a.l1"]
     assert attrs["partition"]["batch_size"] == M
-    group = root["pairs/a--b"]
-    assert group["cka"].metadata.dimension_names == ("layer_a", "layer_b")
-    assert group["p_value"].metadata.dimension_names == ("layer_a", "layer_b")
-    assert group["hsic_per_batch"].metadata.dimension_names == ("batch", "layer_a", "layer_b")
-    assert group["self_a_per_batch"].metadata.dimension_names == ("batch", "layer_a")
-    assert group["self_b_per_batch"].metadata.dimension_names == ("batch", "layer_b")
-    assert group.attrs["layers_b"] == ["b.h0", "b.h1", "b.h2"]
+    # one padded array per quantity over all pairs, with named dimensions
+    assert attrs["pairs"] == [["a", "a"], ["a", "b"], ["b", "b"]]
+    assert [info["n_layers_b"] for info in attrs["pair_info"]] == [2, 3, 3]
+    assert root["cka"].shape == (3, 3, 3)
+    for name in ("cka", "ci_low", "ci_high", "p_value"):
+        assert root[name].metadata.dimension_names == ("pair", "layer_a", "layer_b")
+    assert root["hsic_per_batch"].metadata.dimension_names == (
+        "pair",
+        "batch",
+        "layer_a",
+        "layer_b",
+    )
+    assert root["self_a_per_batch"].metadata.dimension_names == ("pair", "batch", "layer_a")
+    assert root["layer_name_b"][1].tolist() == ["b.h0", "b.h1", "b.h2"]
+    assert root["layer_name_b"][0].tolist() == ["a.l0", "a.l1", ""]  # padding
+    assert np.isnan(root["cka"][0, :, 2]).all()
+    assert root["batch"][:].tolist() == attrs["batches"]
 
     with csv_path_for(out).open() as handle:
         rows = list(csv.DictReader(handle))
-    assert list(rows[0]) == [
-        "model_a",
-        "model_b",
-        "layer_a",
-        "layer_b",
-        "cka",
-        "ci_low",
-        "ci_high",
-        "p_value",
-    ]
+    assert list(rows[0]) == list(CSV_COLUMNS)
     assert len(rows) == 2 * 2 + 2 * 3 + 3 * 3
+    assert hashlib.sha256(csv_path_for(out).read_bytes()).hexdigest() == attrs["csv"]["sha256"]
     for row in rows:
-        g = root[f"pairs/{row['model_a']}--{row['model_b']}"]
-        i = g.attrs["layers_a"].index(row["layer_a"])
-        j = g.attrs["layers_b"].index(row["layer_b"])
+        pair = loaded.pair(row["model_a"], row["model_b"])
+        i = pair.layers_a.index(row["layer_a"])
+        j = pair.layers_b.index(row["layer_b"])
         for column in ("cka", "ci_low", "ci_high", "p_value"):
-            assert float(row[column]) == g[column][i, j], (row, column)
+            assert float(row[column]) == getattr(pair, column)[i, j], (row, column)
+        assert (row["estimator"], row["kernel"], row["null_threshold"]) == (
+            "minibatch",
+            "linear",
+            "",
+        )
+        assert (row["n_samples"], row["batch_size"], row["samples_used"]) == (
+            str(N),
+            str(M),
+            str(N),
+        )
+        assert (row["n_batches"], row["interval_method"]) == (str(N // M), "bootstrap-percentile")
+        assert row["interval_note"] == ""
 
 
-def test_load_result_refuses_incomplete_and_foreign_groups(study_dir, tmp_path):
+def test_xarray_reads_a_result_with_labels_and_no_ckapipe(study_dir, tmp_path):
+    out = tmp_path / "x.zarr"
+    study = analyze_study(
+        [cache_path(study_dir, n) for n in ("a", "b")], out, n_bootstrap=20, device="cpu"
+    )
+    script = f"""
+import sys, xarray
+ds = xarray.open_zarr({str(out)!r}, consolidated=False)
+assert "ckapipe" not in sys.modules
+cka = ds["cka"].sel(pair="a--b")
+print(ds["cka"].dims, ds["hsic_per_batch"].dims)
+print(str(cka["model_a"].values), str(cka["model_b"].values))
+print(",".join(str(v) for v in cka["layer_name_b"].values))
+print(repr(float(cka.values[1, 2])))
+"""
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0] == "('pair', 'layer_a', 'layer_b') ('pair', 'batch', 'layer_a', 'layer_b')"
+    assert lines[1] == "a b"
+    assert lines[2] == "b.h0,b.h1,b.h2"
+    assert float(lines[3]) == study.pair("a", "b").cka[1, 2]
+
+
+def test_load_result_refuses_incomplete_foreign_old_and_damaged(study_dir, tmp_path):
     out = tmp_path / "r.zarr"
     analyze_study([cache_path(study_dir, "a")], out, n_bootstrap=10, device="cpu")
-    zarr.open_group(str(out), mode="r+").attrs["complete"] = False
-    with pytest.raises(StudyError, match="incomplete"):
+    load_result(out)
+    (out / "cka" / "c" / "0" / "0" / "0").unlink()
+    with pytest.raises(
+        IntegrityError, match=r"array 'cka' is missing 1 chunk file.*ckapipe verify"
+    ):
         load_result(out)
-    with pytest.raises(StudyError, match="not a ckapipe CKA result"):
+    zarr.open_group(str(out), mode="r+").attrs["complete"] = False
+    with pytest.raises(IncompleteError, match="incomplete"):
+        load_result(out)
+    zarr.open_group(str(out), mode="r+").attrs["format_version"] = 1
+    with pytest.raises(FormatError, match=r"version 1.*re-run `ckapipe analyze`"):
+        load_result(out)
+    with pytest.raises(FormatError, match="not a ckapipe CKA result"):
         load_result(cache_path(study_dir, "a"))
-    with pytest.raises(StudyError, match="no zarr.json"):
+    with pytest.raises(FormatError, match="no zarr.json"):
         load_result(tmp_path / "missing.zarr")
+
+
+def test_a_csv_that_does_not_belong_to_the_result_is_rewritten(study_dir, tmp_path):
+    caches = [cache_path(study_dir, n) for n in ("a", "b")]
+    old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
+    analyze_study(caches, old, n_bootstrap=10, seed=1, device="cpu")
+    analyze_study(caches, new, n_bootstrap=10, seed=2, device="cpu")
+    good = csv_path_for(new).read_bytes()
+    # the state a writer killed between placing the CSV and the group would leave
+    shutil.copyfile(csv_path_for(old), csv_path_for(new))
+    with pytest.warns(UserWarning, match="did not belong to"):
+        load_result(new)
+    assert csv_path_for(new).read_bytes() == good
+    csv_path_for(new).unlink()
+    with pytest.warns(UserWarning, match="did not belong to"):
+        load_result(new)
+    assert csv_path_for(new).read_bytes() == good
+    # a group changed after writing no longer gives back its recorded CSV: damage, not repair
+    group = zarr.open_group(str(new), mode="r+")
+    group["cka"][0, 0, 0] = 0.5
+    csv_path_for(new).write_text("x\n")
+    with pytest.raises(IntegrityError, match="modified after writing"):
+        load_result(new)
 
 
 # ---------------------------------------------------------------------- CLI
@@ -722,3 +810,78 @@ def test_cli_analyze_writes_result_and_prints_summary(study_dir, tmp_path):
         [str(cache_path(study_dir, "a")), "--out", str(tmp_path / "p.zarr"), "--pairs", "a-b"],
     )
     assert bad_pairs.exit_code == 2 and "model_a:model_b" in bad_pairs.output
+
+
+# ---------------------------------------------------------------------- one writer, killed writers
+
+
+def _analyze_process(study_dir, out: Path, seed: int) -> subprocess.Popen:
+    command = [sys.executable, "-m", "ckapipe.cli", "analyze"]
+    command += [str(cache_path(study_dir, n)) for n in ("a", "b", "c")]
+    command += ["--out", str(out), "--overwrite", "--seed", str(seed), "--device", "cpu"]
+    command += ["--bootstrap", "2000", "--permutations", "50"]
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _wait_for_lock(process: subprocess.Popen, lock: Path) -> bool:
+    """Poll until ``process`` holds the writer lock; False if it ended first."""
+    while not WriterLock.is_held(lock):
+        if process.poll() is not None:
+            return False
+        time.sleep(0.001)
+    return True
+
+
+def test_a_second_writer_of_the_same_result_is_refused_at_once(study_dir, tmp_path):
+    out = tmp_path / "shared.zarr"
+    lock = tmp_path / ".shared.zarr.lock"
+    for _ in range(5):
+        first = _analyze_process(study_dir, out, seed=1)
+        if _wait_for_lock(first, lock):
+            break
+        first.communicate()
+    else:
+        pytest.fail("the first writer never held the lock long enough to be seen")
+    # frozen while it holds the lock: the second writer meets a live writer, deterministically
+    os.kill(first.pid, signal.SIGSTOP)
+    try:
+        second = _analyze_process(study_dir, out, seed=2)
+        _, err = second.communicate(timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
+    assert second.returncode == 1
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert f"being written by another process (pid {first.pid})" in lines[0]
+    assert first.wait(timeout=120) == 0, first.communicate()[1]
+    assert load_result(out).provenance["seed"] == 1
+
+
+def test_a_killed_overwrite_leaves_the_old_or_the_new_result_with_its_csv(study_dir, tmp_path):
+    out = tmp_path / "killed.zarr"
+    lock = tmp_path / ".killed.zarr.lock"
+    analyze_study([cache_path(study_dir, n) for n in "abc"], out, n_bootstrap=10, device="cpu")
+    # how long a writer holds the lock, so the kills below fall all over that time
+    whole = _analyze_process(study_dir, out, seed=1)
+    assert _wait_for_lock(whole, lock)
+    start = time.perf_counter()
+    assert whole.wait(timeout=120) == 0
+    held = time.perf_counter() - start
+    seeds = {1}
+    rng = np.random.default_rng(0)
+    outcomes = []
+    for seed in range(2, 7):
+        writer = _analyze_process(study_dir, out, seed=seed)
+        if _wait_for_lock(writer, lock):
+            time.sleep(rng.uniform(0, held))
+            writer.kill()
+        writer.communicate()
+        outcomes.append(writer.returncode)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # a CSV rewritten from its group warns
+            result = load_result(out)
+        assert result.provenance["seed"] in seeds | {seed}, (seed, result.provenance["seed"])
+        seeds.add(result.provenance["seed"])
+        recorded = result.provenance["csv"]["sha256"]
+        assert hashlib.sha256(csv_path_for(out).read_bytes()).hexdigest() == recorded
+    assert -signal.SIGKILL in outcomes, outcomes  # at least one run was killed mid-way

@@ -106,14 +106,18 @@ def _same_architecture(plan: Mapping[str, Any], a: str, b: str) -> bool:
 
 
 def _dataset_section(plan: Mapping[str, Any], name: str, dataset: Mapping[str, Any]) -> str:
-    from ckapipe.analyze.study import load_result
+    from ckapipe.analyze.result import load_result
 
+    # load_result rewrites a CSV that is not the one written with the result (a killed run),
+    # so the table the report points to always holds the numbers shown here
     result = load_result(dataset["result"])
+    digest = (result.provenance.get("csv") or {}).get("sha256", "")
     parts = [f"<h2>Dataset {html.escape(name)}</h2>"]
     parts.append(
         f"<p>Spec: <code>{html.escape(json.dumps(dataset['spec']))}</code>; "
         f"{len(result.models)} models, {len(result.pairs)} pairs. "
-        f"Table of every layer pair: <code>{html.escape(dataset['table'])}</code>.</p>"
+        f"Table of every layer pair: <code>{html.escape(str(dataset['table']))}</code> "
+        f"(SHA-256 {html.escape(digest[:16])}…, as recorded in the result).</p>"
     )
     rows = []
     for (a, b), pair in sorted(result.pairs.items()):
