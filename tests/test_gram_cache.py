@@ -22,6 +22,7 @@ from ckapipe.analyze.gram_cache import (
     merge_gram_caches,
 )
 from ckapipe.cli import main
+from ckapipe.errors import IncompleteError
 from ckapipe.store import ActivationStore, IncompleteStoreError, LayerRecord
 
 N = 203  # not a multiple of the batch size
@@ -90,14 +91,17 @@ def u_centered(k: np.ndarray) -> np.ndarray:
 
 
 def expected_batch_rows(n, m, epochs, epoch_seeds):
-    """Global batch number -> store rows, from the documented partition rule."""
+    """Global batch number -> store rows, from the documented partition rule: batches of m in
+    each epoch's order, the last one holding the n mod m remaining rows if there are >= 4."""
     rows = {}
+    used = n if n % m >= 4 else n - n % m
+    per_epoch = -(-used // m)
     for epoch in range(epochs):
         order = (
             np.arange(n) if epoch == 0 else np.random.default_rng(epoch_seeds[epoch]).permutation(n)
         )
-        for k in range(n // m):
-            rows[epoch * (n // m) + k] = order[k * m : (k + 1) * m]
+        for k in range(per_epoch):
+            rows[epoch * per_epoch + k] = order[k * m : min((k + 1) * m, used)]
     return rows
 
 
@@ -116,12 +120,14 @@ def test_minibatch_grams_equal_numpy_reference(tmp_path, dtype):
     cache = build_gram_cache(
         store, tmp_path / "grams", batch_size=M, epochs=2, seed=7, device="cpu"
     )
-    per_epoch = N // M
+    per_epoch = N // M + 1  # 8 batches of 24 and a short last batch of the 11 remaining rows
     assert cache.mode == "minibatch" and cache.kernel == "linear" and cache.batch_size == M
     assert cache.layer_names == ["narrow", "wide"]
     assert list(cache.batches) == list(range(2 * per_epoch))
+    assert cache.batch_sizes.tolist() == [M] * 8 + [11] + [M] * 8 + [11]
     partition = cache.partition
-    assert partition["dropped_rows"] == N - per_epoch * M == 11
+    assert partition["dropped_rows"] == 0 and partition["last_batch_size"] == 11
+    assert cache.samples_used == cache.n_samples == N
     assert partition["n_batches_total"] == 2 * per_epoch
     assert (
         cache.identity["sample_ids_sha256"]
@@ -132,7 +138,7 @@ def test_minibatch_grams_equal_numpy_reference(tmp_path, dtype):
     seen = []
     for number, grams in cache.iter_batches():
         seen.append(number)
-        assert grams.shape == (2, M, M)
+        assert grams.shape == (2, len(rows[number]), len(rows[number]))
         for i, name in enumerate(cache.layer_names):
             reference = u_centered(linear_gram(values[name][rows[number]]))
             assert_close(grams[i].numpy(), reference, f"{dtype} layer {name} batch {number}")
@@ -234,19 +240,19 @@ def test_partial_caches_merge_bit_for_bit_into_one_pass(tmp_path):
         build_gram_cache(store, tmp_path / f"part{i}", rows=rows, **settings)
         for i, rows in enumerate([(0, 48), (48, 120), (120, N)])
     ]
-    assert list(parts[1].batches) == [2, 3, 4, 10, 11, 12]
+    assert list(parts[1].batches) == [2, 3, 4, 11, 12, 13]
     merged = merge_gram_caches(parts[::-1], tmp_path / "merged")  # any order of parts
     assert list(merged.batches) == list(whole.batches)
     assert merged.partition == whole.partition
-    for name in FEATURES:
-        a = zarr.open_group(str(tmp_path / "whole"))["grams"][name][...]
-        b = zarr.open_group(str(tmp_path / "merged"))["grams"][name][...]
+    for name in (f"{group}/{layer}" for group in ("grams", "grams_last") for layer in FEATURES):
+        a = zarr.open_group(str(tmp_path / "whole"))[name][...]
+        b = zarr.open_group(str(tmp_path / "merged"))[name][...]
         assert a.tobytes() == b.tobytes()
     np.testing.assert_array_equal(
         zarr.open_group(str(tmp_path / "merged"))["batch_index"][...], whole.batches
     )
     check_compatible([whole, merged])
-    with pytest.raises(IncompatibleGramCachesError, match="holds batches 2-4,10-12"):
+    with pytest.raises(IncompatibleGramCachesError, match="holds batches 2-4,11-13"):
         check_compatible([parts[1], whole])
 
 
@@ -299,13 +305,18 @@ def test_incomplete_and_foreign_caches_are_refused(tmp_path):
     store = make_store(tmp_path / "store")
     build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
     zarr.open_group(str(tmp_path / "grams"), mode="r+").attrs["complete"] = False
-    with pytest.raises(GramCacheError, match="incomplete"):
+    with pytest.raises(IncompleteError, match="incomplete"):
         GramCache.open(tmp_path / "grams")
-    # an interrupted cache is replaced by a new build; anything else at --out is refused
-    rebuilt = build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
-    assert rebuilt.attrs["complete"] is True
-    with pytest.raises(GramCacheError, match="already exists"):
+    # an existing cache is replaced only on request; anything but a Gram cache never
+    with pytest.raises(GramCacheError, match="already exists; pass --overwrite"):
         build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
+    rebuilt = build_gram_cache(
+        store, tmp_path / "grams", batch_size=M, device="cpu", overwrite=True
+    )
+    assert rebuilt.attrs["complete"] is True
+    with pytest.raises(GramCacheError, match="not a Gram cache"):
+        build_gram_cache(store, store, batch_size=M, device="cpu", overwrite=True)
+    assert ActivationStore.open(store).n_samples == N
     with pytest.raises(GramCacheError, match="not a ckapipe Gram cache"):
         GramCache.open(store)
 
@@ -328,14 +339,14 @@ def test_cli_gram_and_merge(tmp_path):
         ["merge-grams", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "m")],
     )
     assert result.exit_code == 0, result.output
-    assert "16 of 16 batches" in result.output
+    assert "18 of 18 batches" in result.output
     single = runner.invoke(
         main, ["gram", str(store), "-m", str(M), "--epochs", "2", "--out", str(tmp_path / "s")]
     )
     assert single.exit_code == 0, single.output
-    for name in FEATURES:
-        a = zarr.open_group(str(tmp_path / "s"))["grams"][name][...]
-        b = zarr.open_group(str(tmp_path / "m"))["grams"][name][...]
+    for name in (f"{group}/{layer}" for group in ("grams", "grams_last") for layer in FEATURES):
+        a = zarr.open_group(str(tmp_path / "s"))[name][...]
+        b = zarr.open_group(str(tmp_path / "m"))[name][...]
         assert a.tobytes() == b.tobytes()
 
 

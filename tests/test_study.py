@@ -5,6 +5,7 @@ caches in tmp_path."""
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import warnings
 from pathlib import Path
@@ -122,10 +123,13 @@ def write_store(path: Path, data: dict[str, np.ndarray], sample_ids, dtype: str)
     store = ActivationStore.create(
         path, layers=layers, sample_ids=sample_ids, dtype=dtype, attrs={"model": path.stem}
     )
+    # every store here holds the same inputs (row i is dataset item sample_ids[i]): a stand-in
+    # for the input fingerprint `ckapipe extract` records, which follows the inputs and their order
+    fingerprint = hashlib.sha256(b"study inputs" + np.asarray(sample_ids).tobytes()).hexdigest()
     with store:
         store.write_rows(0, data)
         store.set_rows_complete(len(sample_ids))
-        store.mark_complete()
+        store.mark_complete(input_sha256=fingerprint)
     return path
 
 
