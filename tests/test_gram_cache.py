@@ -7,22 +7,31 @@ use ckapipe's estimator module.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
+import torch
 import zarr
 from click.testing import CliRunner
 
 import ckapipe.store as store_module
+from ckapipe.analyze.estimators import MinibatchCKA, u_centered_gram
 from ckapipe.analyze.gram_cache import (
     GramCache,
     GramCacheError,
     IncompatibleGramCachesError,
+    RemainderDroppedWarning,
     build_gram_cache,
     check_compatible,
     merge_gram_caches,
 )
 from ckapipe.cli import main
-from ckapipe.errors import IncompleteError
+from ckapipe.errors import FormatError, IncompleteError, IntegrityError
 from ckapipe.store import ActivationStore, IncompleteStoreError, LayerRecord
 
 N = 203  # not a multiple of the batch size
@@ -362,3 +371,189 @@ def test_cli_usage_errors_are_one_line_messages(tmp_path):
         main, ["gram", str(store), "--layers", "nope", "--out", str(tmp_path / "g")]
     )
     assert result.exit_code == 1 and "its layers are ['narrow', 'wide']" in result.output
+
+
+# --------------------------------------------------------------------------- one rule for the math
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_cached_grams_equal_the_estimators_u_centered_gram(tmp_path, kernel):
+    # the cache and MinibatchCKA must form Ũ(K_b) the same way, the short last batch included
+    store = make_store(tmp_path / "store", dtype="float32")
+    cache = build_gram_cache(
+        store, tmp_path / "grams", batch_size=M, epochs=2, kernel=kernel, device="cpu"
+    )
+    rows = expected_batch_rows(N, M, 2, cache.partition["epoch_seeds"])
+    assert sorted({len(r) for r in rows.values()}) == [11, M]
+    for name in FEATURES:
+        values = torch.from_numpy(stored(store, name))
+        for number, grams in cache.iter_batches(layers=[name]):
+            expected = u_centered_gram(values[rows[number]], kernel=kernel).numpy()
+            error = np.abs(grams[0].numpy() - expected).max() / np.abs(expected).max()
+            assert error <= 1e-12, f"{kernel} {name} batch {number}: relative error {error:.3g}"
+
+
+def test_a_remainder_of_one_to_three_rows_is_dropped_recorded_and_warned(tmp_path):
+    store = make_store(tmp_path / "store")  # 203 = 5 * 40 + 3
+    with pytest.warns(RemainderDroppedWarning, match=r"last 3 of each epoch .*200 of 203 used"):
+        cache = build_gram_cache(store, tmp_path / "grams", batch_size=40, epochs=2, device="cpu")
+    assert cache.samples_used == 200 and cache.n_samples == N and cache.dropped_rows == 3
+    assert cache.batch_sizes.tolist() == [40] * 10
+    assert cache.attrs["samples_used"] == 200
+    result = CliRunner().invoke(
+        main, ["gram", str(store), "-m", "40", "--device", "cpu", "--out", str(tmp_path / "cli")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Warning: " in result.output and "the last 3 of each epoch" in result.output
+    assert "200 of 203 samples used" in result.output
+
+
+# --------------------------------------------------------------------------- format on the base
+
+
+def test_deleted_chunk_is_refused_naming_the_array_and_chunk(tmp_path):
+    store = make_store(tmp_path / "store")
+    build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
+    (tmp_path / "grams" / "grams" / "wide" / "c" / "3" / "0" / "0").unlink()
+    with pytest.raises(IntegrityError, match=r"array 'grams/wide' .* grams/wide/c/3/0/0"):
+        GramCache.open(tmp_path / "grams")
+    assert issubclass(GramCacheError, FormatError)
+
+
+def test_format_version_1_is_refused_with_rebuild_advice(tmp_path):
+    store = make_store(tmp_path / "store")
+    build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
+    zarr.open_group(str(tmp_path / "grams"), mode="r+").attrs["format_version"] = 1
+    with pytest.raises(GramCacheError, match=r"format version 1.*rebuild it .*`ckapipe gram"):
+        GramCache.open(tmp_path / "grams")
+
+
+# A real `ckapipe gram` process whose first batch write announces itself (marker file) and then
+# waits for a release file: a build that is certainly in progress, without a test hook in ckapipe.
+PAUSED_GRAM = """
+import pathlib, sys, time
+import ckapipe.analyze.gram_cache as gram_cache
+from ckapipe.cli import main
+marker, release = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+write = gram_cache._BatchArrays.write
+def paused(self, *args):
+    write(self, *args)
+    if not marker.exists():
+        marker.write_text("writing")
+        while not release.exists():
+            time.sleep(0.02)
+gram_cache._BatchArrays.write = paused
+main(sys.argv[3:], prog_name="ckapipe")
+"""
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def _paused_gram(tmp_path, args):
+    marker, release = tmp_path / "marker", tmp_path / "release"
+    marker.unlink(missing_ok=True)
+    release.unlink(missing_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_GRAM, str(marker), str(release), "gram", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the paused build never started writing"
+        time.sleep(0.02)
+    return process, release
+
+
+def _gram(args):
+    command = [sys.executable, "-m", "ckapipe.cli", "gram", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+
+
+def _self_cka(path):
+    cache = GramCache.open(path)
+    accumulator = MinibatchCKA(cache.layer_names)
+    for _, grams in cache.iter_batches():
+        accumulator.update_grams(grams)
+    return np.diagonal(accumulator.compute())
+
+
+def test_a_second_concurrent_build_is_refused_at_once_naming_the_pid(tmp_path):
+    store = make_store(tmp_path / "store", dtype="float32")
+    out = tmp_path / "grams"
+    common = [str(store), "-m", str(M), "--device", "cpu", "--out", str(out)]
+    first, release = _paused_gram(tmp_path, [*common, "--kernel", "linear"])
+    second = _gram([*common, "--kernel", "rbf"])  # while the first one is mid-build
+    release.write_text("go")
+    first_out, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 1
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), second.stderr
+    assert f"pid {first.pid}" in lines[0] and "one writer at a time" in lines[0]
+    cache = GramCache.open(out)
+    assert cache.kernel == "linear" and cache.samples_used == N
+    np.testing.assert_allclose(_self_cka(out), 1.0, rtol=1e-12)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".grams")) == [
+        ".grams.lock"
+    ]
+
+
+def test_racing_builds_exactly_one_succeeds_and_the_cache_is_consistent(tmp_path):
+    store = make_store(tmp_path / "store", dtype="float32")
+    out = tmp_path / "grams"
+    common = [sys.executable, "-m", "ckapipe.cli", "gram", str(store), "-m", str(M)]
+    processes = [
+        subprocess.Popen(
+            [*common, "--kernel", kernel, "--device", "cpu", "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for kernel in ("rbf", "linear")
+    ]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], results
+    (loser,) = [err for code, _, err in results if code]
+    lines = loser.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), loser
+    assert "being written by another process" in lines[0] or "already exists" in lines[0]
+    (winner,) = [i for i, (code, _, _) in enumerate(results) if code == 0]
+    cache = GramCache.open(out)
+    assert cache.kernel == ("rbf", "linear")[winner]
+    np.testing.assert_allclose(_self_cka(out), 1.0, rtol=1e-12)
+
+
+def test_a_killed_build_leaves_no_cache_or_the_previous_one_intact(tmp_path):
+    store = make_store(tmp_path / "store", dtype="float32")
+    out = tmp_path / "grams"
+    common = [str(store), "-m", str(M), "--epochs", "2", "--device", "cpu", "--out", str(out)]
+    process, _ = _paused_gram(tmp_path, common)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not out.exists()
+    with pytest.raises(GramCacheError, match="no zarr.json"):
+        GramCache.open(out)
+    # the lock died with the process: a new build runs and clears the dead one's staging folder
+    previous = _gram(common)
+    assert previous.returncode == 0, previous.stderr
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    process, _ = _paused_gram(tmp_path, [*common, "--kernel", "rbf", "--overwrite"])
+    assert (tmp_path / ".grams.staging").is_dir()
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    assert GramCache.open(out).kernel == "linear"
+    replaced = _gram([*common, "--kernel", "rbf", "--overwrite"])
+    assert replaced.returncode == 0, replaced.stderr
+    assert GramCache.open(out).kernel == "rbf"
+    assert not (tmp_path / ".grams.staging").exists()
+    assert not (tmp_path / ".grams.replaced").exists()
