@@ -428,21 +428,23 @@ def test_format_version_1_is_refused_with_rebuild_advice(tmp_path):
         GramCache.open(tmp_path / "grams")
 
 
-# A real `ckapipe gram` process whose first batch write announces itself (marker file) and then
-# waits for a release file: a build that is certainly in progress, without a test hook in ckapipe.
+# A real `ckapipe gram` process that, once it has read two blocks of the store (so its output is
+# being written), announces itself (marker file) and waits for a release file: a build certainly
+# in progress, without a test hook in ckapipe.
 PAUSED_GRAM = """
 import pathlib, sys, time
 import ckapipe.analyze.gram_cache as gram_cache
 from ckapipe.cli import main
 marker, release = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-write = gram_cache._BatchArrays.write
-def paused(self, *args):
-    write(self, *args)
-    if not marker.exists():
-        marker.write_text("writing")
-        while not release.exists():
-            time.sleep(0.02)
-gram_cache._BatchArrays.write = paused
+iter_blocks = gram_cache.iter_blocks
+def paused(*args, **kwargs):
+    for count, block in enumerate(iter_blocks(*args, **kwargs)):
+        if count == 2 and not marker.exists():
+            marker.write_text("writing")
+            while not release.exists():
+                time.sleep(0.02)
+        yield block
+gram_cache.iter_blocks = paused
 main(sys.argv[3:], prog_name="ckapipe")
 """
 

@@ -759,7 +759,6 @@ def test_analyze_equals_minibatch_cka_over_every_row_short_last_batch_included(t
         for name, layers in data.items()
     ]
     study = analyze_study(caches, tmp_path / "r.zarr", n_bootstrap=0, device="cpu")
-    assert caches[0].samples_used == n
     # the float64 reference: MinibatchCKA fed the same rows, batch by batch, in float64
     values = {
         name: {k: np.asarray(v.astype(np.float32), dtype=np.float64) for k, v in layers.items()}
@@ -778,8 +777,9 @@ def test_analyze_equals_minibatch_cka_over_every_row_short_last_batch_included(t
             if len(rows) == m:
                 whole_batches_only.update(batch_a, batch_b)
     pair = study.pair("p", "q")
-    assert pair.hsic_per_batch.shape[0] == reference.n_batches == epochs * -(-n // m)
     assert np.abs(pair.cka - reference.compute()).max() <= 1e-12
+    assert pair.hsic_per_batch.shape[0] == reference.n_batches == epochs * -(-n // m)
+    assert caches[0].samples_used == n
     # what leaving the short batch out (the old rule) would have changed
     assert np.abs(whole_batches_only.compute() - reference.compute()).max() > 1e-4
 
@@ -844,8 +844,8 @@ def test_a_store_without_input_fingerprint_is_compared_by_sample_ids_with_a_warn
         build_gram_cache(path, tmp_path / f"{path.stem}.grams", batch_size=16, device="cpu")
         for path in (fingerprinted, imported)
     ]
-    assert caches[1].identity["input_fingerprint"] is None
-    assert "no input fingerprint" in caches[1].identity["input_fingerprint_note"]
     with pytest.warns(UnverifiedDatasetWarning, match="model 'h5': no input fingerprint"):
         study = analyze_study(caches, tmp_path / "r.zarr", n_bootstrap=0, device="cpu")
     np.testing.assert_allclose(study.pair("a", "h5").cka[0, 0], 1.0, rtol=1e-12)
+    assert caches[1].identity["input_fingerprint"] is None
+    assert "no input fingerprint" in caches[1].identity["input_fingerprint_note"]
