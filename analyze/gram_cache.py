@@ -56,6 +56,7 @@ from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -91,7 +92,7 @@ from ckapipe.formats import (
     versions,
     write_attrs,
 )
-from ckapipe.store import ActivationStore
+from ckapipe.store import ActivationStore, IncompleteStoreError
 
 __all__ = [
     "FORMAT_NAME",
@@ -482,9 +483,13 @@ class GramCache:
     def _grams(self, name: str) -> zarr.Array:
         return self._group["grams"][name]
 
+    @cached_property
+    def _where(self) -> dict[int, tuple[str, int]]:
+        return _locations(self.partition, self.batches.tolist())
+
     def batch_gram(self, layer: str, batch: int) -> np.ndarray:
         """(m_b, m_b) float64 Ũ Gram of global batch number ``batch`` of ``layer``."""
-        where = _locations(self.partition, self.batches.tolist())
+        where = self._where
         if int(batch) not in where:
             raise GramCacheUsageError(
                 f"Gram cache {self.path} holds batches {_ranges(self.batches)}, not {batch}"
@@ -520,7 +525,7 @@ class GramCache:
         names = self._layers(layers)
         target = resolve_device(device) if device is not None else torch.device("cpu")
         numbers = self.batches
-        where = _locations(self.partition, numbers.tolist())
+        where = self._where
         arrays = {
             group: [self._group[group][name] for name in names]
             for group in {group for group, _ in where.values()}
@@ -671,6 +676,7 @@ class _BatchArrays:
     def __init__(
         self, group: zarr.Group, layers: Sequence[str], partition: dict, batches: list[int]
     ):
+        self.layers = list(layers)
         self.where = _locations(partition, batches)
         sizes = {"grams": partition["batch_size"], "grams_last": partition["last_batch_size"]}
         counts = {"grams": 0, "grams_last": 0}
@@ -711,7 +717,7 @@ class _BatchArrays:
 def _open_store(store: ActivationStore | str | os.PathLike[str]) -> ActivationStore:
     if isinstance(store, ActivationStore):
         if not store.is_complete:
-            raise IncompleteGramCacheError(
+            raise IncompleteStoreError(
                 f"store {store.path} is incomplete ({store.rows_complete} of {store.n_samples} "
                 "rows, no completion flag); finish its extraction first"
             )
@@ -908,30 +914,18 @@ def build_gram_cache(
                 RemainderDroppedWarning,
                 stacklevel=2,
             )
-    attrs = {
-        "format": FORMAT_NAME,
-        "format_version": FORMAT_VERSION,
-        "mode": mode,
-        "kernel": kernel,
-        "threshold": float(threshold),
-        "rbf_bandwidth_rule": RBF_RULE if kernel == "rbf" else None,
-        "stored": "u_centered_gram" if mode == "minibatch" else "linear_gram",
-        "precision": precision,
-        "batch_size": int(batch_size) if mode == "minibatch" else None,
-        "epochs": int(epochs),
-        "seed": int(seed),
-        "epoch_seeds": partition["epoch_seeds"],
-        "n_samples": n,
-        "samples_used": partition["samples_used"],
-        "store": _store_identity(source),
-        "layers": names,
-        "partition": partition,
-        "rows": [int(start), int(stop)],
-        "batches": batches,
-        "versions": versions(),
-        "created": now(),
-        "complete": False,
-    }
+    attrs = _cache_attrs(
+        source,
+        names,
+        partition,
+        batches,
+        (start, stop),
+        mode=mode,
+        kernel=kernel,
+        threshold=threshold,
+        precision=precision,
+        seed=seed,
+    )
     settings = {
         "device": resolve_device(device),
         "prefetch": prefetch,
@@ -953,6 +947,48 @@ def build_gram_cache(
                 )
         write_attrs(group, {"complete": True})  # last: readers refuse the cache until here
     return GramCache.open(out)
+
+
+def _cache_attrs(
+    source: ActivationStore,
+    names: list[str],
+    partition: dict[str, Any],
+    batches: list[int],
+    rows: tuple[int, int],
+    *,
+    mode: str,
+    kernel: str,
+    threshold: float,
+    precision: str,
+    seed: int,
+) -> dict[str, Any]:
+    """The root attributes of a new cache (one metadata write), completion flag still False."""
+    start, stop = rows
+    batch_size, epochs, n = partition["batch_size"], partition["epochs"], partition["n_samples"]
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "kernel": kernel,
+        "threshold": float(threshold),
+        "rbf_bandwidth_rule": RBF_RULE if kernel == "rbf" else None,
+        "stored": "u_centered_gram" if mode == "minibatch" else "linear_gram",
+        "precision": precision,
+        "batch_size": batch_size,
+        "epochs": int(epochs),
+        "seed": int(seed),
+        "epoch_seeds": partition["epoch_seeds"],
+        "n_samples": n,
+        "samples_used": partition["samples_used"],
+        "store": _store_identity(source),
+        "layers": names,
+        "partition": partition,
+        "rows": [int(start), int(stop)],
+        "batches": batches,
+        "versions": versions(),
+        "created": now(),
+        "complete": False,
+    }
 
 
 def _loader(settings: dict[str, Any]) -> dict[str, Any]:
@@ -992,7 +1028,7 @@ def _epoch0_grams(
     """Contiguous batches: row windows of whole batches ≈ one row chunk, tiled along columns."""
     m = partition["batch_size"]
     requests = []
-    for name in arrays.arrays[next(iter(arrays.arrays))]:
+    for name in arrays.layers:
         row_chunk, column_chunk = store.chunk_shape(name)
         per_window = max(1, row_chunk // m)
         columns = column_ranges(store.layer(name).n_features, column_chunk)
@@ -1043,7 +1079,7 @@ def _permuted_epoch_grams(
     members = {  # store rows of each batch, in batch order
         k: torch.from_numpy(order[slice(*batch_span(partition, k))]).to(device) for k in numbers
     }
-    for name in arrays.arrays[next(iter(arrays.arrays))]:
+    for name in arrays.layers:
         width = slab_width(store, name, n, settings["max_slab_bytes"])
         column_chunk = store.chunk_shape(name)[1]
         requests = [

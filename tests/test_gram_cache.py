@@ -306,7 +306,7 @@ def test_bad_arguments_are_refused_with_clear_messages(tmp_path):
     with pytest.raises(IncompleteStoreError, match="incomplete"):
         build_gram_cache(incomplete, out, batch_size=M)
     opened = ActivationStore.open(incomplete, allow_incomplete=True)
-    with pytest.raises(GramCacheError, match="incomplete"):
+    with pytest.raises(IncompleteError, match="incomplete.*finish its extraction"):
         build_gram_cache(opened, out, batch_size=M)
 
 
