@@ -8,7 +8,10 @@ each exporting its own ``commands`` list, appended at the bottom of this file. H
 
 from __future__ import annotations
 
+import contextlib
 import importlib
+import warnings
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +24,21 @@ commands: list[click.Command] = []
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     """Exceptions that mean bad input (shown as one ``Error: ...`` line), not a bug."""
-    from ckapipe.analyze.gram_cache import GramCacheError
-    from ckapipe.store import StoreError
+    from ckapipe.errors import CkapipeError
 
-    return (GramCacheError, StoreError, ValueError)
+    return (CkapipeError, ValueError)
+
+
+@contextlib.contextmanager
+def _warnings_as_lines() -> Iterator[None]:
+    """Show each warning of a command as one ``Warning: ...`` line on stderr (no source line)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            yield
+        finally:
+            for warning in caught:
+                click.echo(f"Warning: {warning.message}", err=True)
 
 
 class RowRange(click.ParamType):
@@ -134,6 +148,11 @@ class RowRange(click.ParamType):
     type=click.Path(path_type=Path),
     help="Directory of the new Gram cache.",
 )
+@click.option(
+    "--overwrite",
+    is_flag=True,
+    help="Replace an existing Gram cache at --out (once the new one is complete).",
+)
 def gram(
     store: Path,
     batch_size: int,
@@ -148,34 +167,45 @@ def gram(
     precision: str,
     threads: int,
     out: Path,
+    overwrite: bool,
 ) -> None:
-    """Read activation STORE once and write its Gram cache to --out."""
+    """Read activation STORE once and write its Gram cache to --out.
+
+    Every sample is used: each epoch's last batch holds the n mod m remaining rows (a remainder
+    of 1-3 rows, too few for the unbiased estimator, is left out with a warning).
+    """
     from ckapipe.analyze.gram_cache import build_gram_cache
     from ckapipe.store import ActivationStore
 
     try:
-        source = ActivationStore.open(store)
-        if rows is not None and rows[1] is None:
-            rows = (rows[0], source.n_samples)
-        cache = build_gram_cache(
-            source,
-            out,
-            batch_size=batch_size,
-            epochs=epochs,
-            seed=seed,
-            mode=mode,
-            kernel=kernel,
-            threshold=threshold,
-            rows=rows,  # type: ignore[arg-type]
-            device=device,
-            layers=list(layers) or None,
-            threads=threads,
-            precision=precision,
-        )
+        with _warnings_as_lines():
+            source = ActivationStore.open(store)
+            if rows is not None and rows[1] is None:
+                rows = (rows[0], source.n_samples)
+            cache = build_gram_cache(
+                source,
+                out,
+                batch_size=batch_size,
+                epochs=epochs,
+                seed=seed,
+                mode=mode,
+                kernel=kernel,
+                threshold=threshold,
+                rows=rows,  # type: ignore[arg-type]
+                device=device,
+                layers=list(layers) or None,
+                threads=threads,
+                precision=precision,
+                overwrite=overwrite,
+            )
     except _user_errors() as error:
         raise click.ClickException(str(error)) from None
     if cache.mode == "minibatch":
-        what = f"{len(cache.batches)} batches of {cache.batch_size}"
+        sizes = sorted(set(cache.batch_sizes.tolist()), reverse=True)
+        what = (
+            f"{len(cache.batches)} batches of {'/'.join(map(str, sizes))}, "
+            f"{cache.samples_used} of {cache.n_samples} samples used per epoch"
+        )
     else:
         what = f"exact {cache.n_samples}x{cache.n_samples} Grams"
     click.echo(f"wrote {out}: {len(cache.layer_names)} layers, {what} ({cache.kernel} kernel)")
@@ -191,12 +221,14 @@ commands.append(gram)
 @click.option(
     "--out", required=True, type=click.Path(path_type=Path), help="Directory of the merged cache."
 )
-def merge_grams(parts: tuple[Path, ...], out: Path) -> None:
+@click.option("--overwrite", is_flag=True, help="Replace an existing Gram cache at --out.")
+def merge_grams(parts: tuple[Path, ...], out: Path, overwrite: bool) -> None:
     """Join partial Gram caches (disjoint --rows of one store) into one cache."""
     from ckapipe.analyze.gram_cache import merge_gram_caches
 
     try:
-        cache = merge_gram_caches(list(parts), out)
+        with _warnings_as_lines():
+            cache = merge_gram_caches(list(parts), out, overwrite=overwrite)
     except _user_errors() as error:
         raise click.ClickException(str(error)) from None
     total = cache.partition["n_batches_total"]

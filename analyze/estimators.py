@@ -47,13 +47,16 @@ from torch import Tensor
 __all__ = [
     "DegenerateLayerWarning",
     "MinibatchCKA",
+    "add_shifted_products",
     "center_gram",
+    "centered_batch_gram",
     "cka",
     "cka_from_hsic",
     "gram_linear",
     "gram_rbf",
     "hsic0",
     "hsic1",
+    "numpy_median",
     "u_center",
     "u_centered_gram",
 ]
@@ -184,7 +187,7 @@ def gram_linear(x: ArrayLike) -> Tensor:
     return gram
 
 
-def _median_numpy_convention(values: Tensor) -> Tensor:
+def numpy_median(values: Tensor) -> Tensor:
     """Median of a 1-D tensor as numpy computes it: the mean of the two middle values if the
     count is even (``torch.median`` returns the lower one)."""
     count = values.numel()
@@ -228,7 +231,7 @@ def gram_rbf(
     norms = torch.diagonal(g)
     # Off-diagonal d² may round to a tiny negative for duplicate samples; it is left as is.
     sq_dist = norms[:, None] + norms[None, :] - 2 * g
-    median = _median_numpy_convention(sq_dist.reshape(-1))
+    median = numpy_median(sq_dist.reshape(-1))
     if not bool(median > 0):
         raise ValueError(
             "gram_rbf: the median squared distance between samples is 0 (constant layer, or "
@@ -523,8 +526,62 @@ def u_centered_gram(x: ArrayLike, *, kernel: Kernel = "linear", threshold: float
     -------
     Tensor (m, m), float64, on ``x``'s device; zero diagonal and zero row sums.
     """
-    g = _kernel_gram(x, kernel, threshold)
+    g = gram_linear(x)
     _need_four(g.shape[0], "u_centered_gram")
+    return centered_batch_gram(g, kernel=kernel, threshold=threshold)
+
+
+def add_shifted_products(
+    gram: Tensor, tile: Tensor, product_dtype: torch.dtype = torch.float64
+) -> None:
+    """Add X'X'ᵀ to ``gram`` (m, m) float64 in place, X' = ``tile`` (m, w) minus its first row.
+
+    Summed over column tiles of a batch, this is the linear Gram of the batch's features shifted
+    by its first row: the Gram a cache builds without holding a batch's full width at once. The
+    shift does the job of centering for everything computed from it (Ũ(K) removes any row and
+    column offsets of K, and RBF distances do not see a shift), while it removes the large
+    common offset (post-ReLU means) that makes uncentered entries huge and their differences
+    cancel; a constant column becomes exactly 0. ``product_dtype`` float32 multiplies in float32
+    (about 2x faster on a CPU) and still sums in float64. ``tile`` is never modified.
+    """
+    x = tile.to(product_dtype)
+    if x.data_ptr() == tile.data_ptr():
+        x = x.clone()  # same dtype as given: do not shift the caller's buffer in place
+    x -= x[:1].clone()  # in place: one copy of the tile at a time, not two
+    if product_dtype == torch.float64:
+        gram.addmm_(x, x.T)
+    else:
+        gram += x @ x.T
+
+
+def centered_batch_gram(
+    gram: ArrayLike, *, kernel: Kernel = "linear", threshold: float = 1.0
+) -> Tensor:
+    """Ũ(K) of one batch from its linear Gram: what a Gram cache stores per batch and layer.
+
+    Parameters
+    ----------
+    gram : (m, m) linear Gram of the batch's features, column-centered or shifted by any
+        constant row (e.g. from :func:`gram_linear` or :func:`add_shifted_products`); m ≥ 4.
+    kernel : "linear" (K = gram) or "rbf" (K from :func:`gram_rbf` with the batch's own median
+        bandwidth).
+    threshold : RBF bandwidth multiple.
+
+    Returns
+    -------
+    Tensor (m, m), float64; zero diagonal and zero row sums.
+
+    Raises
+    ------
+    ValueError
+        An unknown kernel, m < 4, or an undefined RBF bandwidth (see :func:`gram_rbf`).
+    """
+    g = _gram(gram, "gram")
+    _need_four(g.shape[0], "centered_batch_gram")
+    if kernel == "rbf":
+        g = gram_rbf(gram=g, threshold=threshold)
+    elif kernel != "linear":
+        raise ValueError(f"unknown kernel {kernel!r}; use 'linear' or 'rbf'")
     return _u_center(g)
 
 

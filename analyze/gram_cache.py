@@ -1,34 +1,44 @@
 """Gram caches: each activation store reduced once to the Gram matrices every comparison needs.
 
-A Gram cache is a zarr v3 group (format ``ckapipe.gram-cache``, version 1); see
-``docs/CONTRACTS.md`` ("Gram cache") for the layout. Two modes:
+A Gram cache is a zarr v3 group (format ``ckapipe.gram-cache``, version 2) built on
+:mod:`ckapipe.formats`: it is written in a staging folder under a writer lock and renamed into
+place when complete (a second writer is refused at once; a killed build leaves nothing at --out,
+or the previous cache intact), every array carries a CRC-32C checksum on every chunk and every
+chunk is written, and :meth:`GramCache.open` refuses an old format, an incomplete cache and a
+deleted chunk. Two modes:
 
 ``minibatch``
     Per layer, the U-centered Gram Ũ(K_b) (Székely & Rizzo 2014) of every minibatch b, float64,
-    exactly what :func:`ckapipe.analyze.estimators.u_centered_gram` returns for the batch's rows.
+    what :func:`ckapipe.analyze.estimators.centered_batch_gram` returns for the batch's rows.
     Epoch 0 cuts the store (already in random order) into contiguous batches of m rows; epoch
     e ≥ 1 re-partitions with ``numpy.random.default_rng(epoch_seeds[e]).permutation(n)``. The
     epoch seeds depend only on (seed, n, m), so every store of a study gets the same batches.
-    The n mod m rows left over in an epoch are dropped (recorded).
+    Every sample is used: the last batch of each epoch holds the r = n mod m remaining rows and
+    carries its own 1/(r(r−3)) factor in HSIC₁, exactly as :class:`MinibatchCKA` and
+    :func:`ckapipe.compare` treat a short last batch. Only a remainder of 1–3 rows, which the
+    unbiased estimator cannot use, is dropped (recorded as ``dropped_rows`` and warned about at
+    build time). Grams of full batches are ``grams/<layer>`` (B, m, m); those of short last
+    batches ``grams_last/<layer>`` (B', r, r), so no batch is padded.
 ``full``
     Per layer, the exact n×n linear Gram of the column-centered features (float64, O(n²)
     memory), accumulated from full-height column slabs in one read pass. With ``kernel="rbf"``
     the linear Gram is stored too (the RBF Gram is a function of it).
 
-How a batch's Gram is formed: the features are upcast to float64 and shifted by the batch's first
-row (which removes the large common offset of, e.g., post-ReLU features that makes uncentered
-Gram entries cancel; a constant column becomes exactly 0), and K'_b = Σ_tiles X' X'ᵀ is
-accumulated over column tiles of the store's chunk grid, so no batch ever needs its full width
-in memory at once. Ũ(K'_b) equals Ũ of the column-centered Gram (U-centering removes any row and
-column offsets of K, which is all a shift of the features changes) and RBF distances do not
-see the shift either. RBF: σ² = threshold² · median of the batch's m×m squared distances (from
-its linear Gram; diagonal included, numpy median), then K = exp(−d²/(2σ²)) and Ũ(K). Full mode
-centers every column over all n rows in float64 before its products.
+How a batch's Gram is formed: :func:`~ckapipe.analyze.estimators.add_shifted_products` sums
+X'X'ᵀ over column tiles of the store's chunk grid, X' the tile shifted by the batch's first row,
+so no batch ever needs its full width in memory; :func:`~ckapipe.analyze.estimators.
+centered_batch_gram` then applies the kernel (RBF: the batch's own median bandwidth) and
+U-centers. Full mode centers every column over all n rows in float64 before its products.
 
 Reading: epoch 0 reads row windows of whole batches, about one row chunk high, tile by tile
 along the column chunks (host memory independent of n). Epochs ≥ 1 read full-height column
 slabs of each layer once per epoch and gather each batch's rows on the device; their Gram
-accumulators hold (n // m) × m × m float64 per layer, so their memory grows with n.
+accumulators hold about n/m × m × m float64 per layer, so their memory grows with n.
+
+Identity. The cache records its store's identity, including the dataset spec and the store's
+input fingerprint (a hash of every input tensor fed to the model). Caches are compared only when
+their sample ids and, where both stores have one, their input fingerprints agree: equal sample
+ids only mean the same dataset size, seed and order, not the same data.
 
 Partial caches: ``rows=(start, stop)`` (multiples of m, or stop = n) keeps only the batches whose
 positions lie inside those rows in every epoch, so disjoint row ranges (e.g. a SLURM array) hold
@@ -38,15 +48,15 @@ bit for bit, to one full pass.
 
 from __future__ import annotations
 
-import datetime as _dt
-import hashlib
 import json
 import os
-import shutil
+import warnings
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -55,7 +65,7 @@ import torch
 import zarr
 from torch import Tensor
 
-from ckapipe.analyze.estimators import gram_rbf, u_center
+from ckapipe.analyze.estimators import add_shifted_products, centered_batch_gram
 from ckapipe.analyze.loader import (
     BlockRequest,
     column_ranges,
@@ -63,7 +73,26 @@ from ckapipe.analyze.loader import (
     resolve_device,
     slab_width,
 )
-from ckapipe.store import ActivationStore
+from ckapipe.errors import (
+    DataError,
+    FormatError,
+    IncompatibleInputsError,
+    IncompleteError,
+    IntegrityError,
+    UsageError,
+)
+from ckapipe.formats import (
+    WriterLock,
+    check_chunks,
+    check_format,
+    create_array,
+    now,
+    sibling_lock_path,
+    staged_directory,
+    versions,
+    write_attrs,
+)
+from ckapipe.store import ActivationStore, IncompleteStoreError
 
 __all__ = [
     "FORMAT_NAME",
@@ -71,33 +100,65 @@ __all__ = [
     "GramCache",
     "GramCacheError",
     "IncompatibleGramCachesError",
+    "IncompleteGramCacheError",
+    "RemainderDroppedWarning",
+    "UnverifiedDatasetWarning",
+    "batch_rows",
     "build_gram_cache",
     "check_compatible",
+    "dataset_mismatch",
+    "dataset_unverified",
     "epoch_seeds",
     "make_partition",
     "merge_gram_caches",
 ]
 
 FORMAT_NAME = "ckapipe.gram-cache"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MODES = ("minibatch", "full")
 KERNELS = ("linear", "rbf")
 PRECISIONS = ("float64", "float32")
-PARTITION_SCHEME = "contiguous-epoch0-then-permuted/v1"
+PARTITION_SCHEME = "contiguous-epoch0-then-permuted/v2"
+MIN_BATCH = 4  # HSIC₁ divides by m(m−3)
 RBF_RULE = (
     "per batch: sigma^2 = threshold^2 * median of the batch's m x m squared distances "
     "(diagonal included, numpy median), K = exp(-d^2 / (2 sigma^2)), then U-centered"
 )
+REBUILD = "rebuild it from its activation store with `ckapipe gram STORE --out GRAMS`"
 # Full mode: a float64 copy of at most this many bytes of a slab exists at once.
 _FULL_BLOCK_BYTES = 64 * 2**20
 
 
-class GramCacheError(Exception):
+class GramCacheError(FormatError):
     """A Gram cache cannot be built, opened or merged as asked."""
 
 
-class IncompatibleGramCachesError(GramCacheError):
+class GramCacheUsageError(GramCacheError, UsageError):
+    """An argument of a Gram cache build or merge is invalid."""
+
+
+class GramCacheDataError(GramCacheError, DataError):
+    """A layer's data cannot give the requested Grams (e.g. an undefined RBF bandwidth)."""
+
+
+class IncompatibleGramCachesError(GramCacheError, IncompatibleInputsError):
     """Gram caches that must describe the same samples and batches do not."""
+
+
+class IncompleteGramCacheError(GramCacheError, IncompleteError):
+    """A Gram cache without its completion flag, or one still being built."""
+
+
+class GramCacheIntegrityError(GramCacheError, IntegrityError):
+    """A chunk file of a Gram cache is missing."""
+
+
+class RemainderDroppedWarning(UserWarning):
+    """n mod m is 1–3: those rows of each epoch cannot form a batch and are left out."""
+
+
+class UnverifiedDatasetWarning(UserWarning):
+    """A store has no input fingerprint, so equal dataset content cannot be checked."""
 
 
 # --------------------------------------------------------------------------- partition
@@ -117,53 +178,176 @@ def epoch_seeds(seed: int, n_samples: int, batch_size: int, epochs: int) -> list
 
 
 def _digest(record: dict[str, Any]) -> str:
+    import hashlib
+
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()
 
 
 def make_partition(
     n_samples: int, batch_size: int | None, epochs: int, seed: int, mode: str = "minibatch"
 ) -> dict[str, Any]:
-    """The partition record of a cache; equal partitions ⇔ equal ``sha256``."""
+    """The partition record of a cache; equal partitions ⇔ equal ``sha256``.
+
+    Minibatch: each epoch has ``batches_per_epoch`` batches, all of ``batch_size`` rows except
+    the last, which holds the ``last_batch_size`` = n mod m remaining rows when there are at
+    least 4 of them; a remainder of 1–3 rows is dropped (``dropped_rows``) in every epoch.
+    """
+    n = int(n_samples)
     if mode == "full":
         record: dict[str, Any] = {
             "scheme": "full",
-            "n_samples": int(n_samples),
+            "n_samples": n,
             "batch_size": None,
             "epochs": 1,
             "epoch_seeds": [None],
+            "batches_per_epoch": 0,
+            "last_batch_size": None,
             "n_batches_total": 0,
+            "samples_used": n,
             "dropped_rows": 0,
         }
     else:
         assert batch_size is not None
-        per_epoch = n_samples // batch_size
+        m = int(batch_size)
+        whole, remainder = divmod(n, m)
+        short = remainder >= MIN_BATCH
+        per_epoch = whole + int(short)
+        dropped = 0 if short else remainder
         record = {
             "scheme": PARTITION_SCHEME,
-            "n_samples": int(n_samples),
-            "batch_size": int(batch_size),
+            "n_samples": n,
+            "batch_size": m,
             "epochs": int(epochs),
-            "epoch_seeds": epoch_seeds(seed, n_samples, batch_size, epochs),
+            "epoch_seeds": epoch_seeds(seed, n, m, epochs),
+            "batches_per_epoch": per_epoch,
+            "last_batch_size": remainder if short else m,
             "n_batches_total": int(per_epoch * epochs),
-            "dropped_rows": int(n_samples - per_epoch * batch_size),
+            "samples_used": n - dropped,
+            "dropped_rows": dropped,
         }
     record["sha256"] = _digest(record)
     return record
 
 
 def epoch_order(partition: dict[str, Any], epoch: int) -> np.ndarray:
-    """(n,) int64 store rows in epoch ``epoch``'s order: batch k is ``order[k*m:(k+1)*m]``."""
+    """(n,) int64 store rows in epoch ``epoch``'s order; batch k is a slice of it (batch_span)."""
     n = partition["n_samples"]
     if epoch == 0:
         return np.arange(n, dtype=np.int64)
     return np.random.default_rng(partition["epoch_seeds"][epoch]).permutation(n).astype(np.int64)
 
 
+def batch_span(partition: dict[str, Any], k: int) -> tuple[int, int]:
+    """Positions ``[start, stop)`` of batch k of an epoch in that epoch's order."""
+    start = int(k) * partition["batch_size"]
+    return start, min(start + partition["batch_size"], partition["samples_used"])
+
+
 def batch_rows(partition: dict[str, Any], batch: int) -> np.ndarray:
-    """(m,) store rows of global batch number ``batch`` (epoch e, batch k ↦ e·(n//m) + k)."""
-    m = partition["batch_size"]
-    per_epoch = partition["n_samples"] // m
-    epoch, k = divmod(int(batch), per_epoch)
-    return epoch_order(partition, epoch)[k * m : (k + 1) * m]
+    """Store rows of global batch number ``batch`` (epoch e, batch k ↦ e·batches_per_epoch + k)."""
+    epoch, k = divmod(int(batch), partition["batches_per_epoch"])
+    start, stop = batch_span(partition, k)
+    return epoch_order(partition, epoch)[start:stop]
+
+
+def _is_short(partition: dict[str, Any], batch: int) -> bool:
+    """Whether global batch ``batch`` is an epoch's short last batch (fewer than m rows)."""
+    per_epoch = partition["batches_per_epoch"]
+    return (
+        partition["last_batch_size"] != partition["batch_size"]
+        and int(batch) % per_epoch == per_epoch - 1
+    )
+
+
+def _locations(partition: dict[str, Any], batches: Sequence[int]) -> dict[int, tuple[str, int]]:
+    """Global batch number -> (array group, index in it): full batches in ``grams``, short last
+    batches in ``grams_last``, each in global batch order."""
+    where: dict[int, tuple[str, int]] = {}
+    counts = {"grams": 0, "grams_last": 0}
+    for number in batches:
+        group = "grams_last" if _is_short(partition, number) else "grams"
+        where[int(number)] = (group, counts[group])
+        counts[group] += 1
+    return where
+
+
+# --------------------------------------------------------------------------- identity
+
+
+def _fingerprint(attrs: dict[str, Any]) -> str | None:
+    """A store's input fingerprint (``input_fingerprint``, or ``input_sha256`` before it)."""
+    value = attrs.get("input_fingerprint") or attrs.get("input_sha256")
+    return str(value) if value else None
+
+
+def _store_identity(store: ActivationStore) -> dict[str, Any]:
+    """The store's identity plus what its dataset content is (fingerprint, or that it has none)."""
+    identity = store.identity()
+    fingerprint = _fingerprint(store.attrs)
+    identity["input_fingerprint"] = fingerprint
+    if fingerprint is None:
+        identity["input_fingerprint_note"] = (
+            "the store records no input fingerprint (e.g. imported from HDF5), so its dataset "
+            "content cannot be checked against other stores; only its sample ids can"
+        )
+    return identity
+
+
+def describe_dataset(identity: dict[str, Any]) -> str:
+    """Dataset spec and short input fingerprint of a store identity, for messages."""
+    spec = identity.get("dataset")
+    if isinstance(spec, dict):
+        text = json.dumps(spec, sort_keys=True, default=str)
+    elif spec:
+        text = str(spec)
+    else:
+        text = "an unrecorded dataset"
+    fingerprint = identity.get("input_fingerprint")
+    short = f"input fingerprint {fingerprint[:12]}…" if fingerprint else "no input fingerprint"
+    return f"{text} ({short})"
+
+
+def dataset_mismatch(
+    a: dict[str, Any], b: dict[str, Any], label_a: str, label_b: str
+) -> str | None:
+    """Why two store identities do not hold the same inputs, or None if they may.
+
+    Both fingerprinted: they must be equal. Sample ids are checked separately (they say order).
+    """
+    fa, fb = a.get("input_fingerprint"), b.get("input_fingerprint")
+    if fa and fb and fa != fb:
+        return (
+            f"{label_a} and {label_b} were extracted from different inputs: {label_a} from "
+            f"{describe_dataset(a)}, {label_b} from {describe_dataset(b)}. Equal sample ids only "
+            "mean the same dataset size, seed and order, so their CKA would compare unrelated "
+            "samples; extract both models from the same dataset with the same preprocessing"
+        )
+    return None
+
+
+def dataset_unverified(
+    a: dict[str, Any], b: dict[str, Any], label_a: str, label_b: str
+) -> str | None:
+    """A warning text when two different stores cannot be checked to hold the same inputs.
+
+    That is when one of them records no input fingerprint (e.g. imported from HDF5): then only
+    their sample ids could be compared. Caches of one store (same identity) need no warning.
+    """
+    missing = [label for label, i in ((label_a, a), (label_b, b)) if not i.get("input_fingerprint")]
+    if not missing or _identity_key(a) == _identity_key(b):
+        return None
+    return (
+        f"{' and '.join(missing)}: no input fingerprint in the store (e.g. imported from HDF5), "
+        f"so it cannot be checked that {label_a} and {label_b} saw the same data "
+        f"({describe_dataset(a)} vs {describe_dataset(b)}); only their sample ids agree. Make "
+        "sure both were extracted from the same dataset and preprocessing, or re-extract with "
+        "`ckapipe extract` to record a fingerprint"
+    )
+
+
+def _identity_key(identity: dict[str, Any]) -> dict[str, Any]:
+    """The store identity without its path (the same store may be mounted elsewhere)."""
+    return {key: value for key, value in identity.items() if key != "path"}
 
 
 # --------------------------------------------------------------------------- reading
@@ -176,8 +360,9 @@ class GramCache:
     Attributes
     ----------
     path, attrs, mode, kernel, threshold, layer_names, batch_size (None in full mode),
-    batches (sorted global batch numbers held, int64), identity (the store's identity dict),
-    partition (dict), n_samples.
+    batches (sorted global batch numbers held, int64), batch_sizes (rows of each held batch),
+    identity (the store's identity dict, with its dataset spec and input fingerprint),
+    partition (dict), n_samples, samples_used, dropped_rows.
     """
 
     path: Path
@@ -185,27 +370,44 @@ class GramCache:
 
     @classmethod
     def open(cls, path: str | os.PathLike[str]) -> GramCache:
-        """Open a Gram cache; refuses anything that is not a complete ckapipe Gram cache."""
+        """Open a Gram cache; refuses anything that is not a complete, undamaged Gram cache.
+
+        Raises :class:`IncompleteGramCacheError` (no completion flag, or being built),
+        :class:`GramCacheIntegrityError` (a chunk file missing) or :class:`GramCacheError`.
+        """
         path = Path(path)
         if not (path / "zarr.json").is_file():
-            raise GramCacheError(f"{path} is not a Gram cache (no zarr.json); check the path")
+            if WriterLock.is_held(sibling_lock_path(path)):
+                raise IncompleteGramCacheError(
+                    f"{path} is being built by another process (`ckapipe gram` or "
+                    "`ckapipe merge-grams` holds its lock); wait for it to finish"
+                )
+            raise GramCacheError(
+                f"{path} is not a Gram cache (no zarr.json); check the path, or build one with "
+                "`ckapipe gram STORE --out GRAMS`"
+            )
         group = zarr.open_group(str(path), mode="r")
         attrs = dict(group.attrs)
-        if attrs.get("format") != FORMAT_NAME:
-            raise GramCacheError(
-                f"{path} is not a ckapipe Gram cache (format {attrs.get('format')!r}); "
-                "build one with `ckapipe gram STORE --out GRAMS`"
+        try:
+            check_format(
+                attrs,
+                path,
+                name=FORMAT_NAME,
+                version=FORMAT_VERSION,
+                what="Gram cache",
+                remedy=REBUILD,
             )
-        if attrs.get("format_version") != FORMAT_VERSION:
-            raise GramCacheError(
-                f"{path} has Gram cache format version {attrs.get('format_version')}, this "
-                f"ckapipe reads version {FORMAT_VERSION}; rebuild it with `ckapipe gram`"
-            )
+        except FormatError as error:
+            raise GramCacheError(str(error)) from None
         if not attrs.get("complete", False):
-            raise GramCacheError(
-                f"{path} is incomplete (no completion flag): its `ckapipe gram` run was "
-                "interrupted or is still running; run it again"
+            raise IncompleteGramCacheError(
+                f"{path} is incomplete (no completion flag): its build was interrupted or "
+                f"damaged; {REBUILD} (with --overwrite)"
             )
+        try:
+            check_chunks(path)
+        except IntegrityError as error:
+            raise GramCacheIntegrityError(str(error).replace("re-create it", REBUILD)) from None
         return cls(path, group)
 
     @property
@@ -237,6 +439,14 @@ class GramCache:
         return np.asarray(self._group.attrs["batches"], dtype=np.int64)
 
     @property
+    def batch_sizes(self) -> np.ndarray:
+        """(B,) int64 rows of each held batch (m, or the short last batch's r)."""
+        partition = self.partition
+        return np.asarray(
+            [len(batch_rows(partition, number)) for number in self.batches], dtype=np.int64
+        )
+
+    @property
     def identity(self) -> dict[str, Any]:
         return dict(self._group.attrs["store"])
 
@@ -246,7 +456,18 @@ class GramCache:
 
     @property
     def n_samples(self) -> int:
+        """n, the store's samples."""
         return int(self._group.attrs["partition"]["n_samples"])
+
+    @property
+    def samples_used(self) -> int:
+        """Samples that enter each epoch's batches (n minus a dropped 1–3 row remainder)."""
+        return int(self._group.attrs["samples_used"])
+
+    @property
+    def dropped_rows(self) -> int:
+        """Rows of each epoch in no batch: n mod m when that is 1–3, else 0."""
+        return int(self._group.attrs["partition"]["dropped_rows"])
 
     def _layers(self, layers: Sequence[str] | None) -> list[str]:
         names = self.layer_names
@@ -254,7 +475,7 @@ class GramCache:
             return names
         unknown = [name for name in layers if name not in names]
         if unknown:
-            raise GramCacheError(
+            raise GramCacheUsageError(
                 f"Gram cache {self.path} has no layer(s) {unknown}; its layers are {names}"
             )
         return list(layers)
@@ -262,10 +483,27 @@ class GramCache:
     def _grams(self, name: str) -> zarr.Array:
         return self._group["grams"][name]
 
+    @cached_property
+    def _where(self) -> dict[int, tuple[str, int]]:
+        return _locations(self.partition, self.batches.tolist())
+
+    def batch_gram(self, layer: str, batch: int) -> np.ndarray:
+        """(m_b, m_b) float64 Ũ Gram of global batch number ``batch`` of ``layer``."""
+        where = self._where
+        if int(batch) not in where:
+            raise GramCacheUsageError(
+                f"Gram cache {self.path} holds batches {_ranges(self.batches)}, not {batch}"
+            )
+        self._layers([layer])
+        group, index = where[int(batch)]
+        return np.asarray(self._group[group][layer][index])
+
     def iter_batches(
         self, device: str | torch.device | None = None, layers: Sequence[str] | None = None
     ) -> Iterator[tuple[int, Tensor]]:
-        """Yield ``(global batch number, Ũ Grams (L, m, m) float64)`` in global batch order.
+        """Yield ``(global batch number, Ũ Grams (L, m_b, m_b) float64)`` in global batch order.
+
+        m_b is the batch's size: m, or r = n mod m for an epoch's short last batch.
 
         Parameters
         ----------
@@ -280,32 +518,37 @@ class GramCache:
             A fresh tensor per batch; the next batch is read while this one is used.
         """
         if self.mode != "minibatch":
-            raise GramCacheError(
+            raise GramCacheUsageError(
                 f"{self.path} is a full-mode cache (one n×n Gram per layer, no batches); "
                 "use full_gram(layer)"
             )
         names = self._layers(layers)
         target = resolve_device(device) if device is not None else torch.device("cpu")
-        arrays = [self._grams(name) for name in names]
         numbers = self.batches
+        where = self._where
+        arrays = {
+            group: [self._group[group][name] for name in names]
+            for group in {group for group, _ in where.values()}
+        }
 
-        def read(index: int) -> np.ndarray:
-            return np.stack([array[index] for array in arrays])  # (L, m, m)
+        def read(number: int) -> np.ndarray:
+            group, index = where[number]
+            return np.stack([array[index] for array in arrays[group]])  # (L, m_b, m_b)
 
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckapipe-grams") as pool:
             ahead: deque = deque()
-            for index in range(min(2, len(numbers))):
-                ahead.append(pool.submit(read, index))
+            for number in numbers[:2]:
+                ahead.append(pool.submit(read, int(number)))
             for index, number in enumerate(numbers):
                 grams = ahead.popleft().result()
                 if index + 2 < len(numbers):
-                    ahead.append(pool.submit(read, index + 2))
+                    ahead.append(pool.submit(read, int(numbers[index + 2])))
                 yield int(number), torch.from_numpy(grams).to(target)
 
     def full_gram(self, layer: str) -> np.ndarray:
         """(n, n) float64 linear Gram of the column-centered features of ``layer`` (full mode)."""
         if self.mode != "full":
-            raise GramCacheError(
+            raise GramCacheUsageError(
                 f"{self.path} is a minibatch cache; full_gram needs one built with --mode full"
             )
         self._layers([layer])
@@ -316,16 +559,16 @@ def _open_cache(cache: GramCache | str | os.PathLike[str]) -> GramCache:
     return cache if isinstance(cache, GramCache) else GramCache.open(cache)
 
 
-def _identity_key(identity: dict[str, Any]) -> dict[str, Any]:
-    """The store identity without its path (the same store may be mounted elsewhere)."""
-    return {key: value for key, value in identity.items() if key != "path"}
-
-
-def check_compatible(caches: Sequence[GramCache | str | os.PathLike[str]]) -> None:
+def check_compatible(
+    caches: Sequence[GramCache | str | os.PathLike[str]], *, warn: bool = True
+) -> None:
     """Raise :class:`IncompatibleGramCachesError` naming the first mismatch between caches.
 
     Caches are compatible (comparable model against model) when their stores hold the same
-    samples in the same rows, and they share mode, kernel, threshold, partition and batches.
+    samples in the same rows (equal sample ids and, where both stores record one, equal input
+    fingerprints), and they share mode, kernel, threshold, partition and batches. When a store
+    has no input fingerprint the data cannot be checked: an :class:`UnverifiedDatasetWarning`
+    says so (``warn=False``: the caller warns in its own words).
     """
     opened = [_open_cache(cache) for cache in caches]
     if len(opened) < 2:
@@ -340,6 +583,12 @@ def check_compatible(caches: Sequence[GramCache | str | os.PathLike[str]]) -> No
                 f"{b['sample_ids_sha256'][:12]}…); extract both models with the same dataset, "
                 "--limit and --seed"
             )
+        mismatch = dataset_mismatch(a, b, str(first.path), str(other.path))
+        if mismatch:
+            raise IncompatibleGramCachesError(mismatch)
+        unverified = dataset_unverified(a, b, str(first.path), str(other.path))
+        if unverified and warn:
+            warnings.warn(unverified, UnverifiedDatasetWarning, stacklevel=2)
         for what, x, y in (
             ("mode", first.mode, other.mode),
             ("kernel", first.kernel, other.kernel),
@@ -382,56 +631,93 @@ def _ranges(numbers: np.ndarray) -> str:
 # --------------------------------------------------------------------------- writing
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds")
+def _refuse_existing(out: Path, overwrite: bool) -> None:
+    """Refuse an existing --out unless ``overwrite``, and never replace anything but a Gram cache.
+
+    Checked before any work (and again under the writer lock by ``staged_directory``).
+    """
+    if not out.exists():
+        return
+    if not overwrite:
+        raise GramCacheUsageError(
+            f"{out} already exists; pass --overwrite (overwrite=True) to replace it, or choose "
+            "another --out"
+        )
+    if out.is_dir() and not any(out.iterdir()):
+        return
+    try:
+        found = zarr.open_group(str(out), mode="r").attrs.get("format")
+    except Exception:  # noqa: BLE001 - anything unreadable is not a Gram cache we may delete
+        found = None
+    if found != FORMAT_NAME:
+        raise GramCacheUsageError(
+            f"{out} exists and is not a Gram cache (format {found!r}); --overwrite only replaces "
+            "a Gram cache. Choose another --out"
+        )
 
 
-def _versions() -> dict[str, str]:
-    from ckapipe import __version__
-
-    return {
-        "ckapipe": __version__,
-        "zarr": zarr.__version__,
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-    }
-
-
-def _prepare_out(out: Path) -> zarr.Group:
-    """Create the output group; an incomplete Gram cache left by an interrupted run is replaced."""
-    if out.exists() and any(out.iterdir()):
-        leftover = False
-        if (out / "zarr.json").is_file():
-            try:
-                attrs = dict(zarr.open_group(str(out), mode="r").attrs)
-                leftover = attrs.get("format") == FORMAT_NAME and not attrs.get("complete")
-            except Exception:  # noqa: BLE001 - anything unreadable is not ours to delete
-                leftover = False
-        if not leftover:
-            raise GramCacheError(
-                f"{out} already exists and is not an interrupted Gram cache; remove it or "
-                "choose another --out"
-            )
-        shutil.rmtree(out)
-    return zarr.open_group(str(out), mode="w", zarr_format=3)
+@contextmanager
+def _staged_cache(out: Path, overwrite: bool) -> Iterator[zarr.Group]:
+    """A new cache group built in a staging folder; renamed to ``out`` only once complete."""
+    _refuse_existing(out, overwrite)
+    with staged_directory(
+        out,
+        overwrite=overwrite,
+        what="Gram cache",
+        remedy="pass --overwrite (overwrite=True) to replace it, or choose another --out",
+    ) as staging:
+        yield zarr.open_group(str(staging), mode="w", zarr_format=3)
 
 
-def _create_batch_array(group: zarr.Group, name: str, n_batches: int, m: int) -> zarr.Array:
-    return group.create_array(
-        name,
-        shape=(n_batches, m, m),
-        chunks=(1, m, m),
-        dtype="float64",
-        dimension_names=("batch", "sample_i", "sample_j"),
-        compressors=None,
-        fill_value=0.0,
-    )
+class _BatchArrays:
+    """The per-batch Gram arrays of a minibatch cache: ``grams/<layer>`` (full batches, (B, m,
+    m)) and ``grams_last/<layer>`` (short last batches, (B', r, r)), one chunk per batch."""
+
+    def __init__(
+        self, group: zarr.Group, layers: Sequence[str], partition: dict, batches: list[int]
+    ):
+        self.layers = list(layers)
+        self.where = _locations(partition, batches)
+        sizes = {"grams": partition["batch_size"], "grams_last": partition["last_batch_size"]}
+        counts = {"grams": 0, "grams_last": 0}
+        for where, _ in self.where.values():
+            counts[where] += 1
+        index = create_array(
+            group,
+            "batch_index",
+            shape=(len(batches),),
+            chunks=(max(1, len(batches)),),
+            dtype="int64",
+            dimension_names=("batch",),
+        )
+        index[...] = np.asarray(batches, dtype=np.int64)
+        self.arrays: dict[str, dict[str, zarr.Array]] = {}
+        for where, count in counts.items():
+            if not count:
+                continue
+            sub = group.require_group(where)
+            size = sizes[where]
+            self.arrays[where] = {
+                name: create_array(
+                    sub,
+                    name,
+                    shape=(count, size, size),
+                    chunks=(1, size, size),
+                    dtype="float64",
+                    dimension_names=("batch", "sample_i", "sample_j"),
+                )
+                for name in layers
+            }
+
+    def write(self, layer: str, batch: int, gram: np.ndarray) -> None:
+        where, index = self.where[int(batch)]
+        self.arrays[where][layer][index] = gram
 
 
 def _open_store(store: ActivationStore | str | os.PathLike[str]) -> ActivationStore:
     if isinstance(store, ActivationStore):
         if not store.is_complete:
-            raise GramCacheError(
+            raise IncompleteStoreError(
                 f"store {store.path} is incomplete ({store.rows_complete} of {store.n_samples} "
                 "rows, no completion flag); finish its extraction first"
             )
@@ -451,95 +737,77 @@ def _check_arguments(
     layers: Sequence[str] | None,
 ) -> tuple[list[str], tuple[int, int]]:
     n = store.n_samples
+    bad = GramCacheUsageError
     if mode not in MODES:
-        raise GramCacheError(f"mode must be one of {MODES}, got {mode!r}")
+        raise bad(f"mode must be one of {MODES}, got {mode!r}")
     if kernel not in KERNELS:
-        raise GramCacheError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+        raise bad(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if not (isinstance(threshold, int | float) and threshold > 0 and np.isfinite(threshold)):
-        raise GramCacheError(f"threshold (RBF bandwidth multiple) must be > 0, got {threshold!r}")
+        raise bad(f"threshold (RBF bandwidth multiple) must be > 0, got {threshold!r}")
     names = list(layers) if layers else store.layer_names
     unknown = [name for name in names if name not in store.layer_names]
     if unknown:
-        raise GramCacheError(
+        raise bad(
             f"store {store.path} has no layer(s) {unknown}; its layers are {store.layer_names}"
         )
     duplicates = sorted({name for name in names if names.count(name) > 1})
     if duplicates:
-        raise GramCacheError(f"layers selected more than once: {duplicates}")
+        raise bad(f"layers selected more than once: {duplicates}")
     if mode == "full":
         if rows is not None:
-            raise GramCacheError(
+            raise bad(
                 "rows=(start, stop) builds partial minibatch caches; full mode computes the "
                 "exact n×n Gram in one pass over all rows"
             )
         if epochs != 1:
-            raise GramCacheError(f"full mode has no epochs (got epochs={epochs}); leave it at 1")
+            raise bad(f"full mode has no epochs (got epochs={epochs}); leave it at 1")
         return names, (0, n)
-    if not isinstance(batch_size, int | np.integer) or batch_size < 4:
-        raise GramCacheError(
+    if not isinstance(batch_size, int | np.integer) or batch_size < MIN_BATCH:
+        raise bad(
             f"batch_size must be an integer >= 4 (HSIC₁ divides by m(m-3)), got {batch_size!r}"
         )
     if batch_size > n:
-        raise GramCacheError(
+        raise bad(
             f"batch_size {batch_size} is larger than the store's {n} samples; use a batch size "
             f"<= {n} (or --mode full for one exact Gram)"
         )
     if not isinstance(epochs, int | np.integer) or epochs < 1:
-        raise GramCacheError(f"epochs must be an integer >= 1, got {epochs!r}")
+        raise bad(f"epochs must be an integer >= 1, got {epochs!r}")
     start, stop = rows if rows is not None else (0, n)
     if not 0 <= start < stop <= n:
-        raise GramCacheError(f"rows {start}:{stop} must satisfy 0 <= start < stop <= n = {n}")
+        raise bad(f"rows {start}:{stop} must satisfy 0 <= start < stop <= n = {n}")
     if start % batch_size or (stop % batch_size and stop != n):
-        raise GramCacheError(
+        raise bad(
             f"rows {start}:{stop} must start and stop on batch boundaries (multiples of "
             f"batch_size {batch_size}, or stop = n = {n}) so that partial caches tile the batches"
         )
-    if stop // batch_size <= start // batch_size:
-        raise GramCacheError(
-            f"rows {start}:{stop} hold no whole batch of {batch_size} rows (the last "
-            f"{n % batch_size} rows of each epoch are dropped)"
+    if _batch_range(make_partition(n, batch_size, 1, 0), start, stop)[1] <= start // batch_size:
+        raise bad(
+            f"rows {start}:{stop} hold no batch: the last {n % batch_size} rows of each epoch "
+            "are too few for a batch (HSIC₁ needs 4) and are dropped"
         )
     return names, (start, stop)
 
 
-class _BatchGramAccumulator:
-    """Σ over column tiles of X' X'ᵀ for a set of batches, accumulated in float64 on the device.
-
-    X' is the batch's tile shifted by the batch's first row. Ũ(K) is unchanged by any shift of
-    the features (it removes row and column offsets of K), and so are RBF distances, so the shift
-    does the job of centering: it removes the large common offset (post-ReLU means) that makes
-    uncentered Gram entries huge and their differences cancel, and a constant column becomes
-    exactly 0. float16/bfloat16 values are exact in float32 and float64, so the shift is exact
-    for them. ``product_dtype`` float32 runs the tile products in float32 (about 2x faster on a
-    CPU) and still sums tiles in float64.
-    """
-
-    def __init__(self, n_batches: int, m: int, device: torch.device, product_dtype: torch.dtype):
-        self.grams = torch.zeros(n_batches, m, m, dtype=torch.float64, device=device)
-        self.product_dtype = product_dtype
-
-    def add(self, j: int, rows: Tensor) -> None:
-        """Add the tile ``rows`` (m, w) of batch j."""
-        x = rows.to(self.product_dtype)
-        if x.data_ptr() == rows.data_ptr():
-            x = x.clone()  # same dtype as stored: do not shift the loader's buffer in place
-        x -= x[:1].clone()  # in place: one float64 copy of the tile at a time, not two
-        if self.product_dtype == torch.float64:
-            self.grams[j].addmm_(x, x.T)
-        else:
-            self.grams[j] += x @ x.T
+def _batch_range(partition: dict[str, Any], start: int, stop: int) -> tuple[int, int]:
+    """Batches [first, last) of an epoch whose positions lie inside rows ``start:stop``."""
+    m = partition["batch_size"]
+    last = partition["batches_per_epoch"] if stop == partition["n_samples"] else stop // m
+    return start // m, last
 
 
-def _finish_batch(gram: Tensor, kernel: str, threshold: float, layer: str, batch: int) -> Tensor:
-    """Ũ of the batch's kernel Gram, given its linear Gram (m, m) float64."""
-    if kernel == "rbf":
+def _finisher(kernel: str, threshold: float) -> Callable[[Tensor, str, int], np.ndarray]:
+    """Ũ of a batch's kernel Gram from its (shifted) linear Gram, as float64 numpy."""
+
+    def finish(gram: Tensor, layer: str, batch: int) -> np.ndarray:
         try:
-            gram = gram_rbf(gram=gram, threshold=threshold)
+            return centered_batch_gram(gram, kernel=kernel, threshold=threshold).cpu().numpy()
         except ValueError as error:
-            raise GramCacheError(
+            raise GramCacheDataError(
                 f"layer {layer!r}, batch {batch}: {error}; build the cache with kernel='linear'"
             ) from None
-    return u_center(gram)
+
+    return finish
 
 
 def build_gram_cache(
@@ -559,6 +827,7 @@ def build_gram_cache(
     threads: int = 4,
     max_slab_bytes: int = 256 * 2**20,
     precision: str = "float64",
+    overwrite: bool = False,
 ) -> GramCache:
     """Read a store once and write its Gram cache.
 
@@ -567,9 +836,12 @@ def build_gram_cache(
     store:
         A complete activation store (path or open :class:`~ckapipe.store.ActivationStore`).
     out:
-        Directory of the new cache (must not exist, be empty, or be an interrupted cache).
+        Directory of the new cache. Built beside it in a hidden staging folder under a writer
+        lock and renamed into place when complete.
     batch_size:
-        m, rows per minibatch (4 ≤ m ≤ n). Ignored in full mode.
+        m, rows per minibatch (4 ≤ m ≤ n). Each epoch's last batch holds the n mod m remaining
+        rows (a remainder of 1–3 rows is dropped, with a :class:`RemainderDroppedWarning`).
+        Ignored in full mode.
     epochs:
         Partitions of the rows: epoch 0 is the store order, epochs ≥ 1 seeded permutations.
     seed:
@@ -590,11 +862,21 @@ def build_gram_cache(
         ``"float64"`` (default): every product in float64. ``"float32"`` (minibatch mode only):
         the shifted tiles are multiplied in float32 and summed in float64, about 2x faster on
         a CPU; see ``bench/RESULTS.md`` for its measured error. Recorded in the attributes.
+    overwrite:
+        Replace an existing Gram cache at ``out`` (only once the new one is complete).
 
     Returns
     -------
     GramCache
         The finished cache, opened for reading.
+
+    Raises
+    ------
+    WriterLockedError
+        Another process is building ``out`` (names its pid).
+    GramCacheError
+        Bad arguments (also :class:`~ckapipe.errors.UsageError`), an existing ``out``, or a
+        layer whose RBF bandwidth is undefined (also :class:`~ckapipe.errors.DataError`).
     """
     source = _open_store(store)
     names, (start, stop) = _check_arguments(
@@ -608,120 +890,145 @@ def build_gram_cache(
         layers=layers,
     )
     if precision not in PRECISIONS:
-        raise GramCacheError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        raise GramCacheUsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "float64" and mode == "full":
-        raise GramCacheError(
+        raise GramCacheUsageError(
             "full mode is the exact estimator and computes in float64; drop precision="
             f"{precision!r} or use minibatch mode"
         )
-    product_dtype = torch.float64 if precision == "float64" else torch.float32
     names = [name for name in source.layer_names if name in names]  # store order
-    target = resolve_device(device)
     out = Path(out)
     n = source.n_samples
     partition = make_partition(n, batch_size, epochs, seed, mode=mode)
-    loader = {"device": target, "prefetch": prefetch, "threads": threads}
-
+    batches: list[int] = []
     if mode == "minibatch":
-        first_batch, last_batch = start // batch_size, stop // batch_size  # [first, last)
-        per_epoch = n // batch_size
-        batches = [
-            epoch * per_epoch + k for epoch in range(epochs) for k in range(first_batch, last_batch)
-        ]
-    else:
-        batches = []
-    group = _prepare_out(out)
-    group.attrs.update(
-        {
-            "format": FORMAT_NAME,
-            "format_version": FORMAT_VERSION,
-            "mode": mode,
-            "kernel": kernel,
-            "threshold": float(threshold),
-            "rbf_bandwidth_rule": RBF_RULE if kernel == "rbf" else None,
-            "stored": "u_centered_gram" if mode == "minibatch" else "linear_gram",
-            "precision": precision,
-            "batch_size": int(batch_size) if mode == "minibatch" else None,
-            "epochs": int(epochs),
-            "seed": int(seed),
-            "epoch_seeds": partition["epoch_seeds"],
-            "store": source.identity(),
-            "layers": names,
-            "partition": partition,
-            "rows": [int(start), int(stop)],
-            "batches": batches,
-            "versions": _versions(),
-            "created": _now(),
-            "complete": False,
-        }
+        first, last = _batch_range(partition, start, stop)
+        per_epoch = partition["batches_per_epoch"]
+        batches = [e * per_epoch + k for e in range(epochs) for k in range(first, last)]
+        if partition["dropped_rows"] and stop == n:
+            warnings.warn(
+                f"{source.path}: {n} samples do not split into batches of {batch_size}: the last "
+                f"{partition['dropped_rows']} of each epoch are too few for a batch (HSIC₁ needs "
+                f"4) and are left out ({partition['samples_used']} of {n} used); choose a batch "
+                "size whose remainder is 0 or at least 4 to use every sample",
+                RemainderDroppedWarning,
+                stacklevel=2,
+            )
+    attrs = _cache_attrs(
+        source,
+        names,
+        partition,
+        batches,
+        (start, stop),
+        mode=mode,
+        kernel=kernel,
+        threshold=threshold,
+        precision=precision,
+        seed=seed,
     )
-    grams = group.require_group("grams")
-    if mode == "full":
-        for name in names:
-            gram = _full_gram(source, name, max_slab_bytes=max_slab_bytes, **loader)
-            chunk_rows = max(1, min(n, (16 * 2**20) // (8 * n)))
-            array = grams.create_array(
-                name,
-                shape=(n, n),
-                chunks=(chunk_rows, n),
-                dtype="float64",
-                dimension_names=("sample_i", "sample_j"),
-                compressors=None,
-            )
-            array[...] = gram.cpu().numpy()
-    else:
-        index = group.create_array(
-            "batch_index", shape=(len(batches),), dtype="int64", dimension_names=("batch",)
-        )
-        index[...] = np.asarray(batches, dtype=np.int64)
-        arrays = {
-            name: _create_batch_array(grams, name, len(batches), batch_size) for name in names
-        }
-        n_local = last_batch - first_batch
-        _epoch0_grams(
-            source,
-            arrays,
-            batch_size,
-            first_batch,
-            last_batch,
-            kernel,
-            threshold,
-            product_dtype=product_dtype,
-            **loader,
-        )
-        for epoch in range(1, epochs):
-            _permuted_epoch_grams(
-                source,
-                arrays,
-                partition,
-                epoch,
-                first_batch,
-                last_batch,
-                local_offset=epoch * n_local,
-                kernel=kernel,
-                threshold=threshold,
-                max_slab_bytes=max_slab_bytes,
-                product_dtype=product_dtype,
-                **loader,
-            )
-    group.attrs["complete"] = True  # last: readers refuse the cache until here
+    settings = {
+        "device": resolve_device(device),
+        "prefetch": prefetch,
+        "threads": threads,
+        "product_dtype": torch.float64 if precision == "float64" else torch.float32,
+        "max_slab_bytes": max_slab_bytes,
+    }
+    with _staged_cache(out, overwrite) as group:
+        write_attrs(group, attrs)
+        if mode == "full":
+            _write_full(group, source, names, settings)
+        else:
+            arrays = _BatchArrays(group, names, partition, batches)
+            finish = _finisher(kernel, threshold)
+            _epoch0_grams(source, arrays, partition, first, last, finish, settings)
+            for epoch in range(1, epochs):
+                _permuted_epoch_grams(
+                    source, arrays, partition, epoch, first, last, finish, settings
+                )
+        write_attrs(group, {"complete": True})  # last: readers refuse the cache until here
     return GramCache.open(out)
+
+
+def _cache_attrs(
+    source: ActivationStore,
+    names: list[str],
+    partition: dict[str, Any],
+    batches: list[int],
+    rows: tuple[int, int],
+    *,
+    mode: str,
+    kernel: str,
+    threshold: float,
+    precision: str,
+    seed: int,
+) -> dict[str, Any]:
+    """The root attributes of a new cache (one metadata write), completion flag still False."""
+    start, stop = rows
+    batch_size, epochs, n = partition["batch_size"], partition["epochs"], partition["n_samples"]
+    return {
+        "format": FORMAT_NAME,
+        "format_version": FORMAT_VERSION,
+        "mode": mode,
+        "kernel": kernel,
+        "threshold": float(threshold),
+        "rbf_bandwidth_rule": RBF_RULE if kernel == "rbf" else None,
+        "stored": "u_centered_gram" if mode == "minibatch" else "linear_gram",
+        "precision": precision,
+        "batch_size": batch_size,
+        "epochs": int(epochs),
+        "seed": int(seed),
+        "epoch_seeds": partition["epoch_seeds"],
+        "n_samples": n,
+        "samples_used": partition["samples_used"],
+        "store": _store_identity(source),
+        "layers": names,
+        "partition": partition,
+        "rows": [int(start), int(stop)],
+        "batches": batches,
+        "versions": versions(),
+        "created": now(),
+        "complete": False,
+    }
+
+
+def _loader(settings: dict[str, Any]) -> dict[str, Any]:
+    return {key: settings[key] for key in ("device", "prefetch", "threads")}
+
+
+def _write_full(
+    group: zarr.Group, source: ActivationStore, names: Sequence[str], settings: dict[str, Any]
+) -> None:
+    n = source.n_samples
+    grams = group.require_group("grams")
+    for name in names:
+        gram = _full_gram(
+            source, name, max_slab_bytes=settings["max_slab_bytes"], **_loader(settings)
+        )
+        chunk_rows = max(1, min(n, (16 * 2**20) // (8 * n)))
+        array = create_array(
+            grams,
+            name,
+            shape=(n, n),
+            chunks=(chunk_rows, n),
+            dtype="float64",
+            dimension_names=("sample_i", "sample_j"),
+        )
+        array[...] = gram.cpu().numpy()
 
 
 def _epoch0_grams(
     store: ActivationStore,
-    arrays: dict[str, zarr.Array],
-    m: int,
+    arrays: _BatchArrays,
+    partition: dict[str, Any],
     first_batch: int,
     last_batch: int,
-    kernel: str,
-    threshold: float,
-    product_dtype: torch.dtype,
-    **loader: Any,
+    finish: Callable[[Tensor, str, int], np.ndarray],
+    settings: dict[str, Any],
 ) -> None:
     """Contiguous batches: row windows of whole batches ≈ one row chunk, tiled along columns."""
+    m = partition["batch_size"]
     requests = []
-    for name in arrays:
+    for name in arrays.layers:
         row_chunk, column_chunk = store.chunk_shape(name)
         per_window = max(1, row_chunk // m)
         columns = column_ranges(store.layer(name).n_features, column_chunk)
@@ -729,84 +1036,69 @@ def _epoch0_grams(
         k = first_batch
         while k < last_batch:
             k_end = min(last_batch, (k // per_window + 1) * per_window)
+            span = (k * m, batch_span(partition, k_end - 1)[1])
             for position, (c0, c1) in enumerate(columns):
                 last_tile = position == len(columns) - 1
-                requests.append(
-                    BlockRequest((k * m, k_end * m), ((name, c0, c1),), tag=(name, k, last_tile))
-                )
+                tag = (name, k, k_end, last_tile)
+                requests.append(BlockRequest(span, ((name, c0, c1),), tag=tag))
             k = k_end
-    accumulator: _BatchGramAccumulator | None = None
-    for block in iter_blocks(store, requests, **loader):
-        name, k, last_tile = block.request.tag
-        n_batches = block.request.n_rows // m
-        if accumulator is None:
-            accumulator = _BatchGramAccumulator(
-                n_batches, m, block.tensors[0].device, product_dtype
-            )
+    grams: dict[int, Tensor] | None = None
+    for block in iter_blocks(store, requests, **_loader(settings)):
+        name, k, k_end, last_tile = block.request.tag
         tile = block.tensors[0]
-        for j in range(n_batches):
-            accumulator.add(j, tile[j * m : (j + 1) * m])
+        spans = {j: batch_span(partition, j) for j in range(k, k_end)}
+        if grams is None:
+            grams = {
+                j: torch.zeros(b - a, b - a, dtype=torch.float64, device=tile.device)
+                for j, (a, b) in spans.items()
+            }
+        for j, (a, b) in spans.items():
+            add_shifted_products(grams[j], tile[a - k * m : b - k * m], settings["product_dtype"])
         if last_tile:
-            finished = torch.stack(
-                [
-                    _finish_batch(accumulator.grams[j], kernel, threshold, name, k + j)
-                    for j in range(n_batches)
-                ]
-            )
-            local = k - first_batch
-            arrays[name][local : local + n_batches] = finished.cpu().numpy()
-            accumulator = None
+            for j in range(k, k_end):
+                arrays.write(name, j, finish(grams[j], name, j))
+            grams = None
 
 
 def _permuted_epoch_grams(
     store: ActivationStore,
-    arrays: dict[str, zarr.Array],
+    arrays: _BatchArrays,
     partition: dict[str, Any],
     epoch: int,
     first_batch: int,
     last_batch: int,
-    *,
-    local_offset: int,
-    kernel: str,
-    threshold: float,
-    max_slab_bytes: int,
-    product_dtype: torch.dtype,
-    **loader: Any,
+    finish: Callable[[Tensor, str, int], np.ndarray],
+    settings: dict[str, Any],
 ) -> None:
     """Re-partitioned batches: full-height column slabs, each batch's rows gathered from them."""
-    m = partition["batch_size"]
     n = partition["n_samples"]
-    per_epoch = n // m
+    per_epoch = partition["batches_per_epoch"]
     order = epoch_order(partition, epoch)
-    device = loader["device"]
-    batch_rows_ = torch.from_numpy(order[first_batch * m : last_batch * m].reshape(-1, m)).to(
-        device
-    )  # (B, m) store rows of each batch, in batch order
-    for name in arrays:
-        width = slab_width(store, name, n, max_slab_bytes)
+    device = settings["device"]
+    numbers = range(first_batch, last_batch)
+    members = {  # store rows of each batch, in batch order
+        k: torch.from_numpy(order[slice(*batch_span(partition, k))]).to(device) for k in numbers
+    }
+    for name in arrays.layers:
+        width = slab_width(store, name, n, settings["max_slab_bytes"])
         column_chunk = store.chunk_shape(name)[1]
         requests = [
             BlockRequest((0, n), ((name, c0, c1),))
             for c0, c1 in column_ranges(store.layer(name).n_features, column_chunk, width)
         ]
-        accumulator = _BatchGramAccumulator(len(batch_rows_), m, device, product_dtype)
-        for block in iter_blocks(store, requests, **loader):
+        grams = {
+            k: torch.zeros(len(rows), len(rows), dtype=torch.float64, device=device)
+            for k, rows in members.items()
+        }
+        for block in iter_blocks(store, requests, **_loader(settings)):
             slab = block.tensors[0]  # (n, w)
-            for j, rows in enumerate(batch_rows_):
-                accumulator.add(j, slab.index_select(0, rows))
-        finished = torch.stack(
-            [
-                _finish_batch(
-                    accumulator.grams[j],
-                    kernel,
-                    threshold,
-                    name,
-                    epoch * per_epoch + first_batch + j,
+            for k, rows in members.items():
+                add_shifted_products(
+                    grams[k], slab.index_select(0, rows), settings["product_dtype"]
                 )
-                for j in range(len(batch_rows_))
-            ]
-        )
-        arrays[name][local_offset : local_offset + len(batch_rows_)] = finished.cpu().numpy()
+        for k in numbers:
+            number = epoch * per_epoch + k
+            arrays.write(name, number, finish(grams[k], name, number))
 
 
 def _full_gram(store: ActivationStore, name: str, *, max_slab_bytes: int, **loader: Any) -> Tensor:
@@ -834,7 +1126,10 @@ def _full_gram(store: ActivationStore, name: str, *, max_slab_bytes: int, **load
 
 
 def merge_gram_caches(
-    parts: Sequence[GramCache | str | os.PathLike[str]], out: str | os.PathLike[str]
+    parts: Sequence[GramCache | str | os.PathLike[str]],
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
 ) -> GramCache:
     """Join partial minibatch caches of one store into one cache.
 
@@ -844,7 +1139,10 @@ def merge_gram_caches(
         Complete partial caches built from the same store with the same settings (``rows=``
         ranges that do not overlap).
     out:
-        Directory of the merged cache.
+        Directory of the merged cache (built in a staging folder under a writer lock, like
+        :func:`build_gram_cache`).
+    overwrite:
+        Replace an existing Gram cache at ``out``.
 
     Returns
     -------
@@ -854,18 +1152,50 @@ def merge_gram_caches(
     Raises
     ------
     IncompatibleGramCachesError
-        Different stores, settings or partitions, or a batch held by two parts.
+        Different stores or inputs, settings or partitions, or a batch held by two parts.
     """
     opened = [_open_cache(part) for part in parts]
     if not opened:
-        raise GramCacheError("merge needs at least one partial Gram cache")
+        raise GramCacheUsageError("merge needs at least one partial Gram cache")
     first = opened[0]
     if first.mode != "minibatch":
-        raise GramCacheError(
+        raise GramCacheUsageError(
             f"{first.path} is a full-mode cache; full mode is built in one pass, nothing to merge"
         )
+    owner = _check_mergeable(opened)
+    batches = sorted(owner)
+    attrs = first.attrs
+    attrs.update(
+        {
+            "rows": None,
+            "batches": batches,
+            "merged_from": [
+                {"path": str(part.path), "rows": part.attrs.get("rows")} for part in opened
+            ],
+            "versions": versions(),
+            "created": now(),
+            "complete": False,
+        }
+    )
+    with _staged_cache(Path(out), overwrite) as group:
+        write_attrs(group, attrs)
+        arrays = _BatchArrays(group, first.layer_names, first.partition, batches)
+        for name in first.layer_names:
+            for part in opened:
+                for number in part.batches:
+                    arrays.write(name, int(number), part.batch_gram(name, int(number)))
+        write_attrs(group, {"complete": True})  # last
+    return GramCache.open(out)
+
+
+def _check_mergeable(opened: Sequence[GramCache]) -> dict[int, Path]:
+    """Refuse parts of different stores, inputs or settings; map each batch to its part."""
+    first = opened[0]
     owner: dict[int, Path] = {}
     for part in opened:
+        mismatch = dataset_mismatch(first.identity, part.identity, str(first.path), str(part.path))
+        if mismatch:
+            raise IncompatibleGramCachesError(f"cannot merge: {mismatch}")
         for what, x, y in (
             ("store", _identity_key(first.identity), _identity_key(part.identity)),
             ("mode", first.mode, part.mode),
@@ -887,34 +1217,4 @@ def merge_gram_caches(
                     "their --rows ranges overlap; merge partial caches of disjoint ranges"
                 )
             owner[int(number)] = part.path
-    batches = sorted(owner)
-    m = first.batch_size
-    group = _prepare_out(Path(out))
-    attrs = first.attrs
-    attrs.update(
-        {
-            "rows": None,
-            "batches": batches,
-            "merged_from": [
-                {"path": str(part.path), "rows": part.attrs.get("rows")} for part in opened
-            ],
-            "versions": _versions(),
-            "created": _now(),
-            "complete": False,
-        }
-    )
-    group.attrs.update(attrs)
-    index = group.create_array(
-        "batch_index", shape=(len(batches),), dtype="int64", dimension_names=("batch",)
-    )
-    index[...] = np.asarray(batches, dtype=np.int64)
-    grams = group.require_group("grams")
-    position = {number: i for i, number in enumerate(batches)}
-    for name in first.layer_names:
-        array = _create_batch_array(grams, name, len(batches), m)
-        for part in opened:
-            source = part._grams(name)
-            for local, number in enumerate(part.batches):
-                array[position[int(number)]] = source[local]
-    group.attrs["complete"] = True
-    return GramCache.open(out)
+    return owner

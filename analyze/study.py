@@ -61,7 +61,7 @@ from ckapipe.analyze.result import (
     write_result,
 )
 from ckapipe.analyze.result import jsonable as _jsonable
-from ckapipe.errors import UsageError
+from ckapipe.errors import IncompatibleInputsError, UsageError
 from ckapipe.formats import now, versions
 
 if TYPE_CHECKING:
@@ -72,6 +72,7 @@ __all__ = [
     "RESULT_FORMAT_VERSION",
     "CSV_COLUMNS",
     "PairResult",
+    "IncompatibleStudyInputsError",
     "StudyError",
     "StudyResult",
     "analyze_study",
@@ -93,6 +94,10 @@ _WORK_ELEMENTS = 1 << 24
 
 class StudyError(UsageError):
     """The caches or options of a study do not fit together; the message says what to change."""
+
+
+class IncompatibleStudyInputsError(StudyError, IncompatibleInputsError):
+    """The Gram caches of a study do not describe the same samples, batched the same way."""
 
 
 # ------------------------------------------------------------------------------ public API
@@ -329,7 +334,12 @@ def _cache_path(cache: GramCache) -> Path:
 
 def _cache_settings(cache: GramCache) -> dict[str, Any]:
     keep = ("mode", "kernel", "threshold", "batch_size", "epochs", "seed", "epoch_seeds", "created")
-    return {key: cache.attrs.get(key) for key in keep}
+    settings = {key: cache.attrs.get(key) for key in keep}
+    # samples used / n: every sample, unless a 1-3 row remainder had to be left out
+    settings["n_samples"] = cache.n_samples
+    settings["samples_used"] = cache.samples_used
+    settings["dropped_rows"] = cache.dropped_rows
+    return settings
 
 
 def _model_names(caches: Sequence[GramCache], names: Sequence[str] | None) -> list[str]:
@@ -374,64 +384,90 @@ def _check_compatible(caches: Sequence[GramCache], names: Sequence[str]) -> None
 
     The first cache is the reference; the message names the first cache that differs from it
     by model name. The Gram cache module's own check runs last, for anything not covered here.
+    Raises :class:`IncompatibleStudyInputsError`.
     """
     _check_models_compatible(caches, names)
     from ckapipe.analyze.gram_cache import IncompatibleGramCachesError, check_compatible
 
     try:
-        check_compatible(list(caches))
+        check_compatible(list(caches), warn=False)  # dataset warnings were given by model name
     except IncompatibleGramCachesError as error:
-        raise StudyError(str(error)) from error
+        raise IncompatibleStudyInputsError(str(error)) from error
+
+
+def _check_same_samples(
+    ref: GramCache, ref_name: str, cache: GramCache, name: str, unverified: list[str]
+) -> None:
+    """Same sample ids (dataset size, seed, order) and, where recorded, the same input data."""
+    from ckapipe.analyze.gram_cache import dataset_mismatch, dataset_unverified
+
+    ref_identity, identity = ref.identity or {}, cache.identity or {}
+    if identity.get("sample_ids_sha256") != ref_identity.get("sample_ids_sha256"):
+        raise IncompatibleStudyInputsError(
+            f"model {name!r}: sample order differs from model {ref_name!r} (sample ids sha256 "
+            f"{_short(identity.get('sample_ids_sha256'))} vs "
+            f"{_short(ref_identity.get('sample_ids_sha256'))}); both stores must be extracted "
+            "with the same dataset, --seed and --order"
+        )
+    if identity.get("n_samples") != ref_identity.get("n_samples"):
+        raise IncompatibleStudyInputsError(
+            f"model {name!r}: {identity.get('n_samples')} samples, model {ref_name!r} has "
+            f"{ref_identity.get('n_samples')}; extract both with the same dataset and --limit"
+        )
+    # equal sample ids only mean equal dataset size, seed and order: compare the inputs too
+    mismatch = dataset_mismatch(identity, ref_identity, f"model {name!r}", f"model {ref_name!r}")
+    if mismatch:
+        raise IncompatibleStudyInputsError(mismatch)
+    warning = dataset_unverified(identity, ref_identity, f"model {name!r}", f"model {ref_name!r}")
+    if warning:
+        unverified.append(warning)
 
 
 def _check_models_compatible(caches: Sequence[GramCache], names: Sequence[str]) -> None:
     ref, ref_name = caches[0], names[0]
-    ref_identity = ref.identity or {}
+    unverified: list[str] = []
     for cache, name in zip(caches[1:], names[1:], strict=True):
-        identity = cache.identity or {}
-        if identity.get("sample_ids_sha256") != ref_identity.get("sample_ids_sha256"):
-            raise StudyError(
-                f"model {name!r}: sample order differs from model {ref_name!r} (sample ids sha256 "
-                f"{_short(identity.get('sample_ids_sha256'))} vs "
-                f"{_short(ref_identity.get('sample_ids_sha256'))}); both stores must be extracted "
-                "with the same dataset, --seed and --order"
-            )
-        if identity.get("n_samples") != ref_identity.get("n_samples"):
-            raise StudyError(
-                f"model {name!r}: {identity.get('n_samples')} samples, model {ref_name!r} has "
-                f"{ref_identity.get('n_samples')}; extract both with the same dataset and --limit"
-            )
+        _check_same_samples(ref, ref_name, cache, name, unverified)
         if cache.mode != ref.mode:
-            raise StudyError(
+            raise IncompatibleStudyInputsError(
                 f"model {name!r}: Gram cache mode {cache.mode!r} differs from model {ref_name!r} "
                 f"({ref.mode!r}); build every cache with the same `ckapipe gram --mode`"
             )
         if cache.kernel != ref.kernel or cache.attrs.get("threshold") != ref.attrs.get("threshold"):
-            raise StudyError(
+            raise IncompatibleStudyInputsError(
                 f"model {name!r}: kernel {cache.kernel!r} (threshold "
                 f"{cache.attrs.get('threshold')}) differs from model {ref_name!r} ({ref.kernel!r}, "
                 f"threshold {ref.attrs.get('threshold')}); build every cache with the same "
                 "--kernel and --threshold"
             )
         if ref.mode == "minibatch":
-            part, ref_part = cache.partition or {}, ref.partition or {}
-            if part.get("sha256") != ref_part.get("sha256"):
-                raise StudyError(
-                    f"model {name!r}: minibatch partition differs from model {ref_name!r} "
-                    f"(batch size {part.get('batch_size')} vs {ref_part.get('batch_size')}, "
-                    f"epochs {part.get('epochs')} vs {ref_part.get('epochs')}, partition sha256 "
-                    f"{_short(part.get('sha256'))} vs {_short(ref_part.get('sha256'))}); build "
-                    "every cache with the same --batch-size, --epochs and --seed"
-                )
-            batches, ref_batches = np.asarray(cache.batches), np.asarray(ref.batches)
-            if not np.array_equal(batches, ref_batches):
-                missing = np.setdiff1d(ref_batches, batches)[:5].tolist()
-                extra = np.setdiff1d(batches, ref_batches)[:5].tolist()
-                raise StudyError(
-                    f"model {name!r}: its Gram cache holds other batches than model {ref_name!r}'s "
-                    f"({batches.size} vs {ref_batches.size}; missing e.g. {missing}, extra e.g. "
-                    f"{extra}); build or merge both caches over the same rows"
-                )
+            _check_same_batches(ref, ref_name, cache, name)
+    # warned only once every check passed, so a refused study does not warn as well
+    from ckapipe.analyze.gram_cache import UnverifiedDatasetWarning
+
+    for warning in unverified:
+        warnings.warn(warning, UnverifiedDatasetWarning, stacklevel=4)
+
+
+def _check_same_batches(ref: GramCache, ref_name: str, cache: GramCache, name: str) -> None:
+    part, ref_part = cache.partition or {}, ref.partition or {}
+    if part.get("sha256") != ref_part.get("sha256"):
+        raise IncompatibleStudyInputsError(
+            f"model {name!r}: minibatch partition differs from model {ref_name!r} "
+            f"(batch size {part.get('batch_size')} vs {ref_part.get('batch_size')}, "
+            f"epochs {part.get('epochs')} vs {ref_part.get('epochs')}, partition sha256 "
+            f"{_short(part.get('sha256'))} vs {_short(ref_part.get('sha256'))}); build "
+            "every cache with the same --batch-size, --epochs and --seed"
+        )
+    batches, ref_batches = np.asarray(cache.batches), np.asarray(ref.batches)
+    if not np.array_equal(batches, ref_batches):
+        missing = np.setdiff1d(ref_batches, batches)[:5].tolist()
+        extra = np.setdiff1d(batches, ref_batches)[:5].tolist()
+        raise IncompatibleStudyInputsError(
+            f"model {name!r}: its Gram cache holds other batches than model {ref_name!r}'s "
+            f"({batches.size} vs {ref_batches.size}; missing e.g. {missing}, extra e.g. "
+            f"{extra}); build or merge both caches over the same rows"
+        )
 
 
 def _resolve_pairs(

@@ -7,21 +7,31 @@ use ckapipe's estimator module.
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
+import time
+
 import numpy as np
 import pytest
+import torch
 import zarr
 from click.testing import CliRunner
 
 import ckapipe.store as store_module
+from ckapipe.analyze.estimators import MinibatchCKA, u_centered_gram
 from ckapipe.analyze.gram_cache import (
     GramCache,
     GramCacheError,
     IncompatibleGramCachesError,
+    RemainderDroppedWarning,
     build_gram_cache,
     check_compatible,
     merge_gram_caches,
 )
 from ckapipe.cli import main
+from ckapipe.errors import FormatError, IncompleteError, IntegrityError
 from ckapipe.store import ActivationStore, IncompleteStoreError, LayerRecord
 
 N = 203  # not a multiple of the batch size
@@ -90,14 +100,17 @@ def u_centered(k: np.ndarray) -> np.ndarray:
 
 
 def expected_batch_rows(n, m, epochs, epoch_seeds):
-    """Global batch number -> store rows, from the documented partition rule."""
+    """Global batch number -> store rows, from the documented partition rule: batches of m in
+    each epoch's order, the last one holding the n mod m remaining rows if there are >= 4."""
     rows = {}
+    used = n if n % m >= 4 else n - n % m
+    per_epoch = -(-used // m)
     for epoch in range(epochs):
         order = (
             np.arange(n) if epoch == 0 else np.random.default_rng(epoch_seeds[epoch]).permutation(n)
         )
-        for k in range(n // m):
-            rows[epoch * (n // m) + k] = order[k * m : (k + 1) * m]
+        for k in range(per_epoch):
+            rows[epoch * per_epoch + k] = order[k * m : min((k + 1) * m, used)]
     return rows
 
 
@@ -116,12 +129,14 @@ def test_minibatch_grams_equal_numpy_reference(tmp_path, dtype):
     cache = build_gram_cache(
         store, tmp_path / "grams", batch_size=M, epochs=2, seed=7, device="cpu"
     )
-    per_epoch = N // M
+    per_epoch = N // M + 1  # 8 batches of 24 and a short last batch of the 11 remaining rows
     assert cache.mode == "minibatch" and cache.kernel == "linear" and cache.batch_size == M
     assert cache.layer_names == ["narrow", "wide"]
     assert list(cache.batches) == list(range(2 * per_epoch))
+    assert cache.batch_sizes.tolist() == [M] * 8 + [11] + [M] * 8 + [11]
     partition = cache.partition
-    assert partition["dropped_rows"] == N - per_epoch * M == 11
+    assert partition["dropped_rows"] == 0 and partition["last_batch_size"] == 11
+    assert cache.samples_used == cache.n_samples == N
     assert partition["n_batches_total"] == 2 * per_epoch
     assert (
         cache.identity["sample_ids_sha256"]
@@ -132,7 +147,7 @@ def test_minibatch_grams_equal_numpy_reference(tmp_path, dtype):
     seen = []
     for number, grams in cache.iter_batches():
         seen.append(number)
-        assert grams.shape == (2, M, M)
+        assert grams.shape == (2, len(rows[number]), len(rows[number]))
         for i, name in enumerate(cache.layer_names):
             reference = u_centered(linear_gram(values[name][rows[number]]))
             assert_close(grams[i].numpy(), reference, f"{dtype} layer {name} batch {number}")
@@ -234,19 +249,19 @@ def test_partial_caches_merge_bit_for_bit_into_one_pass(tmp_path):
         build_gram_cache(store, tmp_path / f"part{i}", rows=rows, **settings)
         for i, rows in enumerate([(0, 48), (48, 120), (120, N)])
     ]
-    assert list(parts[1].batches) == [2, 3, 4, 10, 11, 12]
+    assert list(parts[1].batches) == [2, 3, 4, 11, 12, 13]
     merged = merge_gram_caches(parts[::-1], tmp_path / "merged")  # any order of parts
     assert list(merged.batches) == list(whole.batches)
     assert merged.partition == whole.partition
-    for name in FEATURES:
-        a = zarr.open_group(str(tmp_path / "whole"))["grams"][name][...]
-        b = zarr.open_group(str(tmp_path / "merged"))["grams"][name][...]
+    for name in (f"{group}/{layer}" for group in ("grams", "grams_last") for layer in FEATURES):
+        a = zarr.open_group(str(tmp_path / "whole"))[name][...]
+        b = zarr.open_group(str(tmp_path / "merged"))[name][...]
         assert a.tobytes() == b.tobytes()
     np.testing.assert_array_equal(
         zarr.open_group(str(tmp_path / "merged"))["batch_index"][...], whole.batches
     )
     check_compatible([whole, merged])
-    with pytest.raises(IncompatibleGramCachesError, match="holds batches 2-4,10-12"):
+    with pytest.raises(IncompatibleGramCachesError, match="holds batches 2-4,11-13"):
         check_compatible([parts[1], whole])
 
 
@@ -291,7 +306,7 @@ def test_bad_arguments_are_refused_with_clear_messages(tmp_path):
     with pytest.raises(IncompleteStoreError, match="incomplete"):
         build_gram_cache(incomplete, out, batch_size=M)
     opened = ActivationStore.open(incomplete, allow_incomplete=True)
-    with pytest.raises(GramCacheError, match="incomplete"):
+    with pytest.raises(IncompleteError, match="incomplete.*finish its extraction"):
         build_gram_cache(opened, out, batch_size=M)
 
 
@@ -299,13 +314,18 @@ def test_incomplete_and_foreign_caches_are_refused(tmp_path):
     store = make_store(tmp_path / "store")
     build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
     zarr.open_group(str(tmp_path / "grams"), mode="r+").attrs["complete"] = False
-    with pytest.raises(GramCacheError, match="incomplete"):
+    with pytest.raises(IncompleteError, match="incomplete"):
         GramCache.open(tmp_path / "grams")
-    # an interrupted cache is replaced by a new build; anything else at --out is refused
-    rebuilt = build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
-    assert rebuilt.attrs["complete"] is True
-    with pytest.raises(GramCacheError, match="already exists"):
+    # an existing cache is replaced only on request; anything but a Gram cache never
+    with pytest.raises(GramCacheError, match="already exists; pass --overwrite"):
         build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
+    rebuilt = build_gram_cache(
+        store, tmp_path / "grams", batch_size=M, device="cpu", overwrite=True
+    )
+    assert rebuilt.attrs["complete"] is True
+    with pytest.raises(GramCacheError, match="not a Gram cache"):
+        build_gram_cache(store, store, batch_size=M, device="cpu", overwrite=True)
+    assert ActivationStore.open(store).n_samples == N
     with pytest.raises(GramCacheError, match="not a ckapipe Gram cache"):
         GramCache.open(store)
 
@@ -328,14 +348,14 @@ def test_cli_gram_and_merge(tmp_path):
         ["merge-grams", str(tmp_path / "p0"), str(tmp_path / "p1"), "--out", str(tmp_path / "m")],
     )
     assert result.exit_code == 0, result.output
-    assert "16 of 16 batches" in result.output
+    assert "18 of 18 batches" in result.output
     single = runner.invoke(
         main, ["gram", str(store), "-m", str(M), "--epochs", "2", "--out", str(tmp_path / "s")]
     )
     assert single.exit_code == 0, single.output
-    for name in FEATURES:
-        a = zarr.open_group(str(tmp_path / "s"))["grams"][name][...]
-        b = zarr.open_group(str(tmp_path / "m"))["grams"][name][...]
+    for name in (f"{group}/{layer}" for group in ("grams", "grams_last") for layer in FEATURES):
+        a = zarr.open_group(str(tmp_path / "s"))[name][...]
+        b = zarr.open_group(str(tmp_path / "m"))[name][...]
         assert a.tobytes() == b.tobytes()
 
 
@@ -351,3 +371,191 @@ def test_cli_usage_errors_are_one_line_messages(tmp_path):
         main, ["gram", str(store), "--layers", "nope", "--out", str(tmp_path / "g")]
     )
     assert result.exit_code == 1 and "its layers are ['narrow', 'wide']" in result.output
+
+
+# --------------------------------------------------------------------------- one rule for the math
+
+
+@pytest.mark.parametrize("kernel", ["linear", "rbf"])
+def test_cached_grams_equal_the_estimators_u_centered_gram(tmp_path, kernel):
+    # the cache and MinibatchCKA must form Ũ(K_b) the same way, the short last batch included
+    store = make_store(tmp_path / "store", dtype="float32")
+    cache = build_gram_cache(
+        store, tmp_path / "grams", batch_size=M, epochs=2, kernel=kernel, device="cpu"
+    )
+    rows = expected_batch_rows(N, M, 2, cache.partition["epoch_seeds"])
+    assert sorted({len(r) for r in rows.values()}) == [11, M]
+    for name in FEATURES:
+        values = torch.from_numpy(stored(store, name))
+        for number, grams in cache.iter_batches(layers=[name]):
+            expected = u_centered_gram(values[rows[number]], kernel=kernel).numpy()
+            error = np.abs(grams[0].numpy() - expected).max() / np.abs(expected).max()
+            assert error <= 1e-12, f"{kernel} {name} batch {number}: relative error {error:.3g}"
+
+
+def test_a_remainder_of_one_to_three_rows_is_dropped_recorded_and_warned(tmp_path):
+    store = make_store(tmp_path / "store")  # 203 = 5 * 40 + 3
+    with pytest.warns(RemainderDroppedWarning, match=r"last 3 of each epoch .*200 of 203 used"):
+        cache = build_gram_cache(store, tmp_path / "grams", batch_size=40, epochs=2, device="cpu")
+    assert cache.samples_used == 200 and cache.n_samples == N and cache.dropped_rows == 3
+    assert cache.batch_sizes.tolist() == [40] * 10
+    assert cache.attrs["samples_used"] == 200
+    result = CliRunner().invoke(
+        main, ["gram", str(store), "-m", "40", "--device", "cpu", "--out", str(tmp_path / "cli")]
+    )
+    assert result.exit_code == 0, result.output
+    assert "Warning: " in result.output and "the last 3 of each epoch" in result.output
+    assert "200 of 203 samples used" in result.output
+
+
+# --------------------------------------------------------------------------- format on the base
+
+
+def test_deleted_chunk_is_refused_naming_the_array_and_chunk(tmp_path):
+    store = make_store(tmp_path / "store")
+    build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
+    (tmp_path / "grams" / "grams" / "wide" / "c" / "3" / "0" / "0").unlink()
+    with pytest.raises(IntegrityError, match=r"array 'grams/wide' .* grams/wide/c/3/0/0"):
+        GramCache.open(tmp_path / "grams")
+    assert issubclass(GramCacheError, FormatError)
+
+
+def test_format_version_1_is_refused_with_rebuild_advice(tmp_path):
+    store = make_store(tmp_path / "store")
+    build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
+    zarr.open_group(str(tmp_path / "grams"), mode="r+").attrs["format_version"] = 1
+    with pytest.raises(GramCacheError, match=r"format version 1.*rebuild it .*`ckapipe gram"):
+        GramCache.open(tmp_path / "grams")
+
+
+# A real `ckapipe gram` process that, once it has read two blocks of the store (so its output is
+# being written), announces itself (marker file) and waits for a release file: a build certainly
+# in progress, without a test hook in ckapipe.
+PAUSED_GRAM = """
+import pathlib, sys, time
+import ckapipe.analyze.gram_cache as gram_cache
+from ckapipe.cli import main
+marker, release = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
+iter_blocks = gram_cache.iter_blocks
+def paused(*args, **kwargs):
+    for count, block in enumerate(iter_blocks(*args, **kwargs)):
+        if count == 2 and not marker.exists():
+            marker.write_text("writing")
+            while not release.exists():
+                time.sleep(0.02)
+        yield block
+gram_cache.iter_blocks = paused
+main(sys.argv[3:], prog_name="ckapipe")
+"""
+
+
+def _env():
+    return dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+
+
+def _paused_gram(tmp_path, args):
+    marker, release = tmp_path / "marker", tmp_path / "release"
+    marker.unlink(missing_ok=True)
+    release.unlink(missing_ok=True)
+    process = subprocess.Popen(
+        [sys.executable, "-c", PAUSED_GRAM, str(marker), str(release), "gram", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=_env(),
+    )
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert process.poll() is None, process.communicate()
+        assert time.monotonic() < deadline, "the paused build never started writing"
+        time.sleep(0.02)
+    return process, release
+
+
+def _gram(args):
+    command = [sys.executable, "-m", "ckapipe.cli", "gram", *args]
+    return subprocess.run(command, capture_output=True, text=True, env=_env(), timeout=300)
+
+
+def _self_cka(path):
+    cache = GramCache.open(path)
+    accumulator = MinibatchCKA(cache.layer_names)
+    for _, grams in cache.iter_batches():
+        accumulator.update_grams(grams)
+    return np.diagonal(accumulator.compute())
+
+
+def test_a_second_concurrent_build_is_refused_at_once_naming_the_pid(tmp_path):
+    store = make_store(tmp_path / "store", dtype="float32")
+    out = tmp_path / "grams"
+    common = [str(store), "-m", str(M), "--device", "cpu", "--out", str(out)]
+    first, release = _paused_gram(tmp_path, [*common, "--kernel", "linear"])
+    second = _gram([*common, "--kernel", "rbf"])  # while the first one is mid-build
+    release.write_text("go")
+    first_out, first_err = first.communicate(timeout=300)
+    assert first.returncode == 0, first_err
+    assert second.returncode == 1
+    lines = second.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), second.stderr
+    assert f"pid {first.pid}" in lines[0] and "one writer at a time" in lines[0]
+    cache = GramCache.open(out)
+    assert cache.kernel == "linear" and cache.samples_used == N
+    np.testing.assert_allclose(_self_cka(out), 1.0, rtol=1e-12)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".grams")) == [
+        ".grams.lock"
+    ]
+
+
+def test_racing_builds_exactly_one_succeeds_and_the_cache_is_consistent(tmp_path):
+    store = make_store(tmp_path / "store", dtype="float32")
+    out = tmp_path / "grams"
+    common = [sys.executable, "-m", "ckapipe.cli", "gram", str(store), "-m", str(M)]
+    processes = [
+        subprocess.Popen(
+            [*common, "--kernel", kernel, "--device", "cpu", "--out", str(out)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=_env(),
+        )
+        for kernel in ("rbf", "linear")
+    ]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in processes]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 1], results
+    (loser,) = [err for code, _, err in results if code]
+    lines = loser.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("Error: "), loser
+    assert "being written by another process" in lines[0] or "already exists" in lines[0]
+    (winner,) = [i for i, (code, _, _) in enumerate(results) if code == 0]
+    cache = GramCache.open(out)
+    assert cache.kernel == ("rbf", "linear")[winner]
+    np.testing.assert_allclose(_self_cka(out), 1.0, rtol=1e-12)
+
+
+def test_a_killed_build_leaves_no_cache_or_the_previous_one_intact(tmp_path):
+    store = make_store(tmp_path / "store", dtype="float32")
+    out = tmp_path / "grams"
+    common = [str(store), "-m", str(M), "--epochs", "2", "--device", "cpu", "--out", str(out)]
+    process, _ = _paused_gram(tmp_path, common)
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    assert not out.exists()
+    with pytest.raises(GramCacheError, match="no zarr.json"):
+        GramCache.open(out)
+    # the lock died with the process: a new build runs and clears the dead one's staging folder
+    previous = _gram(common)
+    assert previous.returncode == 0, previous.stderr
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    process, _ = _paused_gram(tmp_path, [*common, "--kernel", "rbf", "--overwrite"])
+    assert (tmp_path / ".grams.staging").is_dir()
+    os.kill(process.pid, signal.SIGKILL)
+    process.wait(timeout=60)
+    after = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    assert after == before
+    assert GramCache.open(out).kernel == "linear"
+    replaced = _gram([*common, "--kernel", "rbf", "--overwrite"])
+    assert replaced.returncode == 0, replaced.stderr
+    assert GramCache.open(out).kernel == "rbf"
+    assert not (tmp_path / ".grams.staging").exists()
+    assert not (tmp_path / ".grams.replaced").exists()

@@ -22,8 +22,12 @@ import zarr
 from click.testing import CliRunner
 
 from ckapipe.analyze.cli_study import analyze
-from ckapipe.analyze.estimators import DegenerateLayerWarning
-from ckapipe.analyze.gram_cache import build_gram_cache
+from ckapipe.analyze.estimators import DegenerateLayerWarning, MinibatchCKA
+from ckapipe.analyze.gram_cache import (
+    UnverifiedDatasetWarning,
+    build_gram_cache,
+    merge_gram_caches,
+)
 from ckapipe.analyze.study import (
     CSV_COLUMNS,
     StudyError,
@@ -31,7 +35,7 @@ from ckapipe.analyze.study import (
     csv_path_for,
     load_result,
 )
-from ckapipe.errors import FormatError, IncompleteError, IntegrityError
+from ckapipe.errors import FormatError, IncompatibleInputsError, IncompleteError, IntegrityError
 from ckapipe.formats import WriterLock
 from ckapipe.store import ActivationStore, LayerRecord
 
@@ -137,10 +141,13 @@ def write_store(path: Path, data: dict[str, np.ndarray], sample_ids, dtype: str)
     store = ActivationStore.create(
         path, layers=layers, sample_ids=sample_ids, dtype=dtype, attrs={"model": path.stem}
     )
+    # every store here holds the same inputs (row i is dataset item sample_ids[i]): a stand-in
+    # for the input fingerprint `ckapipe extract` records, which follows the inputs and their order
+    fingerprint = hashlib.sha256(b"study inputs" + np.asarray(sample_ids).tobytes()).hexdigest()
     with store:
         store.write_rows(0, data)
         store.set_rows_complete(len(sample_ids))
-        store.mark_complete()
+        store.mark_complete(input_sha256=fingerprint)
     return path
 
 
@@ -885,3 +892,121 @@ def test_a_killed_overwrite_leaves_the_old_or_the_new_result_with_its_csv(study_
         recorded = result.provenance["csv"]["sha256"]
         assert hashlib.sha256(csv_path_for(out).read_bytes()).hexdigest() == recorded
     assert -signal.SIGKILL in outcomes, outcomes  # at least one run was killed mid-way
+
+
+# ---------------------------------------------------------------------- every sample, one rule
+
+
+@pytest.mark.parametrize(("m", "epochs"), [(100, 2), (200, 1)])
+def test_analyze_equals_minibatch_cka_over_every_row_short_last_batch_included(tmp_path, m, epochs):
+    # 512 rows: m = 100 leaves a last batch of 12 rows, m = 200 one of 112 (22 % of the samples)
+    n = 512
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(n, 6))
+    data = {
+        "p": {"p0": x @ rng.normal(size=(6, 9)), "p1": np.tanh(x @ rng.normal(size=(6, 5)))},
+        "q": {"q0": x[:, :2] + 0.5 * rng.normal(size=(n, 2)), "q1": rng.normal(size=(n, 7))},
+    }
+    ids = np.arange(n)
+    caches = [
+        build_gram_cache(
+            write_store(tmp_path / f"{name}.store", layers, ids, "float32"),
+            tmp_path / f"{name}.grams",
+            batch_size=m,
+            epochs=epochs,
+            seed=5,
+            device="cpu",
+        )
+        for name, layers in data.items()
+    ]
+    study = analyze_study(caches, tmp_path / "r.zarr", n_bootstrap=0, device="cpu")
+    # the float64 reference: MinibatchCKA fed the same rows, batch by batch, in float64
+    values = {
+        name: {k: np.asarray(v.astype(np.float32), dtype=np.float64) for k, v in layers.items()}
+        for name, layers in data.items()
+    }
+    reference = MinibatchCKA(["p0", "p1"], ["q0", "q1"])
+    whole_batches_only = MinibatchCKA(["p0", "p1"], ["q0", "q1"])
+    seeds = caches[0].partition["epoch_seeds"]
+    for epoch in range(epochs):
+        order = np.arange(n) if epoch == 0 else np.random.default_rng(seeds[epoch]).permutation(n)
+        for start in range(0, n, m):
+            rows = order[start : start + m]
+            batch_a = {k: v[rows] for k, v in values["p"].items()}
+            batch_b = {k: v[rows] for k, v in values["q"].items()}
+            reference.update(batch_a, batch_b)
+            if len(rows) == m:
+                whole_batches_only.update(batch_a, batch_b)
+    pair = study.pair("p", "q")
+    assert np.abs(pair.cka - reference.compute()).max() <= 1e-12
+    assert pair.hsic_per_batch.shape[0] == reference.n_batches == epochs * -(-n // m)
+    assert caches[0].samples_used == n
+    # what leaving the short batch out (the old rule) would have changed
+    assert np.abs(whole_batches_only.compute() - reference.compute()).max() > 1e-4
+
+
+# ---------------------------------------------------------------------- same dataset, really
+
+
+def _extract(tmp_path, name, model, dataset_seed, n=64):
+    from ckapipe.extract.extraction import extract_activations
+
+    return extract_activations(
+        model,
+        {"factory": "models:vector_dataset", "kwargs": {"n": n, "seed": dataset_seed}},
+        layers=["1", "3"],
+        out=tmp_path / f"{name}.store",
+        batch_size=16,
+        dtype="float32",
+        progress=False,
+    ).path
+
+
+def test_caches_of_different_datasets_with_equal_sample_ids_are_refused(tmp_path):
+    # two datasets of the same size, extracted with the same seed: equal sample ids, other data
+    mlp = "models:make_mlp"
+    other_mlp = {"factory": "models:make_mlp", "kwargs": {"seed": 1}}
+    stores = {
+        "a": _extract(tmp_path, "a", mlp, 0),
+        "b": _extract(tmp_path, "b", other_mlp, 0),
+        "c": _extract(tmp_path, "c", other_mlp, 1),
+    }
+    caches = {
+        name: build_gram_cache(store, tmp_path / f"{name}.grams", batch_size=16, device="cpu")
+        for name, store in stores.items()
+    }
+    assert caches["a"].identity["sample_ids_sha256"] == caches["c"].identity["sample_ids_sha256"]
+    with pytest.raises(IncompatibleInputsError) as refused:
+        analyze_study([caches["a"], caches["c"]], tmp_path / "x.zarr", device="cpu")
+    message = str(refused.value)
+    assert "model 'c' and model 'a' were extracted from different inputs" in message
+    assert '"seed": 1' in message and '"seed": 0' in message  # both dataset specs
+    fingerprints = [caches[n].identity["input_fingerprint"][:12] for n in ("a", "c")]
+    assert all(f in message for f in fingerprints) and "same dataset" in message
+    assert isinstance(refused.value, StudyError)
+    assert not (tmp_path / "x.zarr").exists()
+    with pytest.raises(IncompatibleInputsError, match="cannot merge: .*different inputs"):
+        merge_gram_caches([caches["a"], caches["c"]], tmp_path / "merged")
+    # the same dataset through two models is fine, with no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        study = analyze_study([caches["a"], caches["b"]], tmp_path / "ok.zarr", device="cpu")
+    assert study.pair("a", "b").cka.shape == (2, 2)
+
+
+def test_a_store_without_input_fingerprint_is_compared_by_sample_ids_with_a_warning(tmp_path):
+    fingerprinted = _extract(tmp_path, "a", "models:make_mlp", 0)
+    values = ActivationStore.open(fingerprinted)
+    imported = tmp_path / "h5.store"  # as an HDF5 import: same rows, no fingerprint
+    write_store(imported, {"x": values.read("1")}, values.sample_ids, "float32")
+    attrs = zarr.open_group(str(imported), mode="r+").attrs
+    del attrs["input_sha256"]
+    caches = [
+        build_gram_cache(path, tmp_path / f"{path.stem}.grams", batch_size=16, device="cpu")
+        for path in (fingerprinted, imported)
+    ]
+    with pytest.warns(UnverifiedDatasetWarning, match="model 'h5': no input fingerprint"):
+        study = analyze_study(caches, tmp_path / "r.zarr", n_bootstrap=0, device="cpu")
+    np.testing.assert_allclose(study.pair("a", "h5").cka[0, 0], 1.0, rtol=1e-12)
+    assert caches[1].identity["input_fingerprint"] is None
+    assert "no input fingerprint" in caches[1].identity["input_fingerprint_note"]
