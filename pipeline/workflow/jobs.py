@@ -26,6 +26,7 @@ from pathlib import Path
 
 import click
 
+from ckapipe.store import ActivationStore
 from ckapipe.workflow.guard import guard, job_lock, wait_for_writer
 
 _TIMEOUT = click.option(
@@ -67,9 +68,11 @@ def _ckapipe() -> str:
     return str(beside) if beside.is_file() else "ckapipe"
 
 
-def _gram_complete(path: Path) -> bool:
+def _reusable(path: Path, source: Path | None) -> bool:
     """Whether a folder found at a build target is whole (a Gram cache says so itself; other
-    entries only ever appear by rename, complete)."""
+    entries only ever appear by rename, complete) and, given its ``source`` store, was made from
+    that store as it is now: a store re-extracted under the same key (its weights file was edited
+    in place) makes its Gram caches stale."""
     marker = path / "zarr.json"
     if not marker.is_file():
         return any(path.iterdir())
@@ -77,7 +80,18 @@ def _gram_complete(path: Path) -> bool:
         attrs = json.loads(marker.read_text()).get("attributes", {})
     except (OSError, ValueError):
         return False
-    return bool(attrs.get("complete", "format" not in attrs))
+    if not attrs.get("complete", "format" not in attrs):
+        return False
+    if source is None:
+        return True
+    try:
+        store = ActivationStore.open(source)
+    except Exception:  # noqa: BLE001 - the build will report what is wrong with the store
+        return False
+    made_from = {key: value for key, value in attrs.get("store", {}).items() if key != "path"}
+    current = {key: value for key, value in store.identity().items() if key != "path"}
+    newer = marker.stat().st_mtime_ns >= (source / "zarr.json").stat().st_mtime_ns
+    return made_from == current and newer
 
 
 @click.group()
@@ -114,20 +128,33 @@ def store_job(
 @main.command("build", context_settings={"ignore_unknown_options": True})
 @click.option("--target", required=True, type=click.Path(path_type=Path))
 @click.option("--receipt", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--source",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The activation store a Gram cache TARGET is made from (to tell a stale one).",
+)
 @_TIMEOUT
 @click.argument("command", nargs=-1, required=True, type=click.UNPROCESSED)
-def build_job(target: Path, receipt: Path, timeout: float | None, command: tuple[str, ...]) -> None:
+def build_job(
+    target: Path,
+    receipt: Path,
+    source: Path | None,
+    timeout: float | None,
+    command: tuple[str, ...],
+) -> None:
     """Unless TARGET exists complete: run COMMAND with `{out}` standing for a staging folder, then
     rename that folder to TARGET. Then write RECEIPT."""
     with job_lock(target, timeout):
         wait_for_writer(target, timeout)
-        if target.exists() and _gram_complete(target):
+        if target.exists() and _reusable(target, source):
             click.echo(f"found complete {target}; reusing it", err=True)
         else:
             if target.exists():
-                # no job and no writer holds it: the leftover of a killed in-place build
+                # no job and no writer holds it: a leftover of a killed in-place build, or made
+                # from an earlier state of its store
                 shutil.rmtree(target)
-                click.echo(f"removed incomplete {target}", err=True)
+                click.echo(f"removed incomplete or stale {target}", err=True)
             staging = target.parent / f".{target.name}.building-{os.getpid()}"
             shutil.rmtree(staging, ignore_errors=True)
             staging.mkdir(parents=True)

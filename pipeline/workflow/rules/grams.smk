@@ -21,5 +21,5 @@ rule gram:
         CONDA_ENV
     shell:
         "python -m ckapipe.workflow.jobs build --target {params.target:q}"
-        " --receipt {output.receipt:q} --"
+        " --receipt {output.receipt:q} --source {params.store:q} --"
         " ckapipe gram {params.store:q} {params.partition} --out {{out}} > {log:q} 2>&1"
