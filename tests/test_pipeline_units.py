@@ -519,3 +519,56 @@ def test_guard_never_removes_a_store_being_written(tmp_path):
         capture_output=True,
     )
     assert not store.exists()  # unlocked and unverifiable: removed
+
+
+# -- cache jobs ----------------------------------------------------------------------------------
+_BUILD = (
+    "import os, sys, time; out = sys.argv[1]; time.sleep(1.0); "
+    "open(os.path.join(out, 'made.txt'), 'w').write(str(os.getpid())); "
+    "open(sys.argv[2], 'a').write('built\\n')"
+)
+
+
+def _build_job(target: Path, receipt: Path, runs: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "ckapipe.workflow.jobs", "build",
+            "--target", str(target), "--receipt", str(receipt), *extra,
+            "--", sys.executable, "-c", _BUILD, "{out}", str(runs),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+def test_two_build_jobs_for_one_entry_build_it_once_and_publish_it_whole(tmp_path):
+    target, runs = tmp_path / "cache" / "entry", tmp_path / "runs.txt"
+    jobs = [_build_job(target, tmp_path / f"study{i}" / "receipt.json", runs) for i in (1, 2)]
+    outputs = [job.communicate(timeout=60)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    assert runs.read_text() == "built\n"  # the second job waited, then reused
+    assert sum("reusing it" in output for output in outputs) == 1, outputs
+    assert (target / "made.txt").is_file()
+    assert [p.name for p in target.parent.iterdir() if "building" in p.name] == []
+    for i in (1, 2):
+        receipt = json.loads((tmp_path / f"study{i}" / "receipt.json").read_text())
+        assert receipt == {"path": str(target)}
+
+
+def test_a_gram_cache_made_from_an_earlier_store_is_rebuilt(tmp_path):
+    store, gram = tmp_path / "s.zarr", tmp_path / "g.zarr"
+    _store(store, None, complete=True)
+    subprocess.run(
+        ["ckapipe", "gram", str(store), "--batch-size", "4", "--out", str(gram)],
+        check=True,
+        capture_output=True,
+    )
+    runs = tmp_path / "runs.txt"
+    job = _build_job(gram, tmp_path / "r.json", runs, "--source", str(store))
+    assert "reusing it" in job.communicate(timeout=60)[0] and not runs.exists()
+    shutil.rmtree(store)
+    _store(store, "e" * 64, complete=True)  # re-extracted under the same key
+    job = _build_job(gram, tmp_path / "r.json", runs, "--source", str(store))
+    output = job.communicate(timeout=60)[0]
+    assert "removed incomplete or stale" in output and runs.read_text() == "built\n", output
