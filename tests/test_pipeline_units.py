@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -20,10 +21,11 @@ from ckapipe.demo.data import make_gratings
 from ckapipe.demo.models import mlp, small_cnn
 from ckapipe.run import DEFAULT_CONFIG, SNAKEFILE, _split_config, snakemake_command
 from ckapipe.store import ActivationStore, LayerRecord
+from ckapipe.workflow import keys
 from ckapipe.workflow.config_check import config_errors
-from ckapipe.workflow.guard import store_verdict
+from ckapipe.workflow.guard import LockTimeoutError, store_verdict, wait_for_writer
 from ckapipe.workflow.html_report import diagonal_dominance
-from ckapipe.workflow.keys import FileHasher, gram_key, store_key
+from ckapipe.workflow.keys import FileHasher, code_identity, gram_key, store_key
 
 
 def demo_config() -> dict:
@@ -34,6 +36,7 @@ def demo_config() -> dict:
 def _key(**changes):
     arguments = {
         "model_spec": {"factory": "m:f", "kwargs": {"width": 8}, "weights": "a/w.pt"},
+        "code": {"model": {"sources": {"factory": {"sha256": "4" * 64}}, "files": {}}},
         "weights_identity": {"sha256": "0" * 64},
         "dataset_identity": {"array_sha256": "1" * 64, "limit": None},
         "layers": ["relu1", "relu2"],
@@ -65,6 +68,7 @@ def test_store_key_changes_with_every_content_field_and_not_with_the_weights_pat
         _key(codec="zstd"),
         _key(order_seed=1),
         _key(order="dataset"),
+        _key(code={"model": {"sources": {"factory": {"sha256": "5" * 64}}, "files": {}}}),
     ]
     assert len({base, *variants}) == len(variants) + 1
     # the order seed means nothing in dataset order
@@ -145,7 +149,10 @@ def test_guard_keeps_only_an_interrupted_store_of_the_same_weights(tmp_path):
     _store(tmp_path / "other.zarr", "f" * 64, complete=False)
     assert store_verdict(tmp_path / "other.zarr", weights) == "stale"
     _store(tmp_path / "complete.zarr", digest, complete=True)
-    assert store_verdict(tmp_path / "complete.zarr", weights) == "stale"
+    assert store_verdict(tmp_path / "complete.zarr", weights) == "reuse"  # another study made it
+    assert store_verdict(tmp_path / "complete.zarr", None) == "reuse"
+    _store(tmp_path / "complete_other.zarr", "f" * 64, complete=True)
+    assert store_verdict(tmp_path / "complete_other.zarr", weights) == "stale"
     (tmp_path / "half").mkdir()
     assert store_verdict(tmp_path / "half", weights) == "stale"
     (tmp_path / "half" / "zarr.json").write_text(
@@ -431,3 +438,177 @@ def _job_counts(output: str) -> dict[str, int]:
         counts[parts[0]] = int(parts[1])
     counts.pop("total", None)
     return counts
+
+
+# -- code and format versions in the cache key -----------------------------------------------------
+def test_store_and_gram_keys_cover_the_format_versions(monkeypatch):
+    store, gram = _key(), gram_key("0" * 16, {"mode": "minibatch"})
+    monkeypatch.setattr(keys, "STORE_FORMAT_VERSION", keys.STORE_FORMAT_VERSION + 1)
+    assert _key() != store
+    monkeypatch.setattr(keys, "GRAM_FORMAT_VERSION", keys.GRAM_FORMAT_VERSION + 1)
+    assert gram_key("0" * 16, {"mode": "minibatch"}) != gram
+
+
+def test_code_identity_follows_the_source_of_every_named_callable(tmp_path, monkeypatch):
+    module = tmp_path / "usercode_for_keys.py"
+    module.write_text("def make():\n    return 1\n\ndef transform(x):\n    return x\n")
+    helper = tmp_path / "helper.txt"
+    helper.write_text("v1")
+    monkeypatch.chdir(tmp_path)  # found the way ckapipe extract finds it: the current directory
+    hasher = FileHasher(tmp_path / "index.json")
+    spec = {"factory": "usercode_for_keys:make", "transform": "usercode_for_keys:transform"}
+    first = code_identity(spec, ["helper.txt"], hasher, "datasets.d.spec")
+    assert set(first["sources"]) == {"factory", "transform"}
+    assert first["sources"]["factory"]["sha256"] == hashlib.sha256(module.read_bytes()).hexdigest()
+    # a file.py:callable reference and an optional package's constructor
+    by_path = code_identity({"factory": "usercode_for_keys.py:make"}, [], hasher, "m")
+    assert by_path["sources"]["factory"] == first["sources"]["factory"]
+    assert (
+        "version"
+        in code_identity({"factory": "timm:resnet18"}, [], hasher, "m")["sources"]["factory"]
+    )
+    hasher.save()
+
+    # an edit that keeps the size and the mtime still changes the identity (and so the key)
+    stat = module.stat()
+    module.write_text(module.read_text().replace("return x", "return 2"))
+    os.utime(module, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    edited = code_identity(spec, ["helper.txt"], FileHasher(tmp_path / "index.json"), "d")
+    assert edited["sources"]["transform"] != first["sources"]["transform"]
+    helper.write_text("v2")
+    assert code_identity(spec, ["helper.txt"], hasher, "d")["files"] != first["files"]
+
+    with pytest.raises(keys.CodeSourceError, match="models.m.spec.factory.*no_such_module_xyz"):
+        code_identity({"factory": "no_such_module_xyz:f"}, [], hasher, "models.m.spec")
+
+
+def test_file_hasher_sees_a_replaced_file_with_the_same_size_and_mtime(tmp_path):
+    weights = tmp_path / "w.pt"
+    weights.write_bytes(b"AAAA")
+    index = tmp_path / "index.json"
+    hasher = FileHasher(index)
+    assert hasher.sha256(weights) == hashlib.sha256(b"AAAA").hexdigest()
+    hasher.save()
+    stat = weights.stat()
+    replacement = tmp_path / "new.pt"
+    replacement.write_bytes(b"BBBB")
+    os.replace(replacement, weights)
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert FileHasher(index).sha256(weights) == hashlib.sha256(b"BBBB").hexdigest()
+    weights.write_bytes(b"CCCC")  # in place: same inode
+    os.utime(weights, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    assert FileHasher(index).sha256(weights) == hashlib.sha256(b"CCCC").hexdigest()
+
+
+# -- live writers ---------------------------------------------------------------------------------
+_HOLD = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT)
+fcntl.flock(fd, fcntl.LOCK_EX)
+os.write(fd, str(os.getpid()).encode())
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+"""
+
+
+def _hold_lock(lock: Path, seconds: float) -> subprocess.Popen:
+    holder = subprocess.Popen(
+        [sys.executable, "-c", _HOLD, str(lock), str(seconds)], stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "locked"
+    return holder
+
+
+def test_wait_for_writer_waits_for_a_live_writer_inside_or_beside_the_entry(tmp_path):
+    import time
+
+    store = tmp_path / "stores" / "abc.zarr"
+    _store(store, None, complete=False)
+    wait_for_writer(store, timeout=0)  # nobody writes it
+    wait_for_writer(tmp_path / "absent.zarr", timeout=0)
+    for lock in (store / ".writer.lock", store.parent / ".abc.zarr.lock"):
+        holder = _hold_lock(lock, 1.5)
+        with pytest.raises(LockTimeoutError, match=f"locked by pid {holder.pid}"):
+            wait_for_writer(store, timeout=0.2)
+        started = time.monotonic()
+        wait_for_writer(store)
+        assert holder.poll() == 0 and time.monotonic() - started > 0.5
+    # a dead writer's lock file holds nothing
+    wait_for_writer(store, timeout=0)
+
+
+def test_guard_never_removes_a_store_being_written(tmp_path):
+    store = tmp_path / "live.zarr"
+    _store(store, None, complete=False)  # without weights: the guard would remove it
+    holder = _hold_lock(store / ".writer.lock", 30)
+    try:
+        completed = subprocess.run(
+            [sys.executable, "-m", "ckapipe.workflow.guard", str(store), "--timeout", "1"],
+            capture_output=True,
+            text=True,
+        )
+        assert completed.returncode != 0
+        assert "being written" in completed.stderr and "locked by pid" in completed.stderr
+        assert (store / "zarr.json").is_file()
+    finally:
+        holder.kill()
+        holder.wait()
+    subprocess.run(
+        [sys.executable, "-m", "ckapipe.workflow.guard", str(store)],
+        check=True,
+        capture_output=True,
+    )
+    assert not store.exists()  # unlocked and unverifiable: removed
+
+
+# -- cache jobs ----------------------------------------------------------------------------------
+_BUILD = (
+    "import os, sys, time; out = sys.argv[1]; time.sleep(1.0); "
+    "open(os.path.join(out, 'made.txt'), 'w').write(str(os.getpid())); "
+    "open(sys.argv[2], 'a').write('built\\n')"
+)
+
+
+def _build_job(target: Path, receipt: Path, runs: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable, "-m", "ckapipe.workflow.jobs", "build",
+            "--target", str(target), "--receipt", str(receipt), *extra,
+            "--", sys.executable, "-c", _BUILD, "{out}", str(runs),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )  # fmt: skip
+
+
+def test_two_build_jobs_for_one_entry_build_it_once_and_publish_it_whole(tmp_path):
+    target, runs = tmp_path / "cache" / "entry", tmp_path / "runs.txt"
+    jobs = [_build_job(target, tmp_path / f"study{i}" / "receipt.json", runs) for i in (1, 2)]
+    outputs = [job.communicate(timeout=60)[0] for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0], outputs
+    assert runs.read_text() == "built\n"  # the second job waited, then reused
+    assert sum("reusing it" in output for output in outputs) == 1, outputs
+    assert (target / "made.txt").is_file()
+    assert [p.name for p in target.parent.iterdir() if "building" in p.name] == []
+    for i in (1, 2):
+        receipt = json.loads((tmp_path / f"study{i}" / "receipt.json").read_text())
+        assert receipt == {"path": str(target)}
+
+
+def test_a_gram_cache_made_from_an_earlier_store_is_rebuilt(tmp_path):
+    store, gram = tmp_path / "s.zarr", tmp_path / "g.zarr"
+    _store(store, None, complete=True)
+    subprocess.run(
+        ["ckapipe", "gram", str(store), "--batch-size", "4", "--out", str(gram)],
+        check=True,
+        capture_output=True,
+    )
+    runs = tmp_path / "runs.txt"
+    job = _build_job(gram, tmp_path / "r.json", runs, "--source", str(store))
+    assert "reusing it" in job.communicate(timeout=60)[0] and not runs.exists()
+    shutil.rmtree(store)
+    _store(store, "e" * 64, complete=True)  # re-extracted under the same key
+    job = _build_job(gram, tmp_path / "r.json", runs, "--source", str(store))
+    output = job.communicate(timeout=60)[0]
+    assert "removed incomplete or stale" in output and runs.read_text() == "built\n", output

@@ -3,6 +3,14 @@
 A store's key is a short SHA-256 of everything that determines its bytes:
 
 * the model spec without the weights *path* (factory, kwargs, and any other field),
+* the source of every user callable the model and dataset specs name (model factory, dataset
+  factory, transform, and any other ``module:callable`` field): the SHA-256 of the file that
+  defines the module (found with ``importlib.util.find_spec``, which imports a dotted name's
+  parent packages but not the module itself), or the installed version for the
+  ``torchvision:`` / ``timm:`` / ``transformers:`` constructors, plus the SHA-256 of every file
+  or folder listed under the model's or dataset's ``files`` (the modules a callable imports
+  are *not* followed: list them there),
+* the activation store format version (``ckapipe.store.FORMAT_VERSION``),
 * the weights' identity: the SHA-256 of the weights file, or — for a model the workflow trains
   itself — the training recipe (deterministic training: the same recipe gives the same weights),
 * the dataset's identity: its spec, with an array file replaced by the SHA-256 of its content,
@@ -11,26 +19,58 @@ A store's key is a short SHA-256 of everything that determines its bytes:
   its seed.
 
 A Gram cache's key adds the partition and kernel (mode, batch size, epochs, seed, kernel,
-threshold) to its store's key. Two studies asking for the same content get the same path, so the
+threshold) and the Gram cache format version to its store's key. Two studies asking for the same content get the same path, so the
 second one reuses the first one's work; any change to the content gives a new path, so a stale
-store is never picked up. File hashes are remembered by (path, size, mtime) so that large
-checkpoints are not re-read on every Snakemake invocation.
+store is never picked up. File hashes are remembered by (path, size, mtime, inode, ctime) so
+that large checkpoints are not re-read on every Snakemake invocation; the ctime (which no user
+call can set back) and the inode make an edited or replaced file look new even when its size and
+mtime were restored.
+
+Not part of any key: the versions of ckapipe (beyond the two format versions), torch and other
+libraries, the extraction batch size, device and worker count, and any file a callable reads or
+imports that is not listed under ``files``.
 """
 
 from __future__ import annotations
 
 import hashlib
+import importlib.metadata
+import importlib.util
 import json
 import os
+import re
+import sys
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-__all__ = ["KEY_LENGTH", "FileHasher", "content_key", "gram_key", "store_key"]
+from ckapipe.analyze.gram_cache import FORMAT_VERSION as GRAM_FORMAT_VERSION
+from ckapipe.extract.specs import OPTIONAL_CONSTRUCTORS
+from ckapipe.store import FORMAT_VERSION as STORE_FORMAT_VERSION
+
+__all__ = [
+    "KEY_LENGTH",
+    "CodeSourceError",
+    "FileHasher",
+    "callable_references",
+    "code_identity",
+    "content_key",
+    "gram_key",
+    "module_file",
+    "store_key",
+]
 
 KEY_LENGTH = 16
 """Hex digits kept from the SHA-256 (64 bits: collisions are not a practical concern here)."""
+
+
+# `module:callable` or `path/to/file.py:callable` (what ckapipe.extract.specs.load_callable takes)
+_CALLABLE = re.compile(r"^(?:[A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*|[^:\s]+\.py):[A-Za-z_][\w.]*$")
+
+
+class CodeSourceError(ValueError):
+    """A callable named by a spec cannot be located, so its code cannot enter the cache key."""
 
 
 def content_key(payload: Mapping[str, Any]) -> str:
@@ -40,7 +80,8 @@ def content_key(payload: Mapping[str, Any]) -> str:
 
 
 class FileHasher:
-    """SHA-256 of files and folders, remembered in ``index_path`` by (path, size, mtime_ns).
+    """SHA-256 of files and folders, remembered in ``index_path`` by path, size, mtime, inode and
+    ctime (an edited file whose size and mtime were restored still has a new ctime).
 
     Parameters
     ----------
@@ -75,22 +116,20 @@ class FileHasher:
         stat = path.stat()
         resolved = str(path.resolve())
         remembered = self._index.get(resolved)
-        if (
-            remembered
-            and remembered["size"] == stat.st_size
-            and remembered["mtime_ns"] == stat.st_mtime_ns
-        ):
+        fingerprint = {
+            "size": stat.st_size,
+            "mtime_ns": stat.st_mtime_ns,
+            "ino": stat.st_ino,
+            "ctime_ns": stat.st_ctime_ns,
+        }
+        if remembered and all(remembered.get(name) == value for name, value in fingerprint.items()):
             return str(remembered["sha256"])
         digest = hashlib.sha256()
         with path.open("rb") as handle:
             for block in iter(lambda: handle.read(2**20), b""):
                 digest.update(block)
         value = digest.hexdigest()
-        self._index[resolved] = {
-            "size": stat.st_size,
-            "mtime_ns": stat.st_mtime_ns,
-            "sha256": value,
-        }
+        self._index[resolved] = {**fingerprint, "sha256": value}
         self._dirty = True
         return value
 
@@ -106,9 +145,74 @@ class FileHasher:
         self._dirty = False
 
 
+def callable_references(spec: Mapping[str, Any]) -> dict[str, str]:
+    """The spec's fields that name a callable (``module:callable`` strings), by field name."""
+    return {
+        name: value
+        for name, value in spec.items()
+        if isinstance(value, str) and _CALLABLE.match(value)
+    }
+
+
+def module_file(module: str) -> Path | None:
+    """The file defining ``module``, found the way ``ckapipe extract`` imports it (the current
+    directory searched last) without executing the module itself; ``None`` for a built-in."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path and "" not in sys.path
+    if added:
+        sys.path.append(cwd)
+    try:
+        importlib.invalidate_caches()  # a module written since this process started
+        spec = importlib.util.find_spec(module)
+    except (ImportError, ValueError) as error:
+        raise CodeSourceError(
+            f"cannot locate module {module!r} ({type(error).__name__}: {error}); install it or "
+            "add its folder to PYTHONPATH"
+        ) from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    if spec is None:
+        raise CodeSourceError(
+            f"cannot locate module {module!r} (searched sys.path, PYTHONPATH and {cwd}); install "
+            "it or add its folder to PYTHONPATH, so that its source can be part of the cache key"
+        )
+    if spec.origin is None or not Path(spec.origin).is_file():
+        return None  # built-in, frozen or namespace package: no source file of its own
+    return Path(spec.origin)
+
+
+def code_identity(
+    spec: Mapping[str, Any], files: list[str], hasher: FileHasher, what: str
+) -> dict[str, Any]:
+    """What identifies the code a spec runs: each callable's module source (or, for an optional
+    package's constructor, its version) and the listed ``files``. ``what`` names the spec in
+    errors (``models.cnn.spec``)."""
+    sources: dict[str, Any] = {}
+    for name, reference in sorted(callable_references(spec).items()):
+        module = reference.rpartition(":")[0]
+        if module.endswith(".py"):
+            path: Path | None = Path(module)
+        elif module in OPTIONAL_CONSTRUCTORS:
+            try:
+                sources[name] = {"package": module, "version": importlib.metadata.version(module)}
+            except importlib.metadata.PackageNotFoundError:
+                sources[name] = {"package": module, "version": None}
+            continue
+        else:
+            try:
+                path = module_file(module)
+            except CodeSourceError as error:
+                raise CodeSourceError(f"{what}.{name} = {reference!r}: {error}") from None
+        # the content, not the path: moving a project keeps its caches
+        sources[name] = {"sha256": hasher.sha256(path) if path is not None else None}
+    return {"sources": sources, "files": {path: hasher.sha256(path) for path in files}}
+
+
 def store_key(
     *,
     model_spec: Mapping[str, Any],
+    code: Mapping[str, Any],
     weights_identity: Mapping[str, Any],
     dataset_identity: Mapping[str, Any],
     layers: list[str],
@@ -123,7 +227,9 @@ def store_key(
     return content_key(
         {
             "kind": "activation-store",
+            "format_version": STORE_FORMAT_VERSION,
             "model": spec,
+            "code": dict(code),
             "weights": dict(weights_identity),
             "dataset": dict(dataset_identity),
             "layers": list(layers),
@@ -137,5 +243,12 @@ def store_key(
 
 
 def gram_key(store: str, partition: Mapping[str, Any]) -> str:
-    """Key of one Gram cache: its store's key plus the partition and kernel settings."""
-    return content_key({"kind": "gram-cache", "store": store, "partition": dict(partition)})
+    """Key of one Gram cache: its store's key plus the partition, kernel and format version."""
+    return content_key(
+        {
+            "kind": "gram-cache",
+            "format_version": GRAM_FORMAT_VERSION,
+            "store": store,
+            "partition": dict(partition),
+        }
+    )

@@ -8,13 +8,14 @@ rule analyze:
         result=directory(f"{RESULTS}/{{dataset}}/cka.zarr"),
         table=f"{RESULTS}/{{dataset}}/cka.csv",
     params:
+        grams=analyze_grams,
         options=analyze_args,
     log:
-        f"{RESULTS}/logs/analyze/{{dataset}}.log",
+        f"{LOGS}/analyze/{{dataset}}.log",
     conda:
         CONDA_ENV
     shell:
-        "ckapipe analyze {input.grams:q} --out {output.result:q} {params.options} > {log:q} 2>&1"
+        "ckapipe analyze {params.grams} --out {output.result:q} {params.options} > {log:q} 2>&1"
 
 
 rule plot:
@@ -23,7 +24,7 @@ rule plot:
     output:
         plots=directory(f"{RESULTS}/{{dataset}}/plots"),
     log:
-        f"{RESULTS}/logs/plot/{{dataset}}.log",
+        f"{LOGS}/plot/{{dataset}}.log",
     conda:
         CONDA_ENV
     shell:

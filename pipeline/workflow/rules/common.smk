@@ -7,10 +7,19 @@ import shlex
 from pathlib import Path
 
 import yaml
+from snakemake.exceptions import WorkflowError
 from snakemake.utils import validate
 
 from ckapipe.workflow.config_check import check_config
-from ckapipe.workflow.keys import FileHasher, content_key, gram_key, store_key
+from ckapipe.workflow.keys import (
+    CodeSourceError,
+    FileHasher,
+    code_identity,
+    content_key,
+    gram_key,
+    module_file,
+    store_key,
+)
 
 WORKFLOW_DIR = Path(workflow.current_basedir).parent
 CONDA_ENV = str(WORKFLOW_DIR / "environment.yaml")
@@ -41,6 +50,10 @@ validate(config, schema="../schemas/config.schema.yaml")  # fills in the default
 
 STUDY = config["study"]
 RESULTS = f"results/{STUDY}"
+# Snakemake outputs of the cache jobs: receipts in the study's own folder, never the shared cache
+# entries themselves (see ckapipe/workflow/jobs.py)
+RECEIPTS = f"{RESULTS}/receipts"
+LOGS = f"{RESULTS}/logs"
 CACHE = config["storage"]["cache_root"].rstrip("/")
 ANALYSIS = config["analysis"]
 STORAGE = config["storage"]
@@ -51,7 +64,13 @@ KEY_PATTERN = "[0-9a-f]{16}"
 DATASET_PATTERN = "|".join(re.escape(name) for name in config["datasets"])
 
 # -- demo dataset and demo-trained models --------------------------------------------------------
-DEMO_DATA_KEY = content_key({"kind": "demo-data", **config["demo"]})
+DEMO_DATA_KEY = content_key(
+    {
+        "kind": "demo-data",
+        **config["demo"],
+        "code": HASHER.sha256(module_file("ckapipe.demo.data")),
+    }
+)
 DEMO_DATA_DIR = f"{CACHE}/demo/data/{DEMO_DATA_KEY}"
 DEMO_SPLIT_FILES = {
     split: {kind: f"{DEMO_DATA_DIR}/{split}_{kind}.npy" for kind in ("images", "labels")}
@@ -59,48 +78,77 @@ DEMO_SPLIT_FILES = {
 }
 
 
-def _train_recipe(model):
+def _code(spec, files, what):
+    try:
+        return code_identity(spec, files, HASHER, what)
+    except CodeSourceError as error:
+        raise WorkflowError(f"{error} (the cache key covers the source of every callable)") from None
+
+
+def _train_recipe(model, name):
     return {
         "factory": model["spec"]["factory"],
         "kwargs": model["spec"].get("kwargs", {}),
         "train": model["train"],
         "data": DEMO_DATA_KEY,
+        "code": {
+            **_code({"factory": model["spec"]["factory"]}, [], f"models.{name}.spec"),
+            "training": HASHER.sha256(module_file("ckapipe.demo.training")),
+        },
     }
 
 
 TRAINED = {}  # train key -> recipe (one training job per distinct recipe)
-for _model in config["models"].values():
+for _name, _model in config["models"].items():
     if "train" in _model:
-        TRAINED[content_key({"kind": "demo-training", **_train_recipe(_model)})] = _train_recipe(_model)
+        TRAINED[content_key({"kind": "demo-training", **_train_recipe(_model, _name)})] = (
+            _train_recipe(_model, _name)
+        )
 
 
-def trained_dir(model):
-    return f"{CACHE}/demo/models/{content_key({'kind': 'demo-training', **_train_recipe(model)})}"
+def train_key(model, name):
+    return content_key({"kind": "demo-training", **_train_recipe(model, name)})
+
+
+def trained_dir(model, name):
+    return f"{CACHE}/demo/models/{train_key(model, name)}"
 
 
 # -- models and datasets: resolved specs and content identities ---------------------------------
-def _resolve_model(model):
+def _resolve_model(model, name):
     spec = dict(model["spec"])
+    receipt = None
     if "train" in model:
-        spec["weights"] = f"{trained_dir(model)}/weights.pt"
-        identity = {"trained": _train_recipe(model)}
-        metrics = f"{trained_dir(model)}/metrics.json"
+        spec["weights"] = f"{trained_dir(model, name)}/weights.pt"
+        identity = {"trained": _train_recipe(model, name)}
+        metrics = f"{trained_dir(model, name)}/metrics.json"
+        receipt = f"{RECEIPTS}/demo-models/{train_key(model, name)}.json"
     elif "weights" in spec:
         identity = {"sha256": HASHER.sha256(spec["weights"])}
         metrics = None
     else:
         identity = {"weights": None}
         metrics = None
-    return {"spec": spec, "weights_identity": identity, "metrics": metrics}
+    code = _code(spec, list(model.get("files", [])), f"models.{name}.spec")
+    return {
+        "spec": spec,
+        "weights_identity": identity,
+        "code": code,
+        "metrics": metrics,
+        "train_receipt": receipt,
+    }
 
 
-def _resolve_dataset(dataset):
+DEMO_DATA_RECEIPT = f"{RECEIPTS}/demo-data/{DEMO_DATA_KEY}.json"
+
+
+def _resolve_dataset(dataset, name):
     files = list(dataset.get("files", []))
     if "demo" in dataset:
         split = DEMO_SPLIT_FILES[dataset["demo"]]
         spec = {"array": split["images"]}
         identity = {"demo": dataset["demo"], "data": DEMO_DATA_KEY}
-        inputs = [split["images"]]
+        inputs = [DEMO_DATA_RECEIPT]
     else:
         spec = dict(dataset["spec"])
         identity = {name: value for name, value in spec.items() if name != "array"}
@@ -109,13 +157,18 @@ def _resolve_dataset(dataset):
             # the file's content identifies the data, not its path
             identity["array_sha256"] = HASHER.sha256(spec["array"])
             inputs.append(spec["array"])
-    identity["files"] = {path: HASHER.sha256(path) for path in files}
     identity["limit"] = dataset.get("limit")
-    return {"spec": spec, "identity": identity, "inputs": inputs + files, "limit": dataset.get("limit")}
+    return {
+        "spec": spec,
+        "identity": identity,
+        "code": _code(spec, files, f"datasets.{name}.spec"),
+        "inputs": inputs + files,
+        "limit": dataset.get("limit"),
+    }
 
 
-MODELS = {name: _resolve_model(model) for name, model in config["models"].items()}
-DATASETS = {name: _resolve_dataset(dataset) for name, dataset in config["datasets"].items()}
+MODELS = {name: _resolve_model(model, name) for name, model in config["models"].items()}
+DATASETS = {name: _resolve_dataset(dataset, name) for name, dataset in config["datasets"].items()}
 HASHER.save()
 
 PARTITION = {
@@ -132,6 +185,7 @@ for _dataset_name, _dataset in DATASETS.items():
         _reduction = config["models"][_model_name]["reduction"]
         _store = store_key(
             model_spec=_model["spec"],
+            code={"model": _model["code"], "dataset": _dataset["code"]},
             weights_identity=_model["weights_identity"],
             dataset_identity=_dataset["identity"],
             layers=_layers,
@@ -147,6 +201,7 @@ for _dataset_name, _dataset in DATASETS.items():
                 "model": _model_name,
                 "dataset": _dataset_name,
                 "model_spec": _model["spec"],
+                "train_receipt": _model["train_receipt"],
                 "dataset_spec": _dataset["spec"],
                 "dataset_inputs": _dataset["inputs"],
                 "layers": _layers,
@@ -163,8 +218,12 @@ def store_path(key):
     return f"{CACHE}/stores/{key}.zarr"
 
 
-def store_sentinel(key):
-    return f"{CACHE}/stores/{key}.json"
+def store_receipt(key):
+    return f"{RECEIPTS}/stores/{key}.json"
+
+
+def gram_receipt(key):
+    return f"{RECEIPTS}/grams/{key}.json"
 
 
 def gram_path(key):
@@ -173,11 +232,7 @@ def gram_path(key):
 
 # -- input and params functions -----------------------------------------------------------------
 def train_inputs(wildcards):
-    return {
-        f"{split}_{kind}": path
-        for split, files in DEMO_SPLIT_FILES.items()
-        for kind, path in files.items()
-    }
+    return {"data": DEMO_DATA_RECEIPT}
 
 
 def train_params(wildcards):
@@ -192,7 +247,13 @@ def train_params(wildcards):
 def extract_inputs(wildcards):
     plan = STORES[wildcards.store_key]
     inputs = {"data": plan["dataset_inputs"]}
-    if plan["model_spec"].get("weights"):
+    if plan["train_receipt"]:
+        inputs["trained"] = plan["train_receipt"]
+        # once trained, the weights file too: one edited in the cache re-extracts (the job's
+        # guard sees the store's weights hash differ and starts afresh)
+        if Path(plan["model_spec"]["weights"]).is_file():
+            inputs["weights"] = plan["model_spec"]["weights"]
+    elif plan["model_spec"].get("weights"):
         inputs["weights"] = plan["model_spec"]["weights"]
     return inputs
 
@@ -207,7 +268,6 @@ def extract_args(wildcards):
     for layer in plan["layers"]:
         args += ["--layers", layer]
     args += [
-        "--out", store_path(wildcards.store_key),
         "--reduce", plan["reduction"],
         "--dtype", STORAGE["dtype"],
         "--codec", STORAGE["codec"],
@@ -224,14 +284,14 @@ def extract_args(wildcards):
 
 def guard_args(wildcards):
     plan = STORES[wildcards.store_key]
-    args = [store_path(wildcards.store_key)]
+    args = ["--store", store_path(wildcards.store_key)]
     if plan["model_spec"].get("weights"):
         args += ["--weights", plan["model_spec"]["weights"]]
     return shlex.join(args)
 
 
 def gram_inputs(wildcards):
-    return store_sentinel(GRAMS[wildcards.gram_key])
+    return store_receipt(GRAMS[wildcards.gram_key])
 
 
 def gram_args(wildcards):
@@ -254,7 +314,11 @@ def gram_store(wildcards):
 
 
 def analyze_inputs(wildcards):
-    return [gram_path(key) for _, key in STUDY_GRAMS[wildcards.dataset]]
+    return [gram_receipt(key) for _, key in STUDY_GRAMS[wildcards.dataset]]
+
+
+def analyze_grams(wildcards):
+    return shlex.join([gram_path(key) for _, key in STUDY_GRAMS[wildcards.dataset]])
 
 
 def analyze_args(wildcards):
@@ -278,7 +342,7 @@ def report_inputs(wildcards):
         "results": expand(f"{RESULTS}/{{dataset}}/cka.zarr", dataset=DATASETS),
         "tables": expand(f"{RESULTS}/{{dataset}}/cka.csv", dataset=DATASETS),
         "plots": expand(f"{RESULTS}/{{dataset}}/plots", dataset=DATASETS),
-        "metrics": [model["metrics"] for model in MODELS.values() if model["metrics"]],
+        "metrics": [model["train_receipt"] for model in MODELS.values() if model["train_receipt"]],
     }
 
 

@@ -1,22 +1,23 @@
 # The demo study's own inputs: a generated dataset and models trained on it (both in the cache,
-# keyed by their recipe, so every study that asks for the same demo shares them).
+# keyed by their recipe, so every study that asks for the same demo shares them). Each job builds
+# its cache entry in a staging folder under the entry's job lock and renames it into place; its
+# Snakemake output is a receipt in the study's folder (see ckapipe/workflow/jobs.py).
 
 
 rule demo_data:
     output:
-        train_images=f"{CACHE}/demo/data/{{data_key}}/train_images.npy",
-        train_labels=f"{CACHE}/demo/data/{{data_key}}/train_labels.npy",
-        probe_images=f"{CACHE}/demo/data/{{data_key}}/probe_images.npy",
-        probe_labels=f"{CACHE}/demo/data/{{data_key}}/probe_labels.npy",
+        receipt=f"{RECEIPTS}/demo-data/{{data_key}}.json",
     params:
-        out_dir=lambda wildcards, output: Path(output.train_images).parent,
+        target=DEMO_DATA_DIR,
         demo=config["demo"],
     log:
-        f"{CACHE}/logs/demo_data/{{data_key}}.log",
+        f"{LOGS}/demo_data/{{data_key}}.log",
     conda:
         CONDA_ENV
     shell:
-        "python -m ckapipe.demo data --out-dir {params.out_dir:q}"
+        "python -m ckapipe.workflow.jobs build --target {params.target:q}"
+        " --receipt {output.receipt:q} --"
+        " python -m ckapipe.demo data --out-dir {{out}}"
         " --n-train {params.demo[n_train]} --n-probe {params.demo[n_probe]}"
         " --n-classes {params.demo[n_classes]} --image-size {params.demo[image_size]}"
         " --noise {params.demo[noise]} --seed {params.demo[seed]} > {log:q} 2>&1"
@@ -26,18 +27,20 @@ rule train:
     input:
         unpack(train_inputs),
     output:
-        weights=f"{CACHE}/demo/models/{{train_key}}/weights.pt",
-        metrics=f"{CACHE}/demo/models/{{train_key}}/metrics.json",
+        receipt=f"{RECEIPTS}/demo-models/{{train_key}}.json",
     params:
         recipe=train_params,
         data_dir=DEMO_DATA_DIR,
+        target=lambda wildcards: f"{CACHE}/demo/models/{wildcards.train_key}",
     log:
-        f"{CACHE}/logs/train/{{train_key}}.log",
+        f"{LOGS}/train/{{train_key}}.log",
     conda:
         CONDA_ENV
     shell:
-        "python -m ckapipe.demo train --factory {params.recipe[factory]:q}"
+        "python -m ckapipe.workflow.jobs build --target {params.target:q}"
+        " --receipt {output.receipt:q} --"
+        " python -m ckapipe.demo train --factory {params.recipe[factory]:q}"
         " --kwargs {params.recipe[kwargs]:q} --seed {params.recipe[seed]}"
         " --epochs {params.recipe[epochs]} --batch-size {params.recipe[batch_size]}"
         " --learning-rate {params.recipe[learning_rate]} --data-dir {params.data_dir:q}"
-        " --weights-out {output.weights:q} --metrics-out {output.metrics:q} > {log:q} 2>&1"
+        " --weights-out {{out}}/weights.pt --metrics-out {{out}}/metrics.json > {log:q} 2>&1"

@@ -1,21 +1,25 @@
 # One Gram cache per store and partition, in the shared cache under its content key. A Gram pass
-# is cheap next to extraction and restarts from scratch, so its cache is a directory() output:
-# Snakemake removes a half-written one.
+# is cheap next to extraction and restarts from scratch: the job builds it in a staging folder
+# under the cache's job lock and renames it into place, so a Gram cache that exists is complete
+# and another study's is never deleted; its Snakemake output is a receipt in the study's folder.
 
 
 rule gram:
     input:
         gram_inputs,
     output:
-        grams=directory(f"{CACHE}/grams/{{gram_key}}.zarr"),
+        receipt=f"{RECEIPTS}/grams/{{gram_key}}.json",
     params:
         store=gram_store,
         partition=gram_args,
+        target=lambda wildcards: gram_path(wildcards.gram_key),
     log:
-        f"{CACHE}/logs/gram/{{gram_key}}.log",
+        f"{LOGS}/gram/{{gram_key}}.log",
     resources:
         gpu=gpu_resources(),
     conda:
         CONDA_ENV
     shell:
-        "ckapipe gram {params.store:q} {params.partition} --out {output.grams:q} > {log:q} 2>&1"
+        "python -m ckapipe.workflow.jobs build --target {params.target:q}"
+        " --receipt {output.receipt:q} --source {params.store:q} --"
+        " ckapipe gram {params.store:q} {params.partition} --out {{out}} > {log:q} 2>&1"

@@ -10,7 +10,7 @@ rule report:
     params:
         plan=report_plan(),
     log:
-        f"{RESULTS}/logs/report.log",
+        f"{LOGS}/report.log",
     conda:
         CONDA_ENV
     script:
