@@ -564,14 +564,16 @@ class _ChunkWriter:
         }
         self.fingerprints = {start: fingerprint}  # rows written -> fingerprint of those rows
 
-    def append(
-        self, features: dict[str, torch.Tensor], fingerprint: bytes, non_blocking: bool
-    ) -> None:
-        """Queue one batch (every layer's (B, p) features) whose rows start at ``rows_done``."""
-        rows = next(iter(features.values())).shape[0]
-        for name, values in features.items():
+    def slots(self, rows: int) -> dict[str, torch.Tensor]:
+        """Each layer's buffer rows for the next batch of ``rows`` rows (filled by the capture)."""
+        slots = {}
+        for name, buffer in self.buffers.items():
             offset = self.rows_done - self.flushed[name]
-            self.buffers[name][offset : offset + rows].copy_(values, non_blocking=non_blocking)
+            slots[name] = buffer[offset : offset + rows]
+        return slots
+
+    def advance(self, rows: int, fingerprint: bytes) -> None:
+        """Count the batch just written into :meth:`slots` as buffered."""
         self.rows_done += rows
         self.fingerprints[self.rows_done] = fingerprint
 
@@ -649,14 +651,16 @@ def _run(
             model_input, mask = split_batch(batch, **batch_keys)
             # the input fingerprint is hashed in threads while the model runs
             digests = _submit_digests(model_input, hasher)
+            rows = batch_size_of(model_input)
             with autocast_context(device, autocast):
-                features = capture.run(
+                capture.run(
                     _to_device(model_input, device),
                     _to_device(mask, device) if mask is not None else None,
+                    out=writer.slots(rows),
                 )
             fingerprint = _chain(fingerprint, (future.result() for future in digests))
-            writer.append(features, fingerprint, non_blocking=on_cuda)
-            meter.update(batch_size_of(model_input))
+            writer.advance(rows, fingerprint)
+            meter.update(rows)
             due = writer.due()
             if due:
                 if on_cuda:
