@@ -365,7 +365,7 @@ class LayerCapture:
 
         ``out`` maps every layer name to a float32 ``(B, p)`` destination (e.g. a slice of a
         pinned host buffer); each layer's features are copied into it inside its hook, with
-        ``non_blocking=True`` (synchronize the stream before reading a host destination), and
+        ``non_blocking=True`` (synchronize the device before reading a host destination), and
         the destinations are returned. Without ``out``, the features are new tensors on the
         model's device.
 

@@ -664,7 +664,9 @@ def _run(
             due = writer.due()
             if due:
                 if on_cuda:
-                    torch.cuda.current_stream(device).synchronize()
+                    # the hooks' copies run on the stream each layer ran on, which a model
+                    # may have switched away from the current one
+                    torch.cuda.synchronize(device)
                 writer.flush(due)
     meter.close()
     if store.rows_complete != n:
