@@ -154,8 +154,9 @@ def input_sample_digests(
 
 
 def _submit_digests(
-    model_input: Any, executor: concurrent.futures.Executor | None
+    model_input: Any, executor: concurrent.futures.Executor | None, *, private: bool = False
 ) -> list[concurrent.futures.Future[bytes]]:
+    """Futures of each row's digest. ``private``: hash a copy, for inputs the model gets as is."""
     tensors = (
         [("", model_input)]
         if isinstance(model_input, torch.Tensor)
@@ -166,6 +167,13 @@ def _submit_digests(
         ]
     )
     arrays = [(key, tensor.detach().cpu().contiguous()) for key, tensor in tensors]
+    if private:
+        # the threads hash while the model runs on this very memory, and models may rewrite
+        # their input in place (normalization, an in-place first activation)
+        arrays = [
+            (key, array.clone() if array.data_ptr() == tensor.data_ptr() else array)
+            for (key, array), (_, tensor) in zip(arrays, tensors, strict=True)
+        ]
 
     def digest_row(row: int) -> bytes:
         digest = hashlib.sha256()
@@ -650,7 +658,7 @@ def _run(
         for batch in loader:
             model_input, mask = split_batch(batch, **batch_keys)
             # the input fingerprint is hashed in threads while the model runs
-            digests = _submit_digests(model_input, hasher)
+            digests = _submit_digests(model_input, hasher, private=device.type == "cpu")
             rows = batch_size_of(model_input)
             with autocast_context(device, autocast):
                 capture.run(

@@ -8,6 +8,8 @@ inside an independent forward pass and reduce it in float64 numpy.
 
 from __future__ import annotations
 
+import hashlib
+
 import models
 import numpy as np
 import pytest
@@ -389,3 +391,43 @@ def test_cuda_extraction_and_compare_before_inplace_ops(tmp_path, case):
         [[minibatch_linear_cka(expected[a], expected[b], BATCH) for b in layers_] for a in layers_]
     )
     np.testing.assert_allclose(result.cka, reference, rtol=1e-2, atol=1e-3)
+
+
+class InputNormalizer(nn.Module):
+    """Normalizes its input in place, as some preprocessing-in-the-model code does."""
+
+    def __init__(self, features: int):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc = nn.Linear(features, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x.sub_(0.5).mul_(2.0)
+        return self.fc(x)
+
+
+def test_input_fingerprint_is_of_the_input_before_the_model_rewrites_it(tmp_path):
+    # rows large enough that hashing (in threads, while the model runs) is still going on when
+    # the model rewrites its input
+    features = 2**18
+    inputs = torch.from_numpy(
+        np.random.default_rng(3).standard_normal((32, features)).astype(np.float32)
+    )
+    data = torch.utils.data.TensorDataset(inputs)
+    store = extract_activations(
+        InputNormalizer(features),
+        data,
+        layers=["fc"],
+        out=tmp_path / "store",
+        batch_size=16,
+        dtype="float32",
+        device="cpu",
+        order="dataset",
+        progress=False,
+    )
+    state = bytes(32)
+    for row in inputs:
+        digest = hashlib.sha256(f"|{row.dtype}|{tuple(row.shape)}|".encode())
+        digest.update(row.numpy().tobytes())
+        state = hashlib.sha256(state + digest.digest()).digest()
+    assert store.attrs["input_sha256"] == state.hex()
