@@ -158,7 +158,7 @@ def reduce_output(
     place afterwards (``ReLU(inplace=True)``, a residual ``out += identity``).
     """
     features = _reduce(tensor, reduction, layer=layer, attention_mask=attention_mask)
-    # flatten, cls, mean of a (B, D) output and .float() of a float32 output are views; mean and
+    # flatten, cls and mean of a (B, D) output are mostly views of a float32 output; mean and
     # masked_mean of larger outputs and upcasts already wrote new memory and need no second copy
     if features.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
         return features.clone(memory_format=torch.contiguous_format)
