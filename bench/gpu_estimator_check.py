@@ -71,7 +71,9 @@ def capture(model: nn.Module, layers: list[str], images: torch.Tensor) -> dict[s
     modules = dict(model.named_modules())
     hooks = [
         modules[name].register_forward_hook(
-            lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach())
+            # cloned in the hook: a later in-place op (ReLU(inplace=True), out += identity)
+            # would otherwise rewrite the kept output
+            lambda _m, _i, out, name=name: outputs.__setitem__(name, out.detach().clone())
         )
         for name in layers
     ]

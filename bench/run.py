@@ -642,7 +642,10 @@ def _hooked_features(model: torch.nn.Module, images: torch.Tensor, m: int) -> li
     parts: dict[str, list[np.ndarray]] = {name: [] for name in CNN_LAYERS}
     handles = [
         modules[name].register_forward_hook(
-            lambda mod, args, out, name=name: parts[name].append(out.flatten(1).float().numpy())
+            # copied in the hook (.numpy() alone is a view) so later in-place ops cannot reach it
+            lambda mod, args, out, name=name: parts[name].append(
+                out.flatten(1).float().numpy().copy()
+            )
         )
         for name in CNN_LAYERS
     ]

@@ -16,6 +16,11 @@ Reductions (``reduce=``) turn a layer output ``(B, ...)`` into ``(B, p)``:
   ``attention_mask`` is non-zero (dict dataset items holding an ``attention_mask``).
 
 Reductions run in float32 whatever the layer's dtype (autocast outputs are upcast first).
+
+Features are copied (or reduced into new memory) inside the hook, before the next operation of
+the forward pass runs: models rewrite layer outputs in place (``ReLU(inplace=True)`` after a
+batch norm, ``out += identity`` in residual blocks), and a kept view would store the rewritten
+values. On CUDA the copy is enqueued on the current stream, ahead of those in-place kernels.
 """
 
 from __future__ import annotations
@@ -147,7 +152,27 @@ def reduce_output(
     layer: str,
     attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Reduce one layer output ``(B, ...)`` to features ``(B, p)`` in float32 (see module doc)."""
+    """Reduce one layer output ``(B, ...)`` to features ``(B, p)`` in float32 (see module doc).
+
+    The result never shares memory with ``tensor``: called in a forward hook, it holds the
+    layer's output as it was when the layer returned, whatever the model does to that output in
+    place afterwards (``ReLU(inplace=True)``, a residual ``out += identity``).
+    """
+    features = _reduce(tensor, reduction, layer=layer, attention_mask=attention_mask)
+    # flatten, cls and mean of a (B, D) output are mostly views of a float32 output; mean and
+    # masked_mean of larger outputs and upcasts already wrote new memory and need no second copy
+    if features.untyped_storage().data_ptr() == tensor.untyped_storage().data_ptr():
+        return features.clone(memory_format=torch.contiguous_format)
+    return features
+
+
+def _reduce(
+    tensor: torch.Tensor,
+    reduction: str,
+    *,
+    layer: str,
+    attention_mask: torch.Tensor | None,
+) -> torch.Tensor:
     values = tensor.detach().float()
     if values.ndim < 2:
         # a (B,) output (a scalar per sample) is one feature
@@ -258,6 +283,7 @@ class LayerCapture:
         self._calls: dict[str, int] = {}
         self._results: dict[str, torch.Tensor] = {}
         self._mask: torch.Tensor | None = None
+        self._out: Mapping[str, torch.Tensor] | None = None
         self._batch_size = 0
         self._error: BaseException | None = None
 
@@ -313,15 +339,36 @@ class LayerCapture:
                 f"layer {name!r} output per sample changed shape from {seen} to {shape} between "
                 "batches; pad inputs to one length or use --reduce mean / masked_mean"
             )
-        return reduce_output(tensor, self.reduce, layer=name, attention_mask=self._mask)
+        if self._out is None:
+            return reduce_output(tensor, self.reduce, layer=name, attention_mask=self._mask)
+        # copying straight into the caller's buffer is the one copy the hook must make anyway
+        destination = self._out[name]
+        features = _reduce(tensor, self.reduce, layer=name, attention_mask=self._mask)
+        if features.shape != destination.shape:
+            raise CaptureError(
+                f"layer {name!r} gives features of shape {tuple(features.shape)} in this batch, "
+                f"but its destination has shape {tuple(destination.shape)} (batch rows, features "
+                "found on the first batch); the layer's output changed between batches"
+            )
+        destination.copy_(features, non_blocking=True)
+        return destination
 
     def run(
-        self, model_input: Any, attention_mask: torch.Tensor | None = None
+        self,
+        model_input: Any,
+        attention_mask: torch.Tensor | None = None,
+        out: Mapping[str, torch.Tensor] | None = None,
     ) -> dict[str, torch.Tensor]:
         """One forward pass; returns ``{layer name: (B, p) float32 tensor}`` in selection order.
 
         Call inside :func:`eval_mode` / ``torch.inference_mode`` as needed; the caller moves the
         input to the model's device.
+
+        ``out`` maps every layer name to a float32 ``(B, p)`` destination (e.g. a slice of a
+        pinned host buffer); each layer's features are copied into it inside its hook, with
+        ``non_blocking=True`` (synchronize the device before reading a host destination), and
+        the destinations are returned. Without ``out``, the features are new tensors on the
+        model's device.
 
         Raises
         ------
@@ -334,11 +381,13 @@ class LayerCapture:
         self._results = {}
         self._error = None
         self._mask = attention_mask
+        self._out = out
         self._batch_size = batch_size_of(model_input)
         try:
             call_model(self.model, model_input)
         finally:
             self._mask = None
+            self._out = None
         if self._error is not None:
             error, self._error = self._error, None
             raise error

@@ -54,8 +54,8 @@ def info(store: Path, as_json: bool) -> None:
     "layers",
     multiple=True,
     metavar="NAME",
-    help="Import only this layer (layer name a.b or HDF5 path a/b); repeat for more. "
-    "Default: every dataset.",
+    help="Import only this layer (layer name a.b or HDF5 path a/b); repeat for more. Layers "
+    "are stored in the order given. Default: every dataset, in the order described above.",
 )
 @click.option(
     "--key",
@@ -99,6 +99,15 @@ def import_h5(
       - one dataset per layer, each (n, ...) (flattened to (n, p); '/' in names becomes '.');
       - thingsvision's features.hdf5 (a dataset `features`, or row-split features_01..NN);
       - files written by `ckapipe export-h5` (exact round trip, provenance restored).
+
+    \b
+    Layer order (rows of results, axes of plots) is, first match wins:
+      - the order of --layers;
+      - the exported order, for files written by `ckapipe export-h5`;
+      - creation order, where the file tracks it (h5py track_order=True);
+      - otherwise natural name order, numbers compared as numbers (layer2 before
+        layer10): HDF5 itself keeps names only alphabetically, so pass --layers
+        when that is not the depth order.
     """
     import numpy as np
 

@@ -155,8 +155,9 @@ def input_sample_digests(
 
 
 def _submit_digests(
-    model_input: Any, executor: concurrent.futures.Executor | None
+    model_input: Any, executor: concurrent.futures.Executor | None, *, private: bool = False
 ) -> list[concurrent.futures.Future[bytes]]:
+    """Futures of each row's digest. ``private``: hash a copy, for inputs the model gets as is."""
     tensors = (
         [("", model_input)]
         if isinstance(model_input, torch.Tensor)
@@ -167,6 +168,13 @@ def _submit_digests(
         ]
     )
     arrays = [(key, tensor.detach().cpu().contiguous()) for key, tensor in tensors]
+    if private:
+        # the threads hash while the model runs on this very memory, and models may rewrite
+        # their input in place (normalization, an in-place first activation)
+        arrays = [
+            (key, array.clone() if array.data_ptr() == tensor.data_ptr() else array)
+            for (key, array), (_, tensor) in zip(arrays, tensors, strict=True)
+        ]
 
     def digest_row(row: int) -> bytes:
         digest = hashlib.sha256()
@@ -565,14 +573,16 @@ class _ChunkWriter:
         }
         self.fingerprints = {start: fingerprint}  # rows written -> fingerprint of those rows
 
-    def append(
-        self, features: dict[str, torch.Tensor], fingerprint: bytes, non_blocking: bool
-    ) -> None:
-        """Queue one batch (every layer's (B, p) features) whose rows start at ``rows_done``."""
-        rows = next(iter(features.values())).shape[0]
-        for name, values in features.items():
+    def slots(self, rows: int) -> dict[str, torch.Tensor]:
+        """Each layer's buffer rows for the next batch of ``rows`` rows (filled by the capture)."""
+        slots = {}
+        for name, buffer in self.buffers.items():
             offset = self.rows_done - self.flushed[name]
-            self.buffers[name][offset : offset + rows].copy_(values, non_blocking=non_blocking)
+            slots[name] = buffer[offset : offset + rows]
+        return slots
+
+    def advance(self, rows: int, fingerprint: bytes) -> None:
+        """Count the batch just written into :meth:`slots` as buffered."""
         self.rows_done += rows
         self.fingerprints[self.rows_done] = fingerprint
 
@@ -649,19 +659,23 @@ def _run(
         for batch in loader:
             model_input, mask = split_batch(batch, **batch_keys)
             # the input fingerprint is hashed in threads while the model runs
-            digests = _submit_digests(model_input, hasher)
+            digests = _submit_digests(model_input, hasher, private=device.type == "cpu")
+            rows = batch_size_of(model_input)
             with autocast_context(device, autocast):
-                features = capture.run(
+                capture.run(
                     _to_device(model_input, device),
                     _to_device(mask, device) if mask is not None else None,
+                    out=writer.slots(rows),
                 )
             fingerprint = _chain(fingerprint, (future.result() for future in digests))
-            writer.append(features, fingerprint, non_blocking=on_cuda)
-            meter.update(batch_size_of(model_input))
+            writer.advance(rows, fingerprint)
+            meter.update(rows)
             due = writer.due()
             if due:
                 if on_cuda:
-                    torch.cuda.current_stream(device).synchronize()
+                    # the hooks' copies run on the stream each layer ran on, which a model
+                    # may have switched away from the current one
+                    torch.cuda.synchronize(device)
                 writer.flush(due)
     meter.close()
     if store.rows_complete != n:

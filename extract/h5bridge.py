@@ -9,7 +9,16 @@ Accepted inputs to :func:`import_h5`:
   rows into ``features_01`` … ``features_NN`` (concatenated in numeric order, one layer
   ``features``);
 - a file written by :func:`export_h5` (layers under ``layers/``, a ``sample_ids`` dataset and
-  the store's provenance), which imports back to identical arrays, sample ids and records.
+  the store's provenance), which imports back to identical arrays, sample ids and records, with
+  the layers in the store's order.
+
+Layer order carries meaning (depth: result rows and plot axes follow it), but HDF5 lists a
+group's members alphabetically unless the group tracks creation order. Imported layers follow,
+first match wins: the ``layers`` argument (``--layers``); the ``layer_order`` attribute that
+:func:`export_h5` writes; a group's creation order where the file tracks it (h5py
+``track_order=True``); otherwise natural name order, numbers compared as numbers (``layer2``
+before ``layer10``, ``features_2`` before ``features_10``), which is depth order for the usual
+numbered names but only a guess for others: pass ``--layers`` then.
 
 Both directions stream in row blocks, so memory does not grow with ``n``. HDF5 has no safe
 concurrent writers, so the bridge only imports and exports; extraction always writes zarr.
@@ -38,6 +47,7 @@ EXPORT_FORMAT = "ckapipe.activation-export"
 EXPORT_FORMAT_VERSION = 1
 _BLOCK_BYTES = 64 * 2**20  # rows read per step: about this many bytes over all layers
 _SPLIT_PATTERN = re.compile(r"^features_(\d+)$")
+_DIGITS = re.compile(r"(\d+)")
 # layout attributes and timestamps describe one store, not the provenance: never copied over
 _NOT_COPIED_ATTRS = LAYOUT_ATTRS | {"created_at", "completed_at"}
 
@@ -78,7 +88,9 @@ def import_h5(
     out:
         Store directory to create; refused if it exists and is not empty.
     layers:
-        Layers to import, by layer name (``a.b``) or HDF5 path (``a/b``); default all.
+        Layers to import, by layer name (``a.b``) or HDF5 path (``a/b``), in this order; default
+        all, in the order described in the module docstring (the exported order for files
+        written by :func:`export_h5`).
     key:
         Import only this dataset, or the datasets under this group.
     dtype:
@@ -101,6 +113,8 @@ def import_h5(
     with h5py.File(h5_path, "r") as h5:
         exported = h5.attrs.get("format") == EXPORT_FORMAT
         sources = _find_sources(h5, h5_path, key=key, exported=exported)
+        if exported and "layer_order" in h5.attrs:
+            sources = _in_exported_order(sources, json.loads(h5.attrs["layer_order"]))
         sources = _select(sources, layers, h5_path)
         for source in sources:
             _check_source(h5, source, h5_path)
@@ -182,7 +196,9 @@ def export_h5(
     exported as float32, exactly), shaped ``(n, *shape)`` for ``flatten`` layers and ``(n, p)``
     otherwise, with attributes ``reduction``, ``original_shape``, ``n_features`` and
     ``logical_dtype``. ``sample_ids`` (n,) int64 holds the dataset index of each row; the root
-    attributes hold the store's provenance (``store_attrs``, JSON) and identity.
+    attributes hold the store's provenance (``store_attrs``, JSON), identity and the layer order
+    (``layer_order``, a JSON list, which :func:`import_h5` follows). Groups track creation
+    order too, so other HDF5 readers that honour it (h5py) list the layers in that order.
 
     Parameters
     ----------
@@ -216,15 +232,16 @@ def export_h5(
     partial.unlink(missing_ok=True)
     provenance = {k: v for k, v in store.attrs.items() if k not in _NOT_COPIED_ATTRS}
     try:
-        with h5py.File(partial, "w") as h5:
+        with h5py.File(partial, "w", track_order=True) as h5:
             h5.attrs["format"] = EXPORT_FORMAT
             h5.attrs["format_version"] = EXPORT_FORMAT_VERSION
             h5.attrs["store_path"] = str(Path(store.path).resolve())
             h5.attrs["store_dtype"] = store.dtype
             h5.attrs["sample_ids_sha256"] = store.attrs["sample_ids_sha256"]
             h5.attrs["store_attrs"] = json.dumps(provenance, sort_keys=True, default=str)
+            h5.attrs["layer_order"] = json.dumps(names)
             h5.create_dataset("sample_ids", data=store.sample_ids)
-            group = h5.create_group("layers")
+            group = h5.create_group("layers", track_order=True)
             for record in records:
                 natural = (
                     record.reduction == "flatten" and math.prod(record.shape) == record.n_features
@@ -312,6 +329,12 @@ def _source_of(layer: str, datasets: list[h5py.Dataset]) -> _Source:
     return _Source(layer, paths, sample_shape, n_rows, reduction, n_features)
 
 
+def _in_exported_order(sources: list[_Source], order: list[str]) -> list[_Source]:
+    """Sources in the exported ``layer_order``; any not listed keep their place after those."""
+    rank = {name: index for index, name in enumerate(order)}
+    return sorted(sources, key=lambda source: rank.get(source.layer, len(rank)))
+
+
 def _check_source(h5: h5py.File, source: _Source, h5_path: Path) -> None:
     """Refuse a selected layer whose datasets cannot hold activations."""
     first = h5[source.paths[0]]
@@ -380,9 +403,42 @@ def _read_rows(h5: h5py.File, source: _Source, start: int, stop: int) -> np.ndar
 
 
 def _datasets_under(group: h5py.Group) -> list[h5py.Dataset]:
+    """Datasets under ``group`` depth first, each group's members in creation order when the
+    group tracks it, else in natural name order; hard links only, each object once."""
     found: list[h5py.Dataset] = []
-    group.visititems(lambda _, obj: found.append(obj) if isinstance(obj, h5py.Dataset) else None)
+    seen: set[Any] = set()
+
+    def visit(group: h5py.Group) -> None:
+        # h5py lists a group's members in creation order exactly when the group tracks it;
+        # otherwise HDF5's order is alphabetical, which puts layer10 before layer2
+        names = list(group)
+        if not _tracks_order(group):
+            names.sort(key=_natural_key)
+        for name in names:
+            if not isinstance(group.get(name, getlink=True), h5py.HardLink):
+                continue  # like h5py's visititems: soft and external links are not followed
+            obj = group[name]
+            if obj.id in seen:
+                continue
+            seen.add(obj.id)
+            if isinstance(obj, h5py.Dataset):
+                found.append(obj)
+            elif isinstance(obj, h5py.Group):
+                visit(obj)
+
+    visit(group)
     return found
+
+
+def _tracks_order(group: h5py.Group) -> bool:
+    # a File's own id is the file, not its root group, whose creation properties hold the flag
+    gid = group["/"].id if isinstance(group, h5py.File) else group.id
+    return bool(gid.get_create_plist().get_link_creation_order() & h5py.h5p.CRT_ORDER_TRACKED)
+
+
+def _natural_key(name: str) -> list[Any]:
+    """``layer2`` before ``layer10``: digit runs compare as numbers (split puts them at odd places)."""
+    return [int(part) if index % 2 else part for index, part in enumerate(_DIGITS.split(name))]
 
 
 def _dataset_paths(h5: h5py.File) -> list[str]:

@@ -274,3 +274,105 @@ def test_reserved_names_are_mapped_and_recorded(tmp_path: Path) -> None:
     store = import_h5(tmp_path / "a.h5", tmp_path / "s")
     assert store.layer_names == ["h5__hidden.acts"]
     assert store.attrs["h5_datasets"] == {"h5__hidden.acts": ["__hidden/acts"]}
+
+
+# -- layer order -------------------------------------------------------------------------------
+# Layer order is depth order: result rows and plot axes follow it. HDF5 lists untracked groups
+# alphabetically, so every case below uses names whose alphabetical order is wrong.
+DEPTH_ORDER = ["conv2", "conv1", "fc", "b"]
+
+
+def _store_in_depth_order(path: Path, n: int = 23) -> ActivationStore:
+    layers = [
+        LayerRecord("conv2", (2, 3, 3), "flatten", 18),
+        LayerRecord("conv1", (4, 2, 2), "mean", 4),
+        LayerRecord("fc", (5,), "flatten", 5),
+        LayerRecord("b", (), "flatten", 1),
+    ]
+    rng = np.random.default_rng(5)
+    data = {record.name: rng.normal(size=(n, record.n_features)) for record in layers}
+    with ActivationStore.create(
+        path, layers=layers, sample_ids=rng.permutation(n), dtype="float32"
+    ) as store:
+        store.write_rows(0, data)
+        store.set_rows_complete(n)
+        store.mark_complete()
+    return ActivationStore.open(path)
+
+
+def test_cli_export_import_round_trip_keeps_layer_order(tmp_path: Path) -> None:
+    from click.testing import CliRunner
+
+    from ckapipe.cli import main
+
+    original = _store_in_depth_order(tmp_path / "s")
+    runner = CliRunner()
+    result = runner.invoke(
+        main, ["export-h5", str(tmp_path / "s"), "--out", str(tmp_path / "e.h5")]
+    )
+    assert result.exit_code == 0, result.output
+    result = runner.invoke(
+        main, ["import-h5", str(tmp_path / "e.h5"), "--out", str(tmp_path / "b")]
+    )
+    assert result.exit_code == 0, result.output
+    back = ActivationStore.open(tmp_path / "b")
+    assert back.layer_names == DEPTH_ORDER
+    assert back.layers == original.layers
+    np.testing.assert_array_equal(back.sample_ids, original.sample_ids)
+    for name in DEPTH_ORDER:
+        np.testing.assert_array_equal(back.read(name), original.read(name))
+    # other HDF5 readers see the order too: the export tracks creation order
+    with h5py.File(tmp_path / "e.h5", "r") as h5:
+        assert list(h5["layers"]) == DEPTH_ORDER
+
+
+def test_export_of_chosen_layers_imports_in_the_chosen_order(tmp_path: Path) -> None:
+    original = _store_in_depth_order(tmp_path / "s")
+    export_h5(original, tmp_path / "e.h5", layers=["fc", "conv2", "b"])
+    back = import_h5(tmp_path / "e.h5", tmp_path / "b")
+    assert back.layer_names == ["fc", "conv2", "b"]
+    np.testing.assert_array_equal(back.read("conv2"), original.read("conv2"))
+
+
+def test_exported_layer_order_attribute_is_followed_without_tracked_order(tmp_path: Path) -> None:
+    # an export whose groups do not track creation order (rewritten by another tool)
+    rng = np.random.default_rng(6)
+    data = {name: rng.normal(size=(9, 3)).astype(np.float32) for name in DEPTH_ORDER}
+    with h5py.File(tmp_path / "e.h5", "w") as h5:
+        h5.attrs["format"] = h5bridge.EXPORT_FORMAT
+        h5.attrs["layer_order"] = json.dumps(DEPTH_ORDER)
+        for name in DEPTH_ORDER:
+            h5.create_dataset(f"layers/{name}", data=data[name])
+    back = import_h5(tmp_path / "e.h5", tmp_path / "b")
+    assert back.layer_names == DEPTH_ORDER
+    for name in DEPTH_ORDER:
+        np.testing.assert_array_equal(back.read(name), data[name])
+
+
+def test_foreign_file_with_tracked_creation_order(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    names = [*DEPTH_ORDER, "block/z", "block/a"]
+    data = {name: rng.normal(size=(11, 2)).astype(np.float32) for name in names}
+    with h5py.File(tmp_path / "t.h5", "w", track_order=True) as h5:
+        for name in DEPTH_ORDER:
+            h5.create_dataset(name, data=data[name])
+        block = h5.create_group("block", track_order=True)
+        block.create_dataset("z", data=data["block/z"])
+        block.create_dataset("a", data=data["block/a"])
+    store = import_h5(tmp_path / "t.h5", tmp_path / "s")
+    assert store.layer_names == [*DEPTH_ORDER, "block.z", "block.a"]
+    for name in names:
+        np.testing.assert_array_equal(store.read(name.replace("/", ".")), data[name])
+
+
+def test_untracked_foreign_file_in_natural_name_order(tmp_path: Path) -> None:
+    with h5py.File(tmp_path / "u.h5", "w") as h5:
+        for name in ["layer10", "layer1", "head"]:
+            h5.create_dataset(name, data=np.full((4, 2), float(len(name))))
+        h5.create_dataset("layer2/x10", data=np.ones((4, 2)))
+        h5.create_dataset("layer2/x9", data=np.ones((4, 2)))
+    store = import_h5(tmp_path / "u.h5", tmp_path / "s")
+    assert store.layer_names == ["head", "layer1", "layer2.x9", "layer2.x10", "layer10"]
+    # an explicit order wins
+    store = import_h5(tmp_path / "u.h5", tmp_path / "t", layers=["layer10", "head"])
+    assert store.layer_names == ["layer10", "head"]
