@@ -280,7 +280,7 @@ def _fingerprint(attrs: dict[str, Any]) -> str | None:
     return str(value) if value else None
 
 
-def _store_identity(store: ActivationStore) -> dict[str, Any]:
+def store_identity(store: ActivationStore) -> dict[str, Any]:
     """The store's identity plus what its dataset content is (fingerprint, or that it has none)."""
     identity = store.identity()
     fingerprint = _fingerprint(store.attrs)
@@ -980,7 +980,7 @@ def _cache_attrs(
         "epoch_seeds": partition["epoch_seeds"],
         "n_samples": n,
         "samples_used": partition["samples_used"],
-        "store": _store_identity(source),
+        "store": store_identity(source),
         "layers": names,
         "partition": partition,
         "rows": [int(start), int(stop)],

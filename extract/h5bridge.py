@@ -26,7 +26,6 @@ concurrent writers, so the bridge only imports and exports; extraction always wr
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,6 +38,7 @@ from typing import Any
 import h5py
 import numpy as np
 
+from ckapipe.formats import file_sha256
 from ckapipe.store import LAYOUT_ATTRS, ActivationStore, LayerRecord, StoreError
 
 __all__ = ["EXPORT_FORMAT", "H5BridgeError", "export_h5", "import_h5"]
@@ -109,7 +109,12 @@ def import_h5(
     h5_path = Path(h5_path)
     if not h5_path.is_file():
         raise H5BridgeError(f"{h5_path} does not exist or is not a file")
-    source_sha256 = _sha256_file(h5_path)
+    if not h5py.is_hdf5(h5_path):
+        raise H5BridgeError(
+            f"{h5_path} is not an HDF5 file (no HDF5 signature); give the .h5/.hdf5 file that "
+            "holds the activations"
+        )
+    source_sha256 = file_sha256(h5_path)
     with h5py.File(h5_path, "r") as h5:
         exported = h5.attrs.get("format") == EXPORT_FORMAT
         sources = _find_sources(h5, h5_path, key=key, exported=exported)
@@ -451,14 +456,6 @@ def _layer_name(h5_name: str) -> str:
     if name.startswith("__"):
         name = "h5" + name
     return name
-
-
-def _sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(4 * 2**20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _versions() -> dict[str, str]:

@@ -50,6 +50,7 @@ from typing import TYPE_CHECKING, Any, TypeAlias
 import numpy as np
 
 from ckapipe.errors import UsageError
+from ckapipe.formats import file_sha256
 
 if TYPE_CHECKING:
     import torch
@@ -583,12 +584,3 @@ def load_state_dict(path: Path) -> Mapping[str, Any]:
     if not isinstance(state, Mapping):
         raise SpecError(f"weights {str(path)!r} hold a {type(state).__name__}, not a state_dict")
     return state
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB pieces."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for piece in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(piece)
-    return digest.hexdigest()

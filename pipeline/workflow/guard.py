@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import hashlib
 import os
 import shutil
 import sys
@@ -30,16 +29,8 @@ from pathlib import Path
 
 import click
 
+from ckapipe.formats import file_sha256
 from ckapipe.store import ActivationStore
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(2**20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
 
 POLL_SECONDS = 0.5
 
@@ -147,7 +138,7 @@ def store_verdict(store: Path, weights: Path | None) -> str:
     except Exception:  # noqa: BLE001 - anything unreadable was killed while being created
         return "stale"
     recorded = attrs.get("weights_sha256")
-    same_weights = weights is None or not recorded or recorded == _sha256(weights)
+    same_weights = weights is None or not recorded or recorded == file_sha256(weights)
     if attrs.get("complete"):
         return "reuse" if same_weights else "stale"
     if weights is None or not same_weights:

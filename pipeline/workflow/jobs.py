@@ -89,7 +89,9 @@ def _reusable(path: Path, source: Path | None) -> bool:
     except Exception:  # noqa: BLE001 - the build will report what is wrong with the store
         return False
     made_from = {key: value for key, value in attrs.get("store", {}).items() if key != "path"}
-    current = {key: value for key, value in store.identity().items() if key != "path"}
+    from ckapipe.analyze.gram_cache import store_identity
+
+    current = {key: value for key, value in store_identity(store).items() if key != "path"}
     newer = marker.stat().st_mtime_ns >= (source / "zarr.json").stat().st_mtime_ns
     return made_from == current and newer
 

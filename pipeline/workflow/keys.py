@@ -47,6 +47,7 @@ from typing import Any
 
 from ckapipe.analyze.gram_cache import FORMAT_VERSION as GRAM_FORMAT_VERSION
 from ckapipe.extract.specs import OPTIONAL_CONSTRUCTORS
+from ckapipe.formats import file_sha256
 from ckapipe.store import FORMAT_VERSION as STORE_FORMAT_VERSION
 
 __all__ = [
@@ -124,11 +125,7 @@ class FileHasher:
         }
         if remembered and all(remembered.get(name) == value for name, value in fingerprint.items()):
             return str(remembered["sha256"])
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            for block in iter(lambda: handle.read(2**20), b""):
-                digest.update(block)
-        value = digest.hexdigest()
+        value = file_sha256(path)
         self._index[resolved] = {**fingerprint, "sha256": value}
         self._dirty = True
         return value
