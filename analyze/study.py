@@ -46,9 +46,12 @@ import zarr
 
 from ckapipe.analyze.estimators import DegenerateLayerWarning, MinibatchCKA
 from ckapipe.analyze.intervals import (
-    bootstrap_cka,
+    DEFAULT_INTERVAL_METHOD,
+    FullBlockJackknife,
+    batch_interval,
     bootstrap_counts,
     nonpositive_self_hsic,
+    null_threshold,
     permutation_p_value,
     ratio_cka,
 )
@@ -97,6 +100,9 @@ class PairResult:
     cka, ci_low, ci_high : (La, Lb) float64. NaN where a layer's self-HSIC is not positive, and
         intervals NaN where none can be computed (see ``diagnostics``).
     p_value : (La, Lb) float64 permutation p-values, or None when not computed.
+    null_threshold : (La, Lb) float64, the CKA a layer pair must exceed to reach p ≤ 0.05 under
+        the permutation null (:func:`~ckapipe.analyze.intervals.null_threshold`), or None
+        when not computed; not yet written to the result store.
     diagnostics : human-readable notes on degenerate layers and missing intervals.
     hsic_per_batch : (B, La, Lb) per-batch HSIC (full mode: one row, the exact HSIC).
     self_a_per_batch, self_b_per_batch : (B, La), (B, Lb) per-batch self-HSIC.
@@ -111,6 +117,7 @@ class PairResult:
     ci_high: np.ndarray
     p_value: np.ndarray | None = None
     diagnostics: list[str] = field(default_factory=list)
+    null_threshold: np.ndarray | None = None
     hsic_per_batch: np.ndarray | None = None
     self_a_per_batch: np.ndarray | None = None
     self_b_per_batch: np.ndarray | None = None
@@ -135,6 +142,7 @@ class PairResult:
             ci_low=self.ci_low.T,
             ci_high=self.ci_high.T,
             p_value=t(self.p_value, (1, 0)),
+            null_threshold=t(self.null_threshold, (1, 0)),
             hsic_per_batch=t(self.hsic_per_batch, (0, 2, 1)),
             self_a_per_batch=self.self_b_per_batch,
             self_b_per_batch=self.self_a_per_batch,
@@ -336,6 +344,7 @@ def analyze_study(
             kernel=kernel,
             threshold=float(threshold),
             device=torch_device,
+            ci_level=ci_level if n_bootstrap > 0 else None,
         )
         if kernel == "rbf":
             for name, sigma2 in bandwidths.items():
@@ -673,25 +682,28 @@ def _minibatch_pairs(
         ci_low = np.full((la, lb), np.nan)
         ci_high = np.full((la, lb), np.nan)
         if n_bootstrap == 0:
-            diagnostics.append("no bootstrap requested (n_bootstrap = 0): ci_low/ci_high are NaN")
-        elif counts is None:
-            diagnostics.append(
-                f"only {n_batches} batch: a bootstrap over batches needs at least 2, so "
-                "ci_low/ci_high are NaN; build the Gram cache with a smaller --batch-size"
-            )
+            diagnostics.append("no interval requested (n_bootstrap = 0): ci_low/ci_high are NaN")
         else:
-            interval = bootstrap_cka(hsic, self_a, self_b, ci_level=ci_level, counts=counts)
+            # batch_interval withholds (NaN plus a reason) below the batch count at which its
+            # coverage was validated, and for batches of several epochs
+            interval = batch_interval(
+                hsic,
+                self_a,
+                self_b,
+                ci_level,
+                method=DEFAULT_INTERVAL_METHOD,
+                counts=counts,
+                epochs=epochs,
+            )
             ci_low, ci_high = interval.low, interval.high
+            if interval.reason is not None:
+                diagnostics.append(interval.reason)
             diagnostics += _undefined_replicates(interval.n_undefined, layers[a], layers[b], a, b)
-            if epochs > 1:
-                diagnostics.append(
-                    f"the batches come from {epochs} epochs that reuse the same samples; the "
-                    "bootstrap treats them as independent, so the intervals are too narrow"
-                )
-        p_value = None
+        p_value = threshold = None
         if n_permutations > 0:
             null_cka = ratio_cka(null.cross[(a, b)].cpu().numpy(), sum_a, sum_b)
             p_value = permutation_p_value(cka, null_cka)
+            threshold = null_threshold(null_cka)
         results[(a, b)] = PairResult(
             model_a=a,
             model_b=b,
@@ -702,6 +714,7 @@ def _minibatch_pairs(
             ci_high=ci_high,
             p_value=p_value,
             diagnostics=diagnostics,
+            null_threshold=threshold,
             hsic_per_batch=hsic,
             self_a_per_batch=self_a,
             self_b_per_batch=self_b,
@@ -747,9 +760,9 @@ def _undefined_replicates(
         f"({layers_a[i]!r}, {layers_b[j]!r})" for i, j in zip(rows[:3], cols[:3], strict=True)
     )
     return [
-        f"bootstrap: in {rows.size} layer pair(s) of {a} vs {b}, e.g. {examples}, up to {worst} "
-        "replicates had a non-positive resampled self-HSIC; their intervals use the other "
-        "replicates only"
+        f"interval: in {rows.size} layer pair(s) of {a} vs {b}, e.g. {examples}, up to {worst} "
+        "bootstrap replicates or delete-one values had a non-positive self-HSIC sum; their "
+        "intervals use the others only"
     ]
 
 
@@ -821,6 +834,7 @@ def _full_pairs(
     kernel: str,
     threshold: float,
     device: torch.device,
+    ci_level: float | None = None,
 ) -> tuple[dict[tuple[str, str], PairResult], dict[str, dict[str, float]]]:
     """Exact HSIC₁ (or HSIC₀) of every layer pair of every requested pair from full Grams.
 
@@ -854,6 +868,9 @@ def _full_pairs(
     total_layers = len(rows_of)
     block = max(1, min(n, max(n // total_layers, _WORK_ELEMENTS // (total_layers * n))))
     inner = torch.zeros(total_layers, total_layers, dtype=torch.float64, device=device)
+    # the block jackknife accumulates ⟨·,·⟩ per sample block, so it also yields the exact inner
+    # products; HSIC₀ has no interval (its delete-one values would need other terms)
+    jackknife = None if biased or ci_level is None else FullBlockJackknife(n, total_layers)
     for start in range(0, n, block):
         stop = min(n, start + block)
         centered = torch.empty(total_layers, (stop - start) * n, dtype=torch.float64, device=device)
@@ -862,9 +879,12 @@ def _full_pairs(
                 _full_gram_rows(caches[name], layer, start, stop), device=device
             ).to(torch.float64)  # (rows, n)
             centered[index] = stats[(name, layer)].center_rows(rows, start).reshape(-1)
-        inner += centered @ centered.T  # (ΣL, ΣL)
+        if jackknife is None:
+            inner += centered @ centered.T  # (ΣL, ΣL)
+        else:
+            jackknife.update(centered.reshape(total_layers, stop - start, n), start)
     scale = 1.0 / (n - 1) ** 2 if biased else 1.0 / (n * (n - 3))
-    inner = (inner * scale).cpu().numpy()
+    inner = (inner * scale).cpu().numpy() if jackknife is None else jackknife.inner() * scale
     position = {key: index for index, key in enumerate(rows_of)}
 
     results = {}
@@ -874,19 +894,28 @@ def _full_pairs(
         hsic = inner[np.ix_(ia, ib)]
         self_a, self_b = np.diag(inner)[ia], np.diag(inner)[ib]
         diagnostics = _degenerate_layers(self_a, self_b, layers, a, b)
-        diagnostics.append(
-            f"full mode: exact {'biased HSIC₀' if biased else 'debiased HSIC₁'} CKA over all {n} "
-            "samples; there are no minibatches to resample, so ci_low/ci_high are NaN"
-        )
         la, lb = hsic.shape
+        ci_low, ci_high = np.full((la, lb), np.nan), np.full((la, lb), np.nan)
+        if jackknife is not None:
+            interval = jackknife.interval(ia, ib, ci_level)
+            ci_low, ci_high = interval.low, interval.high
+            if interval.reason is not None:
+                diagnostics.append(interval.reason)
+        elif biased:
+            diagnostics.append(
+                f"full mode: exact biased HSIC₀ CKA over all {n} samples; no interval is "
+                "computed for the biased estimator, so ci_low/ci_high are NaN"
+            )
+        else:
+            diagnostics.append("no interval requested (n_bootstrap = 0): ci_low/ci_high are NaN")
         results[(a, b)] = PairResult(
             model_a=a,
             model_b=b,
             layers_a=list(layers[a]),
             layers_b=list(layers[b]),
             cka=ratio_cka(hsic, self_a, self_b),
-            ci_low=np.full((la, lb), np.nan),
-            ci_high=np.full((la, lb), np.nan),
+            ci_low=ci_low,
+            ci_high=ci_high,
             p_value=None,
             diagnostics=diagnostics,
             hsic_per_batch=hsic[None],
