@@ -9,16 +9,18 @@ Estimators
 - ``"minibatch"`` (default; minibatch caches): Σ_b HSIC₁ / sqrt(Σ_b HSIC₁ · Σ_b HSIC₁) over the
   cached batches (Nguyen et al. 2021), one :class:`MinibatchCKA` per model pair fed with the
   cached U-centered Grams of all caches in lockstep: all layer pairs in one product per batch,
-  on the GPU when there is one. Intervals: percentile bootstrap over batches
-  (:mod:`ckapipe.analyze.intervals`), one shared set of resampling counts for every pair.
+  on the GPU when there is one. Intervals: delete-one-batch jackknife with t quantiles
+  (:func:`~ckapipe.analyze.intervals.batch_interval`), withheld (NaN, reason in the pair's
+  diagnostics) below the batch count at which its coverage was validated.
   p-values: permutations of the samples of model b within each batch (PŨP ᵀ of its cached
   Grams), the same permutations for every pair.
 - ``"debiased"`` / ``"biased"`` (full caches): exact HSIC₁ / HSIC₀ CKA over all n samples from
   the cached n×n linear Grams, optionally turned into RBF Grams (σ² = threshold² · median of
   the n×n squared distances, diagonal included). Memory stays O(n²): one layer at a time for
-  the centering statistics, then row blocks of every Gram stacked into one product. There are
-  no batches, so there is no bootstrap interval (``ci_low``/``ci_high`` NaN, said in the pair's
-  diagnostics) and no permutation test (refused).
+  the centering statistics, then row blocks of every Gram stacked into one product. Debiased
+  intervals: delete-one-block jackknife over random sample blocks, from the same row blocks
+  (:class:`~ckapipe.analyze.intervals.FullBlockJackknife`); the biased estimator has none. No
+  permutation test (refused).
 
 Self-pairs (a model with itself: within-model layer similarity, symmetric with ones on the
 diagonal) are included by default (``include_self=True``).
