@@ -696,7 +696,8 @@ class FullBlockJackknife:
                 flat = corner.reshape(n_layers, -1)
                 self._e[g] += _to_numpy(flat @ flat.T)
                 self._s[g] += _to_numpy(flat.sum(-1))
-            c = rows[:, others, :][:, :, cols].sum(-1)  # (L, rows of T here): c_ig
+            # c_ig for the rows i of T in this block; gather n_g columns first, then rows
+            c = rows[:, :, cols].sum(-1)[:, others]  # (L, rows of T here)
             self._f[g] += _to_numpy(c @ c.T)
 
     def inner(self) -> np.ndarray:
