@@ -136,8 +136,8 @@ class PairResult:
     hsic_per_batch : (B, La, Lb) per-batch HSIC (full mode: one row, the exact HSIC).
     self_a_per_batch, self_b_per_batch : (B, La), (B, Lb) per-batch self-HSIC.
     null_threshold : (La, Lb) CKA threshold of a null distribution, or None when not computed.
-    interval_method : how ci_low/ci_high were computed (None: not recorded; the CSV then says
-        ``bootstrap-percentile`` when intervals exist and ``none`` when they do not).
+    interval_method : how ci_low/ci_high were computed, e.g. "jackknife over 8 batches, t
+        quantile on 7 df" ("none" when no interval was computed).
     interval_note : why intervals were withheld, when they were (None: not recorded).
     info : further JSON-serialisable per-pair facts, stored with the pair.
     """
@@ -496,14 +496,8 @@ def _n_samples(provenance: Mapping[str, Any]) -> int | None:
 
 
 def _interval_columns(pair: PairResult) -> tuple[str, str]:
-    """The interval method and the reason intervals were withheld, recorded or inferred."""
-    has_interval = bool(np.isfinite(pair.ci_low).any())
-    method = pair.interval_method or ("bootstrap-percentile" if has_interval else "none")
-    note = pair.interval_note
-    if note is None and not has_interval:
-        # until the interval step records its reason, the diagnostic that says why is the note
-        note = next((d for d in pair.diagnostics if "ci_low/ci_high" in d), "")
-    return method, note or ""
+    """The interval method and the reason intervals were withheld (empty when reported)."""
+    return pair.interval_method or "not recorded", pair.interval_note or ""
 
 
 def _cell(value: Any) -> str:

@@ -9,16 +9,18 @@ Estimators
 - ``"minibatch"`` (default; minibatch caches): Σ_b HSIC₁ / sqrt(Σ_b HSIC₁ · Σ_b HSIC₁) over the
   cached batches (Nguyen et al. 2021), one :class:`MinibatchCKA` per model pair fed with the
   cached U-centered Grams of all caches in lockstep: all layer pairs in one product per batch,
-  on the GPU when there is one. Intervals: percentile bootstrap over batches
-  (:mod:`ckapipe.analyze.intervals`), one shared set of resampling counts for every pair.
+  on the GPU when there is one. Intervals: delete-one-batch jackknife with t quantiles
+  (:func:`~ckapipe.analyze.intervals.batch_interval`), withheld (NaN, reason in the pair's
+  diagnostics) below the batch count at which its coverage was validated.
   p-values: permutations of the samples of model b within each batch (PŨP ᵀ of its cached
   Grams), the same permutations for every pair.
 - ``"debiased"`` / ``"biased"`` (full caches): exact HSIC₁ / HSIC₀ CKA over all n samples from
   the cached n×n linear Grams, optionally turned into RBF Grams (σ² = threshold² · median of
   the n×n squared distances, diagonal included). Memory stays O(n²): one layer at a time for
-  the centering statistics, then row blocks of every Gram stacked into one product. There are
-  no batches, so there is no bootstrap interval (``ci_low``/``ci_high`` NaN, said in the pair's
-  diagnostics) and no permutation test (refused).
+  the centering statistics, then row blocks of every Gram stacked into one product. Debiased
+  intervals: delete-one-block jackknife over random sample blocks, from the same row blocks
+  (:class:`~ckapipe.analyze.intervals.FullBlockJackknife`); the biased estimator has none. No
+  permutation test (refused).
 
 Self-pairs (a model with itself: within-model layer similarity, symmetric with ones on the
 diagonal) are included by default (``include_self=True``).
@@ -42,9 +44,12 @@ import zarr
 
 from ckapipe.analyze.estimators import DegenerateLayerWarning, MinibatchCKA
 from ckapipe.analyze.intervals import (
-    bootstrap_cka,
+    DEFAULT_INTERVAL_METHOD,
+    FullBlockJackknife,
+    batch_interval,
     bootstrap_counts,
     nonpositive_self_hsic,
+    null_threshold,
     permutation_p_value,
     ratio_cka,
 )
@@ -304,6 +309,7 @@ def _compute_study(
             kernel=kernel,
             threshold=float(threshold),
             device=torch_device,
+            ci_level=ci_level if n_bootstrap > 0 else None,
         )
         if kernel == "rbf":
             for name, sigma2 in bandwidths.items():
@@ -596,26 +602,32 @@ def _minibatch_pairs(
         la, lb = cka.shape
         ci_low = np.full((la, lb), np.nan)
         ci_high = np.full((la, lb), np.nan)
+        method, note = "none", None
         if n_bootstrap == 0:
-            diagnostics.append("no bootstrap requested (n_bootstrap = 0): ci_low/ci_high are NaN")
-        elif counts is None:
-            diagnostics.append(
-                f"only {n_batches} batch: a bootstrap over batches needs at least 2, so "
-                "ci_low/ci_high are NaN; build the Gram cache with a smaller --batch-size"
-            )
+            note = "no interval requested (n_bootstrap = 0): ci_low/ci_high are NaN"
+            diagnostics.append(note)
         else:
-            interval = bootstrap_cka(hsic, self_a, self_b, ci_level=ci_level, counts=counts)
+            # batch_interval withholds (NaN plus a reason) below the batch count at which its
+            # coverage was validated, and for batches of several epochs
+            interval = batch_interval(
+                hsic,
+                self_a,
+                self_b,
+                ci_level,
+                method=DEFAULT_INTERVAL_METHOD,
+                counts=counts,
+                epochs=epochs,
+            )
             ci_low, ci_high = interval.low, interval.high
+            method, note = _interval_record(interval)
+            if interval.reason is not None:
+                diagnostics.append(interval.reason)
             diagnostics += _undefined_replicates(interval.n_undefined, layers[a], layers[b], a, b)
-            if epochs > 1:
-                diagnostics.append(
-                    f"the batches come from {epochs} epochs that reuse the same samples; the "
-                    "bootstrap treats them as independent, so the intervals are too narrow"
-                )
-        p_value = None
+        p_value = threshold = None
         if n_permutations > 0:
             null_cka = ratio_cka(null.cross[(a, b)].cpu().numpy(), sum_a, sum_b)
             p_value = permutation_p_value(cka, null_cka)
+            threshold = null_threshold(null_cka)
         results[(a, b)] = PairResult(
             model_a=a,
             model_b=b,
@@ -626,6 +638,9 @@ def _minibatch_pairs(
             ci_high=ci_high,
             p_value=p_value,
             diagnostics=diagnostics,
+            null_threshold=threshold,
+            interval_method=method,
+            interval_note=note,
             hsic_per_batch=hsic,
             self_a_per_batch=self_a,
             self_b_per_batch=self_b,
@@ -646,6 +661,15 @@ def _lockstep(
                 "rebuild the caches with the same partition"
             )
         yield numbers[0], {name: grams for name, (_, grams) in zip(used, items, strict=True)}
+
+
+def _interval_record(interval: Any) -> tuple[str, str | None]:
+    """The method and, when withheld, the reason that the result and its CSV carry per pair."""
+    units = "sample blocks" if interval.method == "block-jackknife" else "batches"
+    described = f"{interval.method} over {interval.n_batches} {units}"
+    if interval.method != "bootstrap":
+        described += f", t quantile on {interval.n_batches - 1} df"
+    return described, interval.reason
 
 
 def _degenerate_layers(
@@ -671,9 +695,9 @@ def _undefined_replicates(
         f"({layers_a[i]!r}, {layers_b[j]!r})" for i, j in zip(rows[:3], cols[:3], strict=True)
     )
     return [
-        f"bootstrap: in {rows.size} layer pair(s) of {a} vs {b}, e.g. {examples}, up to {worst} "
-        "replicates had a non-positive resampled self-HSIC; their intervals use the other "
-        "replicates only"
+        f"interval: in {rows.size} layer pair(s) of {a} vs {b}, e.g. {examples}, up to {worst} "
+        "bootstrap replicates or delete-one values had a non-positive self-HSIC sum; their "
+        "intervals use the others only"
     ]
 
 
@@ -745,6 +769,7 @@ def _full_pairs(
     kernel: str,
     threshold: float,
     device: torch.device,
+    ci_level: float | None = None,
 ) -> tuple[dict[tuple[str, str], PairResult], dict[str, dict[str, float]]]:
     """Exact HSIC₁ (or HSIC₀) of every layer pair of every requested pair from full Grams.
 
@@ -778,6 +803,9 @@ def _full_pairs(
     total_layers = len(rows_of)
     block = max(1, min(n, max(n // total_layers, _WORK_ELEMENTS // (total_layers * n))))
     inner = torch.zeros(total_layers, total_layers, dtype=torch.float64, device=device)
+    # the block jackknife accumulates ⟨·,·⟩ per sample block, so it also yields the exact inner
+    # products; HSIC₀ has no interval (its delete-one values would need other terms)
+    jackknife = None if biased or ci_level is None else FullBlockJackknife(n, total_layers)
     for start in range(0, n, block):
         stop = min(n, start + block)
         centered = torch.empty(total_layers, (stop - start) * n, dtype=torch.float64, device=device)
@@ -786,9 +814,12 @@ def _full_pairs(
                 _full_gram_rows(caches[name], layer, start, stop), device=device
             ).to(torch.float64)  # (rows, n)
             centered[index] = stats[(name, layer)].center_rows(rows, start).reshape(-1)
-        inner += centered @ centered.T  # (ΣL, ΣL)
+        if jackknife is None:
+            inner += centered @ centered.T  # (ΣL, ΣL)
+        else:
+            jackknife.update(centered.reshape(total_layers, stop - start, n), start)
     scale = 1.0 / (n - 1) ** 2 if biased else 1.0 / (n * (n - 3))
-    inner = (inner * scale).cpu().numpy()
+    inner = (inner * scale).cpu().numpy() if jackknife is None else jackknife.inner() * scale
     position = {key: index for index, key in enumerate(rows_of)}
 
     results = {}
@@ -798,21 +829,36 @@ def _full_pairs(
         hsic = inner[np.ix_(ia, ib)]
         self_a, self_b = np.diag(inner)[ia], np.diag(inner)[ib]
         diagnostics = _degenerate_layers(self_a, self_b, layers, a, b)
-        diagnostics.append(
-            f"full mode: exact {'biased HSIC₀' if biased else 'debiased HSIC₁'} CKA over all {n} "
-            "samples; there are no minibatches to resample, so ci_low/ci_high are NaN"
-        )
         la, lb = hsic.shape
+        ci_low, ci_high = np.full((la, lb), np.nan), np.full((la, lb), np.nan)
+        method, note = "none", None
+        if jackknife is not None:
+            interval = jackknife.interval(ia, ib, ci_level)
+            ci_low, ci_high = interval.low, interval.high
+            method, note = _interval_record(interval)
+            if interval.reason is not None:
+                diagnostics.append(interval.reason)
+        elif biased:
+            note = (
+                f"full mode: exact biased HSIC₀ CKA over all {n} samples; no interval is "
+                "computed for the biased estimator, so ci_low/ci_high are NaN"
+            )
+            diagnostics.append(note)
+        else:
+            note = "no interval requested (n_bootstrap = 0): ci_low/ci_high are NaN"
+            diagnostics.append(note)
         results[(a, b)] = PairResult(
             model_a=a,
             model_b=b,
             layers_a=list(layers[a]),
             layers_b=list(layers[b]),
             cka=ratio_cka(hsic, self_a, self_b),
-            ci_low=np.full((la, lb), np.nan),
-            ci_high=np.full((la, lb), np.nan),
+            ci_low=ci_low,
+            ci_high=ci_high,
             p_value=None,
             diagnostics=diagnostics,
+            interval_method=method,
+            interval_note=note,
             hsic_per_batch=hsic[None],
             self_a_per_batch=self_a[None],
             self_b_per_batch=self_b[None],

@@ -114,20 +114,16 @@ def reference_full(grams_a: list[np.ndarray], grams_b: list[np.ndarray], hsic) -
     return out
 
 
-def reference_counts(seed: int, n_bootstrap: int, n_batches: int) -> np.ndarray:
-    """The documented resampling: default_rng(seed).integers(0, B, (R, B)), counted per row."""
-    draws = np.random.default_rng(seed).integers(0, n_batches, size=(n_bootstrap, n_batches))
-    return np.stack([np.bincount(row, minlength=n_batches) for row in draws])
-
-
-def reference_interval(hsic, self_a, self_b, counts, level):
-    n_rep = counts.shape[0]
-    values = np.empty((n_rep, *hsic.shape[1:]))
-    for r in range(n_rep):
-        idx = np.repeat(np.arange(counts.shape[1]), counts[r])
-        values[r] = hsic[idx].sum(0) / np.sqrt(np.outer(self_a[idx].sum(0), self_b[idx].sum(0)))
-    alpha = (1 - level) / 2
-    return np.quantile(values, alpha, axis=0), np.quantile(values, 1 - alpha, axis=0)
+def reference_interval(hsic, self_a, self_b, t_quantile):
+    """Delete-one-batch jackknife: CKA ± t · sqrt((B − 1)/B · Σ_b (CKA_(b) − mean)²)."""
+    n_batches = hsic.shape[0]
+    cka = hsic.sum(0) / np.sqrt(np.outer(self_a.sum(0), self_b.sum(0)))
+    deleted = np.empty((n_batches, *hsic.shape[1:]))
+    for b in range(n_batches):
+        keep = np.delete(np.arange(n_batches), b)
+        deleted[b] = hsic[keep].sum(0) / np.sqrt(np.outer(self_a[keep].sum(0), self_b[keep].sum(0)))
+    se = np.sqrt((n_batches - 1) / n_batches * ((deleted - deleted.mean(0)) ** 2).sum(0))
+    return cka - t_quantile * se, cka + t_quantile * se
 
 
 # ---------------------------------------------------------------------- fixtures
@@ -239,7 +235,7 @@ def cache_path(study_dir, name: str) -> Path:
 # ---------------------------------------------------------------------- minibatch estimator
 
 
-def test_minibatch_study_matches_per_batch_reference_with_bootstrap(study_dir, tmp_path):
+def test_minibatch_study_matches_per_batch_reference_with_jackknife_interval(study_dir, tmp_path):
     out = tmp_path / "res.zarr"
     study = analyze_study(
         [cache_path(study_dir, n) for n in ("a", "b", "c")],
@@ -258,7 +254,7 @@ def test_minibatch_study_matches_per_batch_reference_with_bootstrap(study_dir, t
         ("b", "c"),
         ("c", "c"),
     ]
-    counts = reference_counts(3, 300, N // M)
+    t_quantile = 2.1318467863266495  # scipy.stats.t.ppf(0.95, 4): 5 batches, 90 %
     for (a, b), pair in study.pairs.items():
         cka, hsic, self_a, self_b = reference_minibatch(
             layers_of(study_dir, a), layers_of(study_dir, b), M
@@ -268,9 +264,10 @@ def test_minibatch_study_matches_per_batch_reference_with_bootstrap(study_dir, t
         np.testing.assert_allclose(pair.hsic_per_batch, hsic, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(pair.self_a_per_batch, self_a, rtol=1e-9, atol=1e-12)
         np.testing.assert_allclose(pair.self_b_per_batch, self_b, rtol=1e-9, atol=1e-12)
-        low, high = reference_interval(hsic, self_a, self_b, counts, 0.9)
+        low, high = reference_interval(hsic, self_a, self_b, t_quantile)
         np.testing.assert_allclose(pair.ci_low, low, rtol=1e-8, atol=1e-11)
         np.testing.assert_allclose(pair.ci_high, high, rtol=1e-8, atol=1e-11)
+        assert not any("interval withheld" in d for d in pair.diagnostics)
         assert pair.p_value is None
     self_pair = study.pair("a", "a")
     assert self_pair.is_self_comparison
@@ -346,7 +343,7 @@ def test_one_batch_of_all_samples_equals_exact_hsic1_cka(study_dir, tmp_path):
         pair.cka, reference_full(grams_a, grams_b, reference_hsic1), rtol=1e-9
     )
     assert np.isnan(pair.ci_low).all() and np.isnan(pair.ci_high).all()
-    assert any("only 1 batch" in d for d in pair.diagnostics)
+    assert any(d.startswith("interval withheld: 1 batches < 4") for d in pair.diagnostics)
 
 
 def test_permutation_p_values_match_reference_and_separate_dependence(study_dir, tmp_path):
@@ -463,6 +460,46 @@ def test_full_mode_matches_exact_reference(study_dir, tmp_path, estimator, hsic)
         assert np.isnan(pair.ci_low).all()
         assert any("full mode" in d for d in pair.diagnostics)
     assert study.provenance["estimator"] == estimator and study.provenance["kernel"] == "linear"
+
+
+def test_full_mode_debiased_interval_is_the_block_jackknife(study_dir, tmp_path, monkeypatch):
+    """The study's full-mode interval equals a delete-one-block jackknife recomputed here from
+    the stored activations (5 blocks: the 60 samples are too few for the default 16)."""
+    import ckapipe.analyze.study as study_module
+    from ckapipe.analyze.intervals import FullBlockJackknife, sample_blocks, student_t_quantile
+
+    monkeypatch.setattr(
+        study_module,
+        "FullBlockJackknife",
+        lambda n, n_layers: FullBlockJackknife(n, n_layers, n_blocks=5),
+    )
+    study = analyze_study(
+        [cache_path(study_dir, "a-full"), cache_path(study_dir, "b-full")],
+        tmp_path / "jack.zarr",
+        names=["a", "b"],
+        pairs="a:b",
+        estimator="debiased",
+        ci_level=0.9,
+        device="cpu",
+    )
+    pair = study.pair("a", "b")
+    labels = sample_blocks(N, 5, seed=0)
+    xa, xb = layers_of(study_dir, "a"), layers_of(study_dir, "b")
+    half = student_t_quantile(0.95, 4)
+    for i, x in enumerate(xa):
+        for j, y in enumerate(xb):
+            deleted = []
+            for g in range(5):
+                keep = labels != g
+                k, l = x[keep] @ x[keep].T, y[keep] @ y[keep].T  # noqa: E741
+                deleted.append(
+                    reference_hsic1(k, l) / math.sqrt(reference_hsic1(k, k) * reference_hsic1(l, l))
+                )
+            deleted = np.array(deleted)
+            se = math.sqrt(4 / 5 * ((deleted - deleted.mean()) ** 2).sum())
+            assert pair.ci_low[i, j] == pytest.approx(pair.cka[i, j] - half * se, rel=1e-8)
+            assert pair.ci_high[i, j] == pytest.approx(pair.cka[i, j] + half * se, rel=1e-8)
+    assert not any("interval withheld" in d for d in pair.diagnostics)
 
 
 @pytest.mark.parametrize(
@@ -682,17 +719,18 @@ def test_result_round_trip_csv_and_format(study_dir, tmp_path):
         j = pair.layers_b.index(row["layer_b"])
         for column in ("cka", "ci_low", "ci_high", "p_value"):
             assert float(row[column]) == getattr(pair, column)[i, j], (row, column)
-        assert (row["estimator"], row["kernel"], row["null_threshold"]) == (
-            "minibatch",
-            "linear",
-            "",
-        )
+        assert (row["estimator"], row["kernel"]) == ("minibatch", "linear")
+        # too few permutations for p <= 0.05 give an infinite threshold, not a made-up one
+        assert float(row["null_threshold"]) == pair.null_threshold[i, j]
         assert (row["n_samples"], row["batch_size"], row["samples_used"]) == (
             str(N),
             str(M),
             str(N),
         )
-        assert (row["n_batches"], row["interval_method"]) == (str(N // M), "bootstrap-percentile")
+        assert (row["n_batches"], row["interval_method"]) == (
+            str(N // M),
+            f"jackknife over {N // M} batches, t quantile on {N // M - 1} df",
+        )
         assert row["interval_note"] == ""
 
 
@@ -746,8 +784,8 @@ def test_load_result_refuses_incomplete_foreign_old_and_damaged(study_dir, tmp_p
 def test_a_csv_that_does_not_belong_to_the_result_is_rewritten(study_dir, tmp_path):
     caches = [cache_path(study_dir, n) for n in ("a", "b")]
     old, new = tmp_path / "old.zarr", tmp_path / "new.zarr"
-    analyze_study(caches, old, n_bootstrap=10, seed=1, device="cpu")
-    analyze_study(caches, new, n_bootstrap=10, seed=2, device="cpu")
+    analyze_study(caches, old, n_bootstrap=10, seed=1, ci_level=0.9, device="cpu")
+    analyze_study(caches, new, n_bootstrap=10, seed=2, ci_level=0.95, device="cpu")
     good = csv_path_for(new).read_bytes()
     # the state a writer killed between placing the CSV and the group would leave
     shutil.copyfile(csv_path_for(old), csv_path_for(new))
