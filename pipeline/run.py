@@ -93,12 +93,34 @@ def run_study(
     stderr.
     """
     command = snakemake_command(config, workdir=workdir, snakemake_args=snakemake_args)
+    if config is not None:
+        _check_config_file(Path(config))
     # The rules call `ckapipe` and `python`: make them this installation's, also when ckapipe was
     # started from a virtual environment that is not activated (SLURM jobs inherit this PATH).
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     return subprocess.run(command, check=False, env=env).returncode
+
+
+def _check_config_file(path: Path) -> None:
+    """Refuse an unreadable or invalid config before Snakemake starts (one error, every field).
+
+    The workflow checks it again (a user may call Snakemake directly); here the user gets the
+    list of problems instead of Snakemake's traceback of the workflow.
+    """
+    import yaml
+
+    from ckapipe.errors import UsageError
+    from ckapipe.workflow.config_check import check_config
+
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(f"cannot read study config {path}: {error}") from None
+    if not isinstance(config, dict):
+        raise UsageError(f"study config {path} must be a YAML mapping of keys, got {config!r}")
+    check_config(config)
 
 
 def _split_config(args: Sequence[str]) -> tuple[Path | None, list[str]]:
