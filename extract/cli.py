@@ -292,6 +292,7 @@ def extract_command(
     try:
         from ckapipe.extract.extraction import extract_activations
 
+        reused = _holds_complete_store(out)
         store = extract_activations(
             model,
             dataset,
@@ -314,10 +315,26 @@ def extract_command(
         )
     except _user_errors() as error:
         raise click.ClickException(str(error)) from None
-    click.echo(
-        f"wrote {store.path}: {store.n_samples} samples x {len(store.layers)} layers "
+    summary = (
+        f"{store.n_samples} samples x {len(store.layers)} layers "
         f"({', '.join(f'{r.name} {r.n_features}' for r in store.layers)}), {store.dtype}"
     )
+    if reused:
+        click.echo(
+            f"{store.path} already holds this extraction, complete, from the same inputs "
+            f"(verified); nothing written: {summary}"
+        )
+    else:
+        click.echo(f"wrote {store.path}: {summary}")
+
+
+def _holds_complete_store(out: str) -> bool:
+    from ckapipe.store import ActivationStore, StoreError
+
+    try:
+        return ActivationStore.open(out, allow_incomplete=True, check_chunks=False).is_complete
+    except StoreError:
+        return False
 
 
 commands.append(extract_command)
