@@ -7,6 +7,7 @@ from pathlib import Path
 
 import h5py
 import numpy as np
+import pytest
 from click.testing import CliRunner
 
 from ckapipe.extract.cli_tools import commands, export_h5, import_h5, info
@@ -185,3 +186,24 @@ def test_cli_export_refuses_incomplete(tmp_path: Path) -> None:
     assert result.exit_code == 1
     assert "incomplete" in result.output
     assert not (tmp_path / "o.h5").exists()
+
+
+@pytest.mark.parametrize("complete", [True, False])
+def test_cli_info_reports_a_deleted_chunk_as_damaged(tmp_path: Path, complete: bool) -> None:
+    path = tmp_path / "s"
+    _make_store(path, complete=complete)
+    chunk = path / "layers" / "fc" / "c" / "0" / "0"
+    assert chunk.is_file()
+    chunk.unlink()
+    runner = CliRunner()
+    result = runner.invoke(info, [str(path)])
+    assert result.exit_code == 1, result.output
+    assert "Traceback" not in result.output
+    status = next(line for line in result.output.splitlines() if line.startswith("status"))
+    assert "DAMAGED: " in status and "'layers/fc'" in status and "layers/fc/c/0/0" in status
+    # the description is still there: layers table and provenance
+    assert "layer1.0.conv1" in result.output and "weights_sha256" in result.output
+    result = runner.invoke(info, [str(path), "--json"])
+    assert result.exit_code == 1, result.output
+    parsed = json.loads(result.output)
+    assert "layers/fc/c/0/0" in parsed["damaged"] and parsed["complete"] is complete
