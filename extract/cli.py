@@ -21,13 +21,21 @@ _USER_ERRORS: tuple[type[BaseException], ...] = ()
 def _user_errors() -> tuple[type[BaseException], ...]:
     global _USER_ERRORS
     if not _USER_ERRORS:
+        from ckapipe.errors import CkapipeError
         from ckapipe.extract.capture import CaptureError
         from ckapipe.extract.extraction import ExtractionError
         from ckapipe.extract.layers import LayerSelectionError
         from ckapipe.extract.specs import SpecError
         from ckapipe.store import StoreError
 
-        _USER_ERRORS = (SpecError, LayerSelectionError, CaptureError, ExtractionError, StoreError)
+        _USER_ERRORS = (
+            CkapipeError,  # e.g. a damaged store at --out (IntegrityError)
+            SpecError,
+            LayerSelectionError,
+            CaptureError,
+            ExtractionError,
+            StoreError,
+        )
     return _USER_ERRORS
 
 

@@ -128,7 +128,10 @@ def format_store_info(info: dict[str, Any]) -> str:
         )
     if info.get("damaged"):
         # first, so that nobody reads "complete" without it: readers refuse this store
-        status = f"DAMAGED: {info['damaged']} (its metadata says: {status})"
+        status = (
+            f"DAMAGED: {info['damaged']} (its metadata says: {status}). To repair an activation "
+            "store, delete it and re-run the `ckapipe extract` command that made it"
+        )
     lines = [
         f"store      {info['path']}",
         f"status     {status}",
