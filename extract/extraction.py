@@ -296,13 +296,18 @@ def extract_activations(
         Layer selection (names, globs, ``type:NAME``, ``name@K``; see :mod:`ckapipe.extract.layers`).
     out:
         Store directory. If it holds an interrupted store of the same extraction, it is resumed;
-        if it holds the same extraction complete, it is returned as is.
+        if it holds the same extraction complete, it is returned as is. Either way the rows it
+        holds are first re-read from the dataset (no forward pass) and checked against the
+        store's input fingerprint: changed data raises :class:`InputsChangedError`.
     batch_size, num_workers:
         DataLoader settings.
     device:
         ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
     dtype:
-        Store dtype: ``float16`` (default), ``float32`` or ``bfloat16``.
+        Store dtype: ``float16`` (default; per-feature offset + power-of-two layer scale, see
+        :mod:`ckapipe.store`), ``float32`` or ``bfloat16``. A layer float16 cannot hold within
+        the stated bound raises :class:`~ckapipe.store.DtypeRangeError` and removes the
+        store, so that the same command with ``--dtype float32`` can run.
     reduce:
         ``flatten``, ``mean``, ``cls`` or ``masked_mean`` (see :mod:`ckapipe.extract.capture`).
     limit, seed, order:

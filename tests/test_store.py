@@ -612,7 +612,7 @@ def test_open_store_returns_dask_arrays(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(3)
     data = {"block0.out": rng.normal(size=(40, 6)), "block1.out": rng.normal(size=(40, 2))}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         path = tmp_path / dtype
         with ActivationStore.create(
             path, layers=_layers(6, 2), sample_ids=np.arange(40), dtype=dtype, row_block=8
@@ -626,6 +626,8 @@ def test_open_store_returns_dask_arrays(tmp_path: Path) -> None:
             assert got.dtype == np.float32
             if dtype == "float32":
                 expected = values.astype(np.float32).astype(np.float64)
+            elif dtype == "float16":  # reconstructed: offset + scale * stored
+                expected = _float16_reference(values, 8).astype(np.float64)
             else:
                 expected = _bfloat16_reference(values.astype(np.float32).astype(np.float64))
             np.testing.assert_array_equal(got.astype(np.float64), expected)
