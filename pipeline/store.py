@@ -88,13 +88,16 @@ FORMAT_VERSION = 2
 LOGICAL_DTYPES = ("float16", "float32", "bfloat16")
 CODECS = ("none", "zstd")
 FLOAT16_MAX = 65504.0
-#: Largest relative RMS rounding error a float16 layer may have, measured on each written block
-#: against the block's centred residuals (the variation CKA sees). float16's own rounding of
-#: well-scaled values is ~2.8e-4; beyond the bound too much of the layer sits below float16's
-#: normal range (flushed to zero or subnormal) or its offset no longer fits the data.
+#: Largest relative RMS rounding error a float16 layer may have: on each written block,
+#: ||E - mean(E)|| / ||R - mean(R)|| with R the block's residuals, E their rounding error and the
+#: means per feature (the variation CKA sees, and the part of the error it sees). float16's own
+#: rounding of well-scaled values gives ~3e-4; beyond the bound the block's variation is too
+#: small against the scale fixed on the first row block (flushed to zero or subnormal) or too
+#: small against its distance from the offsets.
 FLOAT16_MAX_REL_ERROR = 1e-3
-#: float16 residuals are scaled so that their RMS is ~1 on the first block: 2**14 of headroom
-#: before overflow, and 2**-14 (the smallest normal) of room below before precision is lost.
+#: float16 residuals are scaled so that their RMS on the first row block is ~1: later values may
+#: grow ~2**16-fold before overflow and shrink ~2**14-fold before leaving float16's normal range.
+#: If the first block's own peak exceeds this, the scale doubles until it fits (outliers).
 _FLOAT16_PEAK_TARGET = 2.0**14
 TARGET_CHUNK_BYTES = 16 * 2**20
 _LOCK_NAME = ".writer.lock"
@@ -669,24 +672,24 @@ class ActivationStore:
         k = residual.shape[0]
         where = f"rows {start}:{start + k} (first sample id {int(self.sample_ids[start])})"
         advice = (
-            "float16 cannot hold this layer: extract with --dtype float32 (the same command "
-            "with --dtype float32 works once the partial store is gone)"
+            "float16 cannot hold this layer: store it as float32 (extract with --dtype float32)"
         )
         peak = float(residual.abs().amax()) if residual.numel() else 0.0
         if peak > FLOAT16_MAX:
             row = int(torch.nonzero(residual.abs() > FLOAT16_MAX)[0][0])
             raise DtypeRangeError(
                 f"layer {name!r}: at sample id {int(self.sample_ids[start + row])} (row "
-                f"{start + row}) its values lie {peak * scale:.4g} from their per-feature offsets, "
-                f"{peak / _FLOAT16_PEAK_TARGET:.3g}x the headroom set on its first row block "
-                f"(float16 overflows beyond ±65504 × scale {scale:g}); {advice}"
+                f"{start + row}) its values lie up to {peak * scale:.4g} from their per-feature "
+                f"offsets, beyond float16's range at the layer's scale {scale:g} fixed on its first "
+                f"row block (±65504 × scale = ±{FLOAT16_MAX * scale:.4g}); {advice}"
             )
         encoded = residual.to(torch.float16)
+        # both centred per feature over the block: CKA centres, so a rounding error shared by
+        # all rows of a feature (e.g. rows that are all equal) costs nothing
         variation = float(torch.sum((residual - residual.mean(0)).square(), dtype=torch.float64))
         if variation > 0:
-            lost = float(
-                torch.sum((encoded.to(work.dtype) - residual).square(), dtype=torch.float64)
-            )
+            error = encoded.to(work.dtype) - residual
+            lost = float(torch.sum((error - error.mean(0)).square(), dtype=torch.float64))
             relative = math.sqrt(lost / variation)
             if relative > FLOAT16_MAX_REL_ERROR:
                 raise DtypeRangeError(
