@@ -668,13 +668,13 @@ class ActivationStore:
 
         work = tensor if tensor.dtype == torch.float64 else tensor.to(torch.float32)
         offsets, scale = self._float16_encoding_for_write(name, work, start)
-        residual = (work - torch.from_numpy(offsets).to(work.dtype)) * (1.0 / scale)
+        residual = torch.sub(work, torch.from_numpy(offsets).to(work.dtype)).mul_(1.0 / scale)
         k = residual.shape[0]
         where = f"rows {start}:{start + k} (first sample id {int(self.sample_ids[start])})"
         advice = (
             "float16 cannot hold this layer: store it as float32 (extract with --dtype float32)"
         )
-        peak = float(residual.abs().amax()) if residual.numel() else 0.0
+        peak = max(-float(residual.min()), float(residual.max())) if residual.numel() else 0.0
         if peak > FLOAT16_MAX:
             row = int(torch.nonzero(residual.abs() > FLOAT16_MAX)[0][0])
             raise DtypeRangeError(
@@ -686,10 +686,9 @@ class ActivationStore:
         encoded = residual.to(torch.float16)
         # both centred per feature over the block: CKA centres, so a rounding error shared by
         # all rows of a feature (e.g. rows that are all equal) costs nothing
-        variation = float(torch.sum((residual - residual.mean(0)).square(), dtype=torch.float64))
+        variation = _centred_sum_of_squares(residual)
         if variation > 0:
-            error = encoded.to(work.dtype) - residual
-            lost = float(torch.sum((error - error.mean(0)).square(), dtype=torch.float64))
+            lost = _centred_sum_of_squares(encoded.to(work.dtype).sub_(residual))
             relative = math.sqrt(lost / variation)
             if relative > FLOAT16_MAX_REL_ERROR:
                 raise DtypeRangeError(
@@ -728,6 +727,14 @@ class ActivationStore:
         write_attrs(self._group, {"float16_encoding": {**recorded, name: {"scale": scale}}})
         self._offsets[name] = offsets_np
         return offsets_np, scale
+
+
+def _centred_sum_of_squares(values: Any) -> float:
+    """Σ (x - column mean)² over a (k, p) tensor: one BLAS dot (a bound check, not a statistic)."""
+    import torch
+
+    centred = (values - values.mean(0)).reshape(-1)
+    return float(torch.dot(centred, centred))
 
 
 def _float16_decode(stored: np.ndarray, offsets: np.ndarray, scale: float) -> np.ndarray:
