@@ -34,9 +34,9 @@ layer's first row block, recorded in ``offsets/<layer>`` before any of its rows 
 resume reuses it) and ``scale`` a per-layer power of two (exact) that brings the first block's
 residual RMS to ~1; both are listed in the root attribute ``float16_encoding``
 (``{layer: {"scale": s}}``; a layer appears there before its first rows are written).
-:meth:`ActivationStore.read` and :func:`open_store` return ``offset + scale * stored``; the
-analysis reads the stored residuals directly (CKA, linear and RBF with a median bandwidth, is
-unchanged by per-feature shifts and by scaling a layer). Every written block is checked: a layer
+:meth:`ActivationStore.read` and :func:`open_store` return ``offset + scale * stored`` (float64,
+exact); the analysis reads the stored residuals directly (CKA, linear and RBF with a median
+bandwidth, is unchanged by per-feature shifts and by scaling a layer). Every written block is checked: a layer
 whose relative RMS rounding error (against the block's centred residuals) exceeds
 :data:`FLOAT16_MAX_REL_ERROR`, or whose residuals overflow float16, is refused with
 :class:`DtypeRangeError`, which names the layer and suggests ``--dtype float32``.
@@ -516,8 +516,9 @@ class ActivationStore:
     ) -> np.ndarray:
         """Read a rectangle of layer ``name`` in its logical values.
 
-        Returns float32: float16 layers reconstructed as ``offset + scale * stored`` (see the
-        module docstring), bfloat16 decoded exactly. ``out``, if given, must have the storage
+        Returns float32 for float32 and bfloat16 layers (bfloat16 decoded exactly), float64 for
+        float16 layers, reconstructed exactly as ``offset + scale * stored`` (see the module
+        docstring). ``out``, if given, must have the storage
         dtype and the selection's shape; it receives the raw stored values (reusing it avoids an
         allocation per block).
         """
@@ -738,10 +739,12 @@ def _centred_sum_of_squares(values: Any) -> float:
 
 
 def _float16_decode(stored: np.ndarray, offsets: np.ndarray, scale: float) -> np.ndarray:
-    """``offsets + scale * stored`` in float32 (the logical values of a float16 layer)."""
-    values = stored.astype(np.float32)
+    """``offsets + scale * stored`` in float64: exact, so that the values read are exactly a shift
+    and a scale of the residuals the analysis computes CKA of (float32 would round the sum and
+    move CKA by ~5e-9)."""
+    values = stored.astype(np.float64)
     if scale != 1.0:
-        values *= np.float32(scale)
+        values *= scale
     values += offsets
     return values
 
@@ -763,7 +766,7 @@ def open_store(path: str | os.PathLike[str]) -> dict[str, Any]:
 
     For exploring in notebooks (``da.mean``, rechunking, xarray); the analysis stage reads the zarr
     arrays directly. bfloat16 layers are decoded to float32 lazily, float16 layers reconstructed
-    (``offset + scale * stored``) to float32 lazily.
+    (``offset + scale * stored``) to float64 lazily.
     """
     import dask.array as da
 
@@ -775,7 +778,7 @@ def open_store(path: str | os.PathLike[str]) -> dict[str, Any]:
             array = array.map_blocks(bfloat16_bits_to_float32, dtype=np.float32)
         elif store.dtype == "float16":
             offsets, scale = store.encoding(name)  # type: ignore[misc]
-            array = array.astype(np.float32) * np.float32(scale) + offsets
+            array = array.astype(np.float64) * scale + offsets.astype(np.float64)
         arrays[name] = array
     return arrays
 

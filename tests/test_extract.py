@@ -70,7 +70,7 @@ def test_cnn_4d_outputs_match_direct_forward(tmp_path):
 
 def test_float16_store_is_within_float16_rounding(tmp_path):
     store = run(tmp_path, "models:make_cnn", IMAGES, ["3"], dtype="float16")
-    assert store.read("3").dtype == np.float32  # reconstructed: offset + scale * stored
+    assert store.read("3").dtype == np.float64  # reconstructed exactly: offset + scale * stored
     assert store.array("3").dtype == np.float16
     net = models.make_cnn().eval()
     with torch.no_grad():
