@@ -25,6 +25,8 @@ _PROVENANCE_ORDER = (
     "seed",
     "order",
     "input_fingerprint",
+    "input_sha256",
+    "input_block_sha256",
     "imported_from",
     "source_path",
     "source_sha256",
@@ -163,6 +165,9 @@ def format_store_info(info: dict[str, Any]) -> str:
     if not info["provenance"]:
         lines.append("  (none recorded)")
     for key, value in info["provenance"].items():
+        if key == "input_block_sha256" and isinstance(value, list):
+            # one digest per row block: thousands for a large store, so only counted here
+            value = f"{len(value)} row-block digests (see --json)"
         lines.append(f"  {key}: {_compact(value)}")
     return "\n".join(lines)
 

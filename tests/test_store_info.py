@@ -207,3 +207,13 @@ def test_cli_info_reports_a_deleted_chunk_as_damaged(tmp_path: Path, complete: b
     assert result.exit_code == 1, result.output
     parsed = json.loads(result.output)
     assert "layers/fc/c/0/0" in parsed["damaged"] and parsed["complete"] is complete
+
+
+def test_info_counts_row_block_digests_instead_of_listing_them(tmp_path: Path) -> None:
+    path = tmp_path / "s"
+    _make_store(path, complete=True)
+    description = describe_store(path)
+    description["provenance"]["input_block_sha256"] = ["ab" * 16] * 5000
+    text = format_store_info(description)
+    assert "input_block_sha256: 5000 row-block digests (see --json)" in text
+    assert "ab" * 16 not in text
