@@ -19,6 +19,7 @@ Usage::
 
     python bench/bench_float16_storage.py            # n = 1024
     python bench/bench_float16_storage.py --quick    # n = 512
+    python bench/bench_float16_storage.py --costs-only
 """
 
 from __future__ import annotations
@@ -188,29 +189,33 @@ def costs() -> list[tuple[str, float]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="n = 512 instead of 1024")
+    parser.add_argument("--costs-only", action="store_true", help="only the cost table")
     args = parser.parse_args()
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     n = 512 if args.quick else 1024
-    with tempfile.TemporaryDirectory() as tmp:
-        rows = accuracy(n, Path(tmp))
-    print("## float16 storage: CKA error before/after the offset/scale encoding")
-    print()
-    print(
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
-        f"{torch.get_num_threads()}; {dt.date.today().isoformat()}; n = {n}, HSIC₁ over all n; "
-        "max |CKA − float64 CKA on the unrounded activations| over the layer pairs."
-    )
-    print()
-    labels = list(rows[0][1])
-    print("| case | kernel | " + " | ".join(labels) + " |")
-    print("|---|---|" + "---|" * len(labels))
-    for case, errors in rows:
-        for kernel in ("linear", "rbf"):
-            cells = []
-            for label in labels:
-                value = errors[label][kernel]
-                cells.append("NaN (layer constant)" if not np.isfinite(value) else f"{value:.1e}")
-            print(f"| {case} | {kernel} | " + " | ".join(cells) + " |")
+    if not args.costs_only:
+        with tempfile.TemporaryDirectory() as tmp:
+            rows = accuracy(n, Path(tmp))
+        print("## float16 storage: CKA error before/after the offset/scale encoding")
+        print()
+        print(
+            f"Machine: {platform.machine()}, {os.cpu_count()} cores, torch threads "
+            f"{torch.get_num_threads()}; {dt.date.today().isoformat()}; n = {n}, HSIC₁ over all n; "
+            "max |CKA − float64 CKA on the unrounded activations| over the layer pairs."
+        )
+        print()
+        labels = list(rows[0][1])
+        print("| case | kernel | " + " | ".join(labels) + " |")
+        print("|---|---|" + "---|" * len(labels))
+        for case, errors in rows:
+            for kernel in ("linear", "rbf"):
+                cells = []
+                for label in labels:
+                    value = errors[label][kernel]
+                    cells.append(
+                        "NaN (layer constant)" if not np.isfinite(value) else f"{value:.1e}"
+                    )
+                print(f"| {case} | {kernel} | " + " | ".join(cells) + " |")
     print()
     print("| cost per batch / block | median |")
     print("|---|---|")
