@@ -706,7 +706,10 @@ class ActivationStore:
         """The layer's recorded encoding, or a new one from its first row block (then recorded)."""
         import torch
 
-        recorded = dict(self._group.attrs.get("float16_encoding", {}))
+        if "float16_encoding" not in self._group.attrs:
+            # a store begun by an older ckapipe: plain float16 (zero offsets, scale 1) throughout
+            return self.encoding(name)  # type: ignore[return-value]
+        recorded = dict(self._group.attrs["float16_encoding"])
         if name in recorded:
             return self.encoding(name)  # type: ignore[return-value]
         if start != 0:

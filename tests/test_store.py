@@ -687,3 +687,26 @@ def test_created_store_timestamps(tmp_path: Path) -> None:
     created = dt.datetime.fromisoformat(attrs["created_at"]).timestamp()
     completed = dt.datetime.fromisoformat(attrs["completed_at"]).timestamp()
     assert before - 1 <= created <= completed <= time.time() + 1
+
+
+def test_float16_store_begun_without_encoding_resumes_as_plain_float16(tmp_path: Path) -> None:
+    # a store begun by the previous ckapipe (plain float16 cast, no float16_encoding attribute)
+    path = tmp_path / "s"
+    values = np.random.default_rng(11).normal(size=(16, 3))
+    with ActivationStore.create(
+        path, layers=_layers(3), sample_ids=np.arange(16), row_block=8
+    ) as store:
+        store.write_rows(0, {"block0.out": values[:8]})
+        store.set_rows_complete(8)
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs)
+    del attrs["float16_encoding"]
+    group.attrs.clear()
+    group.attrs.update(attrs)
+    group["layers/block0.out"][:8] = values[:8].astype(np.float16)
+    with ActivationStore.open_for_resume(path) as store:
+        store.write_rows(8, {"block0.out": values[8:]})
+        store.set_rows_complete(16)
+        store.mark_complete()
+    got = ActivationStore.open(path).read("block0.out")
+    np.testing.assert_array_equal(got, values.astype(np.float16).astype(np.float64))
