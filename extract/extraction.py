@@ -591,12 +591,18 @@ def _verify_inputs(
     attrs = store.attrs
     inputs = _InputDigests(store.row_block, store.n_samples)
     expected_chain = attrs.get("input_sha256" if store.is_complete else "input_sha256_partial")
-    if rows == 0 or expected_chain is None:
-        if rows:
+    if rows == 0:
+        return inputs
+    if expected_chain is None:
+        if store.is_complete:  # nothing is written on reuse: say so, and return it
             log.warning(
                 "%s records no input fingerprint: its inputs cannot be verified", store.path
             )
-        return inputs
+            return inputs
+        raise ExtractionError(
+            f"{store.path} records no input fingerprint for its {rows} rows, so they cannot be "
+            f"checked against the dataset; delete it (rm -r {store.path}) and re-run this command"
+        )
     recorded = attrs.get("input_block_sha256")  # absent in stores of older ckapipe versions
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(data, sample_ids[:rows].tolist()),
