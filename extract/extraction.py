@@ -561,7 +561,9 @@ def _open_or_create(
                 f"{'reuse' if existing.is_complete else 'resume'} it, or choose another --out"
             )
     if existing.is_complete:
-        log.info("%s already holds this extraction, complete; nothing to do", out)
+        log.info(
+            "%s already holds this extraction, complete; checking its inputs before reusing it", out
+        )
         return existing
     if stored.get("device") != str(device):
         log.warning(
