@@ -740,6 +740,13 @@ def _check_arguments(
     bad = GramCacheUsageError
     if mode not in MODES:
         raise bad(f"mode must be one of {MODES}, got {mode!r}")
+    if n < 4:
+        # checked first: no batch size (nor --mode full) can work, so none may be suggested
+        raise GramCacheDataError(
+            f"store {store.path} holds only {n} samples, and HSIC₁ needs at least 4 (it divides "
+            f"by n(n-3)); delete it (rm -r {store.path}) and re-extract it with at least 4 "
+            "samples (a larger --limit or dataset)"
+        )
     if kernel not in KERNELS:
         raise bad(f"kernel must be one of {KERNELS}, got {kernel!r}")
     if not (isinstance(threshold, int | float) and threshold > 0 and np.isfinite(threshold)):

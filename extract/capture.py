@@ -54,29 +54,29 @@ class CaptureError(UsageError):
 
 
 def call_model(model: torch.nn.Module, model_input: Any) -> Any:
-    """Run ``model`` on one batch: a tensor is passed positionally, a dict as keyword arguments.
-
-    A forward pass that fails on this input (shape, dtype or argument mismatch: torch raises
-    RuntimeError, TypeError, ValueError or IndexError) becomes a :class:`CaptureError` naming
-    the model, the input's shape and the original error, so the CLI prints one line.
-    """
-    try:
-        if isinstance(model_input, Mapping):
-            return model(**model_input)
-        return model(model_input)
-    except (RuntimeError, TypeError, ValueError, IndexError) as error:
-        raise CaptureError(
-            f"{type(model).__name__} failed on an input of {_describe(model_input)}: "
-            f"{type(error).__name__}: {error}. Check the input: --input-shape / --input-dtype "
-            "for `ckapipe layers`, or the dataset spec's transform and input key"
-        ) from error
-
-
-def _describe(model_input: Any) -> str:
+    """Run ``model`` on one batch: a tensor is passed positionally, a dict as keyword arguments."""
     if isinstance(model_input, Mapping):
-        return "keys " + ", ".join(f"{k}: {_describe(v)}" for k, v in model_input.items())
+        return model(**model_input)
+    return model(model_input)
+
+
+def model_failed(error: BaseException, model_input: Any, advice: str) -> CaptureError:
+    """The error for a forward pass that raised: most often the input is not what the model takes.
+
+    Names the input's shapes and dtypes and the model's own error, so the CLI prints one line.
+    """
+    return CaptureError(
+        f"the model failed on the first batch, input {describe_input(model_input)}: "
+        f"{type(error).__name__}: {error}; {advice}"
+    )
+
+
+def describe_input(model_input: Any) -> str:
+    """Shapes and dtypes of a batch (a tensor, or a dict of tensors) for messages."""
     if isinstance(model_input, torch.Tensor):
-        return f"shape {tuple(model_input.shape)} ({model_input.dtype})"
+        return f"{tuple(model_input.shape)} {model_input.dtype}"
+    if isinstance(model_input, Mapping):
+        return "{" + ", ".join(f"{k}: {describe_input(v)}" for k, v in model_input.items()) + "}"
     return type(model_input).__name__
 
 

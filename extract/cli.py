@@ -21,13 +21,21 @@ _USER_ERRORS: tuple[type[BaseException], ...] = ()
 def _user_errors() -> tuple[type[BaseException], ...]:
     global _USER_ERRORS
     if not _USER_ERRORS:
+        from ckapipe.errors import CkapipeError
         from ckapipe.extract.capture import CaptureError
         from ckapipe.extract.extraction import ExtractionError
         from ckapipe.extract.layers import LayerSelectionError
         from ckapipe.extract.specs import SpecError
         from ckapipe.store import StoreError
 
-        _USER_ERRORS = (SpecError, LayerSelectionError, CaptureError, ExtractionError, StoreError)
+        _USER_ERRORS = (
+            CkapipeError,  # e.g. a damaged store at --out (IntegrityError)
+            SpecError,
+            LayerSelectionError,
+            CaptureError,
+            ExtractionError,
+            StoreError,
+        )
     return _USER_ERRORS
 
 
@@ -292,6 +300,7 @@ def extract_command(
     try:
         from ckapipe.extract.extraction import extract_activations
 
+        reused = _holds_complete_store(out)
         store = extract_activations(
             model,
             dataset,
@@ -314,10 +323,26 @@ def extract_command(
         )
     except _user_errors() as error:
         raise click.ClickException(str(error)) from None
-    click.echo(
-        f"wrote {store.path}: {store.n_samples} samples x {len(store.layers)} layers "
+    summary = (
+        f"{store.n_samples} samples x {len(store.layers)} layers "
         f"({', '.join(f'{r.name} {r.n_features}' for r in store.layers)}), {store.dtype}"
     )
+    if reused:
+        click.echo(
+            f"{store.path} already holds this extraction, complete, from the same inputs "
+            f"(verified); nothing written: {summary}"
+        )
+    else:
+        click.echo(f"wrote {store.path}: {summary}")
+
+
+def _holds_complete_store(out: str) -> bool:
+    from ckapipe.store import ActivationStore, StoreError
+
+    try:
+        return ActivationStore.open(out, allow_incomplete=True, check_chunks=False).is_complete
+    except StoreError:
+        return False
 
 
 commands.append(extract_command)

@@ -27,7 +27,8 @@ def info(store: Path, as_json: bool) -> None:
     """Describe activation store STORE: layers, shapes, dtype, completeness, size, provenance.
 
     Works on incomplete stores too (an interrupted or running extraction), saying how many rows
-    are written.
+    are written. A damaged store (a deleted chunk file) is described with a DAMAGED status line
+    and the command exits with status 1.
     """
     from ckapipe.extract.info import describe_store, format_store_info
 
@@ -39,6 +40,8 @@ def info(store: Path, as_json: bool) -> None:
         click.echo(json.dumps(description, indent=2, sort_keys=False, default=str))
     else:
         click.echo(format_store_info(description))
+    if description["damaged"]:
+        raise click.exceptions.Exit(1)
 
 
 @click.command("import-h5")

@@ -16,11 +16,19 @@ Input fingerprint. ``input_sha256`` is ``h_n`` with ``h_0`` = 32 zero bytes and
 ``h_i = sha256(h_{i-1} || sha256(sample_i))``, where ``sample_i`` is, for each input tensor of
 row i as fed to the model (dict keys sorted): its name, dtype, per-sample shape and raw bytes.
 It does not depend on the batch size or device, and changes with any change of preprocessing.
+``input_block_sha256`` lists, per row block written, the first 128 bits (hex) of
+``sha256(sha256(sample_a) || ... || sha256(sample_b-1))`` over the block's rows ``a:b``.
+
+Inputs are verified before a store is trusted. The dataset spec only names the data (a path, a
+factory), so a file replaced under the same name would otherwise be mixed into an interrupted
+store or pass for a complete one. A resume re-reads the rows already written (no forward pass)
+and compares each row block's digest with ``input_block_sha256``; reusing a complete store
+re-reads every row and compares ``input_sha256``. A mismatch raises
+:class:`InputsChangedError` naming the first differing row block and leaves the store untouched.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import datetime as _dt
 import hashlib
 import importlib.metadata
@@ -28,6 +36,7 @@ import json
 import logging
 import os
 import platform
+import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -35,7 +44,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckapipe.errors import UsageError
+from ckapipe.errors import IncompatibleInputsError, UsageError
 from ckapipe.extract.capture import (
     REDUCTIONS,
     CaptureError,
@@ -43,6 +52,7 @@ from ckapipe.extract.capture import (
     autocast_context,
     batch_size_of,
     eval_mode,
+    model_failed,
     split_batch,
 )
 from ckapipe.extract.layers import LayerSelectionError, LayerSelector, resolve_layers
@@ -58,6 +68,7 @@ from ckapipe.store import (
     CODECS,
     LOGICAL_DTYPES,
     ActivationStore,
+    DtypeRangeError,
     LayerRecord,
     StoreError,
     sample_ids_digest,
@@ -65,6 +76,7 @@ from ckapipe.store import (
 
 __all__ = [
     "ExtractionError",
+    "InputsChangedError",
     "extract_activations",
     "input_sample_digests",
     "resolve_device",
@@ -76,7 +88,7 @@ log = logging.getLogger("ckapipe.extract")
 ORDERS = ("random", "dataset")
 TARGET_ROWS_PER_BLOCK = 256
 MAX_BLOCK_BYTES = 512 * 2**20
-HASH_THREADS = min(4, os.cpu_count() or 1)
+BLOCK_DIGEST_HEX = 32  # 128 bits per row block: ample to detect changed data, half the attr size
 # attrs that determine a store's contents: a resume must find them unchanged
 IDENTITY_FIELDS = (
     "model",
@@ -103,6 +115,10 @@ IDENTITY_FIELDS = (
 
 class ExtractionError(UsageError):
     """An extraction cannot run as asked (bad argument, mismatched resume, unusable dataset)."""
+
+
+class InputsChangedError(ExtractionError, IncompatibleInputsError):
+    """The dataset's rows differ from those an existing store was extracted from."""
 
 
 def resolve_device(device: str | torch.device) -> torch.device:
@@ -144,20 +160,12 @@ def sample_order(
     return np.asarray(ids[:limit] if limit is not None else ids, dtype=np.int64)
 
 
-def input_sample_digests(
-    model_input: Any, executor: concurrent.futures.Executor | None = None
-) -> list[bytes]:
+def input_sample_digests(model_input: Any) -> list[bytes]:
     """Per-sample SHA-256 digests of a batch as fed to the model (tensor or dict of tensors).
 
-    With ``executor``, rows are hashed in its threads (hashlib releases the GIL on large buffers).
+    Hashed in the calling thread over views of each row's bytes (no copy): hashing threads
+    would compete with the forward pass for the same cores.
     """
-    return [future.result() for future in _submit_digests(model_input, executor)]
-
-
-def _submit_digests(
-    model_input: Any, executor: concurrent.futures.Executor | None, *, private: bool = False
-) -> list[concurrent.futures.Future[bytes]]:
-    """Futures of each row's digest. ``private``: hash a copy, for inputs the model gets as is."""
     tensors = (
         [("", model_input)]
         if isinstance(model_input, torch.Tensor)
@@ -167,39 +175,43 @@ def _submit_digests(
             if isinstance(value, torch.Tensor)
         ]
     )
-    arrays = [(key, tensor.detach().cpu().contiguous()) for key, tensor in tensors]
-    if private:
-        # the threads hash while the model runs on this very memory, and models may rewrite
-        # their input in place (normalization, an in-place first activation)
-        arrays = [
-            (key, array.clone() if array.data_ptr() == tensor.data_ptr() else array)
-            for (key, array), (_, tensor) in zip(arrays, tensors, strict=True)
-        ]
-
-    def digest_row(row: int) -> bytes:
+    rows = batch_size_of(model_input)
+    parts = []
+    for key, tensor in tensors:
+        tensor = tensor.detach().cpu().contiguous()
+        header = f"{key}|{tensor.dtype}|{tuple(tensor.shape[1:])}|".encode()
+        # each row's bytes through a uint8 view (numpy has no bfloat16), without a copy; numpy
+        # row slices cost far less per row than indexing the tensor
+        parts.append((header, tensor.reshape(rows, -1).view(torch.uint8).numpy()))
+    digests = []
+    for row in range(rows):
         digest = hashlib.sha256()
-        for key, tensor in arrays:
-            sample = tensor[row]
-            digest.update(f"{key}|{sample.dtype}|{tuple(sample.shape)}|".encode())
-            # the bytes through a uint8 view (numpy has no bfloat16), without a copy
-            digest.update(sample.reshape(-1).view(torch.uint8).numpy())
-        return digest.digest()
-
-    rows = range(batch_size_of(model_input))
-    if executor is None:
-        done = []
-        for row in rows:
-            future: concurrent.futures.Future[bytes] = concurrent.futures.Future()
-            future.set_result(digest_row(row))
-            done.append(future)
-        return done
-    return [executor.submit(digest_row, row) for row in rows]
+        for header, data in parts:
+            digest.update(header)
+            digest.update(data[row])
+        digests.append(digest.digest())
+    return digests
 
 
-def _chain(state: bytes, digests: Iterable[bytes]) -> bytes:
-    for digest in digests:
-        state = hashlib.sha256(state + digest).digest()
-    return state
+class _InputDigests:
+    """The input fingerprint as rows arrive: the running chain and one digest per row block."""
+
+    def __init__(self, row_block: int, n: int, start: int = 0, chain: bytes = bytes(32)):
+        self.row_block = row_block
+        self.n = n
+        self.rows = start
+        self.chain = chain
+        self.blocks: list[str] = []  # digests of the blocks completed, from row 0 on
+        self._block = hashlib.sha256()
+
+    def add(self, digests: list[bytes]) -> None:
+        for digest in digests:
+            self.chain = hashlib.sha256(self.chain + digest).digest()
+            self._block.update(digest)
+            self.rows += 1
+            if self.rows % self.row_block == 0 or self.rows == self.n:
+                self.blocks.append(self._block.hexdigest()[:BLOCK_DIGEST_HEX])
+                self._block = hashlib.sha256()
 
 
 def _state_sha256(model: torch.nn.Module) -> str:
@@ -290,13 +302,18 @@ def extract_activations(
         Layer selection (names, globs, ``type:NAME``, ``name@K``; see :mod:`ckapipe.extract.layers`).
     out:
         Store directory. If it holds an interrupted store of the same extraction, it is resumed;
-        if it holds the same extraction complete, it is returned as is.
+        if it holds the same extraction complete, it is returned as is. Either way the rows it
+        holds are first re-read from the dataset (no forward pass) and checked against the
+        store's input fingerprint: changed data raises :class:`InputsChangedError`.
     batch_size, num_workers:
         DataLoader settings.
     device:
         ``auto`` (CUDA when available), ``cpu``, ``cuda``, ``cuda:N``.
     dtype:
-        Store dtype: ``float16`` (default), ``float32`` or ``bfloat16``.
+        Store dtype: ``float16`` (default; per-feature offset + power-of-two layer scale, see
+        :mod:`ckapipe.store`), ``float32`` or ``bfloat16``. A layer float16 cannot hold within
+        the stated bound raises :class:`~ckapipe.store.DtypeRangeError` and removes the
+        store, so that the same command with ``--dtype float32`` can run.
     reduce:
         ``flatten``, ``mean``, ``cls`` or ``masked_mean`` (see :mod:`ckapipe.extract.capture`).
     limit, seed, order:
@@ -402,30 +419,38 @@ def extract_activations(
                     "sample_ids_sha256": sample_ids_digest(sample_ids),
                 }
             )
+            existed = (out / "zarr.json").is_file()
             store = _open_or_create(
                 out, identity, records, sample_ids, dtype, codec, row_block, torch_device
             )
-            if store.is_complete:
-                return store
             try:
+                inputs = (
+                    _verify_inputs(store, data, sample_ids, batch_keys, batch_size, num_workers)
+                    if existed
+                    else _InputDigests(store.row_block, store.n_samples)
+                )
+                if store.is_complete:
+                    return store
                 _run(
-                    store, net, data, sample_ids, selectors, batch_keys, torch_device,
+                    store, inputs, net, data, sample_ids, selectors, batch_keys, torch_device,
                     batch_size=batch_size, num_workers=num_workers, seed=seed, reduce=reduce,
                     autocast=autocast, output_index=output_index, output_key=output_key,
                     progress=progress,
                 )  # fmt: skip
+            except DtypeRangeError as error:
+                # Deterministic for these inputs: a resume would fail at the same rows, and the
+                # partial store would block the advised --dtype float32 run on the same --out.
+                shutil.rmtree(store.path, ignore_errors=True)  # still under our writer lock
+                raise DtypeRangeError(
+                    f"{error} [the partial store {out} was removed, since its {dtype} rows can "
+                    "never be completed: re-run the same command with --dtype float32]"
+                ) from None
             finally:
                 store.close()
     finally:
         if original_device is not None and model_spec is None:
             net.to(original_device)
     return ActivationStore.open(out)
-
-
-def _describe_input(model_input: Any) -> str:
-    if isinstance(model_input, torch.Tensor):
-        return f"{tuple(model_input.shape)} {model_input.dtype}"
-    return "{" + ", ".join(f"{k}: {_describe_input(v)}" for k, v in model_input.items()) + "}"
 
 
 def _stored_row_block(out: Path, batch_size: int) -> int | None:
@@ -479,10 +504,10 @@ def _probe(
         except (CaptureError, LayerSelectionError):
             raise
         except Exception as error:  # the model's own code failed: most often a wrong input
-            raise CaptureError(
-                f"the model failed on the first batch, input {_describe_input(model_input)}: "
-                f"{type(error).__name__}: {error}; check that the dataset (and its transform) "
-                "yields what the model expects"
+            raise model_failed(
+                error,
+                model_input,
+                "check that the dataset (and its transform) yields what the model expects",
             ) from error
     return [
         LayerRecord(
@@ -531,7 +556,9 @@ def _open_or_create(
                 f"{'reuse' if existing.is_complete else 'resume'} it, or choose another --out"
             )
     if existing.is_complete:
-        log.info("%s already holds this extraction, complete; nothing to do", out)
+        log.info(
+            "%s already holds this extraction, complete; checking its inputs before reusing it", out
+        )
         return existing
     if stored.get("device") != str(device):
         log.warning(
@@ -541,6 +568,80 @@ def _open_or_create(
         )  # fmt: skip
     log.info("resuming %s from row %d of %d", out, existing.rows_complete, existing.n_samples)
     return ActivationStore.open_for_resume(out)
+
+
+def _verify_inputs(
+    store: ActivationStore,
+    data: Any,
+    sample_ids: np.ndarray,
+    batch_keys: dict[str, Any],
+    batch_size: int,
+    num_workers: int,
+) -> _InputDigests:
+    """Re-read the rows ``store`` holds and check they are the rows it was extracted from.
+
+    Each row block's digest is compared as soon as it is complete, so a change is reported at
+    the first differing block without reading further. Returns the fingerprint state after
+    those rows: a resume continues from it.
+    """
+    rows = store.n_samples if store.is_complete else store.rows_complete
+    attrs = store.attrs
+    inputs = _InputDigests(store.row_block, store.n_samples)
+    expected_chain = attrs.get("input_sha256" if store.is_complete else "input_sha256_partial")
+    if rows == 0:
+        return inputs
+    if expected_chain is None:
+        if store.is_complete:  # nothing is written on reuse: say so, and return it
+            log.warning(
+                "%s records no input fingerprint: its inputs cannot be verified", store.path
+            )
+            return inputs
+        raise ExtractionError(
+            f"{store.path} records no input fingerprint for its {rows} rows, so they cannot be "
+            f"checked against the dataset; delete it (rm -r {store.path}) and re-run this command"
+        )
+    recorded = attrs.get("input_block_sha256")  # absent in stores of older ckapipe versions
+    loader = torch.utils.data.DataLoader(
+        torch.utils.data.Subset(data, sample_ids[:rows].tolist()),
+        batch_size=batch_size,
+        shuffle=False,
+        num_workers=num_workers,
+    )
+    checked = 0
+    for batch in loader:
+        model_input, _ = split_batch(batch, **batch_keys)
+        inputs.add(input_sample_digests(model_input))
+        while recorded is not None and checked < len(inputs.blocks):
+            if checked >= len(recorded) or inputs.blocks[checked] != recorded[checked]:
+                raise _inputs_changed(store, sample_ids, checked)
+            checked += 1
+    if inputs.rows != rows or inputs.chain.hex() != expected_chain:
+        raise _inputs_changed(store, sample_ids, None)
+    return inputs
+
+
+def _inputs_changed(
+    store: ActivationStore, sample_ids: np.ndarray, block: int | None
+) -> InputsChangedError:
+    if block is None:
+        where = (
+            f"its first {store.rows_complete if not store.is_complete else store.n_samples} rows"
+        )
+    else:
+        a = block * store.row_block
+        b = min(a + store.row_block, store.n_samples)
+        where = f"rows {a}:{b} (row block {block}, first sample id {int(sample_ids[a])})"
+    effect = (
+        "reusing it would return activations of the old data"
+        if store.is_complete
+        else "resuming it would mix rows of the old and the new data in one store"
+    )
+    return InputsChangedError(
+        f"{store.path} was extracted from other inputs than the dataset gives now: {where} hash "
+        f"differently than when they were written (dataset {json.dumps(store.attrs.get('dataset'))}"
+        f"), so the data or its preprocessing changed; {effect}. To extract the current data, "
+        f"delete the store (rm -r {store.path}) and re-run this command, or choose another --out"
+    )
 
 
 class _ChunkWriter:
@@ -554,7 +655,7 @@ class _ChunkWriter:
     row block, a multiple of the batch size, and writing starts at a row-block boundary.
     """
 
-    def __init__(self, store: ActivationStore, start: int, fingerprint: bytes, pinned: bool):
+    def __init__(self, store: ActivationStore, start: int, inputs: _InputDigests, pinned: bool):
         self.store = store
         self.n = store.n_samples
         self.rows_done = start
@@ -571,7 +672,9 @@ class _ChunkWriter:
             )
             for record in store.layers
         }
-        self.fingerprints = {start: fingerprint}  # rows written -> fingerprint of those rows
+        self.inputs = inputs
+        # rows written -> (chain, number of block digests) of exactly those rows
+        self.fingerprints = {start: (inputs.chain, len(inputs.blocks))}
 
     def slots(self, rows: int) -> dict[str, torch.Tensor]:
         """Each layer's buffer rows for the next batch of ``rows`` rows (filled by the capture)."""
@@ -581,10 +684,10 @@ class _ChunkWriter:
             slots[name] = buffer[offset : offset + rows]
         return slots
 
-    def advance(self, rows: int, fingerprint: bytes) -> None:
+    def advance(self, rows: int) -> None:
         """Count the batch just written into :meth:`slots` as buffered."""
         self.rows_done += rows
-        self.fingerprints[self.rows_done] = fingerprint
+        self.fingerprints[self.rows_done] = (self.inputs.chain, len(self.inputs.blocks))
 
     def due(self) -> list[str]:
         """Layers whose buffered rows end at a chunk boundary (or at the last row)."""
@@ -604,20 +707,26 @@ class _ChunkWriter:
         for start, values in groups.items():
             try:
                 self.store.write_rows(start, values, some_layers=True)
+            except DtypeRangeError:
+                raise  # the caller removes the store and says so
             except StoreError as error:
-                raise StoreError(f"{error} [store {self.store.path} left incomplete]") from None
+                raise type(error)(f"{error} [store {self.store.path} left incomplete]") from None
         for name in names:
             self.flushed[name] = self.rows_done
         complete = min(self.flushed.values())
         if complete > self.store.rows_complete or complete == self.n:
+            chain, blocks = self.fingerprints[complete]
             self.store.set_rows_complete(
-                complete, input_sha256_partial=self.fingerprints[complete].hex()
+                complete,
+                input_sha256_partial=chain.hex(),
+                input_block_sha256=self.inputs.blocks[:blocks],
             )
             self.fingerprints = {k: v for k, v in self.fingerprints.items() if k >= complete}
 
 
 def _run(
     store: ActivationStore,
+    inputs: _InputDigests,
     net: torch.nn.Module,
     data: Any,
     sample_ids: np.ndarray,
@@ -636,10 +745,9 @@ def _run(
 ) -> None:
     """The streaming loop: batches → per-layer host buffers → whole-chunk store writes."""
     n = store.n_samples
-    start = store.rows_complete
-    fingerprint = bytes(32) if start == 0 else bytes.fromhex(store.attrs["input_sha256_partial"])
+    start = inputs.rows
     on_cuda = device.type == "cuda"
-    writer = _ChunkWriter(store, start, fingerprint, pinned=on_cuda)
+    writer = _ChunkWriter(store, start, inputs, pinned=on_cuda)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(data, sample_ids[start:].tolist()),
         batch_size=batch_size,
@@ -649,26 +757,28 @@ def _run(
         generator=torch.Generator().manual_seed(seed),
     )
     meter = Progress(n, initial=start, label=str(store.path), enabled=progress)
-    with (
-        concurrent.futures.ThreadPoolExecutor(HASH_THREADS) as hasher,
-        LayerCapture(
-            net, selectors, reduce=reduce, output_index=output_index, output_key=output_key
-        ) as capture,
-    ):
+    with LayerCapture(
+        net, selectors, reduce=reduce, output_index=output_index, output_key=output_key
+    ) as capture:
         capture.shapes.update({record.name: record.shape for record in store.layers})
         for batch in loader:
             model_input, mask = split_batch(batch, **batch_keys)
-            # the input fingerprint is hashed in threads while the model runs
-            digests = _submit_digests(model_input, hasher, private=device.type == "cpu")
             rows = batch_size_of(model_input)
+            if not on_cuda:
+                # before the forward: on the CPU the model gets this very memory and may
+                # rewrite its input in place (normalization, an in-place first activation)
+                inputs.add(input_sample_digests(model_input))
             with autocast_context(device, autocast):
                 capture.run(
                     _to_device(model_input, device),
                     _to_device(mask, device) if mask is not None else None,
                     out=writer.slots(rows),
                 )
-            fingerprint = _chain(fingerprint, (future.result() for future in digests))
-            writer.advance(rows, fingerprint)
+            if on_cuda:
+                # after the forward is queued, overlapping the device's work; the model
+                # runs on a device copy, so the host input is as the dataset gave it
+                inputs.add(input_sample_digests(model_input))
+            writer.advance(rows)
             meter.update(rows)
             due = writer.due()
             if due:
@@ -682,4 +792,4 @@ def _run(
         raise ExtractionError(
             f"the data loader yielded {writer.rows_done} of {n} rows; was the dataset changed?"
         )
-    store.mark_complete(input_sha256=fingerprint.hex())
+    store.mark_complete(input_sha256=inputs.chain.hex())

@@ -197,8 +197,9 @@ def export_h5(
 ) -> Path:
     """Write a complete store's layers to a new HDF5 file, one dataset per layer.
 
-    Datasets are ``layers/<layer name>`` in logical values (float16 or float32; bfloat16 is
-    exported as float32, exactly), shaped ``(n, *shape)`` for ``flatten`` layers and ``(n, p)``
+    Datasets are ``layers/<layer name>`` in logical values as float32 (bfloat16 and float32
+    exactly; a float16 store's reconstructed values, offset + scale · residual, to float32
+    rounding), shaped ``(n, *shape)`` for ``flatten`` layers and ``(n, p)``
     otherwise, with attributes ``reduction``, ``original_shape``, ``n_features`` and
     ``logical_dtype``. ``sample_ids`` (n,) int64 holds the dataset index of each row; the root
     attributes hold the store's provenance (``store_attrs``, JSON), identity and the layer order
@@ -231,7 +232,9 @@ def export_h5(
     records = [store.layer(name) for name in names]  # unknown names fail here, listing known ones
     if len(set(names)) != len(names):
         raise H5BridgeError(f"layers listed more than once: {names}")
-    logical = "float32" if store.dtype == "bfloat16" else store.dtype
+    # float16 stores hold offset + scale * float16 residual, which float16 itself cannot hold;
+    # float32 keeps those values to ~6e-8 of their magnitude (bfloat16 converts exactly)
+    logical = "float32"
     n = store.n_samples
     partial = out_path.with_name(out_path.name + ".partial")
     partial.unlink(missing_ok=True)

@@ -1,7 +1,8 @@
 """Describe an activation store: layout, completeness, size on disk and provenance.
 
 :func:`describe_store` returns plain JSON-ready data (what ``ckapipe info --json`` prints);
-:func:`format_store_info` renders it as a text block for people. Both work on incomplete stores.
+:func:`format_store_info` renders it as a text block for people. Both work on incomplete stores
+and on damaged ones (a deleted chunk file), which they report instead of failing.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+from ckapipe.errors import IntegrityError
 from ckapipe.store import LAYOUT_ATTRS, ActivationStore
 
 __all__ = ["describe_store", "format_store_info"]
@@ -23,6 +25,8 @@ _PROVENANCE_ORDER = (
     "seed",
     "order",
     "input_fingerprint",
+    "input_sha256",
+    "input_block_sha256",
     "imported_from",
     "source_path",
     "source_sha256",
@@ -50,9 +54,16 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         ``stored_shape`` [n, p], ``original_shape`` (per sample, before reduction),
         ``reduction``, ``chunk_shape``, ``storage_dtype``, ``size_bytes``) and ``provenance``
         (every other root attribute, e.g. model and dataset specs, weights SHA-256, seed,
-        order, input fingerprint, versions, timestamps).
+        order, input fingerprint, versions, timestamps), and ``damaged``: None, or what is
+        missing (a deleted chunk file among the rows the store claims), so that a damaged store
+        is still described rather than refused.
     """
-    store = ActivationStore.open(path, allow_incomplete=True)
+    store = ActivationStore.open(path, allow_incomplete=True, check_chunks=False)
+    try:
+        store.check_chunks()
+        damaged = None
+    except IntegrityError as error:
+        damaged = str(error)
     attrs = store.attrs
     layers = []
     for record in store.layers:
@@ -91,6 +102,7 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         "size_bytes": _size_on_disk(Path(store.path)),
         "layers": layers,
         "provenance": provenance,
+        "damaged": damaged,
     }
 
 
@@ -115,6 +127,12 @@ def format_store_info(info: dict[str, Any]) -> str:
         status = (
             f"INCOMPLETE: {info['rows_complete']} of {n} rows written ({percent:.1f}%), no "
             "completion flag (extraction interrupted or still running; re-run it to resume)"
+        )
+    if info.get("damaged"):
+        # first, so that nobody reads "complete" without it: readers refuse this store
+        status = (
+            f"DAMAGED: {info['damaged']} (its metadata says: {status}). To repair an activation "
+            "store, delete it and re-run the `ckapipe extract` command that made it"
         )
     lines = [
         f"store      {info['path']}",
@@ -147,6 +165,9 @@ def format_store_info(info: dict[str, Any]) -> str:
     if not info["provenance"]:
         lines.append("  (none recorded)")
     for key, value in info["provenance"].items():
+        if key == "input_block_sha256" and isinstance(value, list):
+            # one digest per row block: thousands for a large store, so only counted here
+            value = f"{len(value)} row-block digests (see --json)"
         lines.append(f"  {key}: {_compact(value)}")
     return "\n".join(lines)
 

@@ -186,7 +186,7 @@ def list_layers(
     """
     import torch
 
-    from ckapipe.extract.capture import call_model, eval_mode, select_output
+    from ckapipe.extract.capture import call_model, eval_mode, model_failed, select_output
 
     records: dict[str, dict[str, Any]] = {
         name: {"calls": 0, "output": None, "shape": None} for name in _module_names(model)
@@ -213,7 +213,12 @@ def list_layers(
     ]
     try:
         with eval_mode(model), torch.inference_mode():
-            call_model(model, example_input)
+            try:
+                call_model(model, example_input)
+            except Exception as error:  # the model's own code failed: most often a wrong input
+                raise model_failed(
+                    error, example_input, "check --input-shape / --input-dtype (or --dataset)"
+                ) from error
     finally:
         for handle in handles:
             handle.remove()

@@ -6,6 +6,7 @@ Layout (format ``ckapipe.activation-store``, version 2)::
       zarr.json                 attributes (below)
       sample_ids                (n,) int64: dataset index of each stored row
       layers/<layer name>       (n, p) activations, dimension_names ("sample", "feature:<name>")
+      offsets/<layer name>      (p,) float32 per-feature offsets (float16 stores only)
       .writer.lock              advisory lock held by the one writer (not part of the format)
 
 Rows are samples in the order they were written: a seeded random permutation of the dataset by
@@ -21,8 +22,24 @@ selection order), ``dtype`` (logical dtype), ``codec``, ``row_block``, ``sample_
 writer passes (model and dataset specs, weights hash, seed, order, input fingerprint, versions,
 timestamps). Every array carries a CRC-32C checksum per chunk and every chunk of its grid is
 written (see :mod:`ckapipe.formats`), so :meth:`ActivationStore.open` refuses a complete store with
-a deleted chunk and a read of a damaged chunk fails instead of returning zeros. bfloat16 is stored as uint16 bit patterns (zarr 3 has no bfloat16) with the
-array attribute ``logical_dtype = "bfloat16"``; :meth:`ActivationStore.read` decodes it.
+a deleted chunk and a read of a damaged chunk fails instead of returning zeros. bfloat16 is stored
+as uint16 bit patterns (zarr 3 has no bfloat16) with the array attribute
+``logical_dtype = "bfloat16"``; :meth:`ActivationStore.read` decodes it.
+
+float16 encoding. float16 keeps 11 significant bits of a value's *magnitude*, but CKA only sees
+a feature's variation across samples: a post-ReLU feature of mean 100 and spread 1 would keep
+~4 bits of its variation, and a layer of magnitude 1e-8 would be flushed to zero. A float16 layer
+therefore stores ``(x - offset) / scale``: ``offset`` is a per-feature float32 (the mean of the
+layer's first row block, recorded in ``offsets/<layer>`` before any of its rows is written, so a
+resume reuses it) and ``scale`` a per-layer power of two (exact) that brings the first block's
+residual RMS to ~1; both are listed in the root attribute ``float16_encoding``
+(``{layer: {"scale": s}}``; a layer appears there before its first rows are written).
+:meth:`ActivationStore.read` and :func:`open_store` return ``offset + scale * stored`` (float64,
+exact); the analysis reads the stored residuals directly (CKA, linear and RBF with a median
+bandwidth, is unchanged by per-feature shifts and by scaling a layer). Every written block is checked: a layer
+whose relative RMS rounding error (against the block's centred residuals) exceeds
+:data:`FLOAT16_MAX_REL_ERROR`, or whose residuals overflow float16, is refused with
+:class:`DtypeRangeError`, which names the layer and suggests ``--dtype float32``.
 """
 
 from __future__ import annotations
@@ -40,7 +57,7 @@ from typing import Any
 import numpy as np
 import zarr
 
-from ckapipe.errors import FormatError, IncompleteError, WriterLockedError
+from ckapipe.errors import DataError, FormatError, IncompleteError, WriterLockedError
 from ckapipe.formats import (
     WriterLock,
     check_chunks,
@@ -55,6 +72,8 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "ActivationStore",
+    "FLOAT16_MAX_REL_ERROR",
+    "DtypeRangeError",
     "IncompleteStoreError",
     "LAYOUT_ATTRS",
     "LayerRecord",
@@ -69,6 +88,17 @@ FORMAT_VERSION = 2
 LOGICAL_DTYPES = ("float16", "float32", "bfloat16")
 CODECS = ("none", "zstd")
 FLOAT16_MAX = 65504.0
+#: Largest relative RMS rounding error a float16 layer may have: on each written block,
+#: ||E - mean(E)|| / ||R - mean(R)|| with R the block's residuals, E their rounding error and the
+#: means per feature (the variation CKA sees, and the part of the error it sees). float16's own
+#: rounding of well-scaled values gives ~3e-4; beyond the bound the block's variation is too
+#: small against the scale fixed on the first row block (flushed to zero or subnormal) or too
+#: small against its distance from the offsets.
+FLOAT16_MAX_REL_ERROR = 1e-3
+#: float16 residuals are scaled so that their RMS on the first row block is ~1: later values may
+#: grow ~2**16-fold before overflow and shrink ~2**14-fold before leaving float16's normal range.
+#: If the first block's own peak exceeds this, the scale doubles until it fits (outliers).
+_FLOAT16_PEAK_TARGET = 2.0**14
 TARGET_CHUNK_BYTES = 16 * 2**20
 _LOCK_NAME = ".writer.lock"
 #: Root attributes that describe the layout and state of a store; every other one is provenance.
@@ -84,6 +114,7 @@ LAYOUT_ATTRS = frozenset(
         "sample_ids_sha256",
         "rows_complete",
         "complete",
+        "float16_encoding",
     }
 )
 
@@ -98,6 +129,14 @@ class IncompleteStoreError(StoreError, IncompleteError):
 
 class StoreLockedError(StoreError, WriterLockedError):
     """Another process is writing this store (one writer per store)."""
+
+
+class DtypeRangeError(StoreError, DataError):
+    """A layer's activations cannot be stored in the store's dtype within the stated bound.
+
+    Deterministic for given inputs: resuming the same store would fail at the same rows, so a
+    writer may remove the store and start over with ``--dtype float32``.
+    """
 
 
 @dataclass(frozen=True)
@@ -202,6 +241,7 @@ class ActivationStore:
         self.dtype = attrs["dtype"]
         self.row_block = int(attrs["row_block"])
         self._sample_ids: np.ndarray | None = None
+        self._offsets: dict[str, np.ndarray] = {}
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -293,6 +333,7 @@ class ActivationStore:
                     "sample_ids_sha256": sample_ids_digest(sample_ids),
                     "rows_complete": 0,
                     "complete": False,
+                    **({"float16_encoding": {}} if dtype == "float16" else {}),
                     "created_at": now(),
                 },
             )
@@ -308,12 +349,24 @@ class ActivationStore:
             storage_dtype = "uint16" if dtype == "bfloat16" else dtype
             itemsize = np.dtype(storage_dtype).itemsize
             layer_group = root.require_group("layers")
+            offset_group = root.require_group("offsets") if dtype == "float16" else None
             for layer in layers:
+                chunks = _chunk_shape(n, layer.n_features, itemsize, row_block)
+                if offset_group is not None:
+                    # written whole now (zeros) so that every chunk exists from the start
+                    create_array(
+                        offset_group,
+                        layer.name,
+                        shape=(layer.n_features,),
+                        chunks=(chunks[1],),
+                        dtype="float32",
+                        dimension_names=(f"feature:{layer.name}",),
+                    )[:] = 0
                 create_array(
                     layer_group,
                     layer.name,
                     shape=(n, layer.n_features),
-                    chunks=_chunk_shape(n, layer.n_features, itemsize, row_block),
+                    chunks=chunks,
                     dtype=storage_dtype,
                     dimension_names=("sample", f"feature:{layer.name}"),
                     compression=codec,
@@ -360,9 +413,17 @@ class ActivationStore:
 
     @classmethod
     def open(
-        cls, path: str | os.PathLike[str], *, allow_incomplete: bool = False
+        cls,
+        path: str | os.PathLike[str],
+        *,
+        allow_incomplete: bool = False,
+        check_chunks: bool = True,
     ) -> ActivationStore:
-        """Open a store for reading; refuses an incomplete store unless ``allow_incomplete``."""
+        """Open a store for reading; refuses an incomplete store unless ``allow_incomplete``.
+
+        ``check_chunks=False`` skips the deleted-chunk check (for describing a damaged store;
+        call :meth:`check_chunks` to report the damage).
+        """
         path = Path(path)
         _require_store_dir(path)
         store = cls(zarr.open_group(str(path), mode="r"), path, writable=False)
@@ -372,7 +433,8 @@ class ActivationStore:
                 "no completion flag): its extraction was interrupted or is still running. "
                 "Re-run the same `ckapipe extract` command to resume it."
             )
-        store.check_chunks()
+        if check_chunks:
+            store.check_chunks()
         return store
 
     def check_chunks(self) -> None:
@@ -387,6 +449,23 @@ class ActivationStore:
             if rows is not None
             else None,
         )
+
+    # -- float16 encoding ------------------------------------------------------------------
+    def encoding(self, name: str) -> tuple[np.ndarray, float] | None:
+        """``(offsets (p,) float32, scale)`` of a float16 layer; None for other dtypes.
+
+        Stored values are ``(x - offsets) / scale``. A layer with no rows written yet has
+        zero offsets and scale 1.
+        """
+        self.layer(name)
+        if self.dtype != "float16":
+            return None
+        record = self._group.attrs.get("float16_encoding", {}).get(name)
+        if record is None:
+            return np.zeros(self._by_name[name].n_features, dtype=np.float32), 1.0
+        if name not in self._offsets:
+            self._offsets[name] = np.asarray(self._group["offsets"][name][:], dtype=np.float32)
+        return self._offsets[name], float(record["scale"])
 
     # -- reading ----------------------------------------------------------------------------
     @property
@@ -437,8 +516,11 @@ class ActivationStore:
     ) -> np.ndarray:
         """Read a rectangle of layer ``name`` in its logical values.
 
-        Returns float16 or float32 (bfloat16 is decoded to float32). ``out``, if given, must have the
-        storage dtype and the selection's shape; reusing it avoids an allocation per block.
+        Returns float32 for float32 and bfloat16 layers (bfloat16 decoded exactly), float64 for
+        float16 layers, reconstructed exactly as ``offset + scale * stored`` (see the module
+        docstring). ``out``, if given, must have the storage
+        dtype and the selection's shape; it receives the raw stored values (reusing it avoids an
+        allocation per block).
         """
         array = self.array(name)
         selection = (rows, cols)
@@ -449,6 +531,9 @@ class ActivationStore:
             data = out
         if self.dtype == "bfloat16":
             return bfloat16_bits_to_float32(data)
+        if self.dtype == "float16":
+            offsets, scale = self.encoding(name)  # type: ignore[misc]
+            return _float16_decode(np.asarray(data), offsets[cols], scale)
         return data
 
     def identity(self) -> dict[str, Any]:
@@ -558,14 +643,7 @@ class ActivationStore:
                 f"{int(self.sample_ids[start + row])} (row {start + row}); check the model and input"
             )
         if self.dtype == "float16":
-            if peak > FLOAT16_MAX:
-                row = int(np.argwhere(np.abs(values) > FLOAT16_MAX)[0][0])
-                raise StoreError(
-                    f"layer {name!r} has values up to {peak:.4g}, beyond float16's ±65504 (first at "
-                    f"sample id {int(self.sample_ids[start + row])}); extract with --dtype float32 "
-                    "(or bfloat16)"
-                )
-            return tensor.to(torch.float16).numpy()
+            return self._encode_float16(name, tensor, start)
         if self.dtype == "bfloat16":
             encoded = float32_to_bfloat16_bits(values)
             # rounding can carry a finite value into the all-ones exponent (Inf)
@@ -579,11 +657,99 @@ class ActivationStore:
             advice = (
                 "check the model" if self.dtype == "float32" else "extract with --dtype float32"
             )
-            raise StoreError(
+            raise (StoreError if self.dtype == "float32" else DtypeRangeError)(
                 f"layer {name!r} has values beyond {self.dtype}'s range (first at sample id "
                 f"{int(self.sample_ids[start + row])}, row {start + row}); {advice}"
             )
         return encoded
+
+    def _encode_float16(self, name: str, tensor: Any, start: int) -> np.ndarray:
+        """``(x - offsets) / scale`` as float16, refused if rounding loses too much (see top)."""
+        import torch
+
+        work = tensor if tensor.dtype == torch.float64 else tensor.to(torch.float32)
+        offsets, scale = self._float16_encoding_for_write(name, work, start)
+        residual = torch.sub(work, torch.from_numpy(offsets).to(work.dtype)).mul_(1.0 / scale)
+        k = residual.shape[0]
+        where = f"rows {start}:{start + k} (first sample id {int(self.sample_ids[start])})"
+        advice = (
+            "float16 cannot hold this layer: store it as float32 (extract with --dtype float32)"
+        )
+        peak = max(-float(residual.min()), float(residual.max())) if residual.numel() else 0.0
+        if peak > FLOAT16_MAX:
+            row = int(torch.nonzero(residual.abs() > FLOAT16_MAX)[0][0])
+            raise DtypeRangeError(
+                f"layer {name!r}: at sample id {int(self.sample_ids[start + row])} (row "
+                f"{start + row}) its values lie up to {peak * scale:.4g} from their per-feature "
+                f"offsets, beyond float16's range at the layer's scale {scale:g} fixed on its first "
+                f"row block (±65504 × scale = ±{FLOAT16_MAX * scale:.4g}); {advice}"
+            )
+        encoded = residual.to(torch.float16)
+        # both centred per feature over the block: CKA centres, so a rounding error shared by
+        # all rows of a feature (e.g. rows that are all equal) costs nothing
+        variation = _centred_sum_of_squares(residual)
+        if variation > 0:
+            lost = _centred_sum_of_squares(encoded.to(work.dtype).sub_(residual))
+            relative = math.sqrt(lost / variation)
+            if relative > FLOAT16_MAX_REL_ERROR:
+                raise DtypeRangeError(
+                    f"layer {name!r}: float16 rounding of {where} has a relative RMS error of "
+                    f"{relative:.2g} of the layer's variation (bound {FLOAT16_MAX_REL_ERROR:g}); "
+                    f"its values are too small or too spread against the scale {scale:g} fixed on "
+                    f"its first row block; {advice}"
+                )
+        return encoded.numpy()
+
+    def _float16_encoding_for_write(
+        self, name: str, values: Any, start: int
+    ) -> tuple[np.ndarray, float]:
+        """The layer's recorded encoding, or a new one from its first row block (then recorded)."""
+        import torch
+
+        if "float16_encoding" not in self._group.attrs:
+            # a store begun by an older ckapipe: plain float16 (zero offsets, scale 1) throughout
+            return self.encoding(name)  # type: ignore[return-value]
+        recorded = dict(self._group.attrs["float16_encoding"])
+        if name in recorded:
+            return self.encoding(name)  # type: ignore[return-value]
+        if start != 0:
+            raise StoreError(
+                f"layer {name!r}: the first rows written to a float16 store must start at row 0 "
+                f"(its offsets come from its first row block), got row {start}"
+            )
+        first = values[: self.row_block].to(torch.float64)
+        offsets = first.mean(0).to(torch.float32)
+        residual = first - offsets.to(torch.float64)
+        rms = float(residual.square().mean().sqrt()) if residual.numel() else 0.0
+        peak = float(residual.abs().amax()) if residual.numel() else 0.0
+        scale = 2.0 ** round(math.log2(rms)) if rms > 0 else 1.0
+        while peak / scale > _FLOAT16_PEAK_TARGET:  # a few outliers: keep headroom for them
+            scale *= 2.0
+        offsets_np = offsets.numpy()
+        # recorded before any of the layer's rows are written, so that a resume reuses them
+        writable(self._group["offsets"][name])[:] = offsets_np
+        write_attrs(self._group, {"float16_encoding": {**recorded, name: {"scale": scale}}})
+        self._offsets[name] = offsets_np
+        return offsets_np, scale
+
+
+def _centred_sum_of_squares(values: Any) -> float:
+    """Σ (x - column mean)² over a (k, p) tensor: one BLAS dot (a bound check, not a statistic)."""
+    import torch
+
+    centred = (values - values.mean(0)).reshape(-1)
+    return float(torch.dot(centred, centred))
+
+
+def _float16_decode(stored: np.ndarray, offsets: np.ndarray, scale: float) -> np.ndarray:
+    """``offsets + scale * stored`` in float64: exact, so that the values read are exactly a shift
+    and a scale of the residuals the analysis computes CKA of (float32 would round the sum and
+    move CKA by ~5e-9)."""
+    values = stored.astype(np.float64)
+    if scale != 1.0:
+        values *= scale
+    values += offsets
+    return values
 
 
 def float32_to_bfloat16_bits(values: np.ndarray) -> np.ndarray:
@@ -602,7 +768,8 @@ def open_store(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Open a complete store as ``{layer name: dask array (n, p)}`` in logical values.
 
     For exploring in notebooks (``da.mean``, rechunking, xarray); the analysis stage reads the zarr
-    arrays directly. bfloat16 layers are decoded to float32 lazily.
+    arrays directly. bfloat16 layers are decoded to float32 lazily, float16 layers reconstructed
+    (``offset + scale * stored``) to float64 lazily.
     """
     import dask.array as da
 
@@ -612,6 +779,9 @@ def open_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         array = da.from_zarr(store.array(name))
         if store.dtype == "bfloat16":
             array = array.map_blocks(bfloat16_bits_to_float32, dtype=np.float32)
+        elif store.dtype == "float16":
+            offsets, scale = store.encoding(name)  # type: ignore[misc]
+            array = array.astype(np.float64) * scale + offsets.astype(np.float64)
         arrays[name] = array
     return arrays
 

@@ -70,13 +70,16 @@ def test_cnn_4d_outputs_match_direct_forward(tmp_path):
 
 def test_float16_store_is_within_float16_rounding(tmp_path):
     store = run(tmp_path, "models:make_cnn", IMAGES, ["3"], dtype="float16")
-    assert store.read("3").dtype == np.float16
+    assert store.read("3").dtype == np.float64  # reconstructed exactly: offset + scale * stored
+    assert store.array("3").dtype == np.float16
     net = models.make_cnn().eval()
     with torch.no_grad():
         direct = net[:4](models.image_dataset(40).tensors[0]).reshape(40, -1).double().numpy()
     stored = unpermute(store, "3")
-    # float16 keeps 11 significant bits: relative error <= 2**-11 for normal numbers
-    np.testing.assert_allclose(stored, direct, rtol=2**-11, atol=2**-24)
+    # float16 keeps 11 significant bits of each residual from the per-feature offsets
+    offsets, _ = store.encoding("3")
+    residual = np.abs(direct - offsets.astype(np.float64)).max()
+    np.testing.assert_allclose(stored, direct, rtol=0, atol=2**-11 * residual * 1.01)
     assert np.abs(stored - direct).max() > 0  # it really was rounded
 
 
@@ -272,13 +275,13 @@ def test_nan_activation_names_layer_and_sample(tmp_path):
     assert not ActivationStore.open(tmp_path / "store", allow_incomplete=True).is_complete
 
 
-def test_float16_overflow_is_refused_float32_works(tmp_path):
-    with pytest.raises(
-        StoreError, match=r"layer '1' has values up to .* beyond float16.*--dtype float32"
-    ):
-        run(tmp_path, "models:make_scaled_mlp", VECTORS, ["1"], dtype="float16")
-    store = run(tmp_path, "models:make_scaled_mlp", VECTORS, ["1"], name="f32", dtype="float32")
-    assert np.abs(store.read("1")).max() > 65504
+def test_float16_stores_a_layer_beyond_65504_through_its_scale(tmp_path):
+    store = run(tmp_path, "models:make_scaled_mlp", VECTORS, ["1"], dtype="float16")
+    reference = run(tmp_path, "models:make_scaled_mlp", VECTORS, ["1"], name="f32")
+    exact = reference.read("1").astype(np.float64)
+    assert np.abs(exact).max() > 65504
+    np.testing.assert_allclose(store.read("1"), exact, rtol=0, atol=2**-10 * np.abs(exact).max())
+    assert store.attrs["float16_encoding"]["1"]["scale"] > 1
 
 
 # -- specs, weights and provenance -------------------------------------------------------------

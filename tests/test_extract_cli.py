@@ -7,6 +7,7 @@ unbiased HSIC estimator (Song et al. 2012), written here.
 from __future__ import annotations
 
 import json
+import shutil
 
 import models
 import numpy as np
@@ -211,3 +212,22 @@ def test_compare_dict_batches_with_masked_mean():
     expected = _reference_minibatch_cka(batches, batches)
     np.testing.assert_allclose(result.cka, expected, rtol=1e-5, atol=1e-8)
     assert result.layers_a == layers and result.n_batches == 3
+
+
+def test_too_few_samples_advice_works_when_followed(tmp_path, runner):
+    store = tmp_path / "store"
+    extract = ["extract", "--model", "models:make_mlp",
+               "--dataset", json.dumps({"factory": "models:vector_dataset", "kwargs": {"n": 40}}),
+               "--layers", "0", "--batch-size", "4", "--no-progress", "--out", str(store)]  # fmt: skip
+    assert runner.invoke(main, [*extract, "--limit", "3"]).exit_code == 0
+    for options in ([], ["-m", "3"], ["--mode", "full"]):
+        result = runner.invoke(main, ["gram", str(store), "--out", str(tmp_path / "g"), *options])
+        assert result.exit_code == 1, result.output
+        # the advice is not a batch size (every one is refused for n = 3)
+        assert "holds only 3 samples" in result.output and "batch size <=" not in result.output
+        assert f"rm -r {store}" in result.output and "--limit" in result.output
+    # following it: delete, re-extract with 4 samples, build the cache
+    shutil.rmtree(store)
+    assert runner.invoke(main, [*extract, "--limit", "4"]).exit_code == 0
+    result = runner.invoke(main, ["gram", str(store), "--out", str(tmp_path / "g"), "-m", "4"])
+    assert result.exit_code == 0, result.output

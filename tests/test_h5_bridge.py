@@ -66,9 +66,10 @@ def test_import_select_layers_by_name_or_path_and_key(tmp_path: Path) -> None:
     np.testing.assert_array_equal(store.read("0.out"), data["blocks/0/out"])
     store = import_h5(h5_path, tmp_path / "d", key="conv1", dtype="float16")
     assert store.layer_names == ["conv1"]
-    np.testing.assert_array_equal(
-        store.read("conv1"), data["conv1"].reshape(37, 36).astype(np.float16)
-    )
+    original = data["conv1"].reshape(37, 36)
+    # a float16 store keeps residuals from a per-feature offset: within its rounding bound
+    error = store.read("conv1") - original
+    assert np.sqrt(np.mean(error**2)) <= 1e-3 * np.std(original)
     with pytest.raises(H5BridgeError, match=r"no layer 'nope'.*conv1"):
         import_h5(h5_path, tmp_path / "e", layers=["nope"])
 
@@ -125,7 +126,7 @@ def test_import_streams_in_row_blocks(tmp_path: Path, monkeypatch: pytest.Monkey
 
 
 @pytest.mark.parametrize("dtype", ["float32", "float16"])
-def test_round_trip_import_export_import_is_exact(tmp_path: Path, dtype: str) -> None:
+def test_round_trip_import_export_import(tmp_path: Path, dtype: str) -> None:
     h5_path = tmp_path / "acts.h5"
     _per_layer_file(h5_path, n=41, dtype=dtype)
     first = import_h5(h5_path, tmp_path / "first", dtype=dtype, sample_ids=np.arange(41) * 3 + 1)
@@ -136,12 +137,15 @@ def test_round_trip_import_export_import_is_exact(tmp_path: Path, dtype: str) ->
     assert second.attrs["sample_ids_sha256"] == first.attrs["sample_ids_sha256"]
     for name in first.layer_names:
         a, b = first.read(name), second.read(name)
-        assert a.dtype == b.dtype == np.dtype(dtype)
-        np.testing.assert_array_equal(a, b)
-    # the exported file holds logical values in natural shapes
+        if dtype == "float32":
+            assert a.dtype == b.dtype == np.dtype(dtype)
+            np.testing.assert_array_equal(a, b)
+        else:  # float16 stores re-encode their residuals: equal within that rounding bound
+            assert np.sqrt(np.mean((a - b) ** 2)) <= 1e-3 * np.std(a)
+    # the exported file holds logical values in natural shapes, as float32
     with h5py.File(exported, "r") as h5:
         assert h5["layers/conv1"].shape == (41, 4, 3, 3)
-        assert h5["layers/conv1"].dtype == np.dtype(dtype)
+        assert h5["layers/conv1"].dtype == np.float32
         np.testing.assert_array_equal(h5["sample_ids"][:], first.sample_ids)
         assert h5.attrs["format"] == "ckapipe.activation-export"
         provenance = json.loads(h5.attrs["store_attrs"])

@@ -17,6 +17,7 @@ import zarr
 
 from ckapipe.store import (
     ActivationStore,
+    DtypeRangeError,
     IncompleteStoreError,
     LayerRecord,
     StoreError,
@@ -42,6 +43,18 @@ def _write_all(store: ActivationStore, data: dict[str, np.ndarray], block: int) 
         store.write_rows(start, {name: values[start:stop] for name, values in data.items()})
         store.set_rows_complete(stop)
     store.mark_complete()
+
+
+def _float16_reference(values: np.ndarray, row_block: int) -> np.ndarray:
+    """A float16 store's logical values, recomputed here: offsets from the first row block,
+    a power-of-two scale for residual RMS ~1, float16 residuals, decoded in float32."""
+    x = np.asarray(values, dtype=np.float64)
+    offsets = x[:row_block].mean(axis=0).astype(np.float32)
+    residual = x - offsets.astype(np.float64)
+    rms = np.sqrt(np.mean(np.square(residual[:row_block])))
+    scale = 2.0 ** round(np.log2(rms)) if rms > 0 else 1.0
+    stored = (residual / scale).astype(np.float16)
+    return stored.astype(np.float64) * scale + offsets.astype(np.float64)
 
 
 def _bfloat16_reference(values: np.ndarray) -> np.ndarray:
@@ -77,11 +90,14 @@ def test_round_trip_float(tmp_path: Path, dtype: str) -> None:
     assert reader.sample_ids.dtype == np.int64
     for name, values in data.items():
         got = reader.read(name)
-        assert got.dtype == np.dtype(dtype)
-        # the only change allowed is the cast to the storage dtype (done here by numpy)
-        np.testing.assert_array_equal(got, values.astype(dtype))
+        assert got.dtype == (np.float32 if dtype == "float32" else np.float64)
+        # float32: only the cast; float16: the offset/scale encoding, recomputed independently
+        expected = (
+            values.astype(np.float32) if dtype == "float32" else _float16_reference(values, 16)
+        )
+        np.testing.assert_array_equal(got, expected)
         part = reader.read(name, rows=slice(10, 37), cols=slice(1, 3))
-        np.testing.assert_array_equal(part, values.astype(dtype)[10:37, 1:3])
+        np.testing.assert_array_equal(part, expected[10:37, 1:3])
     assert reader.array("block0.out").dtype == np.dtype(dtype)
 
 
@@ -161,7 +177,7 @@ def test_zstd_codec_round_trip(tmp_path: Path) -> None:
     assert reader.attrs["codec"] == "zstd"
     meta = json.loads((tmp_path / "s/layers/block0.out/zarr.json").read_text())
     assert [c["name"] for c in meta["codecs"]][-2:] == ["zstd", "crc32c"]
-    np.testing.assert_array_equal(reader.read("block0.out"), values.astype(np.float16))
+    np.testing.assert_array_equal(reader.read("block0.out"), _float16_reference(values, 32))
 
 
 def test_unknown_codec_and_dtype_refused(tmp_path: Path) -> None:
@@ -310,19 +326,90 @@ def test_non_finite_refused_naming_layer_and_sample(tmp_path: Path, bad: float, 
             store.write_rows(2, bad_block)
         # nothing of the refused block was written, not even the good layer
         reader = ActivationStore.open(tmp_path / "s", allow_incomplete=True)
-        np.testing.assert_array_equal(reader.read("block0.out", rows=slice(2, 4)), 0)
+        np.testing.assert_array_equal(reader.array("block0.out")[2:4], 0)
 
 
-def test_float16_overflow_suggests_float32(tmp_path: Path) -> None:
+def _linear_cka(x: np.ndarray, y: np.ndarray) -> float:
+    """Linear CKA in float64 (feature-space form), the reference for storage error."""
+    x = np.asarray(x, dtype=np.float64) - np.mean(x, axis=0, dtype=np.float64)
+    y = np.asarray(y, dtype=np.float64) - np.mean(y, axis=0, dtype=np.float64)
+    cross = np.linalg.norm(x.T @ y) ** 2
+    return float(cross / (np.linalg.norm(x.T @ x) * np.linalg.norm(y.T @ y)))
+
+
+def _stored(tmp_path: Path, name: str, values: np.ndarray, row_block: int = 64) -> np.ndarray:
+    """``values`` through a complete float16 store and back (``read``)."""
+    n, p = values.shape
     with ActivationStore.create(
-        tmp_path / "s", layers=_layers(3), sample_ids=np.array([7, 8, 9]), dtype="float16"
+        tmp_path / name, layers=_layers(p), sample_ids=np.arange(n), row_block=row_block
     ) as store:
-        values = np.ones((3, 3), dtype=np.float32)
-        values[1, 0] = -70000.0
-        with pytest.raises(StoreError, match=r"'block0\.out'.*65504.*sample id 8.*float32"):
-            store.write_rows(0, {"block0.out": values})
-        values[1, 0] = -65504.0  # the largest float16 is fine
-        store.write_rows(0, {"block0.out": values})
+        _write_all(store, {"block0.out": values}, block=row_block)
+    return ActivationStore.open(tmp_path / name).read("block0.out")
+
+
+@pytest.mark.parametrize(
+    ("offset", "magnitude"),
+    [(100.0, 1.0), (0.0, 1e-6), (0.0, 1e-8), (3e5, 1e3)],
+    ids=["mean-100x-spread", "1e-6-layer", "1e-8-layer", "beyond-65504"],
+)
+def test_float16_keeps_the_variation_cka_measures(
+    tmp_path: Path, offset: float, magnitude: float
+) -> None:
+    # plain float16 moves this CKA by ~1e-3 (offset features, the 1e-6 layer), reports the 1e-8
+    # layer as all zeros, and refuses the 3e5 layer as overflow
+    rng = np.random.default_rng(7)
+    latent = rng.normal(size=(512, 8))
+    x = offset + magnitude * (latent @ rng.normal(size=(8, 48)) + rng.normal(size=(512, 48)))
+    x = np.maximum(x, offset)  # post-ReLU-like: a floor at the offset, half the entries on it
+    y = latent @ rng.normal(size=(8, 16)) + 0.5 * rng.normal(size=(512, 16))
+    got = _stored(tmp_path, "s", x)
+    assert np.std(got) > 0.3 * np.std(x)  # not flushed to zero
+    # reconstructed values: float16 rounding of the residuals, at most half an ulp each
+    np.testing.assert_allclose(got, x, rtol=0, atol=2**-11 * np.abs(x - x.mean(0)).max())
+    assert abs(_linear_cka(got, y) - _linear_cka(x, y)) < 1e-4
+
+
+def test_float16_encoding_reused_on_resume_and_recorded_first(tmp_path: Path) -> None:
+    rng = np.random.default_rng(8)
+    values = 50 + rng.normal(size=(32, 4))
+    path = tmp_path / "s"
+    with ActivationStore.create(
+        path, layers=_layers(4), sample_ids=np.arange(32), row_block=8
+    ) as store:
+        store.write_rows(0, {"block0.out": values[:8]})
+        store.set_rows_complete(8)
+    recorded = ActivationStore.open(path, allow_incomplete=True).encoding("block0.out")
+    np.testing.assert_array_equal(recorded[0], values[:8].mean(0).astype(np.float32))
+    with ActivationStore.open_for_resume(path) as store:
+        # later blocks of another mean keep the first block's offsets
+        for start in range(8, 32, 8):
+            store.write_rows(start, {"block0.out": values[start : start + 8] + 0.5})
+            store.set_rows_complete(start + 8)
+        store.mark_complete()
+    reader = ActivationStore.open(path)
+    np.testing.assert_array_equal(reader.encoding("block0.out")[0], recorded[0])
+    np.testing.assert_allclose(reader.read("block0.out")[8:], values[8:] + 0.5, atol=5e-3)
+
+
+def test_float16_unrepresentable_layer_is_refused_naming_it(tmp_path: Path) -> None:
+    rng = np.random.default_rng(9)
+    ids = np.arange(100, 132)
+    with ActivationStore.create(
+        tmp_path / "s", layers=_layers(3), sample_ids=ids, row_block=8
+    ) as store:
+        store.write_rows(0, {"block0.out": rng.normal(size=(8, 3))})
+        # 1e6 times the first block's spread: beyond float16 at the scale fixed there
+        big = rng.normal(size=(8, 3))
+        big[2, 1] = 1e6
+        with pytest.raises(DtypeRangeError, match=r"'block0\.out'.*sample id 110.*--dtype float32"):
+            store.write_rows(8, {"block0.out": big})
+        # a block whose variation is 1e-7 of the first block's: rounded away
+        with pytest.raises(
+            DtypeRangeError,
+            match=r"'block0\.out'.*rows 16:24 \(first sample id 116\).*relative RMS error.*"
+            r"--dtype float32",
+        ):
+            store.write_rows(16, {"block0.out": 1e-7 * rng.normal(size=(8, 3))})
 
 
 def test_write_rows_shape_and_range_checks(tmp_path: Path) -> None:
@@ -525,7 +612,7 @@ def test_open_store_returns_dask_arrays(tmp_path: Path) -> None:
 
     rng = np.random.default_rng(3)
     data = {"block0.out": rng.normal(size=(40, 6)), "block1.out": rng.normal(size=(40, 2))}
-    for dtype in ("float32", "bfloat16"):
+    for dtype in ("float32", "bfloat16", "float16"):
         path = tmp_path / dtype
         with ActivationStore.create(
             path, layers=_layers(6, 2), sample_ids=np.arange(40), dtype=dtype, row_block=8
@@ -536,9 +623,11 @@ def test_open_store_returns_dask_arrays(tmp_path: Path) -> None:
         for name, values in data.items():
             assert isinstance(arrays[name], da.Array)
             got = arrays[name].compute()
-            assert got.dtype == np.float32
+            assert got.dtype == (np.float64 if dtype == "float16" else np.float32)
             if dtype == "float32":
                 expected = values.astype(np.float32).astype(np.float64)
+            elif dtype == "float16":  # reconstructed: offset + scale * stored
+                expected = _float16_reference(values, 8).astype(np.float64)
             else:
                 expected = _bfloat16_reference(values.astype(np.float32).astype(np.float64))
             np.testing.assert_array_equal(got.astype(np.float64), expected)
@@ -598,3 +687,26 @@ def test_created_store_timestamps(tmp_path: Path) -> None:
     created = dt.datetime.fromisoformat(attrs["created_at"]).timestamp()
     completed = dt.datetime.fromisoformat(attrs["completed_at"]).timestamp()
     assert before - 1 <= created <= completed <= time.time() + 1
+
+
+def test_float16_store_begun_without_encoding_resumes_as_plain_float16(tmp_path: Path) -> None:
+    # a store begun by the previous ckapipe (plain float16 cast, no float16_encoding attribute)
+    path = tmp_path / "s"
+    values = np.random.default_rng(11).normal(size=(16, 3))
+    with ActivationStore.create(
+        path, layers=_layers(3), sample_ids=np.arange(16), row_block=8
+    ) as store:
+        store.write_rows(0, {"block0.out": values[:8]})
+        store.set_rows_complete(8)
+    group = zarr.open_group(str(path), mode="r+")
+    attrs = dict(group.attrs)
+    del attrs["float16_encoding"]
+    group.attrs.clear()
+    group.attrs.update(attrs)
+    group["layers/block0.out"][:8] = values[:8].astype(np.float16)
+    with ActivationStore.open_for_resume(path) as store:
+        store.write_rows(8, {"block0.out": values[8:]})
+        store.set_rows_complete(16)
+        store.mark_complete()
+    got = ActivationStore.open(path).read("block0.out")
+    np.testing.assert_array_equal(got, values.astype(np.float16).astype(np.float64))
