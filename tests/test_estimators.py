@@ -1,4 +1,4 @@
-"""Tests of the estimator core against the independent float64 numpy references of tests/reference.py."""
+"""Tests of the estimator core against the float64 numpy references of tests/reference.py."""
 
 from __future__ import annotations
 
