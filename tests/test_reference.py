@@ -28,6 +28,14 @@ def test_hsic1_u_centered_form_equals_song_formula(n):
             assert reference.hsic1(a, b) == pytest.approx(reference.hsic1_song(a, b), rel=1e-10)
 
 
+def test_hsic1_forms_agree_to_1e12_on_uncentered_linear_grams():
+    """(Formerly in test_intervals.py.)"""
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(12, 3)), rng.normal(size=(12, 5))
+    k, l = x @ x.T, y @ y.T  # noqa: E741
+    assert reference.hsic1(k, l) == pytest.approx(reference.hsic1_song(k, l), rel=1e-12)
+
+
 def test_u_centering_vectorised_equals_elementwise_and_is_idempotent():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((3, 9, 4)) + 1.0
