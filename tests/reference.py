@@ -16,8 +16,8 @@ Written from the papers' formulas with numpy only; nothing here imports ckapipe.
 - :func:`cka` — ``h(K, L) / sqrt(h(K, K) h(L, L))`` with ``h`` = HSIC₀ (biased) or HSIC₁
   (debiased); :func:`cka_features` — the biased linear CKA in feature space,
   ``‖Y_cᵀX_c‖²_F / (‖X_cᵀX_c‖_F ‖Y_cᵀY_c‖_F)``.
-- :func:`batch_slices`, :func:`minibatch_cka`, :func:`minibatch_linear_cka` — Nguyen et al.
-  (2021) minibatch CKA ``Σ_b HSIC₁(K_b, L_b) / sqrt(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b))``,
+- :func:`batch_slices`, :func:`minibatch_terms`, :func:`minibatch_cka`,
+  :func:`minibatch_linear_cka` — Nguyen et al. (2021) minibatch CKA ``Σ_b HSIC₁(K_b, L_b) / sqrt(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b))``,
   each batch with its own ``1/(m_b(m_b − 3))``.
 
 ``tests/test_reference.py`` checks the two HSIC₁ formulations, the two U-centerings and the two
@@ -222,32 +222,52 @@ def batch_slices(n: int, m: int) -> list[slice]:
     return [b for b in blocks if b.stop - b.start >= 4]
 
 
+def minibatch_terms(
+    batches_a: Sequence[Sequence[np.ndarray]],
+    batches_b: Sequence[Sequence[np.ndarray]],
+    gram: Callable[[np.ndarray], np.ndarray] = linear_gram,
+    hsic: HsicFn = hsic1,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-batch HSIC₁ terms over a given partition, pair by pair.
+
+    ``batches_a[b][i]`` is layer i's (m_b, ...) features in batch b (same for ``batches_b``).
+    Returns ``hsic`` (B, La, Lb) with ``HSIC₁(K_bi, L_bj)``, ``self_a`` (B, La) with
+    ``HSIC₁(K_bi, K_bi)`` and ``self_b`` (B, Lb), each batch with its own 1/(m_b(m_b − 3)).
+    ``gram`` maps features to a Gram (per batch, so an RBF bandwidth is per batch); ``hsic`` is
+    the HSIC₁ formulation (:func:`hsic1` or :func:`hsic1_song`).
+    """
+    n_batches, la, lb = len(batches_a), len(batches_a[0]), len(batches_b[0])
+    cross = np.zeros((n_batches, la, lb))
+    self_a, self_b = np.zeros((n_batches, la)), np.zeros((n_batches, lb))
+    for b, (acts_a, acts_b) in enumerate(zip(batches_a, batches_b, strict=True)):
+        grams_a = [gram(x) for x in acts_a]
+        grams_b = [gram(y) for y in acts_b]
+        for i, k in enumerate(grams_a):
+            self_a[b, i] = hsic(k, k)
+            for j, l in enumerate(grams_b):  # noqa: E741
+                cross[b, i, j] = hsic(k, l)
+        for j, l in enumerate(grams_b):  # noqa: E741
+            self_b[b, j] = hsic(l, l)
+    return cross, self_a, self_b
+
+
+def cka_from_terms(cross: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.ndarray:
+    """``Σ_b cross_b / sqrt(Σ_b self_a,b · Σ_b self_b,b)`` from :func:`minibatch_terms`."""
+    return cross.sum(0) / np.sqrt(np.outer(self_a.sum(0), self_b.sum(0)))
+
+
 def minibatch_cka(
     batches_a: Sequence[Sequence[np.ndarray]],
     batches_b: Sequence[Sequence[np.ndarray]],
     gram: Callable[[np.ndarray], np.ndarray] = linear_gram,
     hsic: HsicFn = hsic1,
 ) -> np.ndarray:
-    """Minibatch CKA matrix (La, Lb) over a given partition (Nguyen et al. 2021).
+    """Minibatch CKA matrix (La, Lb) over a given partition (Nguyen et al. 2021):
 
-    ``batches_a[b][i]`` is layer i's (m_b, ...) features in batch b (same for ``batches_b``).
-    ``CKA_ij = Σ_b HSIC₁(K_bi, L_bj) / sqrt(Σ_b HSIC₁(K_bi, K_bi) · Σ_b HSIC₁(L_bj, L_bj))``, each
-    batch's HSIC₁ with its own 1/(m_b(m_b − 3)); ``gram`` maps features to a Gram (per batch, so
-    an RBF bandwidth is per batch); ``hsic`` is the HSIC₁ formulation (:func:`hsic1` or
-    :func:`hsic1_song`).
+    ``CKA_ij = Σ_b HSIC₁(K_bi, L_bj) / sqrt(Σ_b HSIC₁(K_bi, K_bi) · Σ_b HSIC₁(L_bj, L_bj))``; the
+    arguments are those of :func:`minibatch_terms`.
     """
-    la, lb = len(batches_a[0]), len(batches_b[0])
-    cross, self_a, self_b = np.zeros((la, lb)), np.zeros(la), np.zeros(lb)
-    for acts_a, acts_b in zip(batches_a, batches_b, strict=True):
-        grams_a = [gram(x) for x in acts_a]
-        grams_b = [gram(y) for y in acts_b]
-        for i, k in enumerate(grams_a):
-            self_a[i] += hsic(k, k)
-            for j, l in enumerate(grams_b):  # noqa: E741
-                cross[i, j] += hsic(k, l)
-        for j, l in enumerate(grams_b):  # noqa: E741
-            self_b[j] += hsic(l, l)
-    return cross / np.sqrt(self_a[:, None] * self_b[None, :])
+    return cka_from_terms(*minibatch_terms(batches_a, batches_b, gram, hsic))
 
 
 def minibatch_linear_cka(x: np.ndarray, y: np.ndarray, m: int) -> float:
