@@ -16,9 +16,10 @@ Written from the papers' formulas with numpy only; nothing here imports ckapipe.
 - :func:`cka` — ``h(K, L) / sqrt(h(K, K) h(L, L))`` with ``h`` = HSIC₀ (biased) or HSIC₁
   (debiased); :func:`cka_features` — the biased linear CKA in feature space,
   ``‖Y_cᵀX_c‖²_F / (‖X_cᵀX_c‖_F ‖Y_cᵀY_c‖_F)``.
-- :func:`batch_slices`, :func:`minibatch_terms`, :func:`minibatch_cka`,
-  :func:`minibatch_linear_cka` — Nguyen et al. (2021) minibatch CKA ``Σ_b HSIC₁(K_b, L_b) / sqrt(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b))``,
-  each batch with its own ``1/(m_b(m_b − 3))``.
+- :func:`batch_slices`, :func:`minibatch_terms`, :func:`cka_from_terms`, :func:`minibatch_cka`,
+  :func:`minibatch_linear_cka` — Nguyen et al. (2021) minibatch CKA
+  ``Σ_b HSIC₁(K_b, L_b) / sqrt(Σ_b HSIC₁(K_b, K_b) · Σ_b HSIC₁(L_b, L_b))``, each batch with its
+  own ``1/(m_b(m_b − 3))``; a last short batch of ≥ 4 rows is kept, 1–3 leftover rows dropped.
 
 ``tests/test_reference.py`` checks the two HSIC₁ formulations, the two U-centerings and the two
 biased-CKA forms against each other, so the yardstick itself is verified.
