@@ -97,8 +97,7 @@ def test_center_gram_and_u_center_match_references():
     rng = np.random.default_rng(2)
     a = rng.standard_normal((7, 7))
     k = a + a.T  # symmetric, not PSD: the formulas must not assume a Gram of features
-    n = 7
-    h = np.eye(n) - np.ones((n, n)) / n
+    h = reference.centering_matrix(7)
     np.testing.assert_allclose(center_gram(k).numpy(), h @ k @ h, atol=1e-12)
     u = u_center(k).numpy()
     np.testing.assert_allclose(u, reference.u_centered_elementwise(k), atol=1e-12)
