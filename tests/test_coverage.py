@@ -1,15 +1,14 @@
 """Validated intervals (ckapipe.analyze.intervals): the jackknife over batches, its withholding
-rule, the full-mode block jackknife and the permutation-null threshold, against float64
-references written out here and small seeded coverage simulations."""
+rule, the full-mode block jackknife and the permutation-null threshold, against the float64
+references of tests/reference.py and small seeded coverage simulations."""
 
 from __future__ import annotations
-
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from reference import hsic1_u as hsic1
+from reference import u_centered
 
 from ckapipe.analyze.intervals import (
     MIN_BATCHES_FOR_INTERVAL,
@@ -22,16 +21,7 @@ from ckapipe.analyze.intervals import (
     student_t_quantile,
 )
 
-sys.path.insert(0, str(Path(__file__).parent))
-from reference import u_centered  # noqa: E402
-
 # ---------------------------------------------------------------------- float64 references
-
-
-def hsic1(u: np.ndarray, v: np.ndarray) -> float:
-    """HSIC₁ of two U-centered (m, m) Grams."""
-    m = u.shape[0]
-    return float((u * v).sum() / (m * (m - 3)))
 
 
 def per_batch_linear(xs: np.ndarray, ys: np.ndarray) -> tuple[np.ndarray, ...]:
@@ -171,20 +161,10 @@ def test_jackknife_t_interval_covers_population_cka_at_nominal_rate():
     truth = 1.0 / (1.0 + 1.0)
     x, y = gaussian_batches(rng, n_batches * reps, m, p, 1.0)
     # per-batch HSIC₁ of all replicates at once (U-centering is per batch)
-    idx = np.arange(m)
-    grams = []
-    for z in (x, y):
-        k = z @ np.swapaxes(z, 1, 2)
-        k[:, idx, idx] = 0.0
-        row = k.sum(-1)
-        u = k - (row[:, :, None] + row[:, None, :]) / (m - 2)
-        u += row.sum(-1)[:, None, None] / ((m - 1) * (m - 2))
-        u[:, idx, idx] = 0.0
-        grams.append(u)
-    scale = 1.0 / (m * (m - 3))
-    h = (grams[0] * grams[1]).sum((1, 2)).reshape(reps, n_batches) * scale
-    a = (grams[0] ** 2).sum((1, 2)).reshape(reps, n_batches) * scale
-    b = (grams[1] ** 2).sum((1, 2)).reshape(reps, n_batches) * scale
+    u, v = u_centered(x @ np.swapaxes(x, 1, 2)), u_centered(y @ np.swapaxes(y, 1, 2))
+    h = hsic1(u, v).reshape(reps, n_batches)
+    a = hsic1(u, u).reshape(reps, n_batches)
+    b = hsic1(v, v).reshape(reps, n_batches)
     covered = 0
     for r in range(reps):
         interval = batch_interval(h[r][:, None, None], a[r][:, None], b[r][:, None], level)

@@ -1,4 +1,4 @@
-"""Tests of the estimator core against independent float64 numpy references written here."""
+"""Tests of the estimator core against the float64 numpy references of tests/reference.py."""
 
 from __future__ import annotations
 
@@ -6,7 +6,9 @@ import warnings
 
 import numpy as np
 import pytest
+import reference
 import torch
+from reference import hsic1_song
 
 import ckapipe
 from ckapipe.analyze.estimators import (
@@ -24,67 +26,15 @@ from ckapipe.analyze.estimators import (
 )
 
 # --------------------------------------------------------------------------- numpy references
-# Written from the papers' formulas, deliberately not mirroring the implementation: uncentered
-# Grams, explicit H matrices, Song et al.'s three-term HSIC₁, numpy's median.
-
-
-def ref_gram_linear(x: np.ndarray) -> np.ndarray:
-    x = x.reshape(x.shape[0], -1)
-    return x @ x.T
-
-
-def ref_gram_rbf(x: np.ndarray, threshold: float = 1.0) -> np.ndarray:
-    x = x.reshape(x.shape[0], -1)
-    sq_dist = ((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=-1)
-    return np.exp(-sq_dist / (2 * threshold**2 * np.median(sq_dist)))
-
-
-def ref_hsic0(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
-    n = k.shape[0]
-    h = np.eye(n) - np.ones((n, n)) / n
-    return float(np.trace(k @ h @ l @ h)) / (n - 1) ** 2
-
-
-def ref_hsic1(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
-    """Song et al. (2012), eq. 5."""
-    n = k.shape[0]
-    kt, lt = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
-    one = np.ones(n)
-    value = (
-        np.trace(kt @ lt)
-        + (one @ kt @ one) * (one @ lt @ one) / ((n - 1) * (n - 2))
-        - 2 / (n - 2) * (one @ kt @ lt @ one)
-    )
-    return float(value) / (n * (n - 3))
-
-
-def ref_u_center(k: np.ndarray) -> np.ndarray:
-    """Székely & Rizzo (2014), element by element."""
-    n = k.shape[0]
-    kt = k - np.diag(np.diag(k))
-    out = np.zeros_like(kt)
-    for i in range(n):
-        for j in range(n):
-            if i != j:
-                out[i, j] = (
-                    kt[i, j]
-                    - kt[i, :].sum() / (n - 2)
-                    - kt[:, j].sum() / (n - 2)
-                    + kt.sum() / ((n - 1) * (n - 2))
-                )
-    return out
+# From tests/reference.py, deliberately not mirroring the implementation (which U-centers): explicit
+# H matrices, Song et al.'s three-term HSIC₁ (reference.hsic1_song), numpy's median, and
+# uncentered Grams as inputs to the HSIC estimators.
 
 
 def ref_cka(x, y, *, kernel="linear", unbiased=False, threshold=1.0) -> float:
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    x, y = x.reshape(x.shape[0], -1), y.reshape(y.shape[0], -1)
-    # Both estimators are translation invariant; centering keeps the uncentered-Gram reference
-    # itself free of cancellation for inputs with a large offset.
-    x, y = x - x.mean(axis=0), y - y.mean(axis=0)
-    gram = ref_gram_linear if kernel == "linear" else lambda a: ref_gram_rbf(a, threshold)
-    k, l = gram(x), gram(y)  # noqa: E741
-    h = ref_hsic1 if unbiased else ref_hsic0
-    return h(k, l) / np.sqrt(h(k, k) * h(l, l))
+    return reference.cka(
+        x, y, kernel=kernel, unbiased=unbiased, threshold=threshold, unbiased_hsic=hsic1_song
+    )
 
 
 def related_pair(rng: np.random.Generator, n: int, p: int, q: int, noise: float = 1.0):
@@ -132,7 +82,7 @@ def test_gram_linear_column_blocks_match_single_block(monkeypatch):
 def test_gram_rbf_uses_numpy_median_convention(n, threshold):
     rng = np.random.default_rng(n)
     x = rng.standard_normal((n, 4)) * 3
-    expected = ref_gram_rbf(x, threshold)
+    expected = reference.rbf_gram(x, threshold)
     np.testing.assert_allclose(gram_rbf(x, threshold=threshold).numpy(), expected, rtol=1e-10)
     np.testing.assert_allclose(
         gram_rbf(gram=gram_linear(x), threshold=threshold).numpy(), expected, rtol=1e-10
@@ -147,22 +97,21 @@ def test_center_gram_and_u_center_match_references():
     rng = np.random.default_rng(2)
     a = rng.standard_normal((7, 7))
     k = a + a.T  # symmetric, not PSD: the formulas must not assume a Gram of features
-    n = 7
-    h = np.eye(n) - np.ones((n, n)) / n
+    h = reference.centering_matrix(7)
     np.testing.assert_allclose(center_gram(k).numpy(), h @ k @ h, atol=1e-12)
     u = u_center(k).numpy()
-    np.testing.assert_allclose(u, ref_u_center(k), atol=1e-12)
+    np.testing.assert_allclose(u, reference.u_centered_elementwise(k), atol=1e-12)
     np.testing.assert_allclose(u.sum(axis=1), 0, atol=1e-12)
 
 
 def test_hsic_estimators_match_references():
     rng = np.random.default_rng(3)
     x, y = related_pair(rng, 12, 5, 7)
-    k, l = ref_gram_linear(x), ref_gram_rbf(y)  # noqa: E741
-    assert hsic0(k, l) == pytest.approx(ref_hsic0(k, l), rel=1e-12)
-    assert hsic1(k, l) == pytest.approx(ref_hsic1(k, l), rel=1e-12)
+    k, l = x @ x.T, reference.rbf_gram(y)  # noqa: E741
+    assert hsic0(k, l) == pytest.approx(reference.hsic0(k, l), rel=1e-12)
+    assert hsic1(k, l) == pytest.approx(hsic1_song(k, l), rel=1e-12)
     assert hsic1(torch.from_numpy(k), torch.from_numpy(l)) == pytest.approx(
-        ref_hsic1(k, l), rel=1e-12
+        hsic1_song(k, l), rel=1e-12
     )
 
 
@@ -272,17 +221,11 @@ def _batched(acts: dict, sizes: list[int]) -> list[dict]:
 def ref_minibatch(acts_a: dict, acts_b: dict, sizes: list[int]) -> np.ndarray:
     """Per-pair loop over layers and batches with Song et al.'s HSIC₁ per batch."""
     batches_a, batches_b = _batched(acts_a, sizes), _batched(acts_b, sizes)
-    out = np.zeros((len(acts_a), len(acts_b)))
-    for i, la in enumerate(acts_a):
-        for j, lb in enumerate(acts_b):
-            xy = xx = yy = 0.0
-            for ba, bb in zip(batches_a, batches_b, strict=True):
-                k, l = ref_gram_linear(ba[la]), ref_gram_linear(bb[lb])  # noqa: E741
-                xy += ref_hsic1(k, l)
-                xx += ref_hsic1(k, k)
-                yy += ref_hsic1(l, l)
-            out[i, j] = xy / np.sqrt(xx * yy)
-    return out
+    return reference.minibatch_cka(
+        [list(batch.values()) for batch in batches_a],
+        [list(batch.values()) for batch in batches_b],
+        hsic=hsic1_song,
+    )
 
 
 def test_minibatch_all_pairs_equals_per_pair_loop_with_mixed_batch_sizes():
@@ -426,7 +369,7 @@ def test_cuda_inputs_stay_on_device_and_meet_the_bar(dtype):
 
 def test_fewer_than_four_samples_raise_for_hsic1():
     x = np.random.default_rng(17).standard_normal((3, 5))
-    k = ref_gram_linear(x)
+    k = x @ x.T
     with pytest.raises(ValueError, match="at least 4 samples"):
         hsic1(k, k)
     with pytest.raises(ValueError, match="at least 4 samples"):

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from reference import minibatch_cka
 
 from ckapipe.cli import main
 from ckapipe.extract.compare import compare
@@ -116,36 +117,6 @@ def test_progress_lines_without_a_terminal():
 
 
 # -- compare ------------------------------------------------------------------------------------
-def _hsic1(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
-    n = k.shape[0]
-    k, l = k.copy(), l.copy()  # noqa: E741
-    np.fill_diagonal(k, 0.0)
-    np.fill_diagonal(l, 0.0)
-    value = (
-        np.trace(k @ l)
-        + k.sum() * l.sum() / ((n - 1) * (n - 2))
-        - 2.0 * (k.sum(0) @ l.sum(0)) / (n - 2)
-    )
-    return value / (n * (n - 3))
-
-
-def _reference_minibatch_cka(
-    batches_a: list[list[np.ndarray]], batches_b: list[list[np.ndarray]]
-) -> np.ndarray:
-    la, lb = len(batches_a[0]), len(batches_b[0])
-    cross, self_a, self_b = np.zeros((la, lb)), np.zeros(la), np.zeros(lb)
-    for acts_a, acts_b in zip(batches_a, batches_b, strict=True):
-        grams_a = [x @ x.T for x in acts_a]
-        grams_b = [y @ y.T for y in acts_b]
-        for i, k in enumerate(grams_a):
-            self_a[i] += _hsic1(k, k)
-            for j, l in enumerate(grams_b):  # noqa: E741
-                cross[i, j] += _hsic1(k, l)
-        for j, l in enumerate(grams_b):  # noqa: E741
-            self_b[j] += _hsic1(l, l)
-    return cross / np.sqrt(self_a[:, None] * self_b[None, :])
-
-
 def test_compare_matches_numpy_reference():
     data = models.image_dataset(40)
     loader = torch.utils.data.DataLoader(data, batch_size=10)  # 4 batches, tuple items
@@ -166,7 +137,7 @@ def test_compare_matches_numpy_reference():
             batches_b.append(
                 [c0.reshape(10, -1).double().numpy(), c2.reshape(10, -1).double().numpy()]
             )
-    expected = _reference_minibatch_cka(batches_a, batches_b)
+    expected = minibatch_cka(batches_a, batches_b)
     np.testing.assert_allclose(result.cka, expected, rtol=1e-6, atol=1e-9)
     assert result.value("1", "2") == pytest.approx(expected[1, 1], rel=1e-6)
 
@@ -209,7 +180,7 @@ def test_compare_dict_batches_with_masked_mean():
             batches.append(
                 [(h.double().numpy() * weights).sum(1) / weights.sum(1) for h in hidden[1:]]
             )
-    expected = _reference_minibatch_cka(batches, batches)
+    expected = minibatch_cka(batches, batches)
     np.testing.assert_allclose(result.cka, expected, rtol=1e-5, atol=1e-8)
     assert result.layers_a == layers and result.n_batches == 3
 

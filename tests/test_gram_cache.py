@@ -1,7 +1,7 @@
 """Gram caches, checked against an independent float64 numpy reference of the stored rows.
 
 The reference reads the layers straight from zarr (decoding bfloat16 bits here), centers each
-batch's features, forms the Gram and U-centers it with the formulas written out below; it does not
+batch's features, forms the Gram and U-centers it with tests/reference.py's formulas; it does not
 use ckapipe's estimator module.
 """
 
@@ -18,6 +18,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from reference import linear_gram, rbf_gram, u_centered
 
 import ckapipe.store as store_module
 from ckapipe.analyze.estimators import MinibatchCKA, u_centered_gram
@@ -71,32 +72,6 @@ def stored(path, name) -> np.ndarray:
     if raw.dtype == np.uint16:  # bfloat16 bit patterns
         raw = (raw.astype(np.uint32) << 16).view(np.float32)
     return raw.astype(np.float64)
-
-
-def linear_gram(x: np.ndarray) -> np.ndarray:
-    centered = x - x.mean(axis=0)
-    return centered @ centered.T
-
-
-def rbf_gram(x: np.ndarray, threshold: float) -> np.ndarray:
-    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(-1)
-    sigma2 = threshold**2 * np.median(sq)
-    return np.exp(-sq / (2 * sigma2))
-
-
-def u_centered(k: np.ndarray) -> np.ndarray:
-    """Székely & Rizzo (2014): zero diagonal, row/column sums over (n−2), total over (n−1)(n−2)."""
-    n = k.shape[0]
-    k = k.copy()
-    np.fill_diagonal(k, 0.0)
-    u = (
-        k
-        - k.sum(axis=1, keepdims=True) / (n - 2)
-        - k.sum(axis=0, keepdims=True) / (n - 2)
-        + k.sum() / ((n - 1) * (n - 2))
-    )
-    np.fill_diagonal(u, 0.0)
-    return u
 
 
 def expected_batch_rows(n, m, epochs, epoch_seeds):

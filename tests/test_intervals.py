@@ -1,10 +1,11 @@
 """Bootstrap intervals and permutation p-values (ckapipe.analyze.intervals) against float64
-references written out here."""
+references (HSIC₁ from tests/reference.py; the bootstrap written out here)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from reference import hsic1
 
 from ckapipe.analyze.intervals import (
     bootstrap_cka,
@@ -18,57 +19,13 @@ from ckapipe.analyze.intervals import (
 # ---------------------------------------------------------------------- float64 references
 
 
-def reference_u_center(k: np.ndarray) -> np.ndarray:
-    """Székely & Rizzo (2014) U-centering of (..., m, m) Grams, written out."""
-    m = k.shape[-1]
-    kt = k.copy()
-    idx = np.arange(m)
-    kt[..., idx, idx] = 0.0
-    row = kt.sum(axis=-1)  # (..., m)
-    total = row.sum(axis=-1)  # (...)
-    u = (
-        kt
-        - row[..., :, None] / (m - 2)
-        - row[..., None, :] / (m - 2)
-        + total[..., None, None] / ((m - 1) * (m - 2))
-    )
-    u[..., idx, idx] = 0.0
-    return u
-
-
-def reference_hsic1(k: np.ndarray, l: np.ndarray) -> np.ndarray:  # noqa: E741
-    """Unbiased HSIC₁ of (..., m, m) Grams: ⟨Ũ(K), Ũ(L)⟩ / (m(m−3))."""
-    m = k.shape[-1]
-    return (reference_u_center(k) * reference_u_center(l)).sum(axis=(-2, -1)) / (m * (m - 3))
-
-
-def reference_hsic1_song(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
-    """Song et al. (2012) closed form, to check the U-centering reference itself."""
-    m = k.shape[0]
-    kt, lt = k - np.diag(np.diag(k)), l - np.diag(np.diag(l))
-    one = np.ones(m)
-    value = (
-        np.trace(kt @ lt)
-        + (one @ kt @ one) * (one @ lt @ one) / ((m - 1) * (m - 2))
-        - 2.0 / (m - 2) * (one @ kt @ lt @ one)
-    )
-    return float(value / (m * (m - 3)))
-
-
-def test_reference_u_centering_equals_song_closed_form():
-    rng = np.random.default_rng(1)
-    x, y = rng.normal(size=(12, 3)), rng.normal(size=(12, 5))
-    k, l = x @ x.T, y @ y.T  # noqa: E741
-    assert reference_hsic1(k, l) == pytest.approx(reference_hsic1_song(k, l), rel=1e-12)
-
-
 def per_batch_terms(xs: list[np.ndarray], ys: list[np.ndarray]):
     """Per-batch HSIC₁ for layers xs (La of (B, m, p)) and ys (Lb of (B, m, q))."""
     ka = [x @ np.swapaxes(x, 1, 2) for x in xs]  # La × (B, m, m)
     kb = [y @ np.swapaxes(y, 1, 2) for y in ys]
-    hsic = np.stack([np.stack([reference_hsic1(a, b) for b in kb], -1) for a in ka], -2)
-    self_a = np.stack([reference_hsic1(a, a) for a in ka], -1)
-    self_b = np.stack([reference_hsic1(b, b) for b in kb], -1)
+    hsic = np.stack([np.stack([hsic1(a, b) for b in kb], -1) for a in ka], -2)
+    self_a = np.stack([hsic1(a, a) for a in ka], -1)
+    self_b = np.stack([hsic1(b, b) for b in kb], -1)
     return hsic, self_a, self_b  # (B, La, Lb), (B, La), (B, Lb)
 
 

@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import job_counts
 from reference import minibatch_linear_cka
 
 import ckapipe
@@ -38,21 +39,6 @@ def run_ckapipe(*args: str, timeout: float = 900) -> subprocess.CompletedProcess
     return subprocess.run(
         [CKAPIPE, "run", *args], capture_output=True, text=True, check=False, timeout=timeout
     )
-
-
-def job_counts(output: str) -> dict[str, int]:
-    """The "Job stats" table of a Snakemake (dry) run as {rule: count}; {} when nothing to do."""
-    lines = output.splitlines()
-    if "Job stats:" not in lines:
-        return {}
-    counts = {}
-    for line in lines[lines.index("Job stats:") + 3 :]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    counts.pop("total", None)
-    return counts
 
 
 def write_config(path: Path, config: dict) -> Path:

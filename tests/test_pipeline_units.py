@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import job_counts
 
 from ckapipe.demo.data import make_gratings
 from ckapipe.demo.models import mlp, small_cnn
@@ -138,6 +139,16 @@ def _store(path: Path, weights_sha256: str | None, *, complete: bool) -> None:
     store.close()
 
 
+def _guard(store: Path, weights: Path) -> subprocess.CompletedProcess[str]:
+    """``python -m ckapipe.workflow.guard STORE --weights WEIGHTS``; fails the test on an error."""
+    return subprocess.run(
+        [sys.executable, "-m", "ckapipe.workflow.guard", str(store), "--weights", str(weights)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+
+
 def test_guard_keeps_only_an_interrupted_store_of_the_same_weights(tmp_path):
     weights = tmp_path / "w.pt"
     weights.write_bytes(b"weights")
@@ -159,32 +170,9 @@ def test_guard_keeps_only_an_interrupted_store_of_the_same_weights(tmp_path):
         '{"zarr_format": 3, "node_type": "group", "attributes": {}}'
     )
     assert store_verdict(tmp_path / "half", weights) == "stale"  # killed while being created
-    completed = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ckapipe.workflow.guard",
-            str(tmp_path / "other.zarr"),
-            "--weights",
-            str(weights),
-        ],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+    completed = _guard(tmp_path / "other.zarr", weights)
     assert "removed stale store" in completed.stderr and not (tmp_path / "other.zarr").exists()
-    subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "ckapipe.workflow.guard",
-            str(tmp_path / "interrupted.zarr"),
-            "--weights",
-            str(weights),
-        ],
-        check=True,
-        capture_output=True,
-    )
+    _guard(tmp_path / "interrupted.zarr", weights)
     assert (tmp_path / "interrupted.zarr" / "zarr.json").is_file()
 
 
@@ -366,18 +354,19 @@ def test_workflow_is_lint_clean(tmp_path):
         assert "Lints for" not in completed.stdout + completed.stderr
 
 
-def test_dry_run_plans_the_whole_demo(tmp_path):
+def _ckapipe_run(*args: str) -> str:
+    """``ckapipe run ARGS`` through the installed console script; its output, once it succeeded."""
     ckapipe = shutil.which("ckapipe")
     assert ckapipe, "the ckapipe console script is not installed"
-    completed = subprocess.run(
-        [ckapipe, "run", "--workdir", str(tmp_path), "--", "--dry-run"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    completed = subprocess.run([ckapipe, "run", *args], capture_output=True, text=True, check=False)
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
-    counts = _job_counts(output)
+    return output
+
+
+def test_dry_run_plans_the_whole_demo(tmp_path):
+    output = _ckapipe_run("--workdir", str(tmp_path), "--", "--dry-run")
+    counts = job_counts(output)
     assert counts == {
         "demo_data": 1,
         "train": 4,
@@ -396,15 +385,8 @@ def test_two_datasets_make_one_study_each_from_shared_models(tmp_path):
     config["datasets"]["train_subset"] = {"demo": "train", "limit": 512}
     study = tmp_path / "two.yaml"
     study.write_text(yaml.safe_dump(config))
-    completed = subprocess.run(
-        [shutil.which("ckapipe"), "run", str(study), "--workdir", str(tmp_path), "--", "-n"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    output = completed.stdout + completed.stderr
-    assert completed.returncode == 0, output
-    counts = _job_counts(output)
+    output = _ckapipe_run(str(study), "--workdir", str(tmp_path), "--", "-n")
+    counts = job_counts(output)
     # models are trained once; each is extracted on both datasets; one analysis per dataset
     assert (
         counts["train"],
@@ -423,21 +405,7 @@ def test_repository_snakefile_defaults_to_the_demo(tmp_path):
     )
     output = completed.stdout + completed.stderr
     assert completed.returncode == 0, output
-    assert _job_counts(output).get("report") == 1, output
-
-
-def _job_counts(output: str) -> dict[str, int]:
-    """The "Job stats" table of a Snakemake run or dry run, as {rule: count} (total dropped)."""
-    lines = output.splitlines()
-    start = lines.index("Job stats:") + 3
-    counts = {}
-    for line in lines[start:]:
-        parts = line.split()
-        if len(parts) != 2 or not parts[1].isdigit():
-            break
-        counts[parts[0]] = int(parts[1])
-    counts.pop("total", None)
-    return counts
+    assert job_counts(output).get("report") == 1, output
 
 
 # -- code and format versions in the cache key -----------------------------------------------------

@@ -1,6 +1,6 @@
-"""The pairs step (ckapipe.analyze.study, ckapipe analyze): every number against float64 numpy
-references computed here from the stored activations (read with zarr), on real stores and Gram
-caches in tmp_path."""
+"""The pairs step (ckapipe.analyze.study, ckapipe analyze): every number against the float64 numpy
+references of tests/reference.py, computed here from the stored activations (read with zarr), on
+real stores and Gram caches in tmp_path."""
 
 from __future__ import annotations
 
@@ -20,6 +20,15 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
+from reference import (
+    cka_from_terms,
+    hsic0,
+    hsic1,
+    linear_gram,
+    minibatch_terms,
+    rbf_gram,
+    rbf_sigma2,
+)
 
 from ckapipe.analyze.cli_study import analyze
 from ckapipe.analyze.estimators import DegenerateLayerWarning, MinibatchCKA
@@ -46,34 +55,6 @@ M = 12  # minibatch size: 5 batches
 # ---------------------------------------------------------------------- float64 references
 
 
-def reference_u_center(k: np.ndarray) -> np.ndarray:
-    """Székely & Rizzo (2014) U-centering, written out."""
-    m = k.shape[0]
-    kt = k - np.diag(np.diag(k))
-    row = kt.sum(axis=1)
-    u = kt - row[:, None] / (m - 2) - row[None, :] / (m - 2) + row.sum() / ((m - 1) * (m - 2))
-    np.fill_diagonal(u, 0.0)
-    return u
-
-
-def reference_hsic1(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
-    m = k.shape[0]
-    return float((reference_u_center(k) * reference_u_center(l)).sum() / (m * (m - 3)))
-
-
-def reference_hsic0(k: np.ndarray, l: np.ndarray) -> float:  # noqa: E741
-    """Gretton et al. (2005): tr(K H L H) / (n − 1)²."""
-    n = k.shape[0]
-    h = np.eye(n) - np.ones((n, n)) / n
-    return float(np.trace(k @ h @ l @ h) / (n - 1) ** 2)
-
-
-def reference_rbf(x: np.ndarray, threshold: float) -> np.ndarray:
-    """Kornblith et al. (2019) RBF Gram: σ² = threshold² · median of all squared distances."""
-    sq = ((x[:, None, :] - x[None, :, :]) ** 2).sum(axis=-1)
-    return np.exp(-sq / (2 * threshold**2 * np.median(sq)))
-
-
 def stored(store_path: Path) -> dict[str, np.ndarray]:
     """Every layer of a store as float64, read directly with zarr."""
     group = zarr.open_group(str(store_path), mode="r")
@@ -86,24 +67,13 @@ def layer_order(store_path: Path) -> list[str]:
     return [layer["name"] for layer in zarr.open_group(str(store_path), mode="r").attrs["layers"]]
 
 
-def reference_minibatch(xa: list[np.ndarray], xb: list[np.ndarray], m: int):
+def reference_minibatch(xa: list[np.ndarray], xb: list[np.ndarray], m: int, gram=linear_gram):
     """Per-batch HSIC₁ over contiguous batches of m rows (the epoch-0 partition), and the CKA."""
-    n_batches = xa[0].shape[0] // m
-    hsic = np.zeros((n_batches, len(xa), len(xb)))
-    self_a = np.zeros((n_batches, len(xa)))
-    self_b = np.zeros((n_batches, len(xb)))
-    for k in range(n_batches):
-        rows = slice(k * m, (k + 1) * m)
-        ka = [x[rows] @ x[rows].T for x in xa]
-        kb = [y[rows] @ y[rows].T for y in xb]
-        for i, gi in enumerate(ka):
-            self_a[k, i] = reference_hsic1(gi, gi)
-            for j, gj in enumerate(kb):
-                hsic[k, i, j] = reference_hsic1(gi, gj)
-        for j, gj in enumerate(kb):
-            self_b[k, j] = reference_hsic1(gj, gj)
-    cka = hsic.sum(0) / np.sqrt(np.outer(self_a.sum(0), self_b.sum(0)))
-    return cka, hsic, self_a, self_b
+    blocks = [slice(k * m, (k + 1) * m) for k in range(xa[0].shape[0] // m)]
+    hsic, self_a, self_b = minibatch_terms(
+        [[x[rows] for x in xa] for rows in blocks], [[y[rows] for y in xb] for rows in blocks], gram
+    )
+    return cka_from_terms(hsic, self_a, self_b), hsic, self_a, self_b
 
 
 def reference_full(grams_a: list[np.ndarray], grams_b: list[np.ndarray], hsic) -> np.ndarray:
@@ -286,19 +256,8 @@ def test_minibatch_rbf_matches_per_batch_reference(study_dir, tmp_path):
         device="cpu",
     )
     xa, xb = layers_of(study_dir, "a"), layers_of(study_dir, "b")
-    hsic = np.zeros((N // M, len(xa), len(xb)))
-    self_a, self_b = np.zeros((N // M, len(xa))), np.zeros((N // M, len(xb)))
-    for k in range(N // M):
-        rows = slice(k * M, (k + 1) * M)
-        ka = [reference_rbf(x[rows], 1.3) for x in xa]  # bandwidth per batch
-        kb = [reference_rbf(y[rows], 1.3) for y in xb]
-        for i, gi in enumerate(ka):
-            self_a[k, i] = reference_hsic1(gi, gi)
-            for j, gj in enumerate(kb):
-                hsic[k, i, j] = reference_hsic1(gi, gj)
-        for j, gj in enumerate(kb):
-            self_b[k, j] = reference_hsic1(gj, gj)
-    expected = hsic.sum(0) / np.sqrt(np.outer(self_a.sum(0), self_b.sum(0)))
+    # bandwidth per batch
+    expected = reference_minibatch(xa, xb, M, gram=lambda x: rbf_gram(x, 1.3))[0]
     np.testing.assert_allclose(study.pair("a", "b").cka, expected, rtol=1e-9)
     assert study.provenance["kernel"] == "rbf" and study.provenance["threshold"] == 1.3
     assert "bandwidth_rule" in study.provenance
@@ -339,9 +298,7 @@ def test_one_batch_of_all_samples_equals_exact_hsic1_cka(study_dir, tmp_path):
     grams_a = [x @ x.T for x in layers_of(study_dir, "a")]
     grams_b = [y @ y.T for y in layers_of(study_dir, "b")]
     pair = study.pair("a-one", "b-one")
-    np.testing.assert_allclose(
-        pair.cka, reference_full(grams_a, grams_b, reference_hsic1), rtol=1e-9
-    )
+    np.testing.assert_allclose(pair.cka, reference_full(grams_a, grams_b, hsic1), rtol=1e-9)
     assert np.isnan(pair.ci_low).all() and np.isnan(pair.ci_high).all()
     assert any(d.startswith("interval withheld: 1 batches < 4") for d in pair.diagnostics)
 
@@ -369,14 +326,14 @@ def test_permutation_p_values_match_reference_and_separate_dependence(study_dir,
             perms = np.argsort(np.random.default_rng([seed, k]).random((n_perm, M)), axis=1)
             ka = [x[rows] @ x[rows].T for x in xa]
             for i, gi in enumerate(ka):
-                self_a[i] += reference_hsic1(gi, gi)
+                self_a[i] += hsic1(gi, gi)
             for j, y in enumerate(xb):
                 yk = y[rows]
-                self_b[j] += reference_hsic1(yk @ yk.T, yk @ yk.T)
+                self_b[j] += hsic1(yk @ yk.T, yk @ yk.T)
                 for r in range(n_perm):
                     yp = yk[perms[r]]
                     for i, gi in enumerate(ka):
-                        null_cross[r, i, j] += reference_hsic1(gi, yp @ yp.T)
+                        null_cross[r, i, j] += hsic1(gi, yp @ yp.T)
         null = null_cross / np.sqrt(np.outer(self_a, self_b))
         expected = (1 + (null >= observed).sum(0)) / (1 + n_perm)
         pair = study.pair(a, b)
@@ -436,9 +393,7 @@ def test_degenerate_layer_is_a_named_diagnostic_with_nan_not_clamped(study_dir, 
 # ---------------------------------------------------------------------- full mode
 
 
-@pytest.mark.parametrize(
-    ("estimator", "hsic"), [("debiased", reference_hsic1), ("biased", reference_hsic0)]
-)
+@pytest.mark.parametrize(("estimator", "hsic"), [("debiased", hsic1), ("biased", hsic0)])
 def test_full_mode_matches_exact_reference(study_dir, tmp_path, estimator, hsic):
     study = analyze_study(
         [cache_path(study_dir, "a-full"), cache_path(study_dir, "b-full")],
@@ -492,9 +447,7 @@ def test_full_mode_debiased_interval_is_the_block_jackknife(study_dir, tmp_path,
             for g in range(5):
                 keep = labels != g
                 k, l = x[keep] @ x[keep].T, y[keep] @ y[keep].T  # noqa: E741
-                deleted.append(
-                    reference_hsic1(k, l) / math.sqrt(reference_hsic1(k, k) * reference_hsic1(l, l))
-                )
+                deleted.append(hsic1(k, l) / math.sqrt(hsic1(k, k) * hsic1(l, l)))
             deleted = np.array(deleted)
             se = math.sqrt(4 / 5 * ((deleted - deleted.mean()) ** 2).sum())
             assert pair.ci_low[i, j] == pytest.approx(pair.cka[i, j] - half * se, rel=1e-8)
@@ -502,9 +455,7 @@ def test_full_mode_debiased_interval_is_the_block_jackknife(study_dir, tmp_path,
     assert not any("interval withheld" in d for d in pair.diagnostics)
 
 
-@pytest.mark.parametrize(
-    ("estimator", "hsic"), [("debiased", reference_hsic1), ("biased", reference_hsic0)]
-)
+@pytest.mark.parametrize(("estimator", "hsic"), [("debiased", hsic1), ("biased", hsic0)])
 def test_full_mode_rbf_matches_reference_and_records_bandwidth(
     study_dir, tmp_path, estimator, hsic
 ):
@@ -518,16 +469,15 @@ def test_full_mode_rbf_matches_reference_and_records_bandwidth(
     )
     assert study.provenance["kernel"] == "rbf" and study.provenance["threshold"] == 0.8
     # RBF Grams are not centered (unlike the cached linear ones): this exercises the centering
-    grams_a = [reference_rbf(x, 0.8) for x in layers_of(study_dir, "a")]
-    grams_b = [reference_rbf(y, 0.8) for y in layers_of(study_dir, "b")]
+    grams_a = [rbf_gram(x, 0.8) for x in layers_of(study_dir, "a")]
+    grams_b = [rbf_gram(y, 0.8) for y in layers_of(study_dir, "b")]
     pair = study.pair("a", "b")
     np.testing.assert_allclose(pair.cka, reference_full(grams_a, grams_b, hsic), rtol=1e-9)
     exact = np.array([[hsic(k, l) for l in grams_b] for k in grams_a])  # noqa: E741
     np.testing.assert_allclose(pair.hsic_per_batch[0], exact, rtol=1e-9)
     sigma2 = study.provenance["models"]["a"]["rbf_sigma2"]
     for name, x in zip(study_dir["order"]["a"], layers_of(study_dir, "a"), strict=True):
-        sq = ((x[:, None] - x[None]) ** 2).sum(-1)
-        assert sigma2[name] == pytest.approx(0.8**2 * np.median(sq), rel=1e-9)
+        assert sigma2[name] == pytest.approx(rbf_sigma2(x, 0.8), rel=1e-9)
     assert "median" in study.provenance["bandwidth_rule"]
 
 
