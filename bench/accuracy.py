@@ -61,24 +61,28 @@ def _peer_pairs(
 
 def _error_rows(
     values: dict[str, np.ndarray],
-    minibatch: np.ndarray,
-    last_batch: np.ndarray,
-    one_batch: np.ndarray | None = None,
+    xs: list[np.ndarray],
+    ys: list[np.ndarray],
+    batches: list[slice],
     skip_nan: bool = False,
 ) -> dict[str, dict[str, Any]]:
-    """Each tool's max |error| against its reference: the one-batch reference for tools named
-    "(one batch)", else the minibatch one; ckatorch's CKA also against the last batch alone.
-    ``skip_nan``: the largest error over the entries a tool did compute (else NaN shows)."""
+    """Each tool's max |error| against the float64 reference on the features ``xs``, ``ys``:
+    over all n as one batch for tools named "(one batch)", else over ``batches``; ckatorch's CKA
+    also against the last batch alone. ``skip_nan``: the largest error over the entries a tool
+    did compute (else a NaN shows)."""
     largest = np.nanmax if skip_nan else np.max
+    minibatch = reference.minibatch_cka(xs, ys, batches)
+    one_batch = reference.cka(xs, ys) if any("one batch" in tool for tool in values) else None
     rows = {}
     for tool, value in values.items():
         value = np.asarray(value, dtype=np.float64)
-        truth = one_batch if one_batch is not None and "one batch" in tool else minibatch
+        truth = one_batch if "one batch" in tool else minibatch
         rows[tool] = {
             "max_abs_error": float(largest(np.abs(value - truth))),
             "value": value.tolist(),
             "reference": truth.tolist(),
         }
+    last_batch = reference.minibatch_cka(xs, ys, batches[-1:])
     last = np.asarray(values[CKATORCH_LAST_BATCH])
     rows[CKATORCH_LAST_BATCH]["max_abs_error_vs_last_batch_only"] = float(
         np.max(np.abs(last - last_batch))
@@ -135,13 +139,7 @@ def offset_case(bench: BenchRun, ratio: float) -> dict[str, Any]:
     values["ckatorch cka_batch (one batch)"] = np.array(
         [[ckatorch_features(x, y) for y in ys] for x in xs]
     )
-    rows = _error_rows(
-        values,
-        minibatch=reference.minibatch_cka(xs, ys, batches),
-        last_batch=reference.minibatch_cka(xs, ys, batches[-1:]),
-        one_batch=reference.cka(xs, ys),
-        skip_nan=True,
-    )
+    rows = _error_rows(values, xs, ys, batches, skip_nan=True)
     return {
         "offset_ratio": ratio,
         "n": n,
@@ -193,12 +191,7 @@ def cnn_case(bench: BenchRun) -> dict[str, Any]:
         values[f"ckapipe end to end ({label})"] = study.pair("ga", "gb").cka
     values.update(_peer_pairs(bench, models, dataset, CNN_LAYERS, m))
     shutil.rmtree(bench.root / "accuracy_cnn", ignore_errors=True)
-    batches = _batches(n, m)
-    rows = _error_rows(
-        values,
-        minibatch=reference.minibatch_cka(xs, ys, batches),
-        last_batch=reference.minibatch_cka(xs, ys, batches[-1:]),
-    )
+    rows = _error_rows(values, xs, ys, _batches(n, m))
     column_ratio = [float(np.median(np.abs(x.mean(axis=0)) / (x.std(axis=0) + 1e-30))) for x in xs]
     return {
         "label": "study CNNs m0 vs m1, real activations",

@@ -194,11 +194,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def bench_run(parser: argparse.ArgumentParser, args: argparse.Namespace, root: Path) -> BenchRun:
-    """The settings :func:`add_arguments` parsed, with ``root`` as the scratch folder."""
+def bench_run(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, root: Path | None = None
+) -> BenchRun:
+    """The settings :func:`add_arguments` parsed; ``root``, the scratch folder, is a new
+    temporary folder when not given (made only once the options are found valid)."""
     channels = tuple(int(c) for c in args.channels.split(","))
     if len(channels) != 3 or min(channels) < 1:
         parser.error(f"--channels needs three positive widths, e.g. 16,32,64; got {args.channels}")
+    root = root or Path(tempfile.mkdtemp(prefix="ckapipe-bench-study-"))
     return BenchRun(QUICK if args.quick else FULL, args.device, channels, root)
 
 
@@ -207,8 +211,7 @@ def measure(
 ) -> dict[str, Any]:
     """Run ``benchmarks`` in order in one process and scratch folder: one mode's result."""
     started = time.perf_counter()
-    root = Path(tempfile.mkdtemp(prefix="ckapipe-bench-study-"))
-    bench = bench_run(parser, args, root)
+    bench = bench_run(parser, args)
     result: dict[str, Any] = {
         "mode": bench.mode,
         "device": bench.device,
@@ -223,7 +226,7 @@ def measure(
         for benchmark in benchmarks:
             result[benchmark.KEY] = benchmark.run(bench)
     finally:
-        shutil.rmtree(root, ignore_errors=True)
+        shutil.rmtree(bench.root, ignore_errors=True)
     result["wall_s"] = time.perf_counter() - started
     return result
 
