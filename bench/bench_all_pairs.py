@@ -1,12 +1,12 @@
-"""Benchmark (issue 4 c): time of the all-pairs step for M = 2, 4, 8 models from Gram caches.
+"""Benchmark: time of the all-pairs step for M = 2, 4, 8 models from Gram caches.
 
 Builds M synthetic activation stores and their minibatch Gram caches once (not timed), then
 times :func:`ckapipe.analyze.study.analyze_study` over all pairs (every a < b plus each model with
 itself) for the first M caches, several repeats, and reports the median. For comparison it
 also times reading the same caches once in lockstep (the step's I/O floor) and the step without
-the bootstrap. Writes a section "All-pairs step (issue 4 c)" into bench/RESULTS.md between the
-markers ``<!-- bench_all_pairs:start/end -->``, replacing an earlier version and leaving the rest
-of the file alone.
+the bootstrap. Writes a section "All-pairs step" into bench/RESULTS.md between the markers
+``<!-- bench_all_pairs:start/end -->``, replacing an earlier version and leaving the rest of the
+file alone.
 
 Run: ``python bench/bench_all_pairs.py [--n 2048 --batch-size 256 --layers 8 --models 2,4,8]``.
 Not a test: nothing here asserts.
@@ -15,27 +15,20 @@ Not a test: nothing here asserts.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
-import platform
 import shutil
-import statistics
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import torch
 import zarr
+from report import RESULTS_MD, machine, machine_text, median_time, utc_now, write_section
 
 from ckapipe.analyze.gram_cache import GramCache, build_gram_cache
 from ckapipe.analyze.result import StudyResult, jsonable, write_result
 from ckapipe.analyze.study import _lockstep, _minibatch_pairs, _resolve_device, analyze_study
 from ckapipe.store import ActivationStore, LayerRecord
-
-SECTION = "## All-pairs step (issue 4 c)"
-START_MARK = "<!-- bench_all_pairs:start -->"
-END_MARK = "<!-- bench_all_pairs:end -->"
 
 
 def make_store(path: Path, n: int, layers: int, width: int, seed: int, sample_ids) -> Path:
@@ -84,152 +77,75 @@ def write_v1(study: StudyResult, out: Path) -> None:
     root.attrs["complete"] = True
 
 
-def median_time(fn, repeats: int) -> tuple[float, list[float]]:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), times
-
-
 def _write_v2(study: StudyResult, out: Path) -> None:
     write_result(study, out, overwrite=False)
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cores = os.cpu_count()
-    text = f"{platform.node()}: {cpu}, {cores} logical cores, torch {torch.__version__}"
-    if torch.cuda.is_available():
-        text += f", GPU {torch.cuda.get_device_name(0)}"
-    return text
-
-
-def write_section(results_md: Path, body: str) -> None:
-    """Put this benchmark's section between its markers in RESULTS.md (replacing an earlier
-    one, or appended); everything else in the file is kept."""
-    block = f"{START_MARK}\n{body.rstrip()}\n{END_MARK}\n"
-    text = results_md.read_text() if results_md.exists() else "# ckapipe benchmark results\n"
-    start = text.find(START_MARK)
-    end = text.find(END_MARK)
-    if start >= 0 and end > start:
-        text = text[:start] + block + text[end + len(END_MARK) :].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    results_md.write_text(text)
-
-
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--n", type=int, default=2048, help="samples per store")
-    parser.add_argument("--batch-size", type=int, default=256, help="minibatch size m")
-    parser.add_argument("--layers", type=int, default=8, help="layers per model")
-    parser.add_argument("--width", type=int, default=64, help="features per layer")
-    parser.add_argument("--models", default="2,4,8", help="comma-separated model counts M")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--bootstrap", type=int, default=1000)
-    parser.add_argument("--device", default="auto")
-    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
-    parser.add_argument(
-        "--results", type=Path, default=Path(__file__).with_name("RESULTS.md"), help="markdown file"
-    )
-    args = parser.parse_args()
-    counts = [int(c) for c in args.models.split(",")]
-    device = _resolve_device(args.device)
-    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckapipe-bench-pairs-"))
-    workdir.mkdir(parents=True, exist_ok=True)
-    try:
-        sample_ids = np.random.default_rng(0).permutation(args.n)
-        caches = []
-        t0 = time.perf_counter()
-        for k in range(max(counts)):
-            store = make_store(
-                workdir / f"m{k}.store", args.n, args.layers, args.width, k, sample_ids
+def build_caches(args: argparse.Namespace, workdir: Path) -> list[GramCache]:
+    """One synthetic store and its Gram cache per model, for the largest M (not timed)."""
+    sample_ids = np.random.default_rng(0).permutation(args.n)
+    caches = []
+    for k in range(max(args.counts)):
+        store = make_store(workdir / f"m{k}.store", args.n, args.layers, args.width, k, sample_ids)
+        caches.append(
+            build_gram_cache(
+                store, workdir / f"m{k}.grams", batch_size=args.batch_size, device=args.device
             )
-            caches.append(
-                build_gram_cache(
-                    store, workdir / f"m{k}.grams", batch_size=args.batch_size, device=args.device
-                )
-            )
-        setup = time.perf_counter() - t0
-        n_batches = len(caches[0].batches)
-        cache_mb = (
-            sum(f.stat().st_size for f in (workdir / "m0.grams").rglob("*") if f.is_file()) / 2**20
         )
-        rows = []
-        for m_models in counts:
-            subset = [GramCache.open(c.path) for c in caches[:m_models]]
-            n_pairs = m_models * (m_models + 1) // 2
-            runs = iter(range(10**6))
+    return caches
 
-            def step(bootstrap: int, subset=subset, m_models=m_models, runs=runs) -> None:
-                # a fresh output per run: deleting the previous one is not part of the step
-                out = workdir / f"result-{m_models}-{next(runs)}.zarr"
-                analyze_study(subset, out, n_bootstrap=bootstrap, device=args.device)
 
-            def read_only(subset=subset) -> None:
-                named = {str(i): c for i, c in enumerate(subset)}
-                for _ in _lockstep(named, list(named), device):
-                    pass
+def time_step(
+    args: argparse.Namespace, caches: list[GramCache], device: str, workdir: Path
+) -> dict[str, Any]:
+    """Median seconds of the all-pairs step over ``caches`` and of its parts."""
+    subset = [GramCache.open(cache.path) for cache in caches]
+    named = {str(i): cache for i, cache in enumerate(subset)}
+    runs = iter(range(10**6))
 
-            def compute_only(subset=subset) -> None:
-                named = {str(i): c for i, c in enumerate(subset)}
-                layers = {name: c.layer_names for name, c in named.items()}
-                names = list(named)
-                pairs = [(a, b) for i, a in enumerate(names) for b in names[i:]]
-                _minibatch_pairs(
-                    named,
-                    layers,
-                    pairs,
-                    ci_level=0.95,
-                    n_bootstrap=args.bootstrap,
-                    n_permutations=0,
-                    seed=0,
-                    device=device,
-                )
+    def step(bootstrap: int) -> None:
+        # a fresh output per run: deleting the previous one is not part of the step
+        out = workdir / f"result-{len(subset)}-{next(runs)}.zarr"
+        analyze_study(subset, out, n_bootstrap=bootstrap, device=args.device)
 
-            study = analyze_study(subset, workdir / f"w{m_models}.zarr", device=device)
+    def read_only() -> None:
+        for _ in _lockstep(named, list(named), device):
+            pass
 
-            def write(version: int, study=study, m_models=m_models, runs=runs) -> None:
-                out = workdir / f"write-v{version}-{m_models}-{next(runs)}.zarr"
-                (write_v1 if version == 1 else _write_v2)(study, out)
+    def compute_only() -> None:
+        layers = {name: cache.layer_names for name, cache in named.items()}
+        names = list(named)
+        pairs = [(a, b) for i, a in enumerate(names) for b in names[i:]]
+        _minibatch_pairs(
+            named, layers, pairs, ci_level=0.95, n_bootstrap=args.bootstrap, n_permutations=0,
+            seed=0, device=device,
+        )  # fmt: skip
 
-            write_old, _ = median_time(lambda: write(1), args.repeats)
-            write_new, _ = median_time(lambda: write(2), args.repeats)
-            full, full_times = median_time(lambda: step(args.bootstrap), args.repeats)
-            plain, _ = median_time(lambda: step(0), args.repeats)
-            reading, _ = median_time(read_only, args.repeats)
-            computing, _ = median_time(compute_only, args.repeats)
-            rows.append(
-                (
-                    m_models,
-                    n_pairs,
-                    full,
-                    plain,
-                    computing,
-                    reading,
-                    write_old,
-                    write_new,
-                    full_times,
-                )
-            )
-            print(
-                f"M={m_models}: {n_pairs} pairs, all-pairs step {full:.3f} s (no bootstrap "
-                f"{plain:.3f} s, without writing {computing:.3f} s, reading {reading:.3f} s; "
-                f"writing the result: format v1 {write_old:.3f} s, v2 {write_new:.3f} s)",
-                flush=True,
-            )
-    finally:
-        if args.workdir is None:
-            shutil.rmtree(workdir, ignore_errors=True)
+    study = analyze_study(subset, workdir / f"w{len(subset)}.zarr", device=device)
 
-    now = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    def write(version: int) -> None:
+        out = workdir / f"write-v{version}-{len(subset)}-{next(runs)}.zarr"
+        (write_v1 if version == 1 else _write_v2)(study, out)
+
+    row: dict[str, Any] = {}
+    row["write_old"], _ = median_time(lambda: write(1), args.repeats)
+    row["write_new"], _ = median_time(lambda: write(2), args.repeats)
+    row["full"], row["full_times"] = median_time(lambda: step(args.bootstrap), args.repeats)
+    row["plain"], _ = median_time(lambda: step(0), args.repeats)
+    row["reading"], _ = median_time(read_only, args.repeats)
+    row["computing"], _ = median_time(compute_only, args.repeats)
+    return row
+
+
+def section_text(
+    args: argparse.Namespace, device: str, rows: dict[int, dict[str, Any]], n_batches: int,
+    cache_mb: float, setup: float,
+) -> str:  # fmt: skip
+    """The RESULTS.md section: setup, method, one table row per M."""
     lines = [
-        SECTION,
+        "## All-pairs step",
         "",
-        f"Machine: {machine()}; device `{device}`. Date: {now}. Load average (1 min) "
-        f"at the end: {os.getloadavg()[0]:.1f}.",
+        f"Machine: {machine_text(machine(), 'at the end')}; device `{device}`. Date: {utc_now()}.",
         f"Synthetic stores: n = {args.n} samples, {args.layers} layers × {args.width} features "
         f"(float16) per model; minibatch Gram caches with m = {args.batch_size} "
         f"({n_batches} batches, {cache_mb:.0f} MiB per model). Setup (stores + caches, not "
@@ -246,14 +162,58 @@ def main() -> None:
         "runs of the step (s) |",
         "|---:|---:|---:|---:|---:|---:|---:|---:|---|",
     ]
-    for m_models, n_pairs, full, plain, computing, reading, old, new, times in rows:
-        runs = ", ".join(f"{t:.2f}" for t in times)
+    for m_models, r in rows.items():
+        runs = ", ".join(f"{t:.2f}" for t in r["full_times"])
         lines.append(
-            f"| {m_models} | {n_pairs} | {full:.3f} | {plain:.3f} | {computing:.3f} | "
-            f"{reading:.3f} | {old:.3f} | {new:.3f} | {runs} |"
+            f"| {m_models} | {m_models * (m_models + 1) // 2} | {r['full']:.3f} | "
+            f"{r['plain']:.3f} | {r['computing']:.3f} | {r['reading']:.3f} | "
+            f"{r['write_old']:.3f} | {r['write_new']:.3f} | {runs} |"
         )
-    lines.append("")
-    write_section(args.results, "\n".join(lines) + "\n")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=2048, help="samples per store")
+    parser.add_argument("--batch-size", type=int, default=256, help="minibatch size m")
+    parser.add_argument("--layers", type=int, default=8, help="layers per model")
+    parser.add_argument("--width", type=int, default=64, help="features per layer")
+    parser.add_argument("--models", default="2,4,8", help="comma-separated model counts M")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--bootstrap", type=int, default=1000)
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--workdir", type=Path, default=None, help="default: a temporary folder")
+    parser.add_argument("--results", type=Path, default=RESULTS_MD, help="markdown file")
+    args = parser.parse_args()
+    args.counts = [int(c) for c in args.models.split(",")]
+    device = _resolve_device(args.device)
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckapipe-bench-pairs-"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    try:
+        t0 = time.perf_counter()
+        caches = build_caches(args, workdir)
+        setup = time.perf_counter() - t0
+        n_batches = len(caches[0].batches)
+        cache_files = (f for f in (workdir / "m0.grams").rglob("*") if f.is_file())
+        cache_mb = sum(f.stat().st_size for f in cache_files) / 2**20
+        rows = {}
+        for m_models in args.counts:
+            r = rows[m_models] = time_step(args, caches[:m_models], device, workdir)
+            print(
+                f"M={m_models}: {m_models * (m_models + 1) // 2} pairs, all-pairs step "
+                f"{r['full']:.3f} s (no bootstrap {r['plain']:.3f} s, without writing "
+                f"{r['computing']:.3f} s, reading {r['reading']:.3f} s; writing the result: "
+                f"format v1 {r['write_old']:.3f} s, v2 {r['write_new']:.3f} s)",
+                flush=True,
+            )
+    finally:
+        if args.workdir is None:
+            shutil.rmtree(workdir, ignore_errors=True)
+    write_section(
+        "bench_all_pairs",
+        section_text(args, device, rows, n_batches, cache_mb, setup),
+        args.results,
+    )
     print(f"wrote the section to {args.results}")
 
 

@@ -22,14 +22,10 @@ Timings are warm page cache (stores just written); medians over ``--repeats``.
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
-import os
-import platform
-import re
+import math
 import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,10 +33,7 @@ import time
 from pathlib import Path
 
 import numpy as np
-
-SECTION_START = "<!-- bench_gram_pass:start -->"
-SECTION_END = "<!-- bench_gram_pass:end -->"
-RESULTS = Path(__file__).with_name("RESULTS.md")
+from report import RESULTS_MD, machine, machine_text, median, proc_status_mb, utc_now, write_section
 
 
 def make_store(path: Path, n: int, features: list[int], seed: int = 0) -> None:
@@ -68,10 +61,12 @@ def make_store(path: Path, n: int, features: list[int], seed: int = 0) -> None:
 
 
 def store_bytes(path: Path) -> int:
+    """Bytes of the stored values of every layer (no codec: what a full read moves)."""
     from ckapipe.store import ActivationStore
 
     store = ActivationStore.open(path)
-    return sum(store.n_samples * layer.n_features * 2 for layer in store.layers)
+    itemsize = 2 if store.dtype in ("float16", "bfloat16") else 4
+    return sum(store.n_samples * layer.n_features * itemsize for layer in store.layers)
 
 
 def raw_chunk_read(path: Path) -> float:
@@ -167,33 +162,77 @@ def child_main(args: argparse.Namespace) -> None:
 
 
 def peak_rss() -> int:
-    """This process's peak RSS in bytes: VmHWM belongs to the process image, unlike ru_maxrss,
-    which a child inherits from the parent that forked it."""
-    status = Path("/proc/self/status").read_text()
-    match = re.search(r"VmHWM:\s+(\d+) kB", status)
-    if match:
-        return int(match.group(1)) * 1024
+    """This process's peak RSS in bytes (VmHWM; ru_maxrss where /proc is missing)."""
+    peak_mib = proc_status_mb("VmHWM")
+    if not math.isnan(peak_mib):
+        return int(peak_mib * 2**20)
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def machine() -> str:
-    import torch
+def _throughput(
+    path: Path, work: Path, m: int, device: str, repeats: int
+) -> dict[str, list[float]]:
+    """Seconds of each reader and Gram pass over the store at ``path``, interleaved repeats."""
+    timings: dict[str, list[float]] = {"raw": [], "loader": [], "f64": [], "f32": []}
+    raw_chunk_read(path)  # warm the page cache once
+    for repeat in range(repeats):
+        timings["raw"].append(raw_chunk_read(path))
+        timings["loader"].append(loader_read(path, device))
+        timings["f64"].append(gram_pass(path, work / "g64", m, device, "float64"))
+        timings["f32"].append(gram_pass(path, work / "g32", m, device, "float32"))
+        print(f"repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in timings.items()),
+              flush=True)  # fmt: skip
+    return timings
 
-    cpu = platform.processor() or "?"
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-        cpu = re.search(r"model name\s*:\s*(.+)", text).group(1)  # type: ignore[union-attr]
-    except (OSError, AttributeError):
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no GPU"
-    load = ", ".join(f"{value:.1f}" for value in os.getloadavg())
-    return (
-        f"{cpu}, {os.cpu_count()} cores (load average {load} at the end), "
-        f"{memory:.0f} GiB RAM, {gpu}; Python "
-        f"{platform.python_version()}, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads)"
+
+def _throughput_table(timings: dict[str, list[float]], nbytes: int) -> list[str]:
+    """Medians (and minima) of each measurement as GB/s of store and as a share of the I/O
+    floor (the faster of the two readers)."""
+    rate = {key: nbytes / median(values) / 1e9 for key, values in timings.items()}
+    floor = max(rate["raw"], rate["loader"])
+    best = {key: nbytes / min(values) / 1e9 for key, values in timings.items()}
+    best_floor = max(best["raw"], best["loader"])
+    labels = (
+        ("raw", "(a) raw chunk reads, 1 thread, reused buffer"),
+        ("loader", "(a) loader only (4 threads, prefetch 2)"),
+        ("f64", "(b) Gram pass, float64 products"),
+        ("f32", "(b) Gram pass, float32 products"),
     )
+    return [
+        "| measurement | time (s): median (min) | GB/s of store (median) | vs I/O floor: "
+        "median | vs floor: best runs |",
+        "|---|---|---|---|---|",
+        *[
+            f"| {label} | {median(timings[key]):.2f} ({min(timings[key]):.2f}) | "
+            f"{rate[key]:.3f} | **{rate[key] / floor:.3f}** | {best[key] / best_floor:.3f} |"
+            for key, label in labels
+        ],
+    ]
+
+
+def _memory_table(stores: dict[int, Path], work: Path, m: int, device: str) -> list[str]:
+    """Peak RSS of a Gram pass at n and 4n, and of a process that only imported and opened."""
+    n = min(stores)
+    peaks = {}
+    for size, store in stores.items():
+        base = ["--child", "open", "--store", str(store)]
+        gram = ["--child", "gram", "--store", str(store), "--out", str(work / f"gm-{size}"),
+                "--batch-size", str(m), "--device", device]  # fmt: skip
+        peaks[size] = (child_peak_rss(base), child_peak_rss(gram))
+        print(f"peak RSS n={size}: baseline {peaks[size][0] / 2**20:.0f} MiB, gram pass "
+              f"{peaks[size][1] / 2**20:.0f} MiB", flush=True)  # fmt: skip
+    growth_total = peaks[4 * n][1] / peaks[n][1] - 1
+    above = {size: peaks[size][1] - peaks[size][0] for size in peaks}
+    growth_above = above[4 * n] / above[n] - 1
+    return [
+        f"| (d) peak RSS, minibatch Gram pass | n = {n} | 4n = {4 * n} | growth |",
+        "|---|---|---|---|",
+        f"| whole process | {peaks[n][1] / 2**20:.0f} MiB | {peaks[4 * n][1] / 2**20:.0f} MiB"
+        f" | **{100 * growth_total:+.1f} %** |",
+        f"| above import+open baseline ({peaks[n][0] / 2**20:.0f} / "
+        f"{peaks[4 * n][0] / 2**20:.0f} MiB) | {above[n] / 2**20:.0f} MiB | "
+        f"{above[4 * n] / 2**20:.0f} MiB | {100 * growth_above:+.1f} % |",
+    ]
 
 
 def run(args: argparse.Namespace) -> str:
@@ -209,7 +248,6 @@ def run(args: argparse.Namespace) -> str:
         n, features, repeats = args.n, args.features, args.repeats
     m = args.batch_size
     work = Path(tempfile.mkdtemp(prefix="ckapipe-bench-", dir=args.dir))
-    lines = []
     try:
         stores = {}
         for size in (n, 4 * n):
@@ -221,90 +259,37 @@ def run(args: argparse.Namespace) -> str:
         path, nbytes = stores[n], store_bytes(stores[n])
         chunks = {name: list(zarr.open_array(str(path / "layers" / name)).chunks)
                   for name in (f"layer{i}" for i in range(len(features)))}  # fmt: skip
-
-        timings: dict[str, list[float]] = {"raw": [], "loader": [], "f64": [], "f32": []}
-        raw_chunk_read(path)  # warm the page cache once
-        for repeat in range(repeats):
-            timings["raw"].append(raw_chunk_read(path))
-            timings["loader"].append(loader_read(path, device))
-            timings["f64"].append(gram_pass(path, work / "g64", m, device, "float64"))
-            timings["f32"].append(gram_pass(path, work / "g32", m, device, "float32"))
-            print(f"repeat {repeat}: " + ", ".join(f"{k} {v[-1]:.2f} s" for k, v in timings.items()),
-                  flush=True)  # fmt: skip
-        rate = {key: nbytes / statistics.median(values) / 1e9 for key, values in timings.items()}
-        floor = max(rate["raw"], rate["loader"])
-        best = {key: nbytes / min(values) / 1e9 for key, values in timings.items()}
-        best_floor = max(best["raw"], best["loader"])
+        timings = _throughput(path, work, m, device, repeats)
         cka_error = max_cka_difference(work / "g64", work / "g32")
-
-        peaks = {}
-        for size in (n, 4 * n):
-            base = ["--child", "open", "--store", str(stores[size])]
-            gram = ["--child", "gram", "--store", str(stores[size]), "--out",
-                    str(work / f"gm-{size}"), "--batch-size", str(m), "--device", device]  # fmt: skip
-            peaks[size] = (child_peak_rss(base), child_peak_rss(gram))
-            print(f"peak RSS n={size}: baseline {peaks[size][0] / 2**20:.0f} MiB, gram pass "
-                  f"{peaks[size][1] / 2**20:.0f} MiB", flush=True)  # fmt: skip
-        growth_total = peaks[4 * n][1] / peaks[n][1] - 1
-        above = {size: peaks[size][1] - peaks[size][0] for size in peaks}
-        growth_above = above[4 * n] / above[n] - 1
-
-        date = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
-        lines += [
-            f"Run {date}{' (--quick)' if args.quick else ''} on {machine()}; device `{device}`.",
+        memory_lines = _memory_table(stores, work, m, device)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return "\n".join(
+        [
+            f"Run {utc_now()}{' (--quick)' if args.quick else ''} on "
+            f"{machine_text(machine(), 'at the end')}; device `{device}`.",
             f"Store: float16, no codec, n = {n} (and 4n = {4 * n} for memory), layers "
             f"{features} features, chunks {chunks}; {nbytes / 1e9:.2f} GB at n. "
             f"Minibatch m = {m}, 1 epoch. Warm page cache; medians of {repeats} runs.",
             "",
-            "| measurement | time (s): median (min) | GB/s of store (median) | vs I/O floor: "
-            "median | vs floor: best runs |",
-            "|---|---|---|---|---|",
-            *[
-                f"| {label} | {statistics.median(timings[key]):.2f} ({min(timings[key]):.2f}) | "
-                f"{rate[key]:.3f} | **{rate[key] / floor:.3f}** | {best[key] / best_floor:.3f} |"
-                for key, label in (
-                    ("raw", "(a) raw chunk reads, 1 thread, reused buffer"),
-                    ("loader", "(a) loader only (4 threads, prefetch 2)"),
-                    ("f64", "(b) Gram pass, float64 products"),
-                    ("f32", "(b) Gram pass, float32 products"),
-                )
-            ],
+            *_throughput_table(timings, nbytes),
             "",
             f"float32 products vs float64: max |ΔCKA| over all layer pairs = {cka_error:.2e} "
             "(bar: 1e-4).",
             "",
-            f"| (d) peak RSS, minibatch Gram pass | n = {n} | 4n = {4 * n} | growth |",
-            "|---|---|---|---|",
-            f"| whole process | {peaks[n][1] / 2**20:.0f} MiB | {peaks[4 * n][1] / 2**20:.0f} MiB"
-            f" | **{100 * growth_total:+.1f} %** |",
-            f"| above import+open baseline ({peaks[n][0] / 2**20:.0f} / "
-            f"{peaks[4 * n][0] / 2**20:.0f} MiB) | {above[n] / 2**20:.0f} MiB | "
-            f"{above[4 * n] / 2**20:.0f} MiB | {100 * growth_above:+.1f} % |",
+            *memory_lines,
         ]
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
-    return "\n".join(lines)
+    )
 
 
-def write_section(body: str, analysis: str) -> None:
-    header = (
-        "# ckapipe benchmark results\n\n"
-        "Numbers measured by the scripts in `bench/`; each section names its machine and date.\n"
+def write_results(body: str, analysis: str) -> None:
+    """This benchmark's section of RESULTS.md: the tables, then ``analysis``."""
+    write_section(
+        "bench_gram_pass",
+        "## Analyze stage: store read vs Gram pass\n\n"
+        "Script: `python bench/bench_gram_pass.py` (`--quick` for a smoke run).\n\n"
+        f"{body}\n\n{analysis}",
     )
-    text = RESULTS.read_text() if RESULTS.exists() else header
-    section = (
-        f"{SECTION_START}\n## Analyze stage: store read vs Gram pass (issue 4)\n\n"
-        f"Script: `python bench/bench_gram_pass.py` (`--quick` for a smoke run).\n\n"
-        f"{body}\n\n{analysis}\n{SECTION_END}"
-    )
-    if SECTION_START in text:
-        text = re.sub(
-            re.escape(SECTION_START) + ".*?" + re.escape(SECTION_END), lambda _: section, text,
-            flags=re.DOTALL,
-        )  # fmt: skip
-    else:
-        text = text.rstrip("\n") + "\n\n" + section + "\n"
-    RESULTS.write_text(text)
 
 
 def main() -> None:
@@ -328,8 +313,8 @@ def main() -> None:
     body = run(args)
     print(body)
     if args.write:
-        write_section(body, args.analysis)
-        print(f"updated {RESULTS}")
+        write_results(body, args.analysis)
+        print(f"updated {RESULTS_MD}")
 
 
 if __name__ == "__main__":

@@ -35,14 +35,13 @@ per batch) and HSIC₁ (debiased) over 16 batches of m samples, p features each.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
-import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
+import reference
+from report import RESULTS_MD, machine, machine_text, utc_now, write_section
 
 from ckapipe.analyze.intervals import (
     FULL_MODE_BLOCKS,
@@ -51,9 +50,6 @@ from ckapipe.analyze.intervals import (
     _jackknife_se,
     student_t_quantile,
 )
-
-START_MARK = "<!-- coverage:start -->"
-END_MARK = "<!-- coverage:end -->"
 
 BATCH_COUNTS = (2, 3, 4, 8, 16, 32, 64, 128)
 TRUTHS = (0.2, 0.9)
@@ -115,42 +111,9 @@ def sample(rng: np.random.Generator, shape: tuple[int, int, int], dist: str) -> 
     return z
 
 
-def u_center(k: np.ndarray) -> np.ndarray:
-    """U-centering of (c, m, m) Grams (Székely & Rizzo 2014)."""
-    m = k.shape[-1]
-    idx = np.arange(m)
-    k = k.copy()
-    k[:, idx, idx] = 0.0
-    row = k.sum(-1)
-    u = (
-        k
-        - row[:, :, None] / (m - 2)
-        - row[:, None, :] / (m - 2)
-        + row.sum(-1)[:, None, None] / ((m - 1) * (m - 2))
-    )
-    u[:, idx, idx] = 0.0
-    return u
-
-
 def hsic_terms(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """(c, 3) per-batch HSIC₁ (cross, self x, self y) of (c, m, p) batches, linear kernel."""
-    return hsic_from_grams(x @ np.swapaxes(x, 1, 2), y @ np.swapaxes(y, 1, 2))[1]
-
-
-def hsic_from_grams(kx: np.ndarray, ky: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(c, 3) biased HSIC₀ = tr(KHLH)/(m − 1)² and (c, 3) unbiased HSIC₁ of (c, m, m) Grams."""
-    m = kx.shape[-1]
-
-    def triple(u: np.ndarray, v: np.ndarray) -> np.ndarray:
-        return np.stack([(u * v).sum((1, 2)), (u * u).sum((1, 2)), (v * v).sum((1, 2))], 1)
-
-    def double_center(k: np.ndarray) -> np.ndarray:
-        k = k - k.mean(1, keepdims=True)
-        return k - k.mean(2, keepdims=True)
-
-    biased = triple(double_center(kx), double_center(ky)) / (m - 1) ** 2
-    unbiased = triple(u_center(kx), u_center(ky)) / (m * (m - 3))
-    return biased, unbiased
+    return reference.hsic_terms(reference.gram(x), reference.gram(y))
 
 
 def batch_pool(
@@ -299,9 +262,7 @@ def full_table(quick: bool, seed: int) -> str:
             for rep in range(reps):
                 x = sample(rng, (1, n, p), dist)
                 y = x + np.sqrt(sigma2) * rng.standard_normal((1, n, p))
-                grams = np.concatenate(
-                    [u_center(x @ np.swapaxes(x, 1, 2)), u_center(y @ np.swapaxes(y, 1, 2))]
-                )  # (2, n, n)
+                grams = reference.u_center(reference.gram(np.concatenate([x, y])))  # (2, n, n)
                 for g in FULL_BLOCKS:
                     jack = FullBlockJackknife(n, 2, n_blocks=g, seed=rep)
                     jack.update(grams, 0)
@@ -355,11 +316,9 @@ def bias_table(quick: bool, seed: int) -> str:
             for _ in range(total // 8):
                 x = rng.standard_normal((8, m, p))
                 y = rng.standard_normal((8, m, p))
-                biased, unbiased = hsic_from_grams(
-                    x @ np.swapaxes(x, 1, 2), y @ np.swapaxes(y, 1, 2)
-                )
-                terms0.append(biased)
-                terms1.append(unbiased)
+                kx, ky = reference.gram(x), reference.gram(y)
+                terms0.append(reference.hsic_terms(kx, ky, unbiased=False))
+                terms1.append(reference.hsic_terms(kx, ky))
             t0 = np.concatenate(terms0).reshape(-1, n_batches, 3).sum(1)
             t1 = np.concatenate(terms1).reshape(-1, n_batches, 3).sum(1)
             c0 = ratio(t0[:, 0], t0[:, 1], t0[:, 2])
@@ -371,36 +330,16 @@ def bias_table(quick: bool, seed: int) -> str:
 
 # ----------------------------------------------------------------------------- report
 
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    load = ", ".join(f"{v:.1f}" for v in os.getloadavg())
-    return (
-        f"{cpu}, {os.cpu_count()} cores (load average {load} at the end); Python "
-        f"{platform.python_version()}, numpy {np.__version__}, "
-        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}"
-    )
-
-
-def write_section(results_md: Path, body: str) -> None:
-    """Put this section between its markers in RESULTS.md (replacing an earlier one, or
-    appended); everything else in the file is kept."""
-    block = f"{START_MARK}\n{body.rstrip()}\n{END_MARK}\n"
-    text = results_md.read_text() if results_md.exists() else "# ckapipe benchmark results\n"
-    start = text.find(START_MARK)
-    end = text.find(END_MARK)
-    if start >= 0 and end > start:
-        text = text[:start] + block + text[end + len(END_MARK) :].lstrip("\n")
-    else:
-        text = text.rstrip("\n") + "\n\n" + block
-    results_md.write_text(text)
+# (--only name, heading, the function that computes the table)
+TABLES = (
+    ("minibatch", "### Minibatch CKA: coverage of intervals over batches", minibatch_table),
+    ("full", "### Full mode: delete-one-block jackknife", full_table),
+    (
+        "bias",
+        "### Bias of biased vs debiased minibatch CKA, independent data (truth 0)",
+        bias_table,
+    ),
+)
 
 
 def main() -> None:
@@ -408,36 +347,15 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="small pools: a smoke run")
     parser.add_argument("--write", action="store_true", help="write the section to RESULTS.md")
     parser.add_argument("--seed", type=int, default=2026)
-    parser.add_argument("--only", choices=("minibatch", "full", "bias"), default=None)
-    parser.add_argument(
-        "--results", type=Path, default=Path(__file__).with_name("RESULTS.md"), help="markdown file"
-    )
+    parser.add_argument("--only", choices=[name for name, _, _ in TABLES], default=None)
+    parser.add_argument("--results", type=Path, default=RESULTS_MD, help="markdown file")
     args = parser.parse_args()
-    t0 = time.perf_counter()
+    started = time.perf_counter()
     parts = []
-    if args.only in (None, "minibatch"):
-        parts += [
-            "### Minibatch CKA: coverage of intervals over batches",
-            "",
-            minibatch_table(args.quick, args.seed),
-            "",
-        ]
-    if args.only in (None, "full"):
-        parts += [
-            "### Full mode: delete-one-block jackknife",
-            "",
-            full_table(args.quick, args.seed),
-            "",
-        ]
-    if args.only in (None, "bias"):
-        parts += [
-            "### Bias of biased vs debiased minibatch CKA, independent data (truth 0)",
-            "",
-            bias_table(args.quick, args.seed),
-            "",
-        ]
-    elapsed = time.perf_counter() - t0
-    stamp = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    for name, title, table in TABLES:
+        if args.only in (None, name):
+            parts += [title, "", table(args.quick, args.seed), ""]
+    elapsed = time.perf_counter() - started
     body = "\n".join(
         [
             "## Interval coverage and estimator bias",
@@ -445,15 +363,15 @@ def main() -> None:
             "Script: `python bench/coverage.py` (`--quick` for a smoke run); method and reading "
             "in docs/STATISTICS.md.",
             "",
-            f"Run {stamp} on {machine()}; {elapsed:.0f} s{' (quick)' if args.quick else ''}, "
-            f"seed {args.seed}.",
+            f"Run {utc_now()} on {machine_text(machine(), 'at the end')}; {elapsed:.0f} s"
+            f"{' (quick)' if args.quick else ''}, seed {args.seed}.",
             "",
             *parts,
         ]
     )
     print(body)
     if args.write:
-        write_section(args.results, body)
+        write_section("coverage", body, args.results)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@
 Builds two randomly initialised CNNs (torchvision ResNet-18 and ResNet-34 if torchvision is
 importable, else two small CNNs defined here), captures their block outputs with forward hooks
 on random images, and prints, per input dtype, max |CKA − CKA₆₄| over all layer pairs, where
-CKA₆₄ is an independent numpy float64 computation on exactly the values ckapipe was given.
+CKA₆₄ is the float64 reference of bench/reference.py on exactly the values ckapipe was given.
 An uncentered float32 Gram (the pytorch-cka style) is shown for contrast.
 
 GPU session:   python bench/gpu_estimator_check.py --device cuda --images 64 --size 224
@@ -17,6 +17,7 @@ import json
 import time
 
 import numpy as np
+import reference
 import torch
 from torch import nn
 
@@ -83,55 +84,15 @@ def capture(model: nn.Module, layers: list[str], images: torch.Tensor) -> dict[s
     return {name: outputs[name] for name in layers}
 
 
-# ---- independent float64 references (numpy, CPU)
-def centered_gram64(x: torch.Tensor) -> np.ndarray:
-    f = x.double().cpu().numpy().reshape(x.shape[0], -1)
-    f = f - f.mean(axis=0)
-    return f @ f.T
-
-
-def u_center64(k: np.ndarray) -> np.ndarray:
-    n = k.shape[0]
-    k = k - np.diag(np.diag(k))
-    u = k - k.sum(1, keepdims=True) / (n - 2) - k.sum(0, keepdims=True) / (n - 2)
-    u = u + k.sum() / ((n - 1) * (n - 2))
-    np.fill_diagonal(u, 0.0)
-    return u
-
-
-def reference64(grams_a, grams_b, batches) -> dict[str, np.ndarray]:
-    """Biased, unbiased and minibatch CKA for all pairs; HSIC₁ is translation invariant, so a
-    batch's U-centered Gram is that of the block of the full centered Gram."""
-
-    def biased(k):
-        n = k.shape[0]
-        h = np.eye(n) - 1.0 / n
-        return h @ k @ h
-
-    def ratio(f, ga, gb):
-        fa, fb = [f(k) for k in ga], [f(k) for k in gb]
-        out = np.empty((len(fa), len(fb)))
-        for i, a in enumerate(fa):
-            for j, b in enumerate(fb):
-                out[i, j] = (a * b).sum() / np.sqrt((a * a).sum() * (b * b).sum())
-        return out
-
-    xy = np.zeros((len(grams_a), len(grams_b)))
-    xx, yy = np.zeros(len(grams_a)), np.zeros(len(grams_b))
-    for sl in batches:
-        m = sl.stop - sl.start
-        ua = [u_center64(k[sl, sl]) for k in grams_a]
-        ub = [u_center64(k[sl, sl]) for k in grams_b]
-        for i, a in enumerate(ua):
-            xx[i] += (a * a).sum() / (m * (m - 3))
-            for j, b in enumerate(ub):
-                xy[i, j] += (a * b).sum() / (m * (m - 3))
-        for j, b in enumerate(ub):
-            yy[j] += (b * b).sum() / (m * (m - 3))
+def reference64(acts_a, acts_b, batches) -> dict[str, np.ndarray]:
+    """Biased, unbiased and minibatch CKA of all layer pairs in float64 (bench/reference.py),
+    on exactly the values ckapipe is given."""
+    xs = [v.cpu().numpy().reshape(v.shape[0], -1) for v in acts_a.values()]
+    ys = [v.cpu().numpy().reshape(v.shape[0], -1) for v in acts_b.values()]
     return {
-        "biased": ratio(biased, grams_a, grams_b),
-        "unbiased": ratio(u_center64, grams_a, grams_b),
-        "minibatch": xy / np.sqrt(xx[:, None] * yy[None, :]),
+        "biased": reference.cka(xs, ys, unbiased=False),
+        "unbiased": reference.cka(xs, ys),
+        "minibatch": reference.minibatch_cka(xs, ys, batches),
     }
 
 
@@ -174,11 +135,7 @@ def main() -> None:
     for dtype in (torch.float16, torch.float32):
         xa = {k: v.to(dtype) for k, v in acts_a.items()}
         xb = {k: v.to(dtype) for k, v in acts_b.items()}
-        ref = reference64(
-            [centered_gram64(v) for v in xa.values()],
-            [centered_gram64(v) for v in xb.values()],
-            batches,
-        )
+        ref = reference64(xa, xb, batches)
         start = time.perf_counter()
         got = {
             est: np.array(

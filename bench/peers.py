@@ -1,4 +1,4 @@
-"""Thin adapters around the peer libraries, so ``bench/run.py`` calls every tool the same way.
+"""Thin adapters around the peer libraries, so the study benchmarks call every tool the same way.
 
 - pytorch-cka 1.1.3 (import name ``cka``): :func:`pytorch_cka_pair` runs its documented
   ``compute_cka(model1, model2, dataloader, layers=...)``: forward hooks on both models, one
@@ -12,7 +12,7 @@
   runs the model and feeds each studied layer, flattened to ``(1, B, p)`` (the B samples of the
   batch as the Gram axis), through an ``nn.Identity`` "tap" that ckatorch hooks. That is the
   layout in which ckatorch computes sample-level minibatch CKA; what it returns is then the
-  last batch's CKA (:func:`ckatorch_pair`), which ``bench/run.py`` reports next to the correct
+  last batch's CKA (:func:`ckatorch_pair`), which ``bench/accuracy.py`` reports next to the correct
   all-batch value. :func:`ckatorch_features` is its ``cka_batch`` on one ``(1, n, p)`` batch.
 
 Nothing here re-implements a peer: each adapter only builds inputs and calls the library.
@@ -30,7 +30,6 @@ import torch
 from torch import nn
 
 __all__ = [
-    "PEER_VERSIONS",
     "ThreeDTaps",
     "ckatorch_features",
     "ckatorch_pair",
@@ -38,18 +37,6 @@ __all__ = [
     "pytorch_cka_features",
     "pytorch_cka_pair",
 ]
-
-
-def _version(distribution: str) -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version(distribution)
-    except PackageNotFoundError:
-        return "not installed"
-
-
-PEER_VERSIONS = {"pytorch-cka": _version("pytorch-cka"), "ckatorch": _version("ckatorch")}
 
 
 @contextlib.contextmanager

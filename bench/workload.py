@@ -1,6 +1,6 @@
 """The benchmark workload: small models and synthetic data, built locally (nothing downloaded).
 
-Every tool in ``bench/run.py`` sees exactly these models and inputs:
+Every tool in the study benchmarks (``bench/run.py``) sees exactly these models and inputs:
 
 - :func:`make_cnn` — a small convolutional net (3×32×32 input), one per seed. Its four studied
   layers are the outputs of three two-conv blocks (2048, 1024, 512 features per sample with the
@@ -26,6 +26,8 @@ __all__ = [
     "FeatureTable",
     "ImageDataset",
     "IndexDataset",
+    "cnn_flops_per_feature",
+    "cnn_layer_widths",
     "make_cnn",
     "make_images",
     "offset_features",
@@ -105,6 +107,24 @@ def make_cnn(seed: int, channels: tuple[int, int, int] = DEFAULT_CHANNELS) -> Sm
                 module.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
                 module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
     return net.eval()
+
+
+def cnn_layer_widths(channels: tuple[int, ...] | list[int]) -> list[int]:
+    """Features per sample of the four compared layers (block outputs are 16², 8², 4² maps)."""
+    return [c * side for c, side in zip(channels, (256, 64, 16), strict=True)] + [128]
+
+
+def cnn_flops_per_feature(channels: tuple[int, ...] | list[int]) -> float:
+    """Forward FLOP per image of the CNN, over its compared features per image."""
+    c1, c2, c3 = channels
+    multiply_adds = (
+        (3 * c1 + c1 * c1) * 9 * 32 * 32  # block 1: two 3×3 convs at 32²
+        + (c1 * c2 + c2 * c2) * 9 * 16 * 16
+        + (c2 * c3 + c3 * c3) * 9 * 8 * 8
+        + c3 * 16 * 128
+        + 128 * 10
+    )
+    return 2 * multiply_adds / sum(cnn_layer_widths(channels))
 
 
 def make_images(n: int, seed: int = 0) -> torch.Tensor:

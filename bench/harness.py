@@ -1,0 +1,243 @@
+"""What the four study benchmarks share: modes, targets, one run's settings, the command line.
+
+The benchmarks are ``study_vs_peers``, ``floors``, ``accuracy`` and ``memory``; each module
+has ``KEY`` (its entry in a mode's result), ``run(bench) -> dict``, ``table_rows(result)`` and
+``notes(result)``, where ``result`` is one mode's whole result (``config``, ``channels`` …).
+Each runs alone (``python bench/accuracy.py --quick``: prints its rows of the table, writes
+nothing) or all together under ``bench/run.py``, which stores and renders the results.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import torch
+from report import machine, utc_now
+from workload import DEFAULT_CHANNELS, make_cnn
+
+TARGETS = {
+    "study_speedup_at_max_m": 3.0,  # ckapipe end to end vs pytorch-cka, M = 8
+    "marginal_speedup": 10.0,  # adding one model vs the peer on the M new pairs
+    "gram_pass_over_raw_read": 0.8,
+    "ckapipe_max_error": 1e-4,
+}
+TABLE_HEADER = ["| what | ckapipe | peer | ratio | target |", "|---|---|---|---|---|"]
+
+
+@dataclass(frozen=True)
+class Config:
+    """What one mode runs. ``n`` images, minibatch ``m``; memory at ``memory_ns``."""
+
+    mode: str
+    n: int
+    m: int
+    study_ms: tuple[int, ...]
+    repeats: int
+    floor_repeats: int
+    accuracy_n: int
+    accuracy_m: int
+    accuracy_widths: tuple[int, ...]
+    offset_ratios: tuple[float, ...]
+    memory_ns: tuple[int, ...]
+
+
+# one line per benchmark: study (and the shared n, m), floors, accuracy, memory
+QUICK = Config(
+    mode="quick", n=1024, m=256, study_ms=(2, 4, 8), repeats=1,
+    floor_repeats=3,
+    accuracy_n=512, accuracy_m=128, accuracy_widths=(2048, 512), offset_ratios=(0.0, 100.0),
+    memory_ns=(512, 1024),
+)  # fmt: skip
+# the full run: larger n and features, more repeats
+FULL = replace(
+    QUICK, mode="full", n=2048, repeats=3,
+    floor_repeats=5,
+    accuracy_n=1024, accuracy_m=256, accuracy_widths=(4096, 512),
+    memory_ns=(1024, 4096),
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class BenchRun:
+    """One run's settings: the mode, where every tool runs (``cpu``/``cuda``), the CNN's block
+    widths and a scratch folder; with ckapipe's three stages on those settings.
+
+    ckapipe is imported inside the calls: the benchmarks must import while a stage is unfinished.
+    """
+
+    cfg: Config
+    device: str
+    channels: tuple[int, ...]
+    root: Path
+
+    @property
+    def mode(self) -> str:
+        """``quick``/``full``, with ``-c<widths>`` for other CNN widths and ``-cuda`` on a GPU."""
+        widths = (
+            "" if self.channels == DEFAULT_CHANNELS else "-c" + "-".join(map(str, self.channels))
+        )
+        return self.cfg.mode + widths + ("" if self.device == "cpu" else f"-{self.device}")
+
+    def cnn(self, seed: int) -> torch.nn.Module:
+        return make_cnn(seed, self.channels)
+
+    def synchronize(self) -> None:
+        """Wait for the device, so a timing includes the work it was given."""
+        if self.device.startswith("cuda"):
+            torch.cuda.synchronize()
+
+    def forward(self, model: torch.nn.Module, loader: torch.utils.data.DataLoader) -> None:
+        """One inference pass of ``model`` over ``loader``, finished on the device."""
+        model.to(self.device)
+        with torch.inference_mode():
+            for batch in loader:
+                model(batch.to(self.device))
+        self.synchronize()
+
+    def extract(
+        self,
+        model: torch.nn.Module,
+        dataset: torch.utils.data.Dataset,
+        layers: list[str],
+        out: Path,
+        m: int,
+        dtype: str = "float16",
+    ) -> Path:
+        from ckapipe.extract.extraction import extract_activations
+
+        # order="dataset": the peers iterate the loader in dataset order, so every tool sees the
+        # same minibatches (the synthetic inputs are i.i.d., so dataset order is a random order)
+        extract_activations(
+            model, dataset, layers=layers, out=out, batch_size=m, device=self.device,
+            dtype=dtype, order="dataset", progress=False,
+        )  # fmt: skip
+        return out
+
+    def gram(self, store: Path, out: Path, m: int) -> Path:
+        from ckapipe.analyze.gram_cache import build_gram_cache
+
+        build_gram_cache(store, out, batch_size=m, device=self.device)
+        return out
+
+    def analyze(
+        self, caches: list[Path], out: Path, pairs: Any = "all", n_bootstrap: int = 0,
+        include_self: bool = False,
+    ) -> Any:  # fmt: skip
+        from ckapipe.analyze.study import analyze_study
+
+        return analyze_study(
+            caches, out, pairs=pairs, n_bootstrap=n_bootstrap, include_self=include_self,
+            device=self.device, overwrite=True,
+        )  # fmt: skip
+
+    def pair_study(
+        self, models: tuple[torch.nn.Module, torch.nn.Module], dataset: torch.utils.data.Dataset,
+        layers: list[str], workdir: Path, m: int, dtype: str = "float16",
+    ) -> Any:  # fmt: skip
+        """ckapipe end to end on two models: stores, Gram caches, the result of pair "ga"–"gb"."""
+        caches = []
+        for name, model in zip(("a", "b"), models, strict=True):
+            store = self.extract(model, dataset, layers, workdir / f"{name}.zarr", m, dtype)
+            caches.append(self.gram(store, workdir / f"g{name}.zarr", m))
+        return self.analyze(caches, workdir / "result.zarr")
+
+
+def import_everything() -> None:
+    """Import every tool before anything is timed: import time is not what is compared."""
+    import cka  # noqa: F401 - pytorch-cka
+    import ckatorch  # noqa: F401
+
+    import ckapipe.analyze.gram_cache  # noqa: F401
+    import ckapipe.analyze.study  # noqa: F401
+    import ckapipe.extract.extraction  # noqa: F401
+
+
+def verdict(value: float, target: float, higher_is_better: bool = True) -> str:
+    met = value >= target if higher_is_better else value <= target
+    if met:
+        return "met"
+    if higher_is_better:
+        return f"MISSED by {target / value:.2f}x"
+    return f"MISSED by {value / target:.2f}x"
+
+
+def table_lines(result: dict[str, Any], benchmarks: list[ModuleType]) -> list[str]:
+    """The summary table (Markdown) of one mode's result, rows in the order of ``benchmarks``."""
+    lines = list(TABLE_HEADER)
+    for benchmark in benchmarks:
+        if result.get(benchmark.KEY):
+            lines += benchmark.table_rows(result)
+    return lines
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The options every study benchmark takes (alone or under bench/run.py)."""
+    parser.add_argument("--quick", action="store_true", help="the < 3 minute mode (2 CPU cores)")
+    parser.add_argument(
+        "--device",
+        default="cpu",
+        choices=("cpu", "cuda"),
+        help="where every tool runs (default cpu); a cuda run is stored as mode '<mode>-cuda'",
+    )
+    parser.add_argument(
+        "--channels",
+        default=",".join(map(str, DEFAULT_CHANNELS)),
+        help="the CNN's three block widths (default 8,16,32); other widths are stored as mode "
+        "'<mode>-c<widths>'",
+    )
+
+
+def bench_run(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, root: Path | None = None
+) -> BenchRun:
+    """The settings :func:`add_arguments` parsed; ``root``, the scratch folder, is a new
+    temporary folder when not given (made only once the options are found valid)."""
+    channels = tuple(int(c) for c in args.channels.split(","))
+    if len(channels) != 3 or min(channels) < 1:
+        parser.error(f"--channels needs three positive widths, e.g. 16,32,64; got {args.channels}")
+    root = root or Path(tempfile.mkdtemp(prefix="ckapipe-bench-study-"))
+    return BenchRun(QUICK if args.quick else FULL, args.device, channels, root)
+
+
+def measure(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, benchmarks: list[ModuleType]
+) -> dict[str, Any]:
+    """Run ``benchmarks`` in order in one process and scratch folder: one mode's result."""
+    started = time.perf_counter()
+    bench = bench_run(parser, args)
+    result: dict[str, Any] = {
+        "mode": bench.mode,
+        "device": bench.device,
+        "channels": list(bench.channels),
+        "date": utc_now(),
+        "config": asdict(bench.cfg),
+        "machine": machine(),
+        "targets": TARGETS,
+    }
+    import_everything()
+    try:
+        for benchmark in benchmarks:
+            result[benchmark.KEY] = benchmark.run(bench)
+    finally:
+        shutil.rmtree(bench.root, ignore_errors=True)
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def standalone_main(benchmark: ModuleType) -> None:
+    """``python bench/<benchmark>.py [--quick] [--device …] [--channels …]``: run it alone and
+    print its rows of the table (bench/run.py --only <KEY> stores a result)."""
+    parser = argparse.ArgumentParser(description=benchmark.__doc__.split("\n\n")[0])
+    add_arguments(parser)
+    args = parser.parse_args()
+    result = measure(parser, args, [benchmark])
+    print("\n".join(table_lines(result, [benchmark])))
+    print("\n".join(["", *benchmark.notes(result)]))
+    print(f"\n{result['mode']} mode, wall time {result['wall_s']:.0f} s")
