@@ -146,8 +146,8 @@ def test_cli_export_then_import_round_trip(tmp_path: Path) -> None:
     back = ActivationStore.open(tmp_path / "back")
     original = ActivationStore.open(path)
     assert back.dtype == "float32"
-    # export writes a float16 store's reconstructed values as float16 (h5bridge's choice)
-    np.testing.assert_array_equal(back.read("fc"), original.read("fc").astype(np.float16))
+    # export writes a float16 store's reconstructed values (offset + scale * residual) as float32
+    np.testing.assert_array_equal(back.read("fc"), original.read("fc").astype(np.float32))
     np.testing.assert_allclose(back.read("fc"), data["fc"], rtol=2e-3, atol=1e-3)
     np.testing.assert_array_equal(back.sample_ids, original.sample_ids)
     assert back.attrs["weights_sha256"] == PROVENANCE["weights_sha256"]
