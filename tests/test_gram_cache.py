@@ -481,6 +481,7 @@ def test_a_second_concurrent_build_is_refused_at_once_naming_the_pid(tmp_path):
     ]
 
 
+@pytest.mark.slow
 def test_racing_builds_exactly_one_succeeds_and_the_cache_is_consistent(tmp_path):
     store = make_store(tmp_path / "store", dtype="float32")
     out = tmp_path / "grams"
@@ -508,6 +509,7 @@ def test_racing_builds_exactly_one_succeeds_and_the_cache_is_consistent(tmp_path
     np.testing.assert_allclose(_self_cka(out), 1.0, rtol=1e-12)
 
 
+@pytest.mark.slow
 def test_a_killed_build_leaves_no_cache_or_the_previous_one_intact(tmp_path):
     store = make_store(tmp_path / "store", dtype="float32")
     out = tmp_path / "grams"

@@ -346,6 +346,7 @@ def _snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow
 def test_workflow_is_lint_clean(tmp_path):
     repo_root = Path(__file__).resolve().parents[1]
     for snakefile in (SNAKEFILE, repo_root / "Snakefile"):
@@ -564,6 +565,7 @@ def test_two_build_jobs_for_one_entry_build_it_once_and_publish_it_whole(tmp_pat
         assert receipt == {"path": str(target)}
 
 
+@pytest.mark.slow
 def test_a_gram_cache_made_from_an_earlier_store_is_rebuilt(tmp_path):
     store, gram = tmp_path / "s.zarr", tmp_path / "g.zarr"
     _store(store, None, complete=True)

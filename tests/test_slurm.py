@@ -119,6 +119,7 @@ def test_dry_run_maps_rule_resources_and_profile_defaults(tmp_path):
     assert "dry-run" in log
 
 
+@pytest.mark.slow
 def test_dry_run_of_the_ckapipe_workflow_asks_gpus_for_extract_and_gram_only(tmp_path):
     """With the shipped profile, the packaged study workflow (demo config) plans gpu=1 for
     every extract and gram job and for nothing else."""

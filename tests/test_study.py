@@ -827,6 +827,7 @@ def _wait_for_lock(process: subprocess.Popen, lock: Path) -> bool:
     return True
 
 
+@pytest.mark.slow
 def test_a_second_writer_of_the_same_result_is_refused_at_once(study_dir, tmp_path):
     out = tmp_path / "shared.zarr"
     lock = tmp_path / ".shared.zarr.lock"
@@ -852,6 +853,7 @@ def test_a_second_writer_of_the_same_result_is_refused_at_once(study_dir, tmp_pa
     assert load_result(out).provenance["seed"] == 1
 
 
+@pytest.mark.slow
 def test_a_killed_overwrite_leaves_the_old_or_the_new_result_with_its_csv(study_dir, tmp_path):
     out = tmp_path / "killed.zarr"
     lock = tmp_path / ".killed.zarr.lock"
