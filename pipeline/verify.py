@@ -71,18 +71,16 @@ def verify(path: str | os.PathLike[str]) -> Verification:
         return Verification(path, "unknown", False, report)
     kind = FORMAT_DESCRIPTIONS.get(attributes.get("format"), "zarr group (not made by ckapipe)")
     verification = Verification(path, kind, bool(attributes.get("complete")), verify_tree(path))
-    csv_sha256 = attributes.get("csv_sha256")
-    if csv_sha256:
-        verification.problems += _check_csv(path, csv_sha256)
+    csv = attributes.get("csv")
+    if isinstance(csv, dict) and csv.get("sha256"):
+        verification.problems += _check_csv(path.parent / csv["name"], csv["sha256"])
     return verification
 
 
-def _check_csv(result: Path, expected: str) -> list[str]:
+def _check_csv(csv: Path, expected: str) -> list[str]:
     """A result records the SHA-256 of its CSV: a CSV from another run must not pass as its own."""
-    from ckapipe.analyze.study import csv_path_for
     from ckapipe.formats import file_sha256
 
-    csv = csv_path_for(result)
     if not csv.is_file():
         return [f"its CSV {csv} is missing"]
     if file_sha256(csv) != expected:

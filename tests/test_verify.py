@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
 
+from ckapipe.analyze.gram_cache import build_gram_cache
+from ckapipe.analyze.study import analyze_study, csv_path_for
 from ckapipe.cli import main
 from ckapipe.errors import IntegrityError
 from ckapipe.store import ActivationStore, LayerRecord
@@ -107,3 +110,48 @@ def test_verify_reports_incomplete_and_non_zarr(tmp_path: Path) -> None:
     assert not verify(tmp_path / "empty").ok
     cli = CliRunner().invoke(main, ["verify", str(tmp_path / "empty")])
     assert cli.exit_code == 1 and "not a zarr group" in cli.output
+
+
+@pytest.fixture(scope="module")
+def made(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """A store, its Gram cache and a study result, all intact (copied before each damage)."""
+    root = tmp_path_factory.mktemp("made")
+    store = _store(root / "store.zarr", zeros_layer=False)
+    cache = root / "cache.zarr"
+    build_gram_cache(store, cache, batch_size=16, device="cpu")
+    result = root / "result.zarr"
+    analyze_study([cache], result, n_bootstrap=0, device="cpu")
+    return {"store": store, "cache": cache, "result": result}
+
+
+def _copy(source: Path, target: Path) -> Path:
+    shutil.copytree(source, target)
+    csv = csv_path_for(source)
+    if csv.exists():
+        shutil.copyfile(csv, csv_path_for(target))
+    return target
+
+
+@pytest.mark.parametrize("kind", ["cache", "result"])
+@pytest.mark.parametrize("how", ["delete", "truncate", "flip"])
+def test_verify_finds_damage_in_caches_and_results(
+    made: dict[str, Path], tmp_path: Path, kind: str, how: str
+) -> None:
+    intact = _copy(made[kind], tmp_path / f"intact.{kind}.zarr")
+    assert verify(intact).ok, verify(intact).summary()
+    damaged = _copy(made[kind], tmp_path / f"damaged.{kind}.zarr")
+    array_dir = {"cache": damaged / "grams" / "conv", "result": damaged / "cka"}[kind]
+    chunk = _chunk_files(array_dir)[0]
+    _damage(chunk, how)
+    result = verify(damaged)
+    assert not result.ok
+    name = array_dir.relative_to(damaged).as_posix()
+    assert name in result.summary() and chunk.relative_to(array_dir).as_posix() in result.summary()
+    assert result.kind == {"cache": "Gram cache", "result": "study result"}[kind]
+
+
+def test_verify_finds_a_result_csv_from_another_run(made: dict[str, Path], tmp_path: Path) -> None:
+    result = _copy(made["result"], tmp_path / "r.zarr")
+    csv_path_for(result).write_text("model_a,model_b\nx,y\n")
+    verification = verify(result)
+    assert not verification.ok and "CSV" in verification.summary()
