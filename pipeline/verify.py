@@ -73,7 +73,9 @@ def verify(path: str | os.PathLike[str]) -> Verification:
     verification = Verification(path, kind, bool(attributes.get("complete")), verify_tree(path))
     csv = attributes.get("csv")
     if isinstance(csv, dict) and csv.get("sha256"):
-        verification.problems += _check_csv(path.parent / csv["name"], csv["sha256"])
+        from ckapipe.analyze.result import csv_path_for
+
+        verification.problems += _check_csv(csv_path_for(path), csv["sha256"])
     return verification
 
 
