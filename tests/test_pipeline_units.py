@@ -20,7 +20,8 @@ from helpers import job_counts
 
 from ckapipe.demo.data import make_gratings
 from ckapipe.demo.models import mlp, small_cnn
-from ckapipe.run import DEFAULT_CONFIG, SNAKEFILE, _split_config, snakemake_command
+from ckapipe.run import DEFAULT_CONFIG, SNAKEFILE, snakemake_command
+from ckapipe.run import split_config_argument as _split_config
 from ckapipe.store import ActivationStore, LayerRecord
 from ckapipe.workflow import keys
 from ckapipe.workflow.config_check import config_errors
