@@ -40,23 +40,20 @@ class RowRange(click.ParamType):
         return (start, stop)
 
 
+_MODE_HELP = "minibatch: U-centered Gram per batch; full: exact n x n linear Gram (O(n^2) memory)."
+_EPOCHS_HELP = (
+    "Partitions of the rows: epoch 0 in store order, later epochs seeded permutations. "
+    "Intervals are withheld for more than 1 epoch (their batches share samples)."
+)
+
+
 @opts.command("gram")
 @opts.existing_path("store", file_okay=False)
 @opts.minibatch_size()
-@click.option(
-    "--epochs",
-    type=click.IntRange(min=1),
-    default=1,
-    show_default=True,
-    help="Partitions of the rows: epoch 0 in store order, later epochs seeded permutations. "
-    "Intervals are withheld for more than 1 epoch (their batches share samples).",
-)
+@opts.count("--epochs", default=1, minimum=1, help=_EPOCHS_HELP)
 @opts.seed("Derives the epoch permutations; use the same value for every store of a study.")
 @opts.choice(
-    "--mode",
-    source="ckapipe.analyze.gram_cache:MODES",
-    default="minibatch",
-    help="minibatch: U-centered Gram per batch; full: exact n x n linear Gram (O(n^2) memory).",
+    "--mode", source="ckapipe.analyze.gram_cache:MODES", default="minibatch", help=_MODE_HELP
 )
 @opts.kernel("Kernel of the cached Grams (rbf: median bandwidth per batch).", default="linear")
 @opts.threshold("RBF bandwidth as a multiple of the median distance.", default=1.0)
@@ -77,13 +74,7 @@ class RowRange(click.ParamType):
     help="float32: tile products in float32, summed in float64 (~2x faster on a CPU; "
     "minibatch mode only).",
 )
-@click.option(
-    "--threads",
-    type=click.IntRange(min=1),
-    default=4,
-    show_default=True,
-    help="Reader threads decoding chunks.",
-)
+@opts.count("--threads", default=4, minimum=1, help="Reader threads decoding chunks.")
 @opts.out("Directory of the new Gram cache.")
 @opts.overwrite("Replace an existing Gram cache at --out (once the new one is complete).")
 def gram(store: Path, layers: tuple[str, ...], **options: Any) -> None:

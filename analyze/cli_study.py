@@ -46,6 +46,18 @@ def _interval_help() -> str:
     )
 
 
+_BOOTSTRAP_HELP = (
+    "0: no confidence intervals. Otherwise intervals are computed by --interval-method, and "
+    "this is the number of bootstrap replicates over minibatches when that is bootstrap (the "
+    "jackknife needs none)."
+)
+_PERMUTATIONS_HELP = (
+    "Permutations for p-values and null thresholds (samples of model b permuted within each "
+    "batch; 0: none). The summary then shows, per pair, the CKA that unrelated "
+    "representations exceed with probability 0.05."
+)
+
+
 @opts.command("analyze")
 @opts.existing_path("grams", nargs=-1, metavar="GRAMS…")
 @opts.out("Result group to write (RESULT.zarr); RESULT.csv is written beside it.")
@@ -83,26 +95,8 @@ def _interval_help() -> str:
     help="Nominal coverage of the confidence intervals (of --interval-method; full mode: a "
     "jackknife over sample blocks). Intervals are withheld when there are too few batches.",
 )
-@click.option(
-    "--bootstrap",
-    "n_bootstrap",
-    type=click.IntRange(min=0),
-    default=1000,
-    show_default=True,
-    help="0: no confidence intervals. Otherwise intervals are computed by --interval-method, "
-    "and this is the number of bootstrap replicates over minibatches when that is bootstrap "
-    "(the jackknife needs none).",
-)
-@click.option(
-    "--permutations",
-    "n_permutations",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Permutations for p-values and null thresholds (samples of model b permuted within "
-    "each batch; 0: none). The summary then shows, per pair, the CKA unrelated "
-    "representations exceed with probability 0.05.",
-)
+@opts.count("--bootstrap", "n_bootstrap", default=1000, help=_BOOTSTRAP_HELP)
+@opts.count("--permutations", "n_permutations", default=0, help=_PERMUTATIONS_HELP)
 @opts.seed("Seed of the bootstrap and the permutations.")
 @click.option(
     "--pairs",

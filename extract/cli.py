@@ -33,6 +33,13 @@ class SpecParam(click.ParamType):
             self.fail(str(error), param, ctx)
 
 
+# help texts of options too long to sit on one line with them
+_INPUT_DTYPE_HELP = "dtype of the --input-shape example (int64: token ids 0..9)."
+_REDUCE_HELP = "How a layer output becomes a feature vector."
+_ORDER_HELP = "Row order: a seeded permutation, or dataset order."
+_ROW_BLOCK_HELP = "Rows per write / resume step (a multiple of --batch-size; default ~256)."
+
+
 @opts.command("layers")
 @click.argument("model", type=SpecParam("model"))
 @click.option(
@@ -49,7 +56,7 @@ class SpecParam(click.ParamType):
     "--input-dtype",
     source="ckapipe.extract.layers:EXAMPLE_DTYPES",
     default="float32",
-    help="dtype of the --input-shape example (int64: token ids 0..9).",
+    help=_INPUT_DTYPE_HELP,
 )
 @opts.output_selection()
 @opts.json_flag("Print a JSON list instead of a table.")
@@ -116,32 +123,16 @@ def layers_command(
     file_okay=False,
 )
 @opts.forward_batch_size("Samples per forward pass (memory, not results, depends on it).")
-@click.option(
-    "--num-workers",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="DataLoader worker processes (0: load in the main process).",
-)
+@opts.count("--num-workers", default=0, help="DataLoader processes (0: the main process).")
 @opts.device()
 @opts.dtype("Storage dtype of the activations.", default="float16")
 @opts.choice(
-    "--reduce",
-    source="ckapipe.extract.capture:REDUCTIONS",
-    default="flatten",
-    help="How a layer output becomes a feature vector.",
+    "--reduce", source="ckapipe.extract.capture:REDUCTIONS", default="flatten", help=_REDUCE_HELP
 )
-@click.option(
-    "--limit",
-    type=click.IntRange(min=1),
-    help="Extract only the first N samples of the (seeded) order.",
-)
+@opts.count("--limit", default=None, minimum=1, help="Extract only the first N samples.")
 @opts.seed("Seed of the random sample order; use the same value for every model of a study.")
 @opts.choice(
-    "--order",
-    source="ckapipe.extract.extraction:ORDERS",
-    default="random",
-    help="Row order: a seeded permutation, or dataset order.",
+    "--order", source="ckapipe.extract.extraction:ORDERS", default="random", help=_ORDER_HELP
 )
 @opts.codec()
 @click.option(
@@ -152,11 +143,7 @@ def layers_command(
     help="Run the forward pass under torch.autocast in this dtype (none: full precision).",
 )
 @opts.output_selection()
-@click.option(
-    "--row-block",
-    type=click.IntRange(min=1),
-    help="Rows per write / resume step (a multiple of --batch-size; default ~256).",
-)
+@opts.count("--row-block", default=None, minimum=1, help=_ROW_BLOCK_HELP)
 @click.option("--progress/--no-progress", default=True, help="Report samples/s and ETA on stderr.")
 def extract_command(model: Any, dataset: Any, layers: tuple[str, ...], **options: Any) -> None:
     """Run MODEL once over a dataset and write the selected layers' activations to a store.

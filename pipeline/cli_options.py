@@ -31,17 +31,24 @@ __all__ = [
     "ConstantChoice",
     "DeviceParam",
     "ShapeParam",
+    "choice",
+    "codec",
     "command",
+    "count",
     "device",
     "dtype",
+    "existing_path",
+    "forward_batch_size",
     "json_flag",
     "kernel",
     "layers",
     "minibatch_size",
     "out",
+    "output_selection",
     "overwrite",
     "seed",
     "threshold",
+    "warnings_as_lines",
 ]
 
 COMMAND_MODULES = (
@@ -269,6 +276,11 @@ def existing_path(name: str, **attrs: Any) -> Decorator:
     metavar = attrs.pop("metavar", None)
     kind = click.Path(exists=True, path_type=Path, **attrs)
     return click.argument(name, type=kind, nargs=nargs, required=True, metavar=metavar)
+
+
+def count(*decls: str, default: int | None, help: str, minimum: int = 0) -> Decorator:
+    """An integer option of at least ``minimum`` (how many workers, replicates, rows, ...)."""
+    return _option(*decls, type=click.IntRange(min=minimum), default=default, help=help)
 
 
 def choice(*decls: str, source: str, default: str | None, help: str) -> Decorator:
