@@ -336,6 +336,34 @@ def test_report_section_reads_a_written_result_and_its_csv(tmp_path):
     assert table.read_bytes() == good
 
 
+def test_report_shows_intervals_withheld_reasons_and_null_thresholds():
+    import html
+
+    from ckapipe.analyze.result import PairResult, StudyResult
+    from ckapipe.workflow.html_report import _diagonal_cell, _pairs_table
+
+    layers = ["l0", "l1"]
+    cka = np.array([[0.91, 0.2], [0.3, 0.82]])
+    nan = np.full((2, 2), np.nan)
+    reason = "interval withheld: 2 batches < 4 needed for validated 95% coverage (jackknife)"
+    withheld = PairResult(
+        "m0", "m1", layers, layers, cka, nan, nan, null_threshold=np.full((2, 2), 0.25),
+        interval_method="none", interval_note=reason,
+    )  # fmt: skip
+    reported = PairResult(
+        "m0", "m0", layers, layers, cka, cka - 0.05, cka + 0.04,
+        interval_method="jackknife over 8 batches, t quantile on 7 df",
+    )  # fmt: skip
+    study = StudyResult(
+        models=["m0", "m1"], pairs={("m0", "m0"): reported, ("m0", "m1"): withheld}, provenance={}
+    )
+    table = _pairs_table(study, 0.95)
+    assert html.escape(reason) in table and "jackknife over 8 batches" in table
+    assert "0.250" in table and "3/4" in table  # largest null threshold, layer pairs above it
+    assert _diagonal_cell(withheld, 0) == "0.910 <small>(null 0.250)</small>"
+    assert _diagonal_cell(reported, 1) == "0.820 [0.770, 0.860]"
+
+
 # -- Snakemake: lint and dry run ------------------------------------------------------------------
 def _snakemake(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
