@@ -94,6 +94,9 @@ def warnings_as_lines() -> Iterator[None]:
     """Show each warning raised inside as one ``Warning: ...`` line on stderr."""
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        # as Python's default filters do: these are for developers, not for a user's terminal
+        for category in (DeprecationWarning, PendingDeprecationWarning, ImportWarning):
+            warnings.simplefilter("ignore", category)
         try:
             yield
         finally:
