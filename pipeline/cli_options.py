@@ -183,10 +183,13 @@ def seed(help: str, default: int = 0) -> Decorator:
 
 def minibatch_size(default: int = 256) -> Decorator:
     """``--batch-size/-m``: the minibatch size m of a Gram cache (HSIC₁ needs m ≥ 4)."""
+    from ckapipe.analyze.intervals import DEFAULT_INTERVAL_METHOD, MIN_BATCHES_FOR_INTERVAL
+
+    need = MIN_BATCHES_FOR_INTERVAL[DEFAULT_INTERVAL_METHOD]
     text = (
         "Rows per minibatch m (4 <= m <= n); ignored with --mode full. Confidence intervals "
-        "need enough batches: at least 4 per epoch (n // m >= 4) for the default jackknife, "
-        "and more batches give narrower, more reliable intervals."
+        f"need enough batches: at least {need} per epoch (n // m >= {need}) for the default "
+        f"{DEFAULT_INTERVAL_METHOD}, and more batches give narrower, more reliable intervals."
     )
     # m < 4 is refused by the Gram cache itself, whose message fits the store's n
     return _option("--batch-size", "-m", type=click.IntRange(min=1), default=default, help=text)
