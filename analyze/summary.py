@@ -37,11 +37,13 @@ def batches_per_epoch(n_samples: int, batch_size: int) -> int:
 
 
 def largest_batch_size(n_samples: int, n_batches: int) -> int | None:
-    """The largest m ≥ 4 that splits n samples into at least ``n_batches`` batches, or None
-    when even m = 4 gives fewer (n is too small)."""
+    """The largest m ≥ 4 that splits n samples into at least ``n_batches`` *whole* batches
+    (n // n_batches), or None when n is too small for that.
+
+    A larger m could still reach the count with a short last batch of a few rows, but the
+    jackknife treats batches as exchangeable, so the advice keeps them of one size.
+    """
     m = int(n_samples) // int(n_batches)
-    while m >= _MIN_BATCH and batches_per_epoch(n_samples, m + 1) >= n_batches:
-        m += 1  # a short last batch of ≥ 4 rows counts too
     return m if m >= _MIN_BATCH else None
 
 

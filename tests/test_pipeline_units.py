@@ -336,6 +336,23 @@ def test_report_section_reads_a_written_result_and_its_csv(tmp_path):
     assert table.read_bytes() == good
 
 
+def test_batch_advice_names_a_batch_size_with_enough_whole_batches():
+    from ckapipe.analyze.summary import batches_per_epoch, interval_batch_warning
+
+    def partition(n: int, m: int) -> dict:
+        return {"n_samples": n, "batch_size": m, "batches_per_epoch": batches_per_epoch(n, m)}
+
+    assert batches_per_epoch(1024, 128) == 8 and batches_per_epoch(40, 12) == 4  # 12, 12, 12, 4
+    assert batches_per_epoch(42, 20) == 2  # a remainder of 2 rows is dropped
+    assert interval_batch_warning(partition(1024, 256)) is None
+    advice = interval_batch_warning(partition(1024, 512))
+    assert "2 batch(es) per epoch" in advice and "--batch-size 256 or smaller" in advice
+    assert "--batch-size 256" in interval_batch_warning(partition(1024, 512), "jackknife")
+    assert "--batch-size 8 or smaller" in interval_batch_warning(partition(1024, 512), "bootstrap")
+    assert "too small" in interval_batch_warning(partition(12, 8))
+    assert interval_batch_warning({"n_samples": 10, "batch_size": None}) is None  # full mode
+
+
 def test_report_shows_intervals_withheld_reasons_and_null_thresholds():
     import html
 

@@ -822,8 +822,8 @@ def test_cli_analyze_summary_shows_intervals_null_thresholds_and_batch_advice(st
     withheld = runner.invoke(analyze, [*one_batch, "--out", str(tmp_path / "w.zarr")])
     assert withheld.exit_code == 0, withheld.output
     assert "interval withheld: 1 batches < 4 needed" in withheld.output
-    # the largest m that splits n = 60 into 4 batches: 18, 18, 18 and a last batch of 6
-    assert "Warning:" in withheld.output and "--batch-size 18 or smaller" in withheld.output
+    # the largest m that splits n = 60 into 4 whole batches
+    assert "Warning:" in withheld.output and "--batch-size 15 or smaller" in withheld.output
     bad = runner.invoke(
         analyze, [*one_batch, "--out", str(tmp_path / "x"), "--interval-method", "x"]
     )
