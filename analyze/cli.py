@@ -1,44 +1,21 @@
-"""CLI commands of the analyze stage: a thin layer over :mod:`ckapipe.analyze`.
+"""CLI commands of the Gram step, ``gram`` and ``merge-grams``: a thin layer over
+:mod:`ckapipe.analyze.gram_cache`.
 
-``commands`` is what ``ckapipe.cli`` registers: ``gram`` and ``merge-grams`` are defined here;
-the study commands come from sibling modules (``cli_study``: ``analyze``; ``cli_plot``: ``plot``),
-each exporting its own ``commands`` list, appended at the bottom of this file. Heavy imports
-(torch, zarr) happen inside the commands so ``ckapipe --help`` stays fast.
+Heavy imports (torch, zarr) happen inside the commands so ``ckapipe --help`` stays fast. Options
+shared with other commands come from :mod:`ckapipe.cli_options`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import importlib
 import warnings
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import click
 
-__all__ = ["commands", "gram", "merge_grams"]
+from ckapipe import cli_options as opts
 
-commands: list[click.Command] = []
-
-
-def _user_errors() -> tuple[type[BaseException], ...]:
-    """Exceptions that mean bad input (shown as one ``Error: ...`` line), not a bug."""
-    from ckapipe.errors import CkapipeError
-
-    return (CkapipeError, ValueError)
-
-
-@contextlib.contextmanager
-def _warnings_as_lines() -> Iterator[None]:
-    """Show each warning of a command as one ``Warning: ...`` line on stderr (no source line)."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        try:
-            yield
-        finally:
-            for warning in caught:
-                click.echo(f"Warning: {warning.message}", err=True)
+__all__ = ["RowRange", "commands", "gram", "merge_grams"]
 
 
 class RowRange(click.ParamType):
@@ -63,143 +40,66 @@ class RowRange(click.ParamType):
         return (start, stop)
 
 
-@click.command("gram")
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--batch-size",
-    "-m",
-    type=int,
-    default=256,
-    show_default=True,
-    help="Rows per minibatch m (4 <= m <= n); ignored with --mode full.",
+_MODE_HELP = "minibatch: U-centered Gram per batch; full: exact n x n linear Gram (O(n^2) memory)."
+_EPOCHS_HELP = (
+    "Partitions of the rows: epoch 0 in store order, later epochs seeded permutations. "
+    "Intervals are withheld for more than 1 epoch (their batches share samples)."
 )
-@click.option(
-    "--epochs",
-    type=int,
-    default=1,
-    show_default=True,
-    help="Partitions of the rows: epoch 0 in store order, later epochs seeded permutations.",
+
+
+@opts.command("gram")
+@opts.existing_path("store", file_okay=False)
+@opts.minibatch_size()
+@opts.count("--epochs", default=1, minimum=1, help=_EPOCHS_HELP)
+@opts.seed("Derives the epoch permutations; use the same value for every store of a study.")
+@opts.choice(
+    "--mode", source="ckapipe.analyze.gram_cache:MODES", default="minibatch", help=_MODE_HELP
 )
-@click.option(
-    "--seed",
-    type=int,
-    default=0,
-    show_default=True,
-    help="Derives the epoch permutations; use the same value for every store of a study.",
-)
-@click.option(
-    "--mode",
-    type=click.Choice(["minibatch", "full"]),
-    default="minibatch",
-    show_default=True,
-    help="minibatch: U-centered Gram per batch; full: exact n x n linear Gram (O(n^2) memory).",
-)
-@click.option(
-    "--kernel",
-    type=click.Choice(["linear", "rbf"]),
-    default="linear",
-    show_default=True,
-    help="Kernel of the cached Grams (rbf: median bandwidth per batch).",
-)
-@click.option(
-    "--threshold",
-    type=float,
-    default=1.0,
-    show_default=True,
-    help="RBF bandwidth as a multiple of the median distance.",
-)
+@opts.kernel("Kernel of the cached Grams (rbf: median bandwidth per batch).", default="linear")
+@opts.threshold("RBF bandwidth as a multiple of the median distance.", default=1.0)
 @click.option(
     "--rows",
     type=RowRange(),
-    default=None,
     help="Partial cache of the batches inside START:STOP (batch boundaries), e.g. for a job "
     "array; join the parts with `ckapipe merge-grams`.",
 )
-@click.option(
-    "--layers",
-    "layers",
-    multiple=True,
-    help="Layer to include (repeatable; default: every layer of the store).",
+@opts.layers(
+    "Layer to include (repeatable, or comma-separated; default: every layer of the store)."
 )
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="auto (CUDA if available), cpu, cuda or cuda:N.",
-)
-@click.option(
+@opts.device()
+@opts.choice(
     "--precision",
-    type=click.Choice(["float64", "float32"]),
+    source="ckapipe.analyze.gram_cache:PRECISIONS",
     default="float64",
-    show_default=True,
     help="float32: tile products in float32, summed in float64 (~2x faster on a CPU; "
     "minibatch mode only).",
 )
-@click.option(
-    "--threads",
-    type=int,
-    default=4,
-    show_default=True,
-    help="Reader threads decoding chunks.",
-)
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Directory of the new Gram cache.",
-)
-@click.option(
-    "--overwrite",
-    is_flag=True,
-    help="Replace an existing Gram cache at --out (once the new one is complete).",
-)
-def gram(
-    store: Path,
-    batch_size: int,
-    epochs: int,
-    seed: int,
-    mode: str,
-    kernel: str,
-    threshold: float,
-    rows: tuple[int, int | None] | None,
-    layers: tuple[str, ...],
-    device: str,
-    precision: str,
-    threads: int,
-    out: Path,
-    overwrite: bool,
-) -> None:
+@opts.count("--threads", default=4, minimum=1, help="Reader threads decoding chunks.")
+@opts.out("Directory of the new Gram cache.")
+@opts.overwrite("Replace an existing Gram cache at --out (once the new one is complete).")
+def gram(store: Path, layers: tuple[str, ...], **options: Any) -> None:
     """Read activation STORE once and write its Gram cache to --out.
 
     Every sample is used: each epoch's last batch holds the n mod m remaining rows (a remainder
-    of 1-3 rows, too few for the unbiased estimator, is left out with a warning).
+    of 1-3 rows, too few for the unbiased estimator, is left out with a warning). Warns when the
+    partition has too few batches for confidence intervals, naming a batch size that has enough.
     """
     from ckapipe.analyze.gram_cache import build_gram_cache
+    from ckapipe.analyze.summary import interval_batch_warning
     from ckapipe.store import ActivationStore
 
-    try:
-        with _warnings_as_lines():
-            source = ActivationStore.open(store)
-            if rows is not None and rows[1] is None:
-                rows = (rows[0], source.n_samples)
-            cache = build_gram_cache(
-                source,
-                out,
-                batch_size=batch_size,
-                epochs=epochs,
-                seed=seed,
-                mode=mode,
-                kernel=kernel,
-                threshold=threshold,
-                rows=rows,  # type: ignore[arg-type]
-                device=device,
-                layers=list(layers) or None,
-                threads=threads,
-                precision=precision,
-                overwrite=overwrite,
-            )
-    except _user_errors() as error:
-        raise click.ClickException(str(error)) from None
+    source = ActivationStore.open(store)
+    rows = options.pop("rows")
+    if rows is not None and rows[1] is None:  # START: runs to the end of the store
+        rows = (rows[0], source.n_samples)
+    cache = build_gram_cache(source, rows=rows, layers=list(layers) or None, **options)
+    advice = interval_batch_warning(cache.partition) if cache.mode == "minibatch" else None
+    if advice:
+        warnings.warn(advice, stacklevel=1)
+    click.echo(f"wrote {options['out']}: {_describe_cache(cache)}")
+
+
+def _describe_cache(cache: Any) -> str:
     if cache.mode == "minibatch":
         sizes = sorted(set(cache.batch_sizes.tolist()), reverse=True)
         what = (
@@ -208,36 +108,20 @@ def gram(
         )
     else:
         what = f"exact {cache.n_samples}x{cache.n_samples} Grams"
-    click.echo(f"wrote {out}: {len(cache.layer_names)} layers, {what} ({cache.kernel} kernel)")
+    return f"{len(cache.layer_names)} layers, {what} ({cache.kernel} kernel)"
 
 
-commands.append(gram)
-
-
-@click.command("merge-grams")
-@click.argument(
-    "parts", nargs=-1, required=True, type=click.Path(exists=True, file_okay=False, path_type=Path)
-)
-@click.option(
-    "--out", required=True, type=click.Path(path_type=Path), help="Directory of the merged cache."
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing Gram cache at --out.")
+@opts.command("merge-grams")
+@opts.existing_path("parts", file_okay=False, nargs=-1)
+@opts.out("Directory of the merged cache.")
+@opts.overwrite("Replace an existing Gram cache at --out.")
 def merge_grams(parts: tuple[Path, ...], out: Path, overwrite: bool) -> None:
     """Join partial Gram caches (disjoint --rows of one store) into one cache."""
     from ckapipe.analyze.gram_cache import merge_gram_caches
 
-    try:
-        with _warnings_as_lines():
-            cache = merge_gram_caches(list(parts), out, overwrite=overwrite)
-    except _user_errors() as error:
-        raise click.ClickException(str(error)) from None
+    cache = merge_gram_caches(list(parts), out, overwrite=overwrite)
     total = cache.partition["n_batches_total"]
     click.echo(f"wrote {out}: {len(cache.batches)} of {total} batches from {len(parts)} parts")
 
 
-commands.append(merge_grams)
-
-
-# Commands of the study step live in their own modules; each exports `commands`.
-for _module in ("ckapipe.analyze.cli_study", "ckapipe.analyze.cli_plot"):
-    commands.extend(importlib.import_module(_module).commands)
+commands: list[click.Command] = [gram, merge_grams]

@@ -6,22 +6,14 @@ from pathlib import Path
 
 import click
 
+from ckapipe import cli_options as opts
+
 __all__ = ["commands", "plot"]
 
 
-@click.command("plot")
-@click.argument(
-    "result",
-    metavar="RESULT.zarr",
-    type=click.Path(exists=True, path_type=Path),
-)
-@click.option(
-    "--out",
-    "out_dir",
-    required=True,
-    type=click.Path(file_okay=False, path_type=Path),
-    help="Directory for the PNG files (created if missing).",
-)
+@opts.command("plot")
+@opts.existing_path("result", metavar="RESULT.zarr")
+@opts.out("Directory for the PNG files (created if missing).", file_okay=False)
 @click.option(
     "--annotate/--no-annotate",
     default=None,
@@ -35,7 +27,7 @@ __all__ = ["commands", "plot"]
     show_default=True,
     help="Resolution of the PNG files.",
 )
-def plot(result: Path, out_dir: Path, annotate: bool | None, dpi: float) -> None:
+def plot(result: Path, out: Path, annotate: bool | None, dpi: float) -> None:
     """Draw the figures of a CKA result: a heatmap per model pair, the study grid, and
     layer-correspondence curves for pairs of models with the same layers.
 
@@ -48,9 +40,10 @@ def plot(result: Path, out_dir: Path, annotate: bool | None, dpi: float) -> None
 
     try:
         written = plot_result(
-            result, out_dir, annotate="auto" if annotate is None else annotate, dpi=dpi
+            result, out, annotate="auto" if annotate is None else annotate, dpi=dpi
         )
     except (CkapipeError, ValueError, KeyError, FileNotFoundError) as error:
+        # the plotting code also raises the standard library's errors for a malformed result
         raise click.ClickException(f"cannot plot {result}: {error}") from error
     for path in written:
         click.echo(str(path))

@@ -1,13 +1,19 @@
 """``ckapipe analyze``: CKA of every model pair from Gram caches (a thin layer over
-:func:`ckapipe.analyze.study.analyze_study`)."""
+:func:`ckapipe.analyze.study.analyze_study`; the summary it prints is
+:func:`ckapipe.analyze.summary.summary_lines`)."""
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from pathlib import Path
+from typing import Any
 
 import click
-import numpy as np
+
+from ckapipe import cli_options as opts
+from ckapipe.analyze.intervals import DEFAULT_INTERVAL_METHOD, MIN_BATCHES_FOR_INTERVAL
+from ckapipe.errors import UsageError
 
 __all__ = ["analyze", "commands"]
 
@@ -29,72 +35,69 @@ class _PairsType(click.ParamType):
         return pairs
 
 
-@click.command("analyze")
-@click.argument(
-    "grams", nargs=-1, required=True, type=click.Path(exists=True, path_type=Path), metavar="GRAMS…"
+def _interval_help() -> str:
+    need = MIN_BATCHES_FOR_INTERVAL
+    return (
+        "How confidence intervals over the minibatches are computed: jackknife (delete-one-batch "
+        f"jackknife with t quantiles, reported from {need['jackknife']} batches on) or bootstrap "
+        f"(percentile bootstrap, reported from {need['bootstrap']} batches on). Below that "
+        "batch count, or for caches of several epochs, the interval is withheld (NaN, the reason "
+        "in the summary and the CSV)."
+    )
+
+
+_BOOTSTRAP_HELP = (
+    "0: no confidence intervals. Otherwise intervals are computed by --interval-method, and "
+    "this is the number of bootstrap replicates over minibatches when that is bootstrap (the "
+    "jackknife needs none)."
 )
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Result group to write (RESULT.zarr); RESULT.csv is written beside it.",
+_PERMUTATIONS_HELP = (
+    "Permutations for p-values and null thresholds (samples of model b permuted within each "
+    "batch; 0: none). The summary then shows, per pair, the CKA that unrelated "
+    "representations exceed with probability 0.05."
 )
+
+
+@opts.command("analyze")
+@opts.existing_path("grams", nargs=-1, metavar="GRAMS…")
+@opts.out("Result group to write (RESULT.zarr); RESULT.csv is written beside it.")
 @click.option(
     "--names",
-    default=None,
     metavar="A,B,…",
     help="Model names, one per Gram cache, comma-separated. Default: the cache file names.",
 )
-@click.option(
+@opts.choice(
     "--estimator",
-    type=click.Choice(["minibatch", "debiased", "biased"]),
+    source="ckapipe.analyze.study:ESTIMATORS",
     default="minibatch",
-    show_default=True,
     help="minibatch: unbiased minibatch CKA (minibatch caches); debiased / biased: exact HSIC₁ / "
     "HSIC₀ CKA over all samples (full caches).",
 )
-@click.option(
-    "--kernel",
-    type=click.Choice(["linear", "rbf"]),
+@opts.kernel(
+    "Full mode: kernel applied to the cached linear Grams. Default: the caches' kernel.",
     default=None,
-    help="Full mode: kernel applied to the cached linear Grams. Default: the caches' kernel.",
 )
-@click.option(
-    "--threshold",
-    type=float,
+@opts.threshold(
+    "Full mode, RBF: bandwidth as a multiple of the median distance. Default: the caches'.",
     default=None,
-    help="Full mode, RBF: bandwidth as a multiple of the median distance. Default: the caches'.",
+)
+@opts.choice(
+    "--interval-method",
+    source="ckapipe.analyze.intervals:INTERVAL_METHODS",
+    default=DEFAULT_INTERVAL_METHOD,
+    help=_interval_help(),
 )
 @click.option(
     "--ci-level",
     type=click.FloatRange(0, 1, min_open=True, max_open=True),
     default=0.95,
     show_default=True,
-    help="Coverage of the bootstrap confidence intervals.",
+    help="Nominal coverage of the confidence intervals (of --interval-method; full mode: a "
+    "jackknife over sample blocks). Intervals are withheld when there are too few batches.",
 )
-@click.option(
-    "--bootstrap",
-    "n_bootstrap",
-    type=click.IntRange(min=0),
-    default=1000,
-    show_default=True,
-    help="Bootstrap replicates over minibatches (0: no intervals).",
-)
-@click.option(
-    "--permutations",
-    "n_permutations",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Permutations for p-values (samples of model b permuted within each batch; 0: none).",
-)
-@click.option(
-    "--seed",
-    type=click.IntRange(min=0),
-    default=0,
-    show_default=True,
-    help="Seed of the bootstrap and the permutations.",
-)
+@opts.count("--bootstrap", "n_bootstrap", default=1000, help=_BOOTSTRAP_HELP)
+@opts.count("--permutations", "n_permutations", default=0, help=_PERMUTATIONS_HELP)
+@opts.seed("Seed of the bootstrap and the permutations.")
 @click.option(
     "--pairs",
     type=_PairsType(),
@@ -110,93 +113,45 @@ class _PairsType(click.ParamType):
     show_default=True,
     help="With --pairs all, also compare each model with itself.",
 )
-@click.option(
-    "--device",
-    default="auto",
-    show_default=True,
-    help="auto (CUDA when available), cpu, cuda or cuda:N.",
-)
-@click.option("--overwrite", is_flag=True, help="Replace an existing result at --out.")
-def analyze(
-    grams: tuple[Path, ...],
-    out: Path,
-    names: str | None,
-    estimator: str,
-    kernel: str | None,
-    threshold: float | None,
-    ci_level: float,
-    n_bootstrap: int,
-    n_permutations: int,
-    seed: int,
-    pairs: str | list[tuple[str, str]],
-    include_self: bool,
-    device: str,
-    overwrite: bool,
-) -> None:
+@opts.device()
+@opts.overwrite("Replace an existing result at --out.")
+def analyze(grams: tuple[Path, ...], names: str | None, **options: Any) -> None:
     """CKA of every layer pair of every model pair, from one Gram cache per model.
 
     Writes RESULT.zarr (CKA, confidence intervals, per-batch HSIC, provenance) and RESULT.csv
-    (one row per model pair x layer pair), then prints a summary.
+    (one row per model pair x layer pair), then prints a summary: per pair, the CKA, its
+    interval (or why it was withheld) and, with --permutations, the null threshold. Warns when
+    the caches' partition has too few batches for the interval method.
     """
     from ckapipe.analyze.estimators import DegenerateLayerWarning
-    from ckapipe.analyze.study import StudyError, analyze_study, csv_path_for
-    from ckapipe.errors import CkapipeError
+    from ckapipe.analyze.study import analyze_study, csv_path_for
+    from ckapipe.analyze.summary import interval_batch_warning, summary_lines
 
-    try:
-        with warnings.catch_warnings():
-            # the same messages are in each pair's diagnostics, printed below
-            warnings.simplefilter("ignore", DegenerateLayerWarning)
-            study = analyze_study(
-                list(grams),
-                out,
-                names=names.split(",") if names else None,
-                estimator=estimator,  # type: ignore[arg-type]
-                kernel=kernel,
-                threshold=threshold,
-                ci_level=ci_level,
-                n_bootstrap=n_bootstrap,
-                n_permutations=n_permutations,
-                seed=seed,
-                pairs=pairs,
-                include_self=include_self,
-                device=device,
-                overwrite=overwrite,
-            )
-    except (StudyError, CkapipeError) as error:
-        # one line saying what is wrong and what to do, exit status 1
-        raise click.ClickException(str(error)) from error
-
-    shared = set.intersection(*(set(pair.diagnostics) for pair in study.pairs.values()))
-    click.echo(f"{'pair':<32} {'layers':>7} {'diag':>7} {'best':>7} {'min':>7} {'max':>7}  notes")
-    for (a, b), pair in study.pairs.items():
-        click.echo(_summary_line(a, b, pair.cka, len(set(pair.diagnostics) - shared)))
-        for message in pair.diagnostics:
-            if message not in shared:
-                click.echo(f"    - {message}")
-    for message in sorted(shared):
-        click.echo(f"all pairs: {message}")
-    click.echo(
-        "diag: mean CKA of layer i with layer i (square pairs); best: mean over model a's layers "
-        "of the highest CKA with any layer of model b"
-    )
-    click.echo(f"wrote {out} and {csv_path_for(out)}")
+    method = options.pop("interval_method")
+    if _accepts(analyze_study, "interval_method"):
+        options["interval_method"] = method
+    elif method != DEFAULT_INTERVAL_METHOD:
+        raise UsageError(
+            f"--interval-method {method} is not available in this version of the study "
+            f"(it computes {DEFAULT_INTERVAL_METHOD} intervals); leave the option out"
+        )
+    with warnings.catch_warnings():
+        # the same messages are in each pair's diagnostics, printed below
+        warnings.simplefilter("ignore", DegenerateLayerWarning)
+        study = analyze_study(list(grams), names=names.split(",") if names else None, **options)
+    if options["n_bootstrap"] > 0 and options["estimator"] == "minibatch":
+        advice = interval_batch_warning(study.provenance.get("partition"), method)
+        if advice:
+            warnings.warn(advice, stacklevel=1)
+    for line in summary_lines(study):
+        click.echo(line)
+    click.echo(f"wrote {options['out']} and {csv_path_for(options['out'])}")
 
 
-def _summary_line(a: str, b: str, cka: np.ndarray, n_notes: int) -> str:
-    def fmt(value: float) -> str:
-        return f"{value:>7.3f}" if np.isfinite(value) else f"{'-':>7}"
-
-    finite = cka[np.isfinite(cka)]
-    diagonal = np.diagonal(cka) if cka.shape[0] == cka.shape[1] else np.array([np.nan])
-    diag = float(np.mean(diagonal)) if np.isfinite(diagonal).all() else float("nan")
-    rows = [row[np.isfinite(row)] for row in cka]
-    best_per_row = [row.max() for row in rows if row.size]
-    best = float(np.mean(best_per_row)) if best_per_row else float("nan")
-    low = float(finite.min()) if finite.size else float("nan")
-    high = float(finite.max()) if finite.size else float("nan")
-    shape = f"{cka.shape[0]}x{cka.shape[1]}"
-    notes = f"{n_notes} diagnostic(s)" if n_notes else ""
-    return f"{a + ' : ' + b:<32} {shape:>7} {fmt(diag)} {fmt(best)} {fmt(low)} {fmt(high)}  {notes}"
+def _accepts(function: Any, name: str) -> bool:
+    # the study gains an interval_method parameter separately; until then the option accepts
+    # only the method the study computes
+    return name in inspect.signature(function).parameters
 
 
 commands: list[click.Command] = [analyze]

@@ -1,7 +1,7 @@
 """CLI commands around stores: ``info``, ``import-h5`` and ``export-h5``.
 
-Thin wrappers over :mod:`ckapipe.extract.info` and :mod:`ckapipe.extract.h5bridge`; registered by
-``ckapipe.extract.cli`` (``commands`` below).
+Thin wrappers over :mod:`ckapipe.extract.info` and :mod:`ckapipe.extract.h5bridge`; :mod:`ckapipe.cli`
+registers ``commands`` (below).
 """
 
 from __future__ import annotations
@@ -11,18 +11,14 @@ from pathlib import Path
 
 import click
 
-from ckapipe.store import LOGICAL_DTYPES, StoreError
+from ckapipe import cli_options as opts
 
 __all__ = ["commands", "export_h5", "import_h5", "info"]
 
 
-def _fail(error: Exception) -> click.ClickException:
-    return click.ClickException(str(error))
-
-
-@click.command("info")
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option("--json", "as_json", is_flag=True, help="Print the description as JSON.")
+@opts.command("info")
+@opts.existing_path("store", file_okay=False)
+@opts.json_flag("Print the description as JSON.")
 def info(store: Path, as_json: bool) -> None:
     """Describe activation store STORE: layers, shapes, dtype, completeness, size, provenance.
 
@@ -32,10 +28,7 @@ def info(store: Path, as_json: bool) -> None:
     """
     from ckapipe.extract.info import describe_store, format_store_info
 
-    try:
-        description = describe_store(store)
-    except StoreError as error:
-        raise _fail(error) from error
+    description = describe_store(store)
     if as_json:
         click.echo(json.dumps(description, indent=2, sort_keys=False, default=str))
     else:
@@ -44,48 +37,26 @@ def info(store: Path, as_json: bool) -> None:
         raise click.exceptions.Exit(1)
 
 
-@click.command("import-h5")
-@click.argument("h5_file", type=click.Path(exists=True, dir_okay=False, path_type=Path))
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(path_type=Path),
-    help="Activation store to create (a new or empty directory).",
-)
-@click.option(
-    "--layers",
-    "layers",
-    multiple=True,
-    metavar="NAME",
-    help="Import only this layer (layer name a.b or HDF5 path a/b); repeat for more. Layers "
-    "are stored in the order given. Default: every dataset, in the order described above.",
+@opts.command("import-h5")
+@opts.existing_path("h5_file", dir_okay=False)
+@opts.out("Activation store to create (a new or empty directory).")
+@opts.layers(
+    "Import only this layer (layer name a.b or HDF5 path a/b); repeat or comma-separate for "
+    "more. Layers are stored in the order given. Default: every dataset, in the order "
+    "described above."
 )
 @click.option(
     "--key",
-    default=None,
     metavar="PATH",
     help="Import only this HDF5 dataset, or the datasets under this group.",
 )
-@click.option(
-    "--dtype",
-    type=click.Choice(LOGICAL_DTYPES),
-    default="float32",
-    show_default=True,
-    help="Storage dtype of the store.",
-)
+@opts.dtype("Storage dtype of the store.", default="float32")
 @click.option(
     "--sample-ids",
     type=click.Path(exists=True, dir_okay=False, path_type=Path),
-    default=None,
     help="A .npy file with the dataset index of each row (default: 0..n-1, the file's order).",
 )
-@click.option(
-    "--codec",
-    type=click.Choice(["none", "zstd"]),
-    default="none",
-    show_default=True,
-    help="Chunk compression.",
-)
+@opts.codec()
 def import_h5(
     h5_file: Path,
     out: Path,
@@ -117,37 +88,19 @@ def import_h5(
     from ckapipe.extract.h5bridge import import_h5 as run_import
 
     ids = np.load(sample_ids) if sample_ids is not None else None
-    try:
-        store = run_import(
-            h5_file,
-            out,
-            layers=list(layers) or None,
-            key=key,
-            dtype=dtype,
-            sample_ids=ids,
-            codec=codec,
-        )
-    except StoreError as error:
-        raise _fail(error) from error
+    store = run_import(
+        h5_file, out, layers=list(layers) or None, key=key, dtype=dtype, sample_ids=ids, codec=codec
+    )
     click.echo(
         f"imported {len(store.layer_names)} layer(s), {store.n_samples} samples -> {store.path}"
     )
 
 
-@click.command("export-h5")
-@click.argument("store", type=click.Path(exists=True, file_okay=False, path_type=Path))
-@click.option(
-    "--out",
-    required=True,
-    type=click.Path(dir_okay=False, path_type=Path),
-    help="HDF5 file to create (must not exist).",
-)
-@click.option(
-    "--layers",
-    "layers",
-    multiple=True,
-    metavar="NAME",
-    help="Export only this layer; repeat for more. Default: all, in store order.",
+@opts.command("export-h5")
+@opts.existing_path("store", file_okay=False)
+@opts.out("HDF5 file to create (must not exist).", dir_okay=False)
+@opts.layers(
+    "Export only this layer; repeat or comma-separate for more. Default: all, in store order."
 )
 def export_h5(store: Path, out: Path, layers: tuple[str, ...]) -> None:
     """Export complete activation store STORE to an HDF5 file, one dataset per layer.
@@ -157,10 +110,7 @@ def export_h5(store: Path, out: Path, layers: tuple[str, ...]) -> None:
     """
     from ckapipe.extract.h5bridge import export_h5 as run_export
 
-    try:
-        path = run_export(store, out, layers=list(layers) or None)
-    except StoreError as error:
-        raise _fail(error) from error
+    path = run_export(store, out, layers=list(layers) or None)
     click.echo(f"exported {store} -> {path}")
 
 

@@ -32,7 +32,10 @@ __all__ = [
     "LayerInfo",
     "LayerSelectionError",
     "LayerSelector",
+    "EXAMPLE_DTYPES",
+    "example_input",
     "list_layers",
+    "model_layers",
     "resolve_layers",
 ]
 
@@ -248,3 +251,50 @@ def _describe(output: Any) -> str:
     if output is None:
         return "None"
     return type(output).__name__
+
+
+EXAMPLE_DTYPES = ("float32", "float16", "int64")
+"""dtypes of a random example input (int64: token ids 0..9, for models that embed tokens)."""
+
+
+def example_input(
+    dataset: Any = None, input_shape: Sequence[int] | None = None, input_dtype: str = "float32"
+) -> Any:
+    """A batch of one example input for a dry forward pass: the first item of ``dataset`` (a
+    parsed dataset spec), or a random tensor of per-sample shape ``input_shape``.
+
+    Exactly one of ``dataset`` and ``input_shape`` is given.
+    """
+    if (dataset is None) == (input_shape is None):
+        raise UsageError("give exactly one of --dataset and --input-shape")
+    import torch
+
+    if dataset is not None:
+        from ckapipe.extract.capture import split_batch
+
+        batch = torch.utils.data.default_collate([dataset.build()[0]])
+        return split_batch(batch, input_index=dataset.input, keys=dataset.keys)[0]
+    if input_dtype not in EXAMPLE_DTYPES:
+        raise UsageError(f"input dtype must be one of {EXAMPLE_DTYPES}, got {input_dtype!r}")
+    shape = (1, *input_shape)  # type: ignore[misc]
+    if input_dtype == "int64":
+        return torch.randint(0, 10, shape)
+    return torch.randn(shape, dtype=getattr(torch, input_dtype))
+
+
+def model_layers(
+    model: Any,
+    *,
+    dataset: Any = None,
+    input_shape: Sequence[int] | None = None,
+    input_dtype: str = "float32",
+    output_index: int = 0,
+    output_key: str = "last_hidden_state",
+) -> list[LayerInfo]:
+    """:func:`list_layers` of a model spec, with an example input from ``dataset`` or
+    ``input_shape`` (see :func:`example_input`): what ``ckapipe layers`` prints."""
+    if (dataset is None) == (input_shape is None):
+        raise UsageError("give exactly one of --dataset and --input-shape")
+    net = model.build()
+    example = example_input(dataset, input_shape, input_dtype)
+    return list_layers(net, example, output_index=output_index, output_key=output_key)

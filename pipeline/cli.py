@@ -1,17 +1,19 @@
 """The ``ckapipe`` command line: a thin layer over the Python API.
 
-Each stage contributes its commands from its own module (``ckapipe.extract.cli``,
-``ckapipe.analyze.cli``, ``ckapipe.run``); this module only assembles the group.
+Each stage contributes its commands from its own modules (``COMMAND_MODULES`` in
+:mod:`ckapipe.cli_options`, each ending with a ``commands`` list); this module only assembles
+the group.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
-from pathlib import Path
 
 import click
 
 from ckapipe import __version__
+from ckapipe.cli_options import COMMAND_MODULES
 from ckapipe.errors import CkapipeError
 
 
@@ -50,44 +52,11 @@ def main(verbose: int) -> None:
     logging.basicConfig(level=level, format="%(asctime)s %(name)s %(levelname)s: %(message)s")
 
 
-@click.command("verify")
-@click.argument(
-    "paths", nargs=-1, required=True, type=click.Path(path_type=Path), metavar="PATH..."
-)
-def verify(paths: tuple[Path, ...]) -> None:
-    """Check that activation stores, Gram caches or results are complete and undamaged.
-
-    Reads every chunk of every array once and checks its CRC-32C checksum, finds deleted chunk
-    files, checks the completion flag (and, for a result, that its CSV belongs to it). Prints
-    one line per PATH (OK or DAMAGED with the array and chunk) and exits with status 1 if any
-    PATH is damaged or incomplete. Opening a file for analysis already refuses deleted chunks;
-    this is the thorough check, e.g. after copying a cache between filesystems.
-    """
-    from ckapipe.verify import verify as verify_path
-
-    damaged = 0
-    for path in paths:
-        verification = verify_path(path)
-        click.echo(verification.summary())
-        damaged += not verification.ok
-    if damaged:
-        raise SystemExit(1)
-
-
 def _register() -> None:
-    from ckapipe.analyze.cli import commands as analyze_commands
-    from ckapipe.extract.cli import commands as extract_commands
-    from ckapipe.extract.cli_tools import commands as store_tool_commands
-    from ckapipe.run import commands as run_commands
-
-    for command in (
-        *extract_commands,
-        *store_tool_commands,
-        *analyze_commands,
-        *run_commands,
-        verify,
-    ):
-        main.add_command(command)
+    # the one way commands join the group: each module of COMMAND_MODULES lists its `commands`
+    for module in COMMAND_MODULES:
+        for command in importlib.import_module(module).commands:
+            main.add_command(command)
 
 
 _register()

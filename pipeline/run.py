@@ -1,4 +1,4 @@
-"""``ckapipe run``: a whole study through Snakemake.
+"""Running a whole study through Snakemake (the API of ``ckapipe run``, in :mod:`ckapipe.cli_run`).
 
 The workflow ships inside the package (``ckapipe/workflow/Snakefile``). Snakemake runs as a
 subprocess (``python -m snakemake``), not through its Python API, because the API ignores
@@ -14,16 +14,15 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import click
+from ckapipe.errors import UsageError
 
 __all__ = [
     "DEFAULT_CONFIG",
     "PROFILE_DIR",
     "SNAKEFILE",
-    "commands",
-    "run",
     "run_study",
     "snakemake_command",
+    "split_config_argument",
 ]
 
 _PACKAGE_DIR = Path(__file__).resolve().parent
@@ -61,7 +60,7 @@ def snakemake_command(
     """
     config_path = Path(config) if config is not None else DEFAULT_CONFIG
     if not config_path.is_file():
-        raise click.BadParameter(f"study config {config_path} does not exist", param_hint="CONFIG")
+        raise UsageError(f"study config {config_path} (CONFIG) does not exist")
     extra = list(snakemake_args)
     command = [
         sys.executable,
@@ -111,7 +110,6 @@ def _check_config_file(path: Path) -> None:
     """
     import yaml
 
-    from ckapipe.errors import UsageError
     from ckapipe.workflow.config_check import check_config
 
     try:
@@ -123,46 +121,15 @@ def _check_config_file(path: Path) -> None:
     check_config(config)
 
 
-def _split_config(args: Sequence[str]) -> tuple[Path | None, list[str]]:
-    """Separate the optional CONFIG from the Snakemake arguments.
+def split_config_argument(args: Sequence[str]) -> tuple[Path | None, list[str]]:
+    """Separate the optional study config from the Snakemake arguments of ``ckapipe run``.
 
     click drops the ``--`` separator, so ``ckapipe run -- -n`` and ``ckapipe run study.yaml -- -n``
     arrive as ``("-n",)`` and ``("study.yaml", "-n")``: the first argument is the config when it
-    is an existing file or ends in .yaml/.yml/.json, else it is Snakemake's.
+    is an existing file or ends in .yaml/.yml/.json, else it is Snakemake's (a target, a flag).
     """
     if args and not args[0].startswith("-"):
         candidate = Path(args[0])
         if candidate.is_file() or candidate.suffix.lower() in (".yaml", ".yml", ".json"):
             return candidate, list(args[1:])
     return None, list(args)
-
-
-@click.command(
-    "run",
-    context_settings={"ignore_unknown_options": True},
-)
-@click.option(
-    "-d",
-    "--workdir",
-    type=click.Path(file_okay=False, path_type=Path),
-    default=Path("."),
-    show_default=True,
-    help="Working directory: results/<study>/ and the default cache root go here.",
-)
-@click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[CONFIG] [-- SNAKEMAKE_ARGS]...")
-def run(workdir: Path, args: tuple[str, ...]) -> None:
-    """Run a whole study with Snakemake (no CONFIG: the demo study).
-
-    Extract every model on every dataset, build Gram caches, compare all pairs, plot, and write
-    results/<study>/report.html. Activation stores and Gram caches go to the config's
-    storage.cache_root, keyed by content, so studies share them. CONFIG is a YAML file (see the
-    demo's config.yaml). Anything after `--` goes to Snakemake, e.g.
-    `ckapipe run study.yaml -- --dry-run` or `ckapipe run study.yaml -- --profile slurm`.
-    """
-    config, snakemake_args = _split_config(args)
-    returncode = run_study(config, workdir=workdir, snakemake_args=snakemake_args)
-    if returncode:
-        raise SystemExit(returncode)
-
-
-commands: list[click.Command] = [run]

@@ -6,6 +6,7 @@ subprocess, exactly as a user would, and checks: non-zero exit, an ``Error:`` li
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import subprocess
@@ -13,6 +14,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from ckapipe.analyze.study import analyze_study
 
 TESTS = Path(__file__).parent
 
@@ -98,6 +101,27 @@ CASES = {
     "gram: a Gram cache instead of a store": ("gram {cache} --out {root}/g3.zarr", "cache.zarr"),
     "gram: batch larger than n": ("gram {store} --batch-size 100000 --out {root}/g4.zarr", "batch"),
     "gram: batch of 3": ("gram {store} --batch-size 3 --out {root}/g5.zarr", "batch"),
+    "gram: not a device": ("gram {store} --device gpu0 --out {root}/g6.zarr", "gpu0"),
+    "gram: threshold 0": ("gram {store} --threshold 0 --out {root}/g7.zarr", "--threshold"),
+    "gram: unknown kernel": ("gram {store} --kernel poly --out {root}/g8.zarr", "poly"),
+    "extract: negative seed": (
+        "extract --model models:make_mlp --dataset models:vector_dataset --layers 1 "
+        "--seed -1 --out {root}/x3.zarr",
+        "--seed",
+    ),
+    "extract: unknown reduction": (
+        "extract --model models:make_mlp --dataset models:vector_dataset --layers 1 "
+        "--reduce max --out {root}/x4.zarr",
+        "max",
+    ),
+    "layers: unknown --input-dtype": (
+        "layers models:make_mlp --input-shape 12 --input-dtype int8",
+        "int8",
+    ),
+    "analyze: unknown --interval-method": (
+        "analyze {cache} --interval-method normal --out {root}/r4.zarr",
+        "normal",
+    ),
     "analyze: an activation store": ("analyze {store} --out {root}/r1.zarr", "store.zarr"),
     "analyze: incomplete cache": ("analyze {incomplete} --out {root}/r2.zarr", "incomplete"),
     "analyze: not zarr": ("analyze {not_zarr} --out {root}/r3.zarr", "plain_dir"),
@@ -108,10 +132,21 @@ CASES = {
     "merge-grams: one cache with itself": ("merge-grams {cache} {cache} --out {root}/m.zarr", ""),
     "plot: not a result": ("plot {cache} --out {root}/figs", "cache.zarr"),
     "import-h5: not HDF5": ("import-h5 {text_file} --out {root}/h.zarr", "notes.txt"),
+    "import-h5: unknown --dtype": (
+        "import-h5 {text_file} --dtype int8 --out {root}/h2.zarr",
+        "int8",
+    ),
     "export-h5: not a store": ("export-h5 {not_zarr} --out {root}/e.h5", "plain_dir"),
     "run: invalid config": ("run {bad_config} -- --dry-run", "models"),
     "run: missing config": ("run {root}/nope.yaml", "nope.yaml"),
 }
+
+if "interval_method" not in inspect.signature(analyze_study).parameters:
+    # until the study computes other methods, asking for one is refused, not ignored
+    CASES["analyze: --interval-method the study cannot compute"] = (
+        "analyze {cache} --interval-method bootstrap --out {root}/r5.zarr",
+        "bootstrap",
+    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

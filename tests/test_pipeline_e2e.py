@@ -101,12 +101,14 @@ def test_demo_study_end_to_end(demo):
     assert np.allclose(np.diag(result.pair("cnn_s1", "cnn_s1").cka), 1.0, atol=1e-9)
 
     # the workflow wired each name to its own store: recompute one cross-architecture value
-    # from the stores in float64 (epoch 0 = consecutive blocks of 256 store rows)
+    # from the stores in float64 (epoch 0 = consecutive blocks of m store rows)
     stores = {name: result.provenance["models"][name]["store"] for name in ("mlp_s1", "cnn_s0")}
     mlp_store = ActivationStore.open(demo / stores["mlp_s1"])
     cnn_store = ActivationStore.open(demo / stores["cnn_s0"])
     assert mlp_store.identity()["weights_sha256"] != cnn_store.identity()["weights_sha256"]
-    reference = minibatch_linear_cka(mlp_store.read("relu2"), cnn_store.read("relu3"), 256)
+    m = yaml.safe_load(DEFAULT_CONFIG.read_text())["analysis"]["batch_size"]
+    assert 1024 // m >= 4  # the demo reports intervals
+    reference = minibatch_linear_cka(mlp_store.read("relu2"), cnn_store.read("relu3"), m)
     assert result.pair("mlp_s1", "cnn_s0").cka[1, 2] == pytest.approx(reference, abs=1e-9)
 
 

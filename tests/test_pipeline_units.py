@@ -20,7 +20,8 @@ from helpers import job_counts
 
 from ckapipe.demo.data import make_gratings
 from ckapipe.demo.models import mlp, small_cnn
-from ckapipe.run import DEFAULT_CONFIG, SNAKEFILE, _split_config, snakemake_command
+from ckapipe.run import DEFAULT_CONFIG, SNAKEFILE, snakemake_command
+from ckapipe.run import split_config_argument as _split_config
 from ckapipe.store import ActivationStore, LayerRecord
 from ckapipe.workflow import keys
 from ckapipe.workflow.config_check import config_errors
@@ -333,6 +334,51 @@ def test_report_section_reads_a_written_result_and_its_csv(tmp_path):
     assert "m0 vs m1" in page and "l0: 0.910 [0.860, 0.950]" in page
     assert "note on m0" in page
     assert table.read_bytes() == good
+
+
+def test_batch_advice_names_a_batch_size_with_enough_whole_batches():
+    from ckapipe.analyze.summary import batches_per_epoch, interval_batch_warning
+
+    def partition(n: int, m: int) -> dict:
+        return {"n_samples": n, "batch_size": m, "batches_per_epoch": batches_per_epoch(n, m)}
+
+    assert batches_per_epoch(1024, 128) == 8 and batches_per_epoch(40, 12) == 4  # 12, 12, 12, 4
+    assert batches_per_epoch(42, 20) == 2  # a remainder of 2 rows is dropped
+    assert interval_batch_warning(partition(1024, 256)) is None
+    advice = interval_batch_warning(partition(1024, 512))
+    assert "2 batch(es) per epoch" in advice and "--batch-size 256 or smaller" in advice
+    assert "--batch-size 256" in interval_batch_warning(partition(1024, 512), "jackknife")
+    assert "--batch-size 8 or smaller" in interval_batch_warning(partition(1024, 512), "bootstrap")
+    assert "too small" in interval_batch_warning(partition(12, 8))
+    assert interval_batch_warning({"n_samples": 10, "batch_size": None}) is None  # full mode
+
+
+def test_report_shows_intervals_withheld_reasons_and_null_thresholds():
+    import html
+
+    from ckapipe.analyze.result import PairResult, StudyResult
+    from ckapipe.workflow.html_report import _diagonal_cell, _pairs_table
+
+    layers = ["l0", "l1"]
+    cka = np.array([[0.91, 0.2], [0.3, 0.82]])
+    nan = np.full((2, 2), np.nan)
+    reason = "interval withheld: 2 batches < 4 needed for validated 95% coverage (jackknife)"
+    withheld = PairResult(
+        "m0", "m1", layers, layers, cka, nan, nan, null_threshold=np.full((2, 2), 0.25),
+        interval_method="none", interval_note=reason,
+    )  # fmt: skip
+    reported = PairResult(
+        "m0", "m0", layers, layers, cka, cka - 0.05, cka + 0.04,
+        interval_method="jackknife over 8 batches, t quantile on 7 df",
+    )  # fmt: skip
+    study = StudyResult(
+        models=["m0", "m1"], pairs={("m0", "m0"): reported, ("m0", "m1"): withheld}, provenance={}
+    )
+    table = _pairs_table(study, 0.95)
+    assert html.escape(reason) in table and "jackknife over 8 batches" in table
+    assert "0.250" in table and "3/4" in table  # largest null threshold, layer pairs above it
+    assert _diagonal_cell(withheld, 0) == "0.910 <small>(null 0.250)</small>"
+    assert _diagonal_cell(reported, 1) == "0.820 [0.770, 0.860]"
 
 
 # -- Snakemake: lint and dry run ------------------------------------------------------------------

@@ -807,6 +807,29 @@ def test_cli_analyze_writes_result_and_prints_summary(study_dir, tmp_path):
     assert bad_pairs.exit_code == 2 and "model_a:model_b" in bad_pairs.output
 
 
+def test_cli_analyze_summary_shows_intervals_null_thresholds_and_batch_advice(study_dir, tmp_path):
+    runner = CliRunner()
+    reported = runner.invoke(
+        analyze,
+        [str(cache_path(study_dir, "a")), str(cache_path(study_dir, "b")), "--names", "a,b",
+         "--permutations", "20", "--device", "cpu", "--out", str(tmp_path / "r.zarr")],
+    )  # fmt: skip
+    assert reported.exit_code == 0, reported.output
+    assert "95% CI half-width" in reported.output and "jackknife over 5 batches" in reported.output
+    assert "null" in reported.output.splitlines()[0]  # the null threshold column
+    assert "Warning" not in reported.output
+    one_batch = [str(cache_path(study_dir, "a-one")), "--device", "cpu"]
+    withheld = runner.invoke(analyze, [*one_batch, "--out", str(tmp_path / "w.zarr")])
+    assert withheld.exit_code == 0, withheld.output
+    assert "interval withheld: 1 batches < 4 needed" in withheld.output
+    # the largest m that splits n = 60 into 4 whole batches
+    assert "Warning:" in withheld.output and "--batch-size 15 or smaller" in withheld.output
+    bad = runner.invoke(
+        analyze, [*one_batch, "--out", str(tmp_path / "x"), "--interval-method", "x"]
+    )
+    assert bad.exit_code == 2 and "--interval-method" in bad.output
+
+
 # ---------------------------------------------------------------------- one writer, killed writers
 
 

@@ -1,8 +1,9 @@
 """The study report: one self-contained HTML page (figures embedded as base64 PNG).
 
-It shows, per dataset, the study grid, every pair's heatmap and the layer-correspondence curves
-with their confidence intervals (the PNGs `ckapipe plot` wrote), a table of corresponding-layer
-CKA with intervals for same-architecture pairs, the models' accuracies (demo-trained models), and
+It shows, per dataset, a table of every model pair (summary CKA, confidence interval or why it
+was withheld, null threshold), the study grid, every pair's heatmap and the layer-correspondence
+curves with their confidence intervals (the PNGs `ckapipe plot` wrote), a table of
+corresponding-layer CKA with intervals (and null thresholds) for same-architecture pairs, the models' accuracies (demo-trained models), and
 the provenance: resolved config, cache keys, store identities and library versions.
 """
 
@@ -105,6 +106,74 @@ def _same_architecture(plan: Mapping[str, Any], a: str, b: str) -> bool:
     )
 
 
+def _level(ci_level: Any) -> str:
+    return f"{float(ci_level):.0%}" if ci_level else ""
+
+
+def _cka_cell(value: float, low: float, high: float, null: float | None) -> str:
+    """A CKA with its interval where reported and its null threshold where computed."""
+    if not np.isfinite(value):
+        return "–"
+    text = f"{value:.3f}"
+    if np.isfinite(low) and np.isfinite(high):
+        text += f" [{low:.3f}, {high:.3f}]"
+    if null is not None and np.isfinite(null):
+        text += f" <small>(null {null:.3f})</small>"
+    return text
+
+
+def _diagonal_cell(pair: Any, i: int) -> str:
+    null = None if pair.null_threshold is None else pair.null_threshold[i, i]
+    return _cka_cell(pair.cka[i, i], pair.ci_low[i, i], pair.ci_high[i, i], null)
+
+
+def _interval_cell(pair: Any, ci_level: Any) -> str:
+    """How a pair's intervals were computed, or why they were withheld (highlighted)."""
+    from ckapipe.analyze.summary import interval_text, summarize_pair
+
+    summary = summarize_pair(pair, float(ci_level) if ci_level else None)
+    text = html.escape(interval_text(summary))
+    return text if summary.interval is not None else f'<span class="bad">{text}</span>'
+
+
+def _pairs_table(result: Any, ci_level: Any) -> str:
+    """Every model pair in a few numbers, with its interval (or why none) and null threshold."""
+    from ckapipe.analyze.summary import summarize_pair
+
+    def number(value: float | None) -> str:
+        return "–" if value is None or not np.isfinite(value) else f"{value:.3f}"
+
+    rows = []
+    with_null = any(pair.null_threshold is not None for pair in result.pairs.values())
+    for (a, b), pair in sorted(result.pairs.items()):
+        summary = summarize_pair(pair, float(ci_level) if ci_level else None)
+        row = [
+            html.escape(f"{a} vs {b}"),
+            summary.layers,
+            number(summary.diagonal),
+            number(summary.best),
+            f"{number(summary.low)} – {number(summary.high)}",
+            _interval_cell(pair, ci_level),
+        ]
+        if with_null:
+            above = (
+                "–" if summary.above_null is None else f"{summary.above_null}/{summary.n_entries}"
+            )
+            row += [number(summary.null_threshold), above]
+        rows.append(row)
+    header = ["pair", "layers", "mean diagonal CKA", "mean best match", "CKA range", "interval"]
+    if with_null:
+        header += ["null threshold (largest)", "layer pairs above null"]
+    return (
+        "<h3>Pairs</h3><p>Mean diagonal: mean CKA of layer i with layer i; mean best match: "
+        "mean over model a's layers of the highest CKA with any layer of model b; interval: "
+        "the largest half-width of the layer pairs' confidence intervals, or why they were "
+        "withheld; null threshold: the CKA unrelated representations exceed with probability "
+        "0.05 under the permutation null. Every layer pair, with its interval, is in the "
+        "table linked above.</p>" + _table(header, rows)
+    )
+
+
 def _dataset_section(plan: Mapping[str, Any], name: str, dataset: Mapping[str, Any]) -> str:
     from ckapipe.analyze.result import load_result
 
@@ -119,28 +188,33 @@ def _dataset_section(plan: Mapping[str, Any], name: str, dataset: Mapping[str, A
         f"Table of every layer pair: <code>{html.escape(str(dataset['table']))}</code> "
         f"(SHA-256 {html.escape(digest[:16])}…, as recorded in the result).</p>"
     )
+    ci_level = result.provenance.get("ci_level")
+    parts.append(_pairs_table(result, ci_level))
     rows = []
     for (a, b), pair in sorted(result.pairs.items()):
         if not _same_architecture(plan, a, b):
             continue
-        diagonal = np.diag(pair.cka)
         cells = ", ".join(
-            f"{layer}: {value:.3f} [{low:.3f}, {high:.3f}]"
-            for layer, value, low, high in zip(
-                pair.layers_a, diagonal, np.diag(pair.ci_low), np.diag(pair.ci_high), strict=True
-            )
+            f"{html.escape(layer)}: {_diagonal_cell(pair, i)}"
+            for i, layer in enumerate(pair.layers_a)
         )
         dominant = diagonal_dominance(pair.cka)
         verdict = '<span class="ok">yes</span>' if dominant else '<span class="bad">no</span>'
-        rows.append([html.escape(f"{a} vs {b}"), cells, verdict])
+        rows.append([html.escape(f"{a} vs {b}"), cells, _interval_cell(pair, ci_level), verdict])
     if rows:
         parts.append(
             "<h3>Same architecture, different seeds</h3><p>CKA of corresponding layers with "
-            f"{result.provenance.get('ci_level', '')} confidence intervals; the known structure is "
-            "that each layer is most similar to the corresponding layer of the other seed "
-            "(the diagonal dominates its row and column).</p>"
+            f"{_level(ci_level)} confidence intervals [low, high] where reported (and, with "
+            "permutations, the null threshold: the CKA unrelated representations exceed with "
+            "probability 0.05); the known structure is that each layer is most similar to the "
+            "corresponding layer of the other seed (the diagonal dominates its row and "
+            "column).</p>"
         )
-        parts.append(_table(["pair", "corresponding layers: CKA [CI]", "diagonal dominates"], rows))
+        parts.append(
+            _table(
+                ["pair", "corresponding layers: CKA [CI]", "interval", "diagonal dominates"], rows
+            )
+        )
     diagnostics = sorted(
         {
             f"{a} vs {b}: {message}"

@@ -2,6 +2,8 @@
 # is cheap next to extraction and restarts from scratch: the job builds it in a staging folder
 # under the cache's job lock and renames it into place, so a Gram cache that exists is complete
 # and another study's is never deleted; its Snakemake output is a receipt in the study's folder.
+# The job creates {out}, an empty staging folder of its own, before `ckapipe gram` runs: hence
+# --overwrite, which lets the Gram cache be written into it (gram refuses any existing --out).
 
 
 rule gram:
@@ -22,4 +24,4 @@ rule gram:
     shell:
         "python -m ckapipe.workflow.jobs build --target {params.target:q}"
         " --receipt {output.receipt:q} --source {params.store:q} --"
-        " ckapipe gram {params.store:q} {params.partition} --out {{out}} > {log:q} 2>&1"
+        " ckapipe gram {params.store:q} {params.partition} --out {{out}} --overwrite > {log:q} 2>&1"
