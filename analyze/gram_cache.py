@@ -65,7 +65,11 @@ import torch
 import zarr
 from torch import Tensor
 
-from ckapipe.analyze.estimators import add_shifted_products, centered_batch_gram
+from ckapipe.analyze.estimators import (
+    add_centered_products,
+    add_shifted_products,
+    centered_batch_gram,
+)
 from ckapipe.analyze.loader import (
     BlockRequest,
     column_ranges,
@@ -126,7 +130,6 @@ RBF_RULE = (
 )
 REBUILD = "rebuild it from its activation store with `ckapipe gram STORE --out GRAMS`"
 # Full mode: a float64 copy of at most this many bytes of a slab exists at once.
-_FULL_BLOCK_BYTES = 64 * 2**20
 
 
 class GramCacheError(FormatError):
@@ -1118,14 +1121,8 @@ def _full_gram(store: ActivationStore, name: str, *, max_slab_bytes: int, **load
         BlockRequest((0, n), ((name, c0, c1),))
         for c0, c1 in column_ranges(store.layer(name).n_features, column_chunk, width)
     ]
-    step = max(1, _FULL_BLOCK_BYTES // (8 * n))
     for block in iter_blocks(store, requests, **loader):
-        slab = block.tensors[0]
-        for a in range(0, slab.shape[1], step):
-            x = slab[:, a : a + step].to(torch.float64)
-            x = x - x[:1]
-            x = x - x.mean(dim=0, keepdim=True)
-            gram.addmm_(x, x.T)
+        add_centered_products(gram, block.tensors[0])
     return gram
 
 

@@ -34,7 +34,6 @@ from __future__ import annotations
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -42,7 +41,13 @@ import numpy as np
 import torch
 import zarr
 
-from ckapipe.analyze.estimators import DegenerateLayerWarning, MinibatchCKA
+from ckapipe.analyze.estimators import (
+    DegenerateLayerWarning,
+    FullCentering,
+    MinibatchCKA,
+    hsic_normaliser,
+    stacked_hsic1,
+)
 from ckapipe.analyze.intervals import (
     DEFAULT_INTERVAL_METHOD,
     FullBlockJackknife,
@@ -737,7 +742,6 @@ class _PermutationNull:
         perms = torch.from_numpy(np.argsort(rng.random((self.n_permutations, m)), axis=1)).to(
             device
         )
-        scale = 1.0 / (m * (m - 3))
         for model_b in dict.fromkeys(b for _, b in self.requested):
             gb = grams[model_b].to(torch.float64)  # (Lb, m, m)
             lb = gb.shape[0]
@@ -752,7 +756,7 @@ class _PermutationNull:
                     if b != model_b:
                         continue
                     flat_a = grams[a].to(torch.float64).reshape(-1, m * m)  # (La, m*m)
-                    cross = (flat_a @ permuted.T) * scale  # (La, pc*Lb)
+                    cross = stacked_hsic1(flat_a, permuted, m)  # (La, pc*Lb)
                     cross = cross.reshape(-1, pc, lb).transpose(0, 1)  # (pc, La, Lb)
                     self.cross[(a, b)][start : start + pc] += cross
 
@@ -782,7 +786,7 @@ def _full_pairs(
     n = int(next(iter(caches.values())).identity["n_samples"])
     if not biased and n < 4:
         raise StudyError(f"debiased CKA needs at least 4 samples, the stores hold {n}")
-    stats: dict[tuple[str, str], _CenteringStats] = {}
+    stats: dict[tuple[str, str], FullCentering] = {}
     bandwidths: dict[str, dict[str, float]] = {}
     for name in used:
         for layer in layers[name]:
@@ -792,9 +796,12 @@ def _full_pairs(
                     f"model {name!r} layer {layer!r}: full Gram has shape {tuple(gram.shape)}, "
                     f"expected ({n}, {n}); rebuild the cache"
                 )
-            stats[(name, layer)] = _CenteringStats.from_gram(
-                gram, biased=biased, kernel=kernel, threshold=threshold
-            )
+            try:
+                stats[(name, layer)] = FullCentering.from_gram(
+                    gram, biased=biased, kernel=kernel, threshold=threshold
+                )
+            except ValueError as error:  # an undefined RBF bandwidth: name the layer
+                raise StudyError(f"model {name!r} layer {layer!r}: {error}") from error
             if kernel == "rbf":
                 bandwidths.setdefault(name, {})[layer] = float(stats[(name, layer)].sigma2)
             del gram
@@ -818,7 +825,7 @@ def _full_pairs(
             inner += centered @ centered.T  # (ΣL, ΣL)
         else:
             jackknife.update(centered.reshape(total_layers, stop - start, n), start)
-    scale = 1.0 / (n - 1) ** 2 if biased else 1.0 / (n * (n - 3))
+    scale = hsic_normaliser(n, biased=biased)
     inner = (inner * scale).cpu().numpy() if jackknife is None else jackknife.inner() * scale
     position = {key: index for index, key in enumerate(rows_of)}
 
@@ -864,84 +871,6 @@ def _full_pairs(
             self_b_per_batch=self_b[None],
         )
     return results, bandwidths
-
-
-@dataclass
-class _CenteringStats:
-    """What it takes to center any row block of one layer's kernel matrix.
-
-    HSIC₁ (U-centering, Székely & Rizzo 2014), with K̃ = K with a zero diagonal and r its row sums:
-    Ũ_ij = K̃_ij − r_i/(n−2) − r_j/(n−2) + Σr/((n−1)(n−2)), Ũ_ii = 0.
-    HSIC₀ (double centering) with μ the row means: (HKH)_ij = K_ij − μ_i − μ_j + mean(μ).
-    """
-
-    biased: bool
-    kernel: str
-    row_stat: torch.Tensor  # (n,): r (HSIC₁) or μ (HSIC₀)
-    total: float
-    diagonal: torch.Tensor  # (n,) diagonal of the linear Gram (RBF distances)
-    sigma2: float
-
-    @classmethod
-    def from_gram(
-        cls, gram: torch.Tensor, *, biased: bool, kernel: str, threshold: float
-    ) -> _CenteringStats:
-        n = gram.shape[0]
-        diagonal = torch.diagonal(gram).clone()
-        sigma2 = float("nan")
-        if kernel == "rbf":
-            sq_dist = diagonal[:, None] + diagonal[None, :] - 2 * gram
-            median = float(_numpy_median(sq_dist.reshape(-1)))
-            if not median > 0:
-                raise StudyError(
-                    "the median squared distance between samples is 0 for a layer (constant "
-                    "activations), so its RBF bandwidth is undefined; use kernel='linear'"
-                )
-            sigma2 = threshold**2 * median
-            kmat = torch.exp(-sq_dist / (2 * sigma2))
-            del sq_dist
-        else:
-            kmat = gram
-        if biased:
-            row_stat = kmat.mean(dim=1)
-            total = float(row_stat.mean())
-        else:
-            row_stat = kmat.sum(dim=1) - torch.diagonal(kmat)
-            total = float(row_stat.sum()) / ((n - 1) * (n - 2))
-        return cls(biased, kernel, row_stat, total, diagonal, sigma2)
-
-    def center_rows(self, rows: torch.Tensor, start: int) -> torch.Tensor:
-        """Rows ``start:start+k`` of the centered kernel matrix, from the same rows of the Gram."""
-        k, n = rows.shape
-        index = torch.arange(k, device=rows.device)
-        if self.kernel == "rbf":
-            local = self.diagonal[start : start + k]
-            sq_dist = local[:, None] + self.diagonal[None, :] - 2 * rows
-            kmat = torch.exp(-sq_dist / (2 * self.sigma2))
-        else:
-            kmat = rows.clone()
-        if self.biased:
-            return (
-                kmat - self.row_stat[start : start + k, None] - self.row_stat[None, :] + self.total
-            )
-        kmat[index, start + index] = 0.0
-        centered = (
-            kmat
-            - self.row_stat[start : start + k, None] / (n - 2)
-            - self.row_stat[None, :] / (n - 2)
-            + self.total
-        )
-        centered[index, start + index] = 0.0
-        return centered
-
-
-def _numpy_median(values: torch.Tensor) -> torch.Tensor:
-    """numpy's median convention: the mean of the two middle values for an even count."""
-    count = values.numel()
-    upper = torch.kthvalue(values, count // 2 + 1).values
-    if count % 2:
-        return upper
-    return (torch.kthvalue(values, count // 2).values + upper) / 2
 
 
 def _full_gram_rows(cache: GramCache, layer: str, start: int, stop: int) -> np.ndarray:
