@@ -460,7 +460,7 @@ def self_hsic_problem(value: float) -> str | None:
         return "is NaN"
     if value == 0:
         return "is 0 (constant or all-zero activations)"
-    return f"is negative ({value:.6g}; an unbiased estimate below zero, not clamped)"
+    return f"is negative ({value:.6g}), an unbiased estimate below zero, not clamped"
 
 
 def nonpositive_self_hsic(self_hsic: np.ndarray, layers: Sequence[str], model: str) -> list[str]:

@@ -408,10 +408,10 @@ def test_format_version_1_is_refused_with_rebuild_advice(tmp_path):
 # in progress, without a test hook in ckapipe.
 PAUSED_GRAM = """
 import pathlib, sys, time
-import ckapipe.analyze.gram_cache as gram_cache
+import ckapipe.analyze.gram_build as gram_build
 from ckapipe.cli import main
 marker, release = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-iter_blocks = gram_cache.iter_blocks
+iter_blocks = gram_build.iter_blocks
 def paused(*args, **kwargs):
     for count, block in enumerate(iter_blocks(*args, **kwargs)):
         if count == 2 and not marker.exists():
@@ -419,7 +419,7 @@ def paused(*args, **kwargs):
             while not release.exists():
                 time.sleep(0.02)
         yield block
-gram_cache.iter_blocks = paused
+gram_build.iter_blocks = paused
 main(sys.argv[3:], prog_name="ckapipe")
 """
 

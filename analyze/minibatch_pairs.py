@@ -1,0 +1,204 @@
+"""Minibatch CKA of every requested model pair from minibatch Gram caches, and its permutation
+null.
+
+One self-comparison :class:`~ckapipe.analyze.estimators.MinibatchCKA` over the layers of every
+model involved: per batch, one product of the stacked U-centered Grams of all models gives the
+HSIC₁ of every layer pair of every model pair; each pair's values are blocks of it. Intervals
+over batches (:func:`~ckapipe.analyze.intervals.batch_interval`); p-values from
+:class:`PermutationNull`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from ckapipe.analyze.estimators import MinibatchCKA, ratio_cka, stacked_hsic1
+from ckapipe.analyze.intervals import (
+    DEFAULT_INTERVAL_METHOD,
+    batch_interval,
+    bootstrap_counts,
+    null_threshold,
+    permutation_p_value,
+)
+from ckapipe.analyze.pair_common import (
+    WORK_ELEMENTS,
+    degenerate_layers,
+    interval_record,
+    undefined_replicates,
+)
+from ckapipe.analyze.result import PairResult
+from ckapipe.analyze.study_checks import StudyError
+
+if TYPE_CHECKING:
+    from ckapipe.analyze.gram_format import GramCache
+
+__all__ = ["PermutationNull", "lockstep", "minibatch_pairs"]
+
+
+def minibatch_pairs(
+    caches: Mapping[str, GramCache],
+    layers: Mapping[str, list[str]],
+    requested: Sequence[tuple[str, str]],
+    *,
+    ci_level: float,
+    n_bootstrap: int,
+    n_permutations: int,
+    seed: int,
+    device: torch.device,
+) -> dict[tuple[str, str], PairResult]:
+    """Minibatch CKA of the requested pairs.
+
+    One self-comparison :class:`MinibatchCKA` over the layers of every model involved
+    (qualified ``model/layer``): per batch, the Grams of all models are concatenated into
+    (ΣL, m, m) and one (ΣL, m²) @ (m², ΣL) product gives the HSIC₁ of every layer pair of every
+    model pair, each model's Grams checked once. Each pair's per-batch values are blocks of it.
+    """
+    used = [name for name in caches if any(name in pair for pair in requested)]
+    accumulator = MinibatchCKA([f"{name}/{layer}" for name in used for layer in layers[name]])
+    offsets, start = {}, 0
+    for name in used:
+        offsets[name], start = start, start + len(layers[name])
+    null = PermutationNull(requested, layers, n_permutations, seed, device)
+    for batch_number, grams in lockstep(caches, used, device):
+        accumulator.update_grams(torch.cat([grams[name] for name in used]))  # (ΣL, m, m)
+        null.update(batch_number, grams)
+    hsic_all, self_all, _, _ = accumulator.per_batch()  # (B, ΣL, ΣL), (B, ΣL)
+
+    some = next(iter(caches.values()))
+    epochs = int((some.partition or {}).get("epochs") or 1)
+    n_batches = accumulator.n_batches
+    counts = None
+    if n_bootstrap > 0 and n_batches >= 2:
+        counts = bootstrap_counts(n_batches, n_bootstrap, np.random.default_rng(seed))
+
+    results = {}
+    for a, b in requested:
+        rows = slice(offsets[a], offsets[a] + len(layers[a]))
+        cols = slice(offsets[b], offsets[b] + len(layers[b]))
+        hsic = np.ascontiguousarray(hsic_all[:, rows, cols])  # (B, La, Lb)
+        self_a = np.ascontiguousarray(self_all[:, rows])  # (B, La)
+        self_b = np.ascontiguousarray(self_all[:, cols])  # (B, Lb)
+        sum_a, sum_b = self_a.sum(axis=0), self_b.sum(axis=0)
+        cka = ratio_cka(hsic.sum(axis=0), sum_a, sum_b)
+        diagnostics = degenerate_layers(sum_a, sum_b, layers, a, b)
+        la, lb = cka.shape
+        ci_low = np.full((la, lb), np.nan)
+        ci_high = np.full((la, lb), np.nan)
+        method, note = "none", None
+        if n_bootstrap == 0:
+            note = "no interval requested (n_bootstrap = 0): ci_low/ci_high are NaN"
+            diagnostics.append(note)
+        else:
+            # batch_interval withholds (NaN plus a reason) below the batch count at which its
+            # coverage was validated, and for batches of several epochs
+            interval = batch_interval(
+                hsic,
+                self_a,
+                self_b,
+                ci_level,
+                method=DEFAULT_INTERVAL_METHOD,
+                counts=counts,
+                epochs=epochs,
+            )
+            ci_low, ci_high = interval.low, interval.high
+            method, note = interval_record(interval)
+            if interval.reason is not None:
+                diagnostics.append(interval.reason)
+            diagnostics += undefined_replicates(interval.n_undefined, layers[a], layers[b], a, b)
+        p_value = threshold = None
+        if n_permutations > 0:
+            null_cka = ratio_cka(null.cross[(a, b)].cpu().numpy(), sum_a, sum_b)
+            p_value = permutation_p_value(cka, null_cka)
+            threshold = null_threshold(null_cka)
+        results[(a, b)] = PairResult(
+            model_a=a,
+            model_b=b,
+            layers_a=list(layers[a]),
+            layers_b=list(layers[b]),
+            cka=cka,
+            ci_low=ci_low,
+            ci_high=ci_high,
+            p_value=p_value,
+            diagnostics=diagnostics,
+            null_threshold=threshold,
+            interval_method=method,
+            interval_note=note,
+            hsic_per_batch=hsic,
+            self_a_per_batch=self_a,
+            self_b_per_batch=self_b,
+        )
+    return results
+
+
+def lockstep(
+    caches: Mapping[str, GramCache], used: Sequence[str], device: torch.device
+) -> Iterator[tuple[int, dict[str, torch.Tensor]]]:
+    """Yield (batch number, {model: (L, m, m) U-centered Grams}) with every cache at the same batch."""
+    iterators = [caches[name].iter_batches(device=device) for name in used]
+    for items in zip(*iterators, strict=True):
+        numbers = [int(number) for number, _ in items]
+        if len(set(numbers)) != 1:
+            raise StudyError(
+                f"Gram caches went out of step: batch numbers {dict(zip(used, numbers, strict=True))}; "
+                "rebuild the caches with the same partition"
+            )
+        yield numbers[0], {name: grams for name, (_, grams) in zip(used, items, strict=True)}
+
+
+class PermutationNull:
+    """Σ_b HSIC₁(K_b, P_b L_b P_bᵀ) for P permutations of model b's samples within each batch.
+
+    Permuting samples permutes the rows and columns of a U-centered Gram (Ũ(PLPᵀ) = PŨ(L)Pᵀ),
+    so the null is computed from the cached Grams. The self terms do not change under a
+    permutation, so only the cross sums are kept: (P, La, Lb) per pair.
+    """
+
+    def __init__(
+        self,
+        requested: Sequence[tuple[str, str]],
+        layers: Mapping[str, list[str]],
+        n_permutations: int,
+        seed: int,
+        device: torch.device,
+    ) -> None:
+        self.n_permutations = n_permutations
+        self.seed = seed
+        self.requested = list(requested)
+        self.cross = {
+            (a, b): torch.zeros(
+                n_permutations, len(layers[a]), len(layers[b]), dtype=torch.float64, device=device
+            )
+            for a, b in requested
+        }
+
+    def update(self, batch_number: int, grams: Mapping[str, torch.Tensor]) -> None:
+        if self.n_permutations == 0:
+            return
+        any_grams = next(iter(grams.values()))
+        m = any_grams.shape[-1]
+        device = any_grams.device
+        rng = np.random.default_rng([self.seed, batch_number])
+        perms = torch.from_numpy(np.argsort(rng.random((self.n_permutations, m)), axis=1)).to(
+            device
+        )
+        for model_b in dict.fromkeys(b for _, b in self.requested):
+            gb = grams[model_b].to(torch.float64)  # (Lb, m, m)
+            lb = gb.shape[0]
+            step = max(1, WORK_ELEMENTS // (lb * m * m))
+            for start in range(0, self.n_permutations, step):
+                p = perms[start : start + step]  # (pc, m)
+                pc = p.shape[0]
+                # element [l, k, i, j] = Ũ_l[p_k(i), p_k(j)]
+                permuted = gb[:, p[:, :, None], p[:, None, :]]  # (Lb, pc, m, m)
+                permuted = permuted.transpose(0, 1).reshape(pc * lb, m * m)  # (pc*Lb, m*m)
+                for a, b in self.requested:
+                    if b != model_b:
+                        continue
+                    flat_a = grams[a].to(torch.float64).reshape(-1, m * m)  # (La, m*m)
+                    cross = stacked_hsic1(flat_a, permuted, m)  # (La, pc*Lb)
+                    cross = cross.reshape(-1, pc, lb).transpose(0, 1)  # (pc, La, Lb)
+                    self.cross[(a, b)][start : start + pc] += cross
