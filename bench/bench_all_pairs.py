@@ -29,9 +29,12 @@ import torch
 import zarr
 
 from ckapipe.analyze.gram_cache import GramCache, build_gram_cache
+from ckapipe.analyze.minibatch_pairs import lockstep as _lockstep
+from ckapipe.analyze.minibatch_pairs import minibatch_pairs as _minibatch_pairs
 from ckapipe.analyze.result import StudyResult, jsonable, write_result
-from ckapipe.analyze.study import _lockstep, _minibatch_pairs, _resolve_device, analyze_study
+from ckapipe.analyze.study import analyze_study
 from ckapipe.store import ActivationStore, LayerRecord
+from ckapipe.utils import resolve_device as _resolve_device
 
 SECTION = "## All-pairs step (issue 4 c)"
 START_MARK = "<!-- bench_all_pairs:start -->"
