@@ -4,7 +4,6 @@ Importing this module does not import torch (only :meth:`GramCache.iter_batches`
 that the workflow can read the format version cheaply. Built by
 :mod:`ckapipe.analyze.gram_build`, merged by :mod:`ckapipe.analyze.gram_merge`.
 
-
 A Gram cache is a zarr v3 group (format ``ckapipe.gram-cache``, version 2) built on
 :mod:`ckapipe.formats`: it is written in a staging folder under a writer lock and renamed into
 place when complete (a second writer is refused at once; a killed build leaves nothing at --out,
@@ -29,17 +28,6 @@ deleted chunk. Two modes:
     memory), accumulated from full-height column slabs in one read pass. With ``kernel="rbf"``
     the linear Gram is stored too (the RBF Gram is a function of it).
 
-How a batch's Gram is formed: :func:`~ckapipe.analyze.estimators.add_shifted_products` sums
-X'X'ᵀ over column tiles of the store's chunk grid, X' the tile shifted by the batch's first row,
-so no batch ever needs its full width in memory; :func:`~ckapipe.analyze.estimators.
-centered_batch_gram` then applies the kernel (RBF: the batch's own median bandwidth) and
-U-centers. Full mode centers every column over all n rows in float64 before its products.
-
-Reading: epoch 0 reads row windows of whole batches, about one row chunk high, tile by tile
-along the column chunks (host memory independent of n). Epochs ≥ 1 read full-height column
-slabs of each layer once per epoch and gather each batch's rows on the device; their Gram
-accumulators hold about n/m × m × m float64 per layer, so their memory grows with n.
-
 Identity. The cache records its store's identity, including the dataset spec and the store's
 input fingerprint (a hash of every input tensor fed to the model). Caches are compared only when
 their sample ids and, where both stores have one, their input fingerprints agree: equal sample
@@ -47,7 +35,7 @@ ids only mean the same dataset size, seed and order, not the same data.
 
 Partial caches: ``rows=(start, stop)`` (multiples of m, or stop = n) keeps only the batches whose
 positions lie inside those rows in every epoch, so disjoint row ranges (e.g. a SLURM array) hold
-disjoint batches; :func:`merge_gram_caches` joins them into a cache equal, array for array and
+disjoint batches; :func:`~ckapipe.analyze.gram_merge.merge_gram_caches` joins them into a cache equal, array for array and
 bit for bit, to one full pass.
 """
 

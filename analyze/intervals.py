@@ -182,22 +182,9 @@ def bootstrap_cka(
         For fewer than 2 batches (one batch has no spread to resample) or shapes that do not fit.
     """
     _check_level(ci_level)
-    hsic = np.asarray(hsic_per_batch, dtype=np.float64)
-    self_a = np.asarray(self_a_per_batch, dtype=np.float64)
-    self_b = np.asarray(self_b_per_batch, dtype=np.float64)
-    if (
-        hsic.ndim != 3
-        or self_a.shape != hsic.shape[:2]
-        or self_b.shape
-        != (
-            hsic.shape[0],
-            hsic.shape[2],
-        )
-    ):
-        raise ValueError(
-            f"bootstrap_cka: shapes do not fit: hsic_per_batch {hsic.shape} must be (B, La, Lb), "
-            f"self_a_per_batch {self_a.shape} (B, La), self_b_per_batch {self_b.shape} (B, Lb)"
-        )
+    hsic, self_a, self_b = _check_per_batch(
+        hsic_per_batch, self_a_per_batch, self_b_per_batch, "bootstrap_cka: "
+    )
     n_batches, la, lb = hsic.shape
     if n_batches < 2:
         raise ValueError(
@@ -533,8 +520,9 @@ def batch_interval(
 
 
 def _check_per_batch(
-    hsic: np.ndarray, self_a: np.ndarray, self_b: np.ndarray
+    hsic: np.ndarray, self_a: np.ndarray, self_b: np.ndarray, prefix: str = ""
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-batch arrays as float64, with shapes (B, La, Lb), (B, La), (B, Lb) checked."""
     hsic = np.asarray(hsic, dtype=np.float64)
     self_a = np.asarray(self_a, dtype=np.float64)
     self_b = np.asarray(self_b, dtype=np.float64)
@@ -544,7 +532,7 @@ def _check_per_batch(
         or self_b.shape != (hsic.shape[0], hsic.shape[2])
     ):
         raise ValueError(
-            f"shapes do not fit: hsic_per_batch {hsic.shape} must be (B, La, Lb), "
+            f"{prefix}shapes do not fit: hsic_per_batch {hsic.shape} must be (B, La, Lb), "
             f"self_a_per_batch {self_a.shape} (B, La), self_b_per_batch {self_b.shape} (B, Lb)"
         )
     return hsic, self_a, self_b
