@@ -690,7 +690,13 @@ def stacked_hsic1(flat_a: Tensor, flat_b: Tensor, m: int) -> Tensor:
     -------
     Tensor (La, Lb), float64.
     """
-    return flat_a @ flat_b.T * (1.0 / (m * (m - 3)))
+    scale = 1.0 / (m * (m - 3))
+    if flat_a is flat_b and flat_a.device.type == "cpu" and not flat_a.requires_grad:
+        # numpy hands A·Aᵀ to BLAS syrk: half the multiplications of a general product (torch
+        # has no syrk), and an exactly symmetric result
+        rows = flat_a.numpy()
+        return torch.from_numpy(rows @ rows.T) * scale
+    return flat_a @ flat_b.T * scale
 
 
 def hsic_normaliser(n: int, *, biased: bool) -> float:
@@ -919,7 +925,7 @@ class MinibatchCKA:
                     f"grams_a {tuple(ga.shape)} and grams_b {tuple(gb.shape)} must be Grams of "
                     "the same batch (same m)"
                 )
-        self._add(ga, gb)
+        self._add(ga, gb, value_check=("grams_a", "grams_b"))
 
     def _grams(
         self, acts: Mapping[str, ArrayLike] | Sequence[ArrayLike], names: list[str], arg: str
@@ -953,6 +959,8 @@ class MinibatchCKA:
 
     @staticmethod
     def _check_grams(grams: ArrayLike, names: list[str], arg: str) -> Tensor:
+        """(L, m, m) float64 Grams with their shape checked; their values are checked by
+        :meth:`_check_values` once the products are formed."""
         g = _as_tensor(grams, arg)
         if g.ndim != 3 or g.shape[1] != g.shape[2] or g.shape[0] != len(names):
             raise ValueError(
@@ -960,10 +968,22 @@ class MinibatchCKA:
                 f"got shape {tuple(g.shape)}"
             )
         _need_four(g.shape[1], f"{arg}: batch")
-        g = g.to(torch.float64)
-        finite = torch.isfinite(g).flatten(1).all(dim=1)  # (L,)
+        return g.to(torch.float64)
+
+    @staticmethod
+    def _check_values(g: Tensor, self_hsic: Tensor, names: list[str], arg: str) -> None:
+        """Refuse NaN/Inf values and a nonzero diagonal (a Gram that is not U-centered).
+
+        A NaN or Inf anywhere in a layer's Gram makes its self product ⟨Ũ, Ũ⟩ NaN or Inf, so
+        the elementwise pass over all Grams (as slow as the product itself) runs only when a
+        self term is not finite or a diagonal is not zero, and names the first bad layer.
+        """
         zero_diagonal = torch.diagonal(g, dim1=1, dim2=2).eq(0).all(dim=1)  # (L,)
-        ok = torch.stack([finite, zero_diagonal]).cpu()  # one device sync per batch
+        fine = torch.stack([zero_diagonal, torch.isfinite(self_hsic)]).all()
+        if bool(fine):  # one device sync per batch
+            return
+        finite = torch.isfinite(g).flatten(1).all(dim=1)  # (L,)
+        ok = torch.stack([finite, zero_diagonal]).cpu()
         for i, name in enumerate(names):
             if not ok[0, i]:
                 raise ValueError(f"{arg}: the Gram of layer {name!r} contains NaN or Inf")
@@ -972,9 +992,10 @@ class MinibatchCKA:
                     f"{arg}: the Gram of layer {name!r} has a nonzero diagonal, so it is not "
                     "U-centered; pass u_center(K) or u_centered_gram(x)"
                 )
-        return g
 
-    def _add(self, grams_a: Tensor, grams_b: Tensor | None) -> None:
+    def _add(
+        self, grams_a: Tensor, grams_b: Tensor | None, value_check: tuple[str, str] | None = None
+    ) -> None:
         la, m = grams_a.shape[0], grams_a.shape[1]
         scale = 1.0 / (m * (m - 3))
         flat_a = grams_a.reshape(la, m * m)  # (La, m*m)
@@ -987,6 +1008,11 @@ class MinibatchCKA:
             cross = stacked_hsic1(flat_a, flat_b, m)  # (La, Lb)
             self_a = torch.einsum("ij,ij->i", flat_a, flat_a) * scale  # (La,)
             self_b = torch.einsum("ij,ij->i", flat_b, flat_b) * scale  # (Lb,)
+        if value_check is not None:  # Grams from update_grams (argument names for messages)
+            names_a, names_b = value_check
+            self._check_values(grams_a, self_a, self.layers_a, names_a)
+            if grams_b is not None:
+                self._check_values(grams_b, self_b, self.layers_b, names_b)
         self._hsic.append(cross.cpu().numpy().copy())
         self._self_a.append(self_a.cpu().numpy().copy())
         self._self_b.append(self_b.cpu().numpy().copy())

@@ -43,6 +43,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import warnings
 from collections import deque
 from collections.abc import Iterator, Sequence
@@ -417,6 +418,38 @@ class GramCache:
                     ahead.append(pool.submit(read, int(numbers[index + 2])))
                 yield int(number), torch.from_numpy(grams).to(target)
 
+    def read_batches_into(
+        self, numbers: Sequence[int], out: np.ndarray, layers: Sequence[str] | None = None
+    ) -> None:
+        """Fill ``out[g, l]`` with the Ũ Gram of batch ``numbers[g]`` of layer ``l``.
+
+        ``out`` is float64 (G, L, m_b, m_b), all batches of one size, and may be a view into a
+        larger buffer (e.g. the slice of one model in the stacked Grams of a study): the chunk
+        files are read straight into it, so a study needs no copy to stack its models.
+        """
+        names = self._layers(layers)
+        where = self._where
+        missing = [int(number) for number in numbers if int(number) not in where]
+        if missing:
+            raise GramCacheUsageError(
+                f"Gram cache {self.path} holds batches {batch_ranges_text(self.batches)}, not "
+                f"{missing}"
+            )
+        for l, name in enumerate(names):  # noqa: E741 - l indexes layers, as in out[g, l]
+            for g, number in enumerate(numbers):
+                group, index = where[int(number)]
+                self._chunk_reader(group, name).read(index, out[g, l])
+
+    @cached_property
+    def _readers(self) -> dict[tuple[str, str], _ChunkReader]:
+        return {}
+
+    def _chunk_reader(self, group: str, layer: str) -> _ChunkReader:
+        key = (group, layer)
+        if key not in self._readers:
+            self._readers[key] = _ChunkReader(self.path, self._group[group][layer])
+        return self._readers[key]
+
     def full_gram(self, layer: str) -> np.ndarray:
         """(n, n) float64 linear Gram of the column-centered features of ``layer`` (full mode)."""
         if self.mode != "full":
@@ -425,6 +458,57 @@ class GramCache:
             )
         self._layers([layer])
         return np.asarray(self._grams(layer)[...])
+
+
+class _ChunkReader:
+    """Reads one chunk (one batch) of a per-batch Gram array into a given float64 buffer.
+
+    The arrays a cache writes have one chunk per batch, stored as little-endian float64 bytes
+    followed by their CRC-32C (:func:`ckapipe.formats.create_array`). Such a chunk is read with
+    one ``readv`` into the destination and its checksum verified there: zarr's per-chunk
+    machinery costs several times the I/O for the many small chunks of a study. Any other
+    layout (compressed, other chunking), and a checksum mismatch, go through zarr, which reads
+    them as the format says or raises.
+    """
+
+    def __init__(self, root: Path, array: zarr.Array) -> None:
+        self.array = array
+        self.directory = root / array.path / "c"
+        metadata = array.metadata
+        codecs = [type(codec).__name__ for codec in getattr(metadata, "codecs", ())]
+        self.direct = (
+            codecs == ["BytesCodec", "Crc32cCodec"]
+            and str(getattr(metadata.codecs[0], "endian", "")).endswith("little")
+            and np.dtype(array.dtype) == np.float64
+            and array.chunks == (1, *array.shape[1:])
+            and getattr(metadata.chunk_key_encoding, "separator", None) == "/"
+            and sys.byteorder == "little"
+        )
+
+    def read(self, index: int, dest: np.ndarray) -> None:
+        if not (self.direct and dest.flags.c_contiguous and self._read_direct(index, dest)):
+            dest[...] = self.array[index]
+
+    def _read_direct(self, index: int, dest: np.ndarray) -> bool:
+        """True when the chunk was read and its checksum matched."""
+        import google_crc32c
+
+        path = self.directory / str(index) / "0" / "0"
+        trailer = bytearray(4)
+        data = memoryview(dest.reshape(-1)).cast("B")
+        try:
+            fd = os.open(path, os.O_RDONLY)
+        except FileNotFoundError:
+            return False  # zarr decides (GramCache.open refuses caches with absent chunks)
+        try:
+            read = os.readv(fd, [data, trailer])
+            extra = os.read(fd, 1)
+        finally:
+            os.close(fd)
+        if read != data.nbytes + 4 or extra:
+            return False
+        checksum = google_crc32c.value(dest.reshape(-1).view(np.uint8))
+        return checksum == int.from_bytes(trailer, "little")
 
 
 def open_cache(cache: GramCache | str | os.PathLike[str]) -> GramCache:

@@ -29,8 +29,8 @@ import torch
 import zarr
 
 from ckapipe.analyze.gram_cache import GramCache, build_gram_cache
-from ckapipe.analyze.minibatch_pairs import lockstep as _lockstep
 from ckapipe.analyze.minibatch_pairs import minibatch_pairs as _minibatch_pairs
+from ckapipe.analyze.minibatch_pairs import stacked_batches
 from ckapipe.analyze.result import StudyResult, jsonable, write_result
 from ckapipe.analyze.study import analyze_study
 from ckapipe.store import ActivationStore, LayerRecord
@@ -173,7 +173,7 @@ def main() -> None:
 
             def read_only(subset=subset) -> None:
                 named = {str(i): c for i, c in enumerate(subset)}
-                for _ in _lockstep(named, list(named), device):
+                for _ in stacked_batches(named, list(named), device):
                     pass
 
             def compute_only(subset=subset) -> None:
