@@ -465,7 +465,7 @@ class _ChunkReader:
 
     The arrays a cache writes have one chunk per batch, stored as little-endian float64 bytes
     followed by their CRC-32C (:func:`ckapipe.formats.create_array`). Such a chunk is read with
-    one ``readv`` into the destination and its checksum verified there: zarr's per-chunk
+    one ``read``, its checksum verified and its values copied to the destination: zarr's per-chunk
     machinery costs several times the I/O for the many small chunks of a study. Any other
     layout (compressed, other chunking), and a checksum mismatch, go through zarr, which reads
     them as the format says or raises.
@@ -486,29 +486,31 @@ class _ChunkReader:
         )
 
     def read(self, index: int, dest: np.ndarray) -> None:
-        if not (self.direct and dest.flags.c_contiguous and self._read_direct(index, dest)):
+        if not (self.direct and self._read_direct(index, dest)):
             dest[...] = self.array[index]
 
     def _read_direct(self, index: int, dest: np.ndarray) -> bool:
         """True when the chunk was read and its checksum matched."""
         import google_crc32c
 
-        path = self.directory / str(index) / "0" / "0"
-        trailer = bytearray(4)
-        data = memoryview(dest.reshape(-1)).cast("B")
+        nbytes = dest.nbytes
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(self.directory / str(index) / "0" / "0", os.O_RDONLY)
         except FileNotFoundError:
             return False  # zarr decides (GramCache.open refuses caches with absent chunks)
         try:
-            read = os.readv(fd, [data, trailer])
-            extra = os.read(fd, 1)
+            # one read into a fresh bytes object, then one copy: measured twice as fast here
+            # as reading into the destination (readv/readinto) on this kind of VM
+            raw = os.read(fd, nbytes + 5)
         finally:
             os.close(fd)
-        if read != data.nbytes + 4 or extra:
+        if len(raw) != nbytes + 4:
             return False
-        checksum = google_crc32c.value(dest.reshape(-1).view(np.uint8))
-        return checksum == int.from_bytes(trailer, "little")
+        data = np.frombuffer(raw, dtype=np.uint8, count=nbytes)
+        if google_crc32c.value(data) != int.from_bytes(raw[nbytes:], "little"):
+            return False
+        dest[...] = data.view(np.float64).reshape(dest.shape)
+        return True
 
 
 def open_cache(cache: GramCache | str | os.PathLike[str]) -> GramCache:

@@ -176,21 +176,30 @@ def stacked_batches(
     model after model) in global batch order.
 
     Batches are read in groups of equal size, each cache's chunk files straight into its slice
-    of one host buffer (no per-batch stacking copy); the next groups are read on worker threads
-    while this one is used, so reading and the products overlap. Memory: three buffers of at
-    most about :data:`READ_ELEMENTS` float64 (at least one batch each).
+    of one host buffer (no per-batch stacking copy); the next two groups are read on worker
+    threads while this one is used, so reading and the products overlap. Three buffers of at
+    most about :data:`READ_ELEMENTS` float64 (at least one batch each) take turns: fresh pages
+    cost the kernel a zeroing pass as long as the read itself. So a yielded CPU tensor shares
+    its buffer, which is refilled once the iteration has moved two groups on: use each batch
+    before asking for the next.
     """
     first = caches[used[0]]
     numbers = [int(number) for number in first.batches]
     sizes = [int(size) for size in first.batch_sizes]
     counts = [len(caches[name].layer_names) for name in used]
     groups = _batch_groups(numbers, sizes, sum(counts))
-
     size_of = dict(zip(numbers, sizes, strict=True))
+    spare: list[np.ndarray] = []
 
-    def read(group: list[int]) -> np.ndarray:
+    def buffer_for(group: list[int]) -> np.ndarray:
         m = size_of[group[0]]
-        buffer = np.empty((len(group), sum(counts), m, m))
+        shape = (len(group), sum(counts), m, m)
+        for index, buffer in enumerate(spare):
+            if buffer.shape == shape:
+                return spare.pop(index)
+        return np.empty(shape)
+
+    def read(group: list[int], buffer: np.ndarray) -> np.ndarray:
         start = 0
         for name, count in zip(used, counts, strict=True):
             caches[name].read_batches_into(group, buffer[:, start : start + count])
@@ -198,13 +207,18 @@ def stacked_batches(
         return buffer
 
     with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckapipe-grams") as pool:
-        ahead = deque(pool.submit(read, group) for group in groups[:2])
+        ahead = deque(pool.submit(read, group, buffer_for(group)) for group in groups[:2])
+        done = None
         for index, group in enumerate(groups):
             buffer = ahead.popleft().result()
+            if done is not None:
+                spare.append(done)  # the consumer has moved past that group
             if index + 2 < len(groups):
-                ahead.append(pool.submit(read, groups[index + 2]))
+                following = groups[index + 2]
+                ahead.append(pool.submit(read, following, buffer_for(following)))
             for number, grams in zip(group, buffer, strict=True):
                 yield number, torch.from_numpy(grams).to(device)
+            done = buffer
 
 
 def _batch_groups(numbers: list[int], sizes: list[int], n_layers: int) -> list[list[int]]:
