@@ -55,8 +55,11 @@ from ckapipe.analyze.study_checks import (
     cache_path,
     cache_settings,
     check_compatible,
+    check_estimator,
     check_out,
     choice,
+    full_kernel,
+    minibatch_kernel,
     model_names,
     open_cache,
     resolve_pairs,
@@ -65,6 +68,8 @@ from ckapipe.formats import now, versions
 from ckapipe.utils import jsonable, resolve_device
 
 if TYPE_CHECKING:
+    import torch
+
     from ckapipe.analyze.gram_format import GramCache
 
 __all__ = [
@@ -83,6 +88,10 @@ __all__ = [
 
 Estimator = Literal["minibatch", "debiased", "biased"]
 ESTIMATORS = ("minibatch", "debiased", "biased")
+PERMUTATION_SCHEME = (
+    "samples of model b permuted within each batch; batch k uses "
+    "numpy.random.default_rng([seed, k]); one-sided p = (1 + #{null >= obs}) / (1 + P)"
+)
 BANDWIDTH_RULE = (
     "sigma^2 = threshold^2 * median of the n x n squared distances (diagonal included, numpy "
     "median), from the linear Gram of the column-centered features; per layer and per batch "
@@ -202,66 +211,24 @@ def _compute_study(
         raise StudyError("no Gram caches given: pass one cache per model")
     study_models = model_names(caches, names)
     check_compatible(caches, study_models)
-    mode = caches[0].mode
-    if (estimator == "minibatch") != (mode == "minibatch"):
-        need = "minibatch" if estimator == "minibatch" else "full"
-        raise StudyError(
-            f"estimator {estimator!r} needs {need}-mode Gram caches, but the caches are "
-            f"{mode!r}; build them with `ckapipe gram --mode {need}` or choose "
-            f"--estimator {'minibatch' if mode == 'minibatch' else 'debiased|biased'}"
-        )
+    check_estimator(estimator, caches[0].mode)
     requested = resolve_pairs(pairs, study_models, include_self)
     torch_device = resolve_device(device, error=StudyError)
     by_name = dict(zip(study_models, caches, strict=True))
     layers = {name: list(cache.layer_names) for name, cache in by_name.items()}
-
-    provenance: dict[str, Any] = {
-        "format": RESULT_FORMAT,
-        "format_version": RESULT_FORMAT_VERSION,
+    options = {
         "estimator": estimator,
         "ci_level": float(ci_level),
         "n_bootstrap": int(n_bootstrap),
         "n_permutations": int(n_permutations),
         "seed": int(seed),
-        "mode": mode,
-        "models": {
-            name: {
-                "store": (cache.identity or {}).get("path"),
-                "gram_cache": str(cache_path(cache)),
-                "identity": jsonable(cache.identity),
-                "layers": layers[name],
-                "gram_cache_attrs": jsonable(cache_settings(cache)),
-            }
-            for name, cache in by_name.items()
-        },
-        "pairs": [[a, b] for a, b in requested],
-        "partition": jsonable(caches[0].partition),
-        "batches": [int(b) for b in caches[0].batches] if mode == "minibatch" else [],
-        "device": str(torch_device),
-        "versions": versions(),
-        "created": now(),
     }
-
-    if mode == "minibatch":
-        cache_kernel = caches[0].kernel
-        if kernel is not None and kernel != cache_kernel:
-            raise StudyError(
-                f"the minibatch Gram caches hold {cache_kernel!r}-kernel Grams; kernel {kernel!r} "
-                f"needs caches built with `ckapipe gram --kernel {kernel}`"
-            )
-        cache_threshold = caches[0].attrs.get("threshold")
-        if threshold is not None and cache_kernel == "rbf" and threshold != cache_threshold:
-            raise StudyError(
-                f"the minibatch Gram caches hold RBF Grams with threshold {cache_threshold}; "
-                f"threshold {threshold} needs caches built with --threshold {threshold}"
-            )
-        provenance["kernel"] = cache_kernel
-        provenance["threshold"] = cache_threshold
-        if n_permutations and n_permutations > 0:
-            provenance["permutation_scheme"] = (
-                "samples of model b permuted within each batch; batch k uses "
-                "numpy.random.default_rng([seed, k]); one-sided p = (1 + #{null >= obs}) / (1 + P)"
-            )
+    provenance = _provenance(by_name, layers, requested, torch_device, options)
+    if caches[0].mode == "minibatch":
+        kernel, threshold = minibatch_kernel(caches[0], kernel, threshold)
+        provenance.update(kernel=kernel, threshold=threshold)
+        if n_permutations > 0:
+            provenance["permutation_scheme"] = PERMUTATION_SCHEME
         results = minibatch_pairs(
             by_name,
             layers,
@@ -273,33 +240,54 @@ def _compute_study(
             device=torch_device,
         )
     else:
-        if n_permutations:
-            raise StudyError(
-                "permutation p-values need minibatch Gram caches (they permute samples within "
-                "batches); full-mode caches have no batches. Use --permutations 0 or minibatch caches"
-            )
-        kernel = kernel or caches[0].kernel
-        kernel = choice(kernel, ("linear", "rbf"), "kernel")
-        if threshold is None:
-            threshold = float(caches[0].attrs.get("threshold") or 1.0)
-        if kernel == "rbf" and not threshold > 0:
-            raise StudyError(f"threshold must be > 0 for the RBF kernel, got {threshold!r}")
-        provenance["kernel"] = kernel
-        provenance["threshold"] = float(threshold)
+        kernel, threshold = full_kernel(caches[0], kernel, threshold, n_permutations)
+        provenance.update(kernel=kernel, threshold=threshold)
         results, bandwidths = full_pairs(
             by_name,
             layers,
             requested,
             biased=estimator == "biased",
             kernel=kernel,
-            threshold=float(threshold),
+            threshold=threshold,
             device=torch_device,
             ci_level=ci_level if n_bootstrap > 0 else None,
         )
-        if kernel == "rbf":
-            for name, sigma2 in bandwidths.items():
-                provenance["models"][name]["rbf_sigma2"] = sigma2
-    if provenance["kernel"] == "rbf":
+        for name, sigma2 in bandwidths.items() if kernel == "rbf" else ():
+            provenance["models"][name]["rbf_sigma2"] = sigma2
+    if kernel == "rbf":
         provenance["bandwidth_rule"] = BANDWIDTH_RULE
-
     return StudyResult(models=study_models, pairs=results, provenance=provenance, path=out)
+
+
+def _provenance(
+    by_name: dict[str, GramCache],
+    layers: dict[str, list[str]],
+    requested: Sequence[tuple[str, str]],
+    device: torch.device,
+    options: dict[str, Any],
+) -> dict[str, Any]:
+    """The result's record of its inputs and options (kernel and threshold: added by the
+    caller once checked against the caches)."""
+    first = next(iter(by_name.values()))
+    return {
+        "format": RESULT_FORMAT,
+        "format_version": RESULT_FORMAT_VERSION,
+        **options,
+        "mode": first.mode,
+        "models": {
+            name: {
+                "store": (cache.identity or {}).get("path"),
+                "gram_cache": str(cache_path(cache)),
+                "identity": jsonable(cache.identity),
+                "layers": layers[name],
+                "gram_cache_attrs": jsonable(cache_settings(cache)),
+            }
+            for name, cache in by_name.items()
+        },
+        "pairs": [[a, b] for a, b in requested],
+        "partition": jsonable(first.partition),
+        "batches": [int(b) for b in first.batches] if first.mode == "minibatch" else [],
+        "device": str(device),
+        "versions": versions(),
+        "created": now(),
+    }

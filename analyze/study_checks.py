@@ -27,7 +27,10 @@ __all__ = [
     "cache_path",
     "cache_settings",
     "check_compatible",
+    "check_estimator",
     "check_out",
+    "full_kernel",
+    "minibatch_kernel",
     "choice",
     "model_names",
     "open_cache",
@@ -258,3 +261,51 @@ def choice(value: str, allowed: Sequence[str], what: str) -> str:
 
 def _short(digest: Any) -> str:
     return f"{str(digest)[:12]}…" if digest else "missing"
+
+
+def check_estimator(estimator: str, mode: str) -> None:
+    """The minibatch estimator needs minibatch caches, the full-mode ones full caches."""
+    if (estimator == "minibatch") != (mode == "minibatch"):
+        need = "minibatch" if estimator == "minibatch" else "full"
+        raise StudyError(
+            f"estimator {estimator!r} needs {need}-mode Gram caches, but the caches are "
+            f"{mode!r}; build them with `ckapipe gram --mode {need}` or choose "
+            f"--estimator {'minibatch' if mode == 'minibatch' else 'debiased|biased'}"
+        )
+
+
+def minibatch_kernel(
+    cache: GramCache, kernel: str | None, threshold: float | None
+) -> tuple[str, Any]:
+    """(kernel, threshold) of minibatch caches: fixed by the cached Grams, so a different request
+    is refused."""
+    cache_kernel = cache.kernel
+    if kernel is not None and kernel != cache_kernel:
+        raise StudyError(
+            f"the minibatch Gram caches hold {cache_kernel!r}-kernel Grams; kernel {kernel!r} "
+            f"needs caches built with `ckapipe gram --kernel {kernel}`"
+        )
+    cache_threshold = cache.attrs.get("threshold")
+    if threshold is not None and cache_kernel == "rbf" and threshold != cache_threshold:
+        raise StudyError(
+            f"the minibatch Gram caches hold RBF Grams with threshold {cache_threshold}; "
+            f"threshold {threshold} needs caches built with --threshold {threshold}"
+        )
+    return cache_kernel, cache_threshold
+
+
+def full_kernel(
+    cache: GramCache, kernel: str | None, threshold: float | None, n_permutations: int
+) -> tuple[str, float]:
+    """(kernel, threshold) for full caches (default: the caches'); no permutations there."""
+    if n_permutations:
+        raise StudyError(
+            "permutation p-values need minibatch Gram caches (they permute samples within "
+            "batches); full-mode caches have no batches. Use --permutations 0 or minibatch caches"
+        )
+    kernel = choice(kernel or cache.kernel, ("linear", "rbf"), "kernel")
+    if threshold is None:
+        threshold = float(cache.attrs.get("threshold") or 1.0)
+    if kernel == "rbf" and not threshold > 0:
+        raise StudyError(f"threshold must be > 0 for the RBF kernel, got {threshold!r}")
+    return kernel, float(threshold)
