@@ -447,7 +447,7 @@ class GramCache:
     def _chunk_reader(self, group: str, layer: str) -> _ChunkReader:
         key = (group, layer)
         if key not in self._readers:
-            self._readers[key] = _ChunkReader(self.path, self._group[group][layer])
+            self._readers[key] = _ChunkReader(self.path, group, layer, self._group)
         return self._readers[key]
 
     def full_gram(self, layer: str) -> np.ndarray:
@@ -465,25 +465,25 @@ class _ChunkReader:
 
     The arrays a cache writes have one chunk per batch, stored as little-endian float64 bytes
     followed by their CRC-32C (:func:`ckapipe.formats.create_array`). Such a chunk is read with
-    one ``read``, its checksum verified and its values copied to the destination: zarr's per-chunk
-    machinery costs several times the I/O for the many small chunks of a study. Any other
-    layout (compressed, other chunking), and a checksum mismatch, go through zarr, which reads
-    them as the format says or raises.
+    one ``read``, its checksum verified and its values copied to the destination: zarr's
+    per-chunk machinery, and even opening each array with zarr, cost several times the I/O for
+    the many small chunks of a study. The layout is taken from the array's ``zarr.json`` (the
+    zarr v3 metadata); any other layout (compressed, other chunking), and a checksum mismatch,
+    go through zarr, which reads them as the format says or raises.
     """
 
-    def __init__(self, root: Path, array: zarr.Array) -> None:
-        self.array = array
-        self.directory = root / array.path / "c"
-        metadata = array.metadata
-        codecs = [type(codec).__name__ for codec in getattr(metadata, "codecs", ())]
-        self.direct = (
-            codecs == ["BytesCodec", "Crc32cCodec"]
-            and str(getattr(metadata.codecs[0], "endian", "")).endswith("little")
-            and np.dtype(array.dtype) == np.float64
-            and array.chunks == (1, *array.shape[1:])
-            and getattr(metadata.chunk_key_encoding, "separator", None) == "/"
-            and sys.byteorder == "little"
-        )
+    def __init__(self, root: Path, group: str, layer: str, zarr_group: zarr.Group) -> None:
+        self.group, self.layer, self.zarr_group = group, layer, zarr_group
+        self.directory = root / group / layer / "c"
+        try:
+            metadata = json.loads((root / group / layer / "zarr.json").read_text())
+        except (OSError, ValueError):
+            metadata = {}
+        self.direct = _plain_per_batch_float64(metadata) and sys.byteorder == "little"
+
+    @cached_property
+    def array(self) -> zarr.Array:
+        return self.zarr_group[self.group][self.layer]
 
     def read(self, index: int, dest: np.ndarray) -> None:
         if not (self.direct and self._read_direct(index, dest)):
@@ -511,6 +511,28 @@ class _ChunkReader:
             return False
         dest[...] = data.view(np.float64).reshape(dest.shape)
         return True
+
+
+def _plain_per_batch_float64(metadata: dict[str, Any]) -> bool:
+    """Whether zarr v3 array metadata describes uncompressed little-endian float64 chunks of
+    one batch each (shape (B, m, m), chunks (1, m, m)), checksummed with CRC-32C, at keys
+    ``c/<batch>/0/0``: the layout :class:`_ChunkReader` reads without zarr."""
+    shape = metadata.get("shape") or []
+    grid = metadata.get("chunk_grid") or {}
+    keys = metadata.get("chunk_key_encoding") or {}
+    codecs = metadata.get("codecs") or []
+    return (
+        metadata.get("zarr_format") == 3
+        and metadata.get("data_type") == "float64"
+        and len(shape) == 3
+        and grid.get("name") == "regular"
+        and (grid.get("configuration") or {}).get("chunk_shape") == [1, *shape[1:]]
+        and keys.get("name") == "default"
+        and (keys.get("configuration") or {}).get("separator") == "/"
+        and [codec.get("name") for codec in codecs] == ["bytes", "crc32c"]
+        and (codecs[0].get("configuration") or {}).get("endian") == "little"
+        and not metadata.get("storage_transformers")
+    )
 
 
 def open_cache(cache: GramCache | str | os.PathLike[str]) -> GramCache:
