@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -47,16 +48,25 @@ from torch import Tensor
 __all__ = [
     "DegenerateLayerWarning",
     "MinibatchCKA",
+    "add_centered_products",
     "add_shifted_products",
+    "broadcast_ratio_cka",
     "center_gram",
     "centered_batch_gram",
     "cka",
     "cka_from_hsic",
     "gram_linear",
     "gram_rbf",
+    "hsic_normaliser",
     "hsic0",
     "hsic1",
+    "nonpositive_self_hsic",
     "numpy_median",
+    "ratio_cka",
+    "rbf_from_gram",
+    "self_hsic_problem",
+    "stacked_hsic1",
+    "FullCentering",
     "u_center",
     "u_centered_gram",
 ]
@@ -182,9 +192,19 @@ def gram_linear(x: ArrayLike) -> Tensor:
     t = _features(x, "x")
     n = t.shape[0]
     gram = torch.zeros(n, n, dtype=torch.float64, device=t.device)
-    for block in _centered_blocks(t):
-        gram.addmm_(block, block.T)
+    add_centered_products(gram, t)
     return gram
+
+
+def add_centered_products(gram: Tensor, x: Tensor) -> None:
+    """Add X_c X_cᵀ to the float64 (n, n) ``gram`` in place, X_c = ``x`` (n, w) column-centered
+    in float64 column blocks (first row subtracted before the mean, see :func:`gram_linear`).
+
+    Summed over column slabs of a layer, this is :func:`gram_linear` of the whole layer without
+    holding its full width at once.
+    """
+    for block in _centered_blocks(x):
+        gram.addmm_(block, block.T)
 
 
 def numpy_median(values: Tensor) -> Tensor:
@@ -228,17 +248,30 @@ def gram_rbf(
     if not threshold > 0:
         raise ValueError(f"gram_rbf: threshold must be > 0, got {threshold!r}")
     g = gram_linear(x) if x is not None else _gram(gram, "gram")
-    norms = torch.diagonal(g)
-    # Off-diagonal d² may round to a tiny negative for duplicate samples; it is left as is.
-    sq_dist = norms[:, None] + norms[None, :] - 2 * g
-    median = numpy_median(sq_dist.reshape(-1))
-    if not bool(median > 0):
+    kernel, _ = rbf_from_gram(g, threshold)
+    return kernel
+
+
+def rbf_from_gram(gram: Tensor, threshold: float) -> tuple[Tensor, float]:
+    """(K, σ²): the RBF kernel matrix of a float64 (n, n) linear Gram G and its bandwidth.
+
+    d²_ij = G_ii + G_jj − 2 G_ij, σ² = threshold² · numpy-median(d²) over all n² entries
+    (diagonal zeros included), K_ij = exp(−d²_ij / (2σ²)). Off-diagonal d² may round to a tiny
+    negative for duplicate samples; it is left as is.
+
+    Raises ``ValueError`` when the median squared distance is 0 (the bandwidth is undefined).
+    """
+    norms = torch.diagonal(gram)
+    sq_dist = norms[:, None] + norms[None, :] - 2 * gram
+    median = float(numpy_median(sq_dist.reshape(-1)))
+    if not median > 0:
         raise ValueError(
-            "gram_rbf: the median squared distance between samples is 0 (constant layer, or "
+            "the median squared distance between samples is 0 (constant layer, or "
             "more than half of the sample pairs identical), so the RBF bandwidth is undefined; "
             "use kernel='linear' for this layer"
         )
-    return torch.exp(-sq_dist / (2 * threshold**2 * median))
+    sigma2 = threshold**2 * median
+    return torch.exp(-sq_dist / (2 * sigma2)), sigma2
 
 
 # --------------------------------------------------------------------------- centering, HSIC
@@ -382,10 +415,75 @@ def cka_from_hsic(
         )
     _warn_degenerate(sa, names_a)
     _warn_degenerate(sb, names_b)
+    return ratio_cka(h, sa, sb)
+
+
+def ratio_cka(hsic: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.ndarray:
+    """CKA = hsic / sqrt(self_a ⊗ self_b), NaN where a self term is not positive (no warning).
+
+    Parameters
+    ----------
+    hsic : (..., La, Lb) cross HSIC (sums over batches).
+    self_a : (..., La) self-HSIC of model a's layers.
+    self_b : (..., Lb) self-HSIC of model b's layers.
+
+    Returns
+    -------
+    ndarray (..., La, Lb) float64. Never clamped: values outside [-1, 1] are possible for an
+    unbiased estimate and are returned as they are.
+    """
+    hsic = np.asarray(hsic, dtype=np.float64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        root_a = np.sqrt(np.where(sa > 0, sa, np.nan))
-        root_b = np.sqrt(np.where(sb > 0, sb, np.nan))
-        return h / (root_a[..., :, None] * root_b[..., None, :])
+        root_a = np.sqrt(np.where(self_a > 0, self_a, np.nan))
+        root_b = np.sqrt(np.where(self_b > 0, self_b, np.nan))
+        return hsic / (root_a[..., :, None] * root_b[..., None, :])
+
+
+def broadcast_ratio_cka(cross: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.ndarray:
+    """CKA = cross / sqrt(self_a · self_b) elementwise (numpy broadcasting), NaN where a self
+    term is not positive: the form for resampled terms that are already paired up (bootstrap
+    replicates, delete-one values), where :func:`ratio_cka` takes the outer product."""
+    with np.errstate(invalid="ignore", divide="ignore"):
+        root = np.sqrt(np.where(self_a > 0, self_a, np.nan) * np.where(self_b > 0, self_b, np.nan))
+        return cross / root
+
+
+def self_hsic_problem(value: float) -> str | None:
+    """Why a self-HSIC gives no CKA ("is 0 (…)", "is negative (…)", "is NaN"); None if > 0.
+
+    The one wording of a degenerate layer, shared by the warnings here and the diagnostics a
+    study stores.
+    """
+    if value > 0:
+        return None
+    if np.isnan(value):
+        return "is NaN"
+    if value == 0:
+        return "is 0 (constant or all-zero activations)"
+    return f"is negative ({value:.6g}), an unbiased estimate below zero, not clamped"
+
+
+def nonpositive_self_hsic(self_hsic: np.ndarray, layers: Sequence[str], model: str) -> list[str]:
+    """Diagnostics for layers whose summed self-HSIC is zero, negative or NaN.
+
+    Parameters
+    ----------
+    self_hsic : (L,) summed self-HSIC of one model's layers.
+    layers : the L layer names.
+    model : the model name, for the message.
+
+    Returns
+    -------
+    list of str, one per degenerate layer (empty when every self-HSIC is positive).
+    """
+    messages = []
+    for name, value in zip(layers, np.asarray(self_hsic, dtype=np.float64), strict=True):
+        why = self_hsic_problem(float(value))
+        if why is not None:
+            messages.append(
+                f"model {model!r} layer {name!r}: self-HSIC {why}; its CKA entries are NaN"
+            )
+    return messages
 
 
 def _warn_degenerate(self_hsic: np.ndarray, names: Sequence[str]) -> None:
@@ -395,17 +493,14 @@ def _warn_degenerate(self_hsic: np.ndarray, names: Sequence[str]) -> None:
         bad = ~(values > 0)
         if not bad.any():
             continue
+        # the worst replicate stands for the layer: a negative value before a zero one
         worst = float(np.nanmin(values)) if not np.isnan(values).all() else float("nan")
+        why = self_hsic_problem(worst)
         if worst < 0:
-            why = (
-                f"is negative ({worst:.6g}): a self-HSIC₁ ||Ũ(K)||²/(m(m−3)) is ≥ 0, so this "
-                "comes from rounding on a near-constant layer or from corrupted per-batch "
-                "values; CKA is undefined there and is not clamped"
+            why += (
+                ": a self-HSIC₁ ||Ũ(K)||²/(m(m−3)) is ≥ 0, so this comes from rounding on a "
+                "near-constant layer or from corrupted per-batch values"
             )
-        elif worst == 0:
-            why = "is 0: the layer's activations are constant or all zero"
-        else:
-            why = "is NaN"
         where = f" in {int(bad.sum())} of {values.size} replicates" if values.size > 1 else ""
         warnings.warn(
             f"layer {name!r}: self-HSIC {why}{where}; its CKA entries are NaN. Drop the layer "
@@ -585,6 +680,99 @@ def centered_batch_gram(
     return _u_center(g)
 
 
+def stacked_hsic1(flat_a: Tensor, flat_b: Tensor, m: int) -> Tensor:
+    """HSIC₁ of every row pair of two stacks of flattened U-centered Grams of one batch.
+
+    HSIC₁(K_i, L_j) = ⟨Ũ(K_i), Ũ(L_j)⟩ / (m(m−3)), for all i, j at once as one product:
+    (La, m²) @ (m², Lb) / (m(m−3)). Rows are Ũ(K) flattened (float64, same device).
+
+    Returns
+    -------
+    Tensor (La, Lb), float64.
+    """
+    scale = 1.0 / (m * (m - 3))
+    if flat_a is flat_b and flat_a.device.type == "cpu" and not flat_a.requires_grad:
+        # numpy hands A·Aᵀ to BLAS syrk: half the multiplications of a general product (torch
+        # has no syrk), and an exactly symmetric result
+        rows = flat_a.numpy()
+        return torch.from_numpy(rows @ rows.T) * scale
+    return flat_a @ flat_b.T * scale
+
+
+def hsic_normaliser(n: int, *, biased: bool) -> float:
+    """The factor that turns ⟨centered K, centered L⟩ into HSIC: 1/(n−1)² for HSIC₀, 1/(n(n−3))
+    for HSIC₁."""
+    return 1.0 / (n - 1) ** 2 if biased else 1.0 / (n * (n - 3))
+
+
+@dataclass
+class FullCentering:
+    """What it takes to center any row block of one layer's n×n kernel matrix (full mode).
+
+    Built from the layer's (n, n) linear Gram (:meth:`from_gram`), so that the centered kernel
+    matrix is never held whole; :meth:`center_rows` gives rows of it from rows of the Gram.
+
+    - HSIC₁ (U-centering, Székely & Rizzo 2014), with K̃ = K with a zero diagonal and r its row
+      sums: Ũ_ij = K̃_ij − r_i/(n−2) − r_j/(n−2) + Σr/((n−1)(n−2)), Ũ_ii = 0;
+      HSIC₁ = ⟨Ũ(K), Ũ(L)⟩ / (n(n−3)).
+    - HSIC₀ (double centering) with μ the row means: (HKH)_ij = K_ij − μ_i − μ_j + mean(μ);
+      HSIC₀ = ⟨HKH, HLH⟩ / (n−1)².
+    - RBF: K from the Gram with σ² = threshold² · median of all n² squared distances
+      (:func:`rbf_from_gram`); rows of K are rebuilt from rows of the Gram and its diagonal.
+    """
+
+    biased: bool
+    kernel: str
+    row_stat: Tensor  # (n,): r (HSIC₁) or μ (HSIC₀)
+    total: float
+    diagonal: Tensor  # (n,) diagonal of the linear Gram (RBF distances)
+    sigma2: float
+
+    @classmethod
+    def from_gram(
+        cls, gram: Tensor, *, biased: bool, kernel: Kernel, threshold: float
+    ) -> FullCentering:
+        """Statistics of float64 (n, n) linear Gram ``gram``; ``ValueError`` for an undefined
+        RBF bandwidth."""
+        n = gram.shape[0]
+        diagonal = torch.diagonal(gram).clone()
+        sigma2 = float("nan")
+        kmat = gram
+        if kernel == "rbf":
+            kmat, sigma2 = rbf_from_gram(gram, threshold)
+        if biased:
+            row_stat = kmat.mean(dim=1)
+            total = float(row_stat.mean())
+        else:
+            row_stat = kmat.sum(dim=1) - torch.diagonal(kmat)
+            total = float(row_stat.sum()) / ((n - 1) * (n - 2))
+        return cls(biased, kernel, row_stat, total, diagonal, sigma2)
+
+    def center_rows(self, rows: Tensor, start: int) -> Tensor:
+        """Rows ``start:start+k`` of the centered kernel matrix, from the same rows of the Gram."""
+        k, n = rows.shape
+        index = torch.arange(k, device=rows.device)
+        if self.kernel == "rbf":
+            local = self.diagonal[start : start + k]
+            sq_dist = local[:, None] + self.diagonal[None, :] - 2 * rows
+            kmat = torch.exp(-sq_dist / (2 * self.sigma2))
+        else:
+            kmat = rows.clone()
+        if self.biased:
+            return (
+                kmat - self.row_stat[start : start + k, None] - self.row_stat[None, :] + self.total
+            )
+        kmat[index, start + index] = 0.0
+        centered = (
+            kmat
+            - self.row_stat[start : start + k, None] / (n - 2)
+            - self.row_stat[None, :] / (n - 2)
+            + self.total
+        )
+        centered[index, start + index] = 0.0
+        return centered
+
+
 # --------------------------------------------------------------------------- minibatch CKA
 
 
@@ -737,7 +925,7 @@ class MinibatchCKA:
                     f"grams_a {tuple(ga.shape)} and grams_b {tuple(gb.shape)} must be Grams of "
                     "the same batch (same m)"
                 )
-        self._add(ga, gb)
+        self._add(ga, gb, value_check=("grams_a", "grams_b"))
 
     def _grams(
         self, acts: Mapping[str, ArrayLike] | Sequence[ArrayLike], names: list[str], arg: str
@@ -771,6 +959,8 @@ class MinibatchCKA:
 
     @staticmethod
     def _check_grams(grams: ArrayLike, names: list[str], arg: str) -> Tensor:
+        """(L, m, m) float64 Grams with their shape checked; their values are checked by
+        :meth:`_check_values` once the products are formed."""
         g = _as_tensor(grams, arg)
         if g.ndim != 3 or g.shape[1] != g.shape[2] or g.shape[0] != len(names):
             raise ValueError(
@@ -778,10 +968,22 @@ class MinibatchCKA:
                 f"got shape {tuple(g.shape)}"
             )
         _need_four(g.shape[1], f"{arg}: batch")
-        g = g.to(torch.float64)
-        finite = torch.isfinite(g).flatten(1).all(dim=1)  # (L,)
+        return g.to(torch.float64)
+
+    @staticmethod
+    def _check_values(g: Tensor, self_hsic: Tensor, names: list[str], arg: str) -> None:
+        """Refuse NaN/Inf values and a nonzero diagonal (a Gram that is not U-centered).
+
+        A NaN or Inf anywhere in a layer's Gram makes its self product ⟨Ũ, Ũ⟩ NaN or Inf, so
+        the elementwise pass over all Grams (as slow as the product itself) runs only when a
+        self term is not finite or a diagonal is not zero, and names the first bad layer.
+        """
         zero_diagonal = torch.diagonal(g, dim1=1, dim2=2).eq(0).all(dim=1)  # (L,)
-        ok = torch.stack([finite, zero_diagonal]).cpu()  # one device sync per batch
+        fine = torch.stack([zero_diagonal, torch.isfinite(self_hsic)]).all()
+        if bool(fine):  # one device sync per batch
+            return
+        finite = torch.isfinite(g).flatten(1).all(dim=1)  # (L,)
+        ok = torch.stack([finite, zero_diagonal]).cpu()
         for i, name in enumerate(names):
             if not ok[0, i]:
                 raise ValueError(f"{arg}: the Gram of layer {name!r} contains NaN or Inf")
@@ -790,21 +992,27 @@ class MinibatchCKA:
                     f"{arg}: the Gram of layer {name!r} has a nonzero diagonal, so it is not "
                     "U-centered; pass u_center(K) or u_centered_gram(x)"
                 )
-        return g
 
-    def _add(self, grams_a: Tensor, grams_b: Tensor | None) -> None:
+    def _add(
+        self, grams_a: Tensor, grams_b: Tensor | None, value_check: tuple[str, str] | None = None
+    ) -> None:
         la, m = grams_a.shape[0], grams_a.shape[1]
         scale = 1.0 / (m * (m - 3))
         flat_a = grams_a.reshape(la, m * m)  # (La, m*m)
         if grams_b is None:
-            cross = flat_a @ flat_a.T * scale  # (La, La)
+            cross = stacked_hsic1(flat_a, flat_a, m)  # (La, La)
             self_a = torch.diagonal(cross)
             self_b = self_a
         else:
             flat_b = grams_b.reshape(grams_b.shape[0], m * m)  # (Lb, m*m)
-            cross = flat_a @ flat_b.T * scale  # (La, Lb)
+            cross = stacked_hsic1(flat_a, flat_b, m)  # (La, Lb)
             self_a = torch.einsum("ij,ij->i", flat_a, flat_a) * scale  # (La,)
             self_b = torch.einsum("ij,ij->i", flat_b, flat_b) * scale  # (Lb,)
+        if value_check is not None:  # Grams from update_grams (argument names for messages)
+            names_a, names_b = value_check
+            self._check_values(grams_a, self_a, self.layers_a, names_a)
+            if grams_b is not None:
+                self._check_values(grams_b, self_b, self.layers_b, names_b)
         self._hsic.append(cross.cpu().numpy().copy())
         self._self_a.append(self_a.cpu().numpy().copy())
         self._self_b.append(self_b.cpu().numpy().copy())

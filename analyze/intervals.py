@@ -1,6 +1,6 @@
 """Uncertainty of CKA: intervals over batches (or sample blocks) and permutation p-values.
 
-Pure numpy functions of the per-batch HSIC₁ values that a :class:`MinibatchCKA` keeps
+Numpy functions of the per-batch HSIC₁ values that a :class:`MinibatchCKA` keeps
 (``per_batch()``) or a result stores (``hsic_per_batch`` …). Nothing here reads files; only
 :class:`FullBlockJackknife` reduces Gram rows where they are (numpy or a torch device).
 
@@ -43,10 +43,12 @@ p = (1 + #{k: T*_k ≥ T}) / (1 + P), never 0 (Phipson & Smyth 2010).
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
+
+# the CKA ratio and the degenerate-layer wording are the estimators'; re-exported here
+from ckapipe.analyze.estimators import broadcast_ratio_cka, nonpositive_self_hsic, ratio_cka
 
 __all__ = [
     "DEFAULT_INTERVAL_METHOD",
@@ -91,26 +93,6 @@ class BootstrapInterval:
     n_undefined: np.ndarray
     n_bootstrap: int
     ci_level: float
-
-
-def ratio_cka(hsic: np.ndarray, self_a: np.ndarray, self_b: np.ndarray) -> np.ndarray:
-    """CKA = hsic / sqrt(self_a ⊗ self_b), NaN where a self term is not positive (no warning).
-
-    Parameters
-    ----------
-    hsic : (..., La, Lb) cross HSIC (sums over batches).
-    self_a : (..., La) self-HSIC of model a's layers.
-    self_b : (..., Lb) self-HSIC of model b's layers.
-
-    Returns
-    -------
-    ndarray (..., La, Lb) float64. Never clamped: values outside [-1, 1] are possible for an
-    unbiased estimate and are returned as they are.
-    """
-    hsic = np.asarray(hsic, dtype=np.float64)
-    root_a = np.sqrt(np.where(self_a > 0, self_a, np.nan))
-    root_b = np.sqrt(np.where(self_b > 0, self_b, np.nan))
-    return hsic / (root_a[..., :, None] * root_b[..., None, :])
 
 
 def bootstrap_counts(n_batches: int, n_bootstrap: int, rng: np.random.Generator) -> np.ndarray:
@@ -200,22 +182,9 @@ def bootstrap_cka(
         For fewer than 2 batches (one batch has no spread to resample) or shapes that do not fit.
     """
     _check_level(ci_level)
-    hsic = np.asarray(hsic_per_batch, dtype=np.float64)
-    self_a = np.asarray(self_a_per_batch, dtype=np.float64)
-    self_b = np.asarray(self_b_per_batch, dtype=np.float64)
-    if (
-        hsic.ndim != 3
-        or self_a.shape != hsic.shape[:2]
-        or self_b.shape
-        != (
-            hsic.shape[0],
-            hsic.shape[2],
-        )
-    ):
-        raise ValueError(
-            f"bootstrap_cka: shapes do not fit: hsic_per_batch {hsic.shape} must be (B, La, Lb), "
-            f"self_a_per_batch {self_a.shape} (B, La), self_b_per_batch {self_b.shape} (B, Lb)"
-        )
+    hsic, self_a, self_b = _check_per_batch(
+        hsic_per_batch, self_a_per_batch, self_b_per_batch, "bootstrap_cka: "
+    )
     n_batches, la, lb = hsic.shape
     if n_batches < 2:
         raise ValueError(
@@ -243,9 +212,7 @@ def bootstrap_cka(
         cross = counts @ flat[:, part]  # (R, chunk)
         sa = replicates_a[:, rows[part]]  # (R, chunk)
         sb = replicates_b[:, cols[part]]  # (R, chunk)
-        with np.errstate(invalid="ignore"):
-            denominator = np.sqrt(np.where(sa > 0, sa, np.nan) * np.where(sb > 0, sb, np.nan))
-        replicates = cross / denominator  # (R, chunk)
+        replicates = broadcast_ratio_cka(cross, sa, sb)  # (R, chunk)
         undefined[part] = np.isnan(replicates).sum(axis=0)
         low[part], high[part] = percentile_interval(replicates, ci_level)
     return BootstrapInterval(
@@ -313,33 +280,6 @@ def null_threshold(null: np.ndarray, alpha: float = 0.05) -> np.ndarray:
     ordered = np.sort(null, axis=0)
     value = ordered[n_perm - 1 - k]
     return np.where(np.isnan(null).any(axis=0), np.nan, value)
-
-
-def nonpositive_self_hsic(self_hsic: np.ndarray, layers: Sequence[str], model: str) -> list[str]:
-    """Diagnostics for layers whose summed self-HSIC is zero, negative or NaN.
-
-    Parameters
-    ----------
-    self_hsic : (L,) summed self-HSIC of one model's layers.
-    layers : the L layer names.
-    model : the model name, for the message.
-
-    Returns
-    -------
-    list of str, one per degenerate layer (empty when every self-HSIC is positive).
-    """
-    messages = []
-    for name, value in zip(layers, np.asarray(self_hsic, dtype=np.float64), strict=True):
-        if value > 0:
-            continue
-        if np.isnan(value):
-            why = "is NaN"
-        elif value == 0:
-            why = "is 0 (constant or all-zero activations)"
-        else:
-            why = f"is negative ({value:.6g}; an unbiased estimate below zero, not clamped)"
-        messages.append(f"model {model!r} layer {name!r}: self-HSIC {why}; its CKA entries are NaN")
-    return messages
 
 
 def _check_level(ci_level: float) -> None:
@@ -476,9 +416,7 @@ def _jackknife_se_of_deleted(
 ) -> tuple[np.ndarray, np.ndarray]:
     """se = sqrt((G − 1)/G · Σ_g (θ_(g) − θ̄)²) from the delete-one terms (G, ...), broadcast;
     θ_(g) = cross_g / sqrt(self_a_g · self_b_g), left out (and counted) where undefined."""
-    with np.errstate(invalid="ignore", divide="ignore"):
-        root = np.sqrt(np.where(self_a > 0, self_a, np.nan) * np.where(self_b > 0, self_b, np.nan))
-        deleted = cross / root  # (G, ...)
+    deleted = broadcast_ratio_cka(cross, self_a, self_b)  # (G, ...)
     defined = ~np.isnan(deleted)
     count = defined.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -582,8 +520,9 @@ def batch_interval(
 
 
 def _check_per_batch(
-    hsic: np.ndarray, self_a: np.ndarray, self_b: np.ndarray
+    hsic: np.ndarray, self_a: np.ndarray, self_b: np.ndarray, prefix: str = ""
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The per-batch arrays as float64, with shapes (B, La, Lb), (B, La), (B, Lb) checked."""
     hsic = np.asarray(hsic, dtype=np.float64)
     self_a = np.asarray(self_a, dtype=np.float64)
     self_b = np.asarray(self_b, dtype=np.float64)
@@ -593,7 +532,7 @@ def _check_per_batch(
         or self_b.shape != (hsic.shape[0], hsic.shape[2])
     ):
         raise ValueError(
-            f"shapes do not fit: hsic_per_batch {hsic.shape} must be (B, La, Lb), "
+            f"{prefix}shapes do not fit: hsic_per_batch {hsic.shape} must be (B, La, Lb), "
             f"self_a_per_batch {self_a.shape} (B, La), self_b_per_batch {self_b.shape} (B, Lb)"
         )
     return hsic, self_a, self_b

@@ -47,6 +47,7 @@ from torch import Tensor
 from zarr.core.buffer import default_buffer_prototype
 
 from ckapipe.store import ActivationStore, StoreError
+from ckapipe.utils import resolve_device  # re-exported
 
 __all__ = [
     "Block",
@@ -65,18 +66,6 @@ _TORCH_DTYPES = {
     "bfloat16": torch.bfloat16,  # uint16 bit patterns reinterpreted, exact
 }
 _STORAGE_DTYPES = {"float16": np.float16, "float32": np.float32, "bfloat16": np.uint16}
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``"auto"``/``None`` → CUDA if available else CPU; a CUDA request without a GPU is an error."""
-    if device is None or device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(
-            f"device {str(device)!r} requested but torch sees no CUDA GPU; use --device cpu or auto"
-        )
-    return resolved
 
 
 @dataclass(frozen=True)

@@ -21,7 +21,6 @@ Conventions shared by the figures:
 
 from __future__ import annotations
 
-import json
 import math
 import re
 import textwrap
@@ -37,6 +36,8 @@ from matplotlib.colors import Colormap, Normalize
 from matplotlib.figure import Figure
 from matplotlib.patches import Patch, Rectangle
 
+from ckapipe.utils import same_architecture  # re-exported: which pairs get correspondence curves
+
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.image import AxesImage
@@ -49,6 +50,7 @@ __all__ = [
     "plot_heatmap",
     "plot_result",
     "plot_study_grid",
+    "same_architecture",
     "save_figure",
 ]
 
@@ -801,21 +803,21 @@ def plot_result(
     out = Path(out_dir)
     ci_level = result.provenance.get("ci_level")
     written: list[Path] = []
-    architectures = {
-        name: _architecture(info) for name, info in result.provenance.get("models", {}).items()
-    }
-    same_architecture: dict[tuple[str, ...], list[PairResult]] = {}
+    specs = {name: _model_spec(info) for name, info in result.provenance.get("models", {}).items()}
+    overlay_groups: dict[tuple[str, ...], list[PairResult]] = {}
     for pair in result.pairs.values():
         stem = f"{_file_part(pair.model_a)}--{_file_part(pair.model_b)}"
         fig = plot_heatmap(pair, annotate=annotate)
         written.append(save_figure(fig, out / f"heatmap_{stem}.png", dpi=dpi))
-        same_model_kind = architectures.get(pair.model_a) == architectures.get(pair.model_b)
-        if not _is_self(pair) and list(pair.layers_a) == list(pair.layers_b) and same_model_kind:
+        matched = same_architecture(
+            specs.get(pair.model_a), specs.get(pair.model_b), pair.layers_a, pair.layers_b
+        )
+        if not _is_self(pair) and matched:
             fig = plot_correspondence(pair, ci_level=ci_level)
             written.append(save_figure(fig, out / f"correspondence_{stem}.png", dpi=dpi))
-            same_architecture.setdefault(tuple(pair.layers_a), []).append(pair)
+            overlay_groups.setdefault(tuple(pair.layers_a), []).append(pair)
     written.append(save_figure(plot_study_grid(result), out / "study_grid.png", dpi=dpi))
-    groups = [pairs for pairs in same_architecture.values() if len(pairs) >= 2]
+    groups = [pairs for pairs in overlay_groups.values() if len(pairs) >= 2]
     for k, pairs in enumerate(groups):
         name = "correspondence.png" if len(groups) == 1 else f"correspondence_{k}.png"
         fig = plot_correspondence(pairs, ci_level=ci_level)
@@ -823,16 +825,9 @@ def plot_result(
     return written
 
 
-def _architecture(model_info: Any) -> str | None:
-    """The model factory and its arguments recorded for a model (``None`` when not recorded).
-
-    Two models with equal layer names are only matched layer by layer when they are also built
-    the same way: an MLP and a CNN may both have ``relu1`` … ``relu3``.
-    """
+def _model_spec(model_info: Any) -> dict[str, Any] | None:
+    """The model factory and its arguments recorded for a model (``None`` when not recorded)."""
     try:
-        spec = model_info["identity"]["model"]
-        return json.dumps(
-            {"factory": spec["factory"], "kwargs": spec.get("kwargs")}, sort_keys=True
-        )
-    except (KeyError, TypeError):
+        return dict(model_info["identity"]["model"])
+    except (KeyError, TypeError, ValueError):
         return None

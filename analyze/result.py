@@ -45,7 +45,6 @@ import csv
 import hashlib
 import io
 import json
-import math
 import os
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -66,6 +65,7 @@ from ckapipe.formats import (
     staged_directory,
     write_attrs,
 )
+from ckapipe.utils import jsonable  # re-exported: the result format's attributes
 
 __all__ = [
     "CSV_COLUMNS",
@@ -226,23 +226,6 @@ def csv_path_for(result_path: str | os.PathLike[str]) -> Path:
 def pair_key(model_a: str, model_b: str) -> str:
     """The ``pair`` coordinate of a model pair (model names never contain ``--``)."""
     return f"{model_a}--{model_b}"
-
-
-def jsonable(value: Any) -> Any:
-    """Attributes must be JSON: numpy scalars/arrays to Python, NaN/inf to strings."""
-    if isinstance(value, Mapping):
-        return {str(k): jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [jsonable(v) for v in value]
-    if isinstance(value, np.ndarray):
-        return jsonable(value.tolist())
-    if isinstance(value, np.generic):
-        return jsonable(value.item())
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, Path):
-        return str(value)
-    return value
 
 
 def is_result(path: str | os.PathLike[str]) -> bool:

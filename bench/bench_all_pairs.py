@@ -26,9 +26,11 @@ import zarr
 from report import RESULTS_MD, machine, machine_text, median_time, utc_now, write_section
 
 from ckapipe.analyze.gram_cache import GramCache, build_gram_cache
+from ckapipe.analyze.minibatch_pairs import minibatch_pairs, stacked_batches
 from ckapipe.analyze.result import StudyResult, jsonable, write_result
-from ckapipe.analyze.study import _lockstep, _minibatch_pairs, _resolve_device, analyze_study
+from ckapipe.analyze.study import analyze_study
 from ckapipe.store import ActivationStore, LayerRecord
+from ckapipe.utils import resolve_device
 
 
 def make_store(path: Path, n: int, layers: int, width: int, seed: int, sample_ids) -> Path:
@@ -109,14 +111,14 @@ def time_step(
         analyze_study(subset, out, n_bootstrap=bootstrap, device=args.device)
 
     def read_only() -> None:
-        for _ in _lockstep(named, list(named), device):
+        for _ in stacked_batches(named, list(named), device):
             pass
 
     def compute_only() -> None:
         layers = {name: cache.layer_names for name, cache in named.items()}
         names = list(named)
         pairs = [(a, b) for i, a in enumerate(names) for b in names[i:]]
-        _minibatch_pairs(
+        minibatch_pairs(
             named, layers, pairs, ci_level=0.95, n_bootstrap=args.bootstrap, n_permutations=0,
             seed=0, device=device,
         )  # fmt: skip
@@ -186,7 +188,7 @@ def main() -> None:
     parser.add_argument("--results", type=Path, default=RESULTS_MD, help="markdown file")
     args = parser.parse_args()
     args.counts = [int(c) for c in args.models.split(",")]
-    device = _resolve_device(args.device)
+    device = resolve_device(args.device)
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="ckapipe-bench-pairs-"))
     workdir.mkdir(parents=True, exist_ok=True)
     try:

@@ -31,11 +31,9 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import importlib.metadata
 import json
 import logging
 import os
-import platform
 import shutil
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -64,6 +62,7 @@ from ckapipe.extract.specs import (
     parse_dataset_spec,
     parse_model_spec,
 )
+from ckapipe.formats import versions
 from ckapipe.store import (
     CODECS,
     LOGICAL_DTYPES,
@@ -73,6 +72,8 @@ from ckapipe.store import (
     StoreError,
     sample_ids_digest,
 )
+from ckapipe.utils import json_roundtrip
+from ckapipe.utils import resolve_device as _resolve_device
 
 __all__ = [
     "ExtractionError",
@@ -123,19 +124,7 @@ class InputsChangedError(ExtractionError, IncompatibleInputsError):
 
 def resolve_device(device: str | torch.device) -> torch.device:
     """``auto`` → ``cuda`` when available, else ``cpu``; anything else as given (checked)."""
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise ExtractionError(f"unknown device {device!r}; use auto, cpu, cuda or cuda:N") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ExtractionError(
-            f"device {device!r} requested but CUDA is not available; use --device cpu"
-        )
-    return resolved
+    return _resolve_device(device, error=ExtractionError)
 
 
 def sample_order(
@@ -224,30 +213,6 @@ def _state_sha256(model: torch.nn.Module) -> str:
         digest.update(f"{name}|{values.dtype}|{tuple(values.shape)}|".encode())
         digest.update(values.reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
-
-
-def _versions() -> dict[str, str]:
-    import zarr
-
-    import ckapipe
-
-    versions = {
-        "ckapipe": ckapipe.__version__,
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "numpy": np.__version__,
-        "zarr": zarr.__version__,
-    }
-    for optional in ("transformers", "torchvision", "timm"):
-        try:  # installed, not necessarily imported: the record must not depend on process state
-            versions[optional] = importlib.metadata.version(optional)
-        except importlib.metadata.PackageNotFoundError:
-            pass
-    return versions
-
-
-def _jsonable(value: Any) -> Any:
-    return json.loads(json.dumps(value))
 
 
 def _object_record(obj: Any) -> dict[str, str]:
@@ -396,7 +361,7 @@ def extract_activations(
                 row_block = _stored_row_block(out, batch_size) or _default_row_block(
                     batch_size, sum(r.n_features for r in records)
                 )
-            identity = _jsonable(
+            identity = json_roundtrip(
                 {
                     "model": model_record,
                     "weights_sha256": weights_sha256,
@@ -538,7 +503,7 @@ def _open_or_create(
                 if key not in ("layers", "dtype", "codec")
             },
             "device": str(device),
-            "versions": _versions(),
+            "versions": versions(),
             "started_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
         return ActivationStore.create(

@@ -38,7 +38,7 @@ from typing import Any
 import h5py
 import numpy as np
 
-from ckapipe.formats import file_sha256
+from ckapipe.formats import file_sha256, versions
 from ckapipe.store import LAYOUT_ATTRS, ActivationStore, LayerRecord, StoreError
 
 __all__ = ["EXPORT_FORMAT", "H5BridgeError", "export_h5", "import_h5"]
@@ -462,14 +462,5 @@ def _layer_name(h5_name: str) -> str:
 
 
 def _versions() -> dict[str, str]:
-    import zarr
-
-    from ckapipe import __version__
-
-    return {
-        "ckapipe": __version__,
-        "h5py": h5py.__version__,
-        "hdf5": h5py.version.hdf5_version,
-        "zarr": zarr.__version__,
-        "numpy": np.__version__,
-    }
+    """What produced the file, plus the HDF5 side of the bridge."""
+    return {**versions(), "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version}

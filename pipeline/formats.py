@@ -268,14 +268,28 @@ def writable(array: zarr.Array) -> zarr.Array:
 
 
 def _chunk_files(array_dir: Path) -> set[str]:
-    chunk_root = array_dir / "c"
+    """Keys (``c/0/1``) of the chunk files under an array's ``c`` folder.
+
+    A recursive ``os.scandir`` building keys by concatenation: opening a study lists thousands
+    of chunk files, and ``os.walk`` with a ``relpath`` per folder cost several times more.
+    Symlinked folders are not followed (as ``os.walk`` does not).
+    """
     found: set[str] = set()
-    if not chunk_root.is_dir():
-        return found
-    for folder, _, files in os.walk(chunk_root):
-        relative = os.path.relpath(folder, array_dir)
-        for name in files:
-            found.add(f"{relative}/{name}".replace(os.sep, "/"))
+
+    def visit(folder: str, prefix: str) -> None:
+        try:
+            entries = os.scandir(folder)
+        except (FileNotFoundError, NotADirectoryError):
+            return
+        with entries:
+            for entry in entries:
+                key = f"{prefix}/{entry.name}"
+                if not entry.is_dir():
+                    found.add(key)
+                elif not entry.is_symlink():
+                    visit(entry.path, key)
+
+    visit(str(array_dir / "c"), "c")
     return found
 
 

@@ -395,6 +395,26 @@ def test_deleted_chunk_is_refused_naming_the_array_and_chunk(tmp_path):
     assert issubclass(GramCacheError, FormatError)
 
 
+def test_read_batches_into_equals_zarr_reads_and_refuses_a_damaged_chunk(tmp_path):
+    store = make_store(tmp_path / "store")
+    cache = build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
+    numbers = [
+        int(b) for b in cache.batches if cache.batch_sizes[list(cache.batches).index(b)] == M
+    ]
+    out = np.full((len(numbers), len(cache.layer_names), M, M), np.nan)
+    cache.read_batches_into(numbers, out)
+    for g, number in enumerate(numbers):
+        for i, layer in enumerate(cache.layer_names):
+            np.testing.assert_array_equal(out[g, i], cache.batch_gram(layer, number))
+    # a flipped byte fails the chunk's CRC-32C: zarr reads it instead and refuses it
+    chunk = tmp_path / "grams" / "grams" / "wide" / "c" / "1" / "0" / "0"
+    data = bytearray(chunk.read_bytes())
+    data[100] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    with pytest.raises(Exception, match="(?i)checksum"):
+        GramCache.open(tmp_path / "grams").read_batches_into(numbers, out)
+
+
 def test_format_version_1_is_refused_with_rebuild_advice(tmp_path):
     store = make_store(tmp_path / "store")
     build_gram_cache(store, tmp_path / "grams", batch_size=M, device="cpu")
@@ -408,10 +428,10 @@ def test_format_version_1_is_refused_with_rebuild_advice(tmp_path):
 # in progress, without a test hook in ckapipe.
 PAUSED_GRAM = """
 import pathlib, sys, time
-import ckapipe.analyze.gram_cache as gram_cache
+import ckapipe.analyze.gram_build as gram_build
 from ckapipe.cli import main
 marker, release = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-iter_blocks = gram_cache.iter_blocks
+iter_blocks = gram_build.iter_blocks
 def paused(*args, **kwargs):
     for count, block in enumerate(iter_blocks(*args, **kwargs)):
         if count == 2 and not marker.exists():
@@ -419,7 +439,7 @@ def paused(*args, **kwargs):
             while not release.exists():
                 time.sleep(0.02)
         yield block
-gram_cache.iter_blocks = paused
+gram_build.iter_blocks = paused
 main(sys.argv[3:], prog_name="ckapipe")
 """
 

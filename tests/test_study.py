@@ -420,11 +420,11 @@ def test_full_mode_matches_exact_reference(study_dir, tmp_path, estimator, hsic)
 def test_full_mode_debiased_interval_is_the_block_jackknife(study_dir, tmp_path, monkeypatch):
     """The study's full-mode interval equals a delete-one-block jackknife recomputed here from
     the stored activations (5 blocks: the 60 samples are too few for the default 16)."""
-    import ckapipe.analyze.study as study_module
+    import ckapipe.analyze.full_pairs as full_pairs_module
     from ckapipe.analyze.intervals import FullBlockJackknife, sample_blocks, student_t_quantile
 
     monkeypatch.setattr(
-        study_module,
+        full_pairs_module,
         "FullBlockJackknife",
         lambda n, n_layers: FullBlockJackknife(n, n_layers, n_blocks=5),
     )
@@ -482,11 +482,11 @@ def test_full_mode_rbf_matches_reference_and_records_bandwidth(
 
 
 def test_full_mode_row_blocks_give_the_same_result_as_one_block(study_dir, tmp_path, monkeypatch):
-    import ckapipe.analyze.study as study_module
+    import ckapipe.analyze.full_pairs as full_pairs_module
 
     caches = [cache_path(study_dir, "a-full"), cache_path(study_dir, "b-full")]
     whole = analyze_study(caches, tmp_path / "whole.zarr", estimator="debiased", device="cpu")
-    monkeypatch.setattr(study_module, "_WORK_ELEMENTS", 1)  # rows blocks of n // ΣL = 12 rows
+    monkeypatch.setattr(full_pairs_module, "WORK_ELEMENTS", 1)  # rows blocks of n // ΣL = 12 rows
     blocks = analyze_study(caches, tmp_path / "blocks.zarr", estimator="debiased", device="cpu")
     for key, pair in whole.pairs.items():
         np.testing.assert_allclose(blocks.pairs[key].cka, pair.cka, rtol=1e-12)
@@ -1023,3 +1023,28 @@ def test_a_store_without_input_fingerprint_is_compared_by_sample_ids_with_a_warn
     np.testing.assert_allclose(study.pair("a", "h5").cka[0, 0], 1.0, rtol=1e-12)
     assert caches[1].identity["input_fingerprint"] is None
     assert "no input fingerprint" in caches[1].identity["input_fingerprint_note"]
+
+
+def test_permutation_null_per_batch_hsic_is_the_estimators_hsic1():
+    """The null's stacked product equals estimators.hsic1 of Ũ(K) against the permuted Ũ(L)."""
+    import torch
+
+    from ckapipe.analyze.estimators import hsic1, u_centered_gram
+    from ckapipe.analyze.minibatch_pairs import PermutationNull
+
+    rng = np.random.default_rng(3)
+    m, n_perm, seed, batch = 9, 4, 7, 2
+    grams = {
+        name: torch.stack([u_centered_gram(rng.normal(size=(m, 5))) for _ in range(layers)])
+        for name, layers in (("a", 2), ("b", 3))
+    }
+    layers = {"a": ["a0", "a1"], "b": ["b0", "b1", "b2"]}
+    null = PermutationNull([("a", "b")], layers, n_perm, seed, torch.device("cpu"))
+    null.update(batch, grams)
+    perms = np.argsort(np.random.default_rng([seed, batch]).random((n_perm, m)), axis=1)
+    for k, perm in enumerate(perms):
+        for i in range(2):
+            for j in range(3):
+                permuted = grams["b"][j][perm][:, perm]
+                expected = hsic1(grams["a"][i], permuted)
+                assert float(null.cross[("a", "b")][k, i, j]) == pytest.approx(expected, rel=1e-12)

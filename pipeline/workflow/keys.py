@@ -45,7 +45,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from ckapipe.analyze.gram_cache import FORMAT_VERSION as GRAM_FORMAT_VERSION
+from ckapipe.analyze.gram_format import FORMAT_VERSION as GRAM_FORMAT_VERSION
 from ckapipe.extract.specs import OPTIONAL_CONSTRUCTORS
 from ckapipe.formats import file_sha256
 from ckapipe.store import FORMAT_VERSION as STORE_FORMAT_VERSION
