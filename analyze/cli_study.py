@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import inspect
 import warnings
 from pathlib import Path
 from typing import Any
@@ -13,7 +12,6 @@ import click
 
 from ckapipe import cli_options as opts
 from ckapipe.analyze.intervals import DEFAULT_INTERVAL_METHOD, MIN_BATCHES_FOR_INTERVAL
-from ckapipe.errors import UsageError
 
 __all__ = ["analyze", "commands"]
 
@@ -127,14 +125,7 @@ def analyze(grams: tuple[Path, ...], names: str | None, **options: Any) -> None:
     from ckapipe.analyze.study import analyze_study, csv_path_for
     from ckapipe.analyze.summary import interval_batch_warning, summary_lines
 
-    method = options.pop("interval_method")
-    if _accepts(analyze_study, "interval_method"):
-        options["interval_method"] = method
-    elif method != DEFAULT_INTERVAL_METHOD:
-        raise UsageError(
-            f"--interval-method {method} is not available in this version of the study "
-            f"(it computes {DEFAULT_INTERVAL_METHOD} intervals); leave the option out"
-        )
+    method = options["interval_method"]
     with warnings.catch_warnings():
         # the same messages are in each pair's diagnostics, printed below
         warnings.simplefilter("ignore", DegenerateLayerWarning)
@@ -146,12 +137,6 @@ def analyze(grams: tuple[Path, ...], names: str | None, **options: Any) -> None:
     for line in summary_lines(study):
         click.echo(line)
     click.echo(f"wrote {options['out']} and {csv_path_for(options['out'])}")
-
-
-def _accepts(function: Any, name: str) -> bool:
-    # the study gains an interval_method parameter separately; until then the option accepts
-    # only the method the study computes
-    return name in inspect.signature(function).parameters
 
 
 commands: list[click.Command] = [analyze]

@@ -54,6 +54,7 @@ def minibatch_pairs(
     n_permutations: int,
     seed: int,
     device: torch.device,
+    interval_method: str = DEFAULT_INTERVAL_METHOD,
 ) -> dict[tuple[str, str], PairResult]:
     """Minibatch CKA of the requested pairs.
 
@@ -80,7 +81,7 @@ def minibatch_pairs(
     some = next(iter(caches.values()))
     epochs = int((some.partition or {}).get("epochs") or 1)
     counts = None
-    if n_bootstrap > 0 and accumulator.n_batches >= 2:
+    if interval_method == "bootstrap" and n_bootstrap > 0 and accumulator.n_batches >= 2:
         counts = bootstrap_counts(accumulator.n_batches, n_bootstrap, np.random.default_rng(seed))
     results = {}
     for a, b in requested:
@@ -96,6 +97,7 @@ def minibatch_pairs(
             ci_level=ci_level,
             interval=n_bootstrap > 0,
             counts=counts,
+            interval_method=interval_method,
             epochs=epochs,
             null_cross=null.cross[(a, b)] if n_permutations > 0 else None,
         )
@@ -113,6 +115,7 @@ def _pair_result(
     ci_level: float,
     interval: bool,
     counts: np.ndarray | None,
+    interval_method: str,
     epochs: int,
     null_cross: torch.Tensor | None,
 ) -> PairResult:
@@ -136,7 +139,7 @@ def _pair_result(
             self_a,
             self_b,
             ci_level,
-            method=DEFAULT_INTERVAL_METHOD,
+            method=interval_method,
             counts=counts,
             epochs=epochs,
         )

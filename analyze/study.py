@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from ckapipe.analyze.full_pairs import full_pairs
+from ckapipe.analyze.intervals import DEFAULT_INTERVAL_METHOD, INTERVAL_METHODS
 from ckapipe.analyze.minibatch_pairs import minibatch_pairs
 from ckapipe.analyze.result import (
     CSV_COLUMNS,
@@ -118,6 +119,7 @@ def analyze_study(
     include_self: bool = True,
     device: str = "auto",
     overwrite: bool = False,
+    interval_method: str = DEFAULT_INTERVAL_METHOD,
 ) -> StudyResult:
     """CKA of every layer pair of every requested model pair, written to a result group.
 
@@ -134,8 +136,9 @@ def analyze_study(
         (default: the caches' kernel). Minibatch caches hold Grams of a fixed kernel; a different
         ``kernel`` is refused.
     threshold : RBF bandwidth multiple in full mode (default: the caches' threshold).
-    ci_level : nominal coverage of the bootstrap intervals, in (0, 1).
-    n_bootstrap : bootstrap replicates R (0: no intervals).
+    ci_level : nominal coverage of the confidence intervals, in (0, 1).
+    n_bootstrap : 0: no intervals; otherwise intervals are computed (and, with
+        ``interval_method="bootstrap"``, this many bootstrap replicates R are drawn).
     n_permutations : permutations P for p-values (0: none; minibatch estimator only).
     seed : seeds the bootstrap counts (``default_rng(seed)``) and the permutations of batch k
         (``default_rng([seed, k])``).
@@ -144,6 +147,9 @@ def analyze_study(
     include_self : with ``pairs="all"``, also compare each model with itself.
     device : ``"auto"`` (CUDA when available), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
     overwrite : replace an existing ckapipe result at ``out`` (anything else is never deleted).
+    interval_method : minibatch intervals over batches: ``"jackknife"`` (delete-one-batch, t
+        quantiles; reported from 4 batches) or ``"bootstrap"`` (percentile; reported from 128
+        batches, below which its measured coverage falls short). See docs/STATISTICS.md.
 
     Returns
     -------
@@ -156,6 +162,7 @@ def analyze_study(
         the caches' mode, bad names or pairs, or an existing ``out``.
     """
     estimator = choice(estimator, ESTIMATORS, "estimator")
+    interval_method = choice(interval_method, INTERVAL_METHODS, "interval_method")
     if not 0.0 < ci_level < 1.0:
         raise StudyError(f"ci_level must be in (0, 1), e.g. 0.95; got {ci_level!r}")
     if n_bootstrap < 0 or n_permutations < 0:
@@ -182,6 +189,7 @@ def analyze_study(
             pairs=pairs,
             include_self=include_self,
             device=device,
+            interval_method=interval_method,
         )
         # the provenance as stored (JSON-normalised, with the completion flag), as load_result
         # gives it
@@ -204,6 +212,7 @@ def _compute_study(
     pairs: str | Sequence[tuple[str, str]],
     include_self: bool,
     device: str,
+    interval_method: str,
 ) -> StudyResult:
     """Everything :func:`analyze_study` computes, with its arguments checked; nothing written."""
     caches = [open_cache(c) for c in gram_caches]
@@ -222,6 +231,7 @@ def _compute_study(
         "n_bootstrap": int(n_bootstrap),
         "n_permutations": int(n_permutations),
         "seed": int(seed),
+        "interval_method": interval_method if caches[0].mode == "minibatch" else "block-jackknife",
     }
     provenance = _provenance(by_name, layers, requested, torch_device, options)
     if caches[0].mode == "minibatch":
@@ -238,6 +248,7 @@ def _compute_study(
             n_permutations=n_permutations,
             seed=seed,
             device=torch_device,
+            interval_method=interval_method,
         )
     else:
         kernel, threshold = full_kernel(caches[0], kernel, threshold, n_permutations)

@@ -6,7 +6,6 @@ subprocess, exactly as a user would, and checks: non-zero exit, an ``Error:`` li
 
 from __future__ import annotations
 
-import inspect
 import json
 import os
 import subprocess
@@ -14,8 +13,6 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from ckapipe.analyze.study import analyze_study
 
 TESTS = Path(__file__).parent
 
@@ -140,13 +137,6 @@ CASES = {
     "run: invalid config": ("run {bad_config} -- --dry-run", "models"),
     "run: missing config": ("run {root}/nope.yaml", "nope.yaml"),
 }
-
-if "interval_method" not in inspect.signature(analyze_study).parameters:
-    # until the study computes other methods, asking for one is refused, not ignored
-    CASES["analyze: --interval-method the study cannot compute"] = (
-        "analyze {cache} --interval-method bootstrap --out {root}/r5.zarr",
-        "bootstrap",
-    )
 
 
 @pytest.mark.parametrize("case", sorted(CASES))

@@ -1048,3 +1048,17 @@ def test_permutation_null_per_batch_hsic_is_the_estimators_hsic1():
                 permuted = grams["b"][j][perm][:, perm]
                 expected = hsic1(grams["a"][i], permuted)
                 assert float(null.cross[("a", "b")][k, i, j]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_bootstrap_interval_method_is_withheld_below_its_validated_batch_count(study_dir, tmp_path):
+    caches = [cache_path(study_dir, n) for n in ("a", "b")]
+    study = analyze_study(
+        caches, tmp_path / "boot.zarr", interval_method="bootstrap", n_bootstrap=50, device="cpu"
+    )
+    pair = study.pair("a", "b")
+    assert np.isnan(pair.ci_low).all() and np.isnan(pair.ci_high).all()
+    assert "bootstrap" in pair.interval_note and "withheld" in pair.interval_note
+    assert study.provenance["interval_method"] == "bootstrap"
+    jackknife = analyze_study(caches, tmp_path / "jack.zarr", n_bootstrap=50, device="cpu")
+    assert np.isfinite(jackknife.pair("a", "b").ci_low).all()
+    np.testing.assert_array_equal(pair.cka, jackknife.pair("a", "b").cka)
