@@ -20,6 +20,8 @@ from typing import Any
 import numpy as np
 import yaml
 
+from ckapipe.utils import same_architecture
+
 __all__ = ["diagonal_dominance", "write_report"]
 
 _STYLE = """
@@ -95,14 +97,9 @@ def _models_section(plan: Mapping[str, Any]) -> str:
 
 
 def _same_architecture(plan: Mapping[str, Any], a: str, b: str) -> bool:
-    spec_a, spec_b = plan["models"][a]["spec"], plan["models"][b]["spec"]
-    layers_a = plan["config"]["models"][a]["layers"]
-    layers_b = plan["config"]["models"][b]["layers"]
-    return (
-        a != b
-        and spec_a["factory"] == spec_b["factory"]
-        and spec_a.get("kwargs", {}) == spec_b.get("kwargs", {})
-        and layers_a == layers_b
+    models, config = plan["models"], plan["config"]["models"]
+    return a != b and same_architecture(
+        models[a]["spec"], models[b]["spec"], config[a]["layers"], config[b]["layers"]
     )
 
 
