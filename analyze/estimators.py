@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from ckapipe.errors import DataError
+
 __all__ = [
     "DegenerateLayerWarning",
     "MinibatchCKA",
@@ -99,12 +101,12 @@ def _as_tensor(x: ArrayLike, name: str) -> Tensor:
 
 
 def _check_finite(x: Tensor, name: str) -> None:
-    """Raise ``ValueError`` naming the first sample (row) that holds NaN or Inf."""
+    """Raise :class:`~ckapipe.errors.DataError` naming the first sample (row) with NaN or Inf."""
     if x.dtype.is_floating_point:
         bad_rows = ~torch.isfinite(x.reshape(x.shape[0], -1)).all(dim=1)
         if bool(bad_rows.any()):
             first = int(bad_rows.nonzero()[0, 0])
-            raise ValueError(
+            raise DataError(
                 f"{name} contains NaN or Inf (first at sample {first}, "
                 f"{int(bad_rows.sum())} bad samples in all); fix the activations "
                 "(e.g. float16 overflow) before computing CKA"
@@ -145,9 +147,17 @@ def _same_samples(a: Tensor, b: Tensor, name_a: str, name_b: str) -> None:
         )
 
 
+def _need_two(n: int, what: str) -> None:
+    if n < 2:
+        raise DataError(
+            f"{what}: HSIC₀ needs at least 2 samples (its normaliser is (n-1)²), got n = {n}; "
+            "use more samples (and with fewer than 4, no unbiased estimate exists at all)"
+        )
+
+
 def _need_four(n: int, what: str) -> None:
     if n < 4:
-        raise ValueError(
+        raise DataError(
             f"{what}: HSIC₁ needs at least 4 samples (its normaliser is n(n-3)), got n = {n}; "
             "use more samples per batch"
         )
@@ -343,6 +353,7 @@ def hsic0(k: ArrayLike, l: ArrayLike) -> float:  # noqa: E741 - the paper's name
     kc, lg = center_gram(k), _gram(l, "l")
     _same_samples(kc, lg, "k", "l")
     n = kc.shape[0]
+    _need_two(n, "hsic0")
     # tr(KHLH) = ⟨HKH, L⟩ because H is symmetric and idempotent.
     return float((kc * lg).sum()) / (n - 1) ** 2
 
@@ -586,6 +597,7 @@ def cka(
     xt, yt = _features(x, "x"), _features(y, "y")
     _same_samples(xt, yt, "x", "y")
     n = xt.shape[0]
+    _need_two(n, "cka")
     if unbiased:
         _need_four(n, "cka(unbiased=True)")
     if kernel == "linear" and xt.shape[1] < n and yt.shape[1] < n:

@@ -483,3 +483,13 @@ def test_bad_shapes_and_arguments_are_explained():
         acc.merge(MinibatchCKA(["a"], ["x"]))
     with pytest.raises(TypeError, match="can only merge"):
         acc.merge(object())  # type: ignore[arg-type]
+
+
+def test_too_few_samples_are_a_data_error_not_a_crash():
+    from ckapipe.errors import DataError
+
+    rng = np.random.default_rng(0)
+    with pytest.raises(DataError, match="at least 2 samples"):
+        cka(rng.normal(size=(1, 3)), rng.normal(size=(1, 4)))  # biased: (n-1)² would be 0
+    with pytest.raises(DataError, match="at least 4 samples"):
+        cka(rng.normal(size=(3, 3)), rng.normal(size=(3, 4)), unbiased=True)
