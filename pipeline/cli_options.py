@@ -14,6 +14,7 @@ the modules in ``COMMAND_MODULES``, and nothing else registers commands.
 from __future__ import annotations
 
 import contextlib
+import errno
 import importlib
 import re
 import warnings
@@ -82,6 +83,28 @@ class Command(click.Command):
                 return super().invoke(ctx)
         except CkapipeError as error:
             raise click.ClickException(str(error)) from None
+        except OSError as error:
+            raise environment_error(error) from None
+
+
+#: File-system conditions of the user's machine, not bugs: a full disk or quota, no permission,
+#: a read-only file system. Any other OSError keeps its traceback.
+_ENVIRONMENT_ERRNOS = {
+    errno.ENOSPC: "the disk is full; free space or write to another disk (--out)",
+    errno.EDQUOT: "the disk quota is exhausted; free space or write elsewhere (--out)",
+    errno.EACCES: "permission denied; check the path's permissions or write elsewhere",
+    errno.EPERM: "operation not permitted; check the path's permissions or write elsewhere",
+    errno.EROFS: "the file system is read-only; write to another location (--out)",
+}
+
+
+def environment_error(error: OSError) -> BaseException:
+    """One ``Error:`` line for a full disk or a permission problem; other OSErrors unchanged."""
+    advice = _ENVIRONMENT_ERRNOS.get(error.errno or -1)
+    if advice is None:
+        return error
+    where = f" ({error.filename})" if error.filename else ""
+    return click.ClickException(f"{error.strerror or error}{where}: {advice}")
 
 
 def command(name: str, **attrs: Any) -> Callable[[Callable[..., Any]], Command]:

@@ -136,6 +136,11 @@ CASES = {
     "export-h5: not a store": ("export-h5 {not_zarr} --out {root}/e.h5", "plain_dir"),
     "run: invalid config": ("run {bad_config} -- --dry-run", "models"),
     "run: missing config": ("run {root}/nope.yaml", "nope.yaml"),
+    # /sys refuses new files even to root: a file-system condition, not a bug
+    "gram: --out where nothing may be written": (
+        "gram {store} --batch-size 8 --out /sys/ckapipe-cannot-write.zarr",
+        "/sys/",
+    ),
 }
 
 
