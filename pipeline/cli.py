@@ -46,6 +46,7 @@ def main(verbose: int) -> None:
       gram / analyze / plot                             stores -> Gram caches -> CKA results
       run                                               a whole study with Snakemake
       verify                                            check every chunk of a store/cache/result
+      cache ls / du / verify / gc                       inspect and prune the shared cache
     Run `ckapipe COMMAND --help` for the options of a command.
     """
     level = logging.WARNING if verbose == 0 else logging.INFO if verbose == 1 else logging.DEBUG

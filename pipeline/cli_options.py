@@ -59,6 +59,7 @@ COMMAND_MODULES = (
     "ckapipe.analyze.cli_study",
     "ckapipe.analyze.cli_plot",
     "ckapipe.cli_run",
+    "ckapipe.cli_cache",
 )
 """The modules whose ``commands`` list :mod:`ckapipe.cli` registers, in ``--help`` order."""
 

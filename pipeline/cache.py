@@ -1,0 +1,424 @@
+"""The shared cache root of ``ckapipe run``: list, size, verify and prune its entries.
+
+A cache root holds ``stores/<key>.zarr`` (activation stores) and ``grams/<key>.zarr`` (Gram
+caches), keyed by content (:mod:`ckapipe.workflow.keys`), shared by every study that points its
+``storage.cache_root`` there. This module is the API of ``ckapipe cache``
+(:mod:`ckapipe.cli_cache`):
+
+* :func:`scan` — one :class:`CacheEntry` per store and Gram cache (size, state, last use);
+* :func:`config_keys` — the store and Gram keys a study config asks for, computed exactly as
+  the workflow does, so that entries can be matched to the studies that use them;
+* :func:`collect_garbage` — remove the entries no kept config references, never one that a live
+  process is writing.
+
+An entry is removed only while :func:`collect_garbage` holds its workflow job lock (so no job
+starts on it meanwhile) and no process holds its writer or staging lock.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from ckapipe.errors import UsageError
+from ckapipe.formats import WriterLock, sibling_lock_path
+
+__all__ = [
+    "KINDS",
+    "CacheEntry",
+    "ConfigKeys",
+    "GarbagePlan",
+    "collect_garbage",
+    "config_keys",
+    "default_cache_root",
+    "entry_locks",
+    "human_size",
+    "plan_garbage",
+    "scan",
+]
+
+#: Sub-folder of the cache root → the kind of entry it holds.
+KINDS = {"stores": "store", "grams": "gram"}
+
+
+@dataclass
+class CacheEntry:
+    """One store or Gram cache under a cache root."""
+
+    kind: str
+    key: str
+    path: Path
+    model: str
+    dataset: str
+    layers: int
+    size: int
+    state: str
+    """``complete``, ``incomplete`` or ``being written`` (a live process holds one of its locks)."""
+    last_used: float
+    """Seconds since the epoch: the newest of its zarr.json and its receipts' modification times."""
+    used_by: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        record = asdict(self)
+        record["path"] = str(self.path)
+        record["last_used"] = datetime.fromtimestamp(self.last_used, UTC).isoformat()
+        return record
+
+
+def entry_locks(path: Path) -> list[Path]:
+    """Every lock whose holder may be writing the entry at ``path``: the store's writer lock, the
+    staging lock beside it, and the workflow job's lock beside it."""
+    return [
+        path / ".writer.lock",
+        sibling_lock_path(path),
+        path.parent / f".{path.name}.job.lock",
+    ]
+
+
+def _locked(path: Path) -> bool:
+    return any(WriterLock.is_held(lock) for lock in entry_locks(path))
+
+
+def _tree_size(path: Path) -> int:
+    total = 0
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            with contextlib.suppress(OSError):  # a file removed by a writer while we walk
+                total += os.lstat(os.path.join(root, name)).st_blocks * 512
+    return total
+
+
+def _short_spec(record: Any) -> str:
+    """A model or dataset record as a few words: factory and kwargs, or the array file."""
+    if not isinstance(record, dict):
+        return "-" if record is None else str(record)
+    if record.get("factory"):
+        kwargs = record.get("kwargs") or {}
+        args = ",".join(f"{name}={value}" for name, value in sorted(kwargs.items()))
+        return f"{record['factory']}({args})"
+    if record.get("array"):
+        return Path(str(record["array"])).name
+    return json.dumps(record, sort_keys=True, default=str)[:60]
+
+
+def _attributes(path: Path) -> dict[str, Any]:
+    try:
+        attributes = json.loads((path / "zarr.json").read_text()).get("attributes", {})
+    except (OSError, ValueError):
+        return {}  # a damaged or half-written entry: listed as incomplete, verify says why
+    return attributes if isinstance(attributes, dict) else {}
+
+
+def _receipt_times(workdirs: Iterable[Path], kind: str) -> dict[str, float]:
+    """Key → newest receipt modification time under ``results/*/receipts/<kind>s/``."""
+    times: dict[str, float] = {}
+    for workdir in workdirs:
+        for receipt in workdir.glob(f"results/*/receipts/{kind}s/*.json"):
+            with contextlib.suppress(OSError):
+                mtime = receipt.stat().st_mtime
+                times[receipt.stem] = max(mtime, times.get(receipt.stem, 0.0))
+    return times
+
+
+def scan(root: str | os.PathLike[str], *, workdirs: Sequence[Path] = ()) -> list[CacheEntry]:
+    """Every store and Gram cache under the cache ``root``, stores first, each sorted by key.
+
+    ``workdirs``: study working directories whose receipts count as a use of an entry.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UsageError(
+            f"cache root {root} does not exist; pass the folder of the config's "
+            "storage.cache_root (or --config CONFIG), relative to the study's working directory"
+        )
+    entries = []
+    for folder, kind in KINDS.items():
+        receipts = _receipt_times(workdirs, kind)
+        for path in sorted((root / folder).glob("*.zarr")):
+            if not path.is_dir():
+                continue
+            attributes = _attributes(path)
+            if kind == "gram":
+                source = attributes.get("store") or {}
+                model, dataset = source.get("model"), source.get("dataset")
+            else:
+                model, dataset = attributes.get("model"), attributes.get("dataset")
+            layers = attributes.get("layers") or []
+            try:
+                last_used = (path / "zarr.json").stat().st_mtime
+            except OSError:
+                last_used = path.stat().st_mtime
+            state = (
+                "being written"
+                if _locked(path)
+                else "complete"
+                if attributes.get("complete")
+                else "incomplete"
+            )
+            entries.append(
+                CacheEntry(
+                    kind=kind,
+                    key=path.name.removesuffix(".zarr"),
+                    path=path,
+                    model=_short_spec(model),
+                    dataset=_short_spec(dataset),
+                    layers=len(layers),
+                    size=_tree_size(path),
+                    state=state,
+                    last_used=max(last_used, receipts.get(path.stem, 0.0)),
+                )
+            )
+    return entries
+
+
+def human_size(size: float) -> str:
+    """``1536`` → ``1.5 KiB``."""
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    raise AssertionError("unreachable")
+
+
+# --------------------------------------------------------------------------- configs → keys
+
+
+@dataclass
+class ConfigKeys:
+    """The cache entries one study config asks for."""
+
+    config: Path
+    cache_root: Path
+    """Resolved against the working directory the keys were computed in."""
+    stores: set[str]
+    grams: set[str]
+
+
+@contextlib.contextmanager
+def _working_directory(path: Path) -> Iterator[None]:
+    # the workflow resolves every relative path of a config (weights, arrays, files, the cache
+    # root) and finds user modules against its --directory; computing its keys must do the same
+    previous = Path.cwd()
+    os.chdir(path)
+    try:
+        yield
+    finally:
+        os.chdir(previous)
+
+
+def load_config(path: str | os.PathLike[str] | None) -> dict[str, Any]:
+    """A study config as the workflow sees it: the demo when ``None``, checked, defaults filled."""
+    import yaml
+
+    from ckapipe.run import DEFAULT_CONFIG
+    from ckapipe.workflow.config_check import check_config
+
+    path = Path(path) if path is not None else DEFAULT_CONFIG
+    try:
+        config = yaml.safe_load(path.read_text())
+    except (OSError, yaml.YAMLError) as error:
+        raise UsageError(
+            f"cannot read study config {path}: {error}; pass an existing YAML file"
+        ) from None
+    if not isinstance(config, dict):
+        raise UsageError(f"study config {path} must be a YAML mapping of keys, got {config!r}")
+    check_config(config)
+    from snakemake.utils import validate
+
+    # the workflow's schema fills in the defaults the keys depend on (dtype, order, ...)
+    validate(config, schema=str(DEFAULT_CONFIG.parent / "schemas" / "config.schema.yaml"))
+    return config
+
+
+def default_cache_root(
+    config: str | os.PathLike[str] | None = None, workdir: Path = Path(".")
+) -> Path:
+    """The config's (default: the demo's) ``storage.cache_root``, resolved against ``workdir``."""
+    return (workdir / load_config(config)["storage"]["cache_root"]).resolve()
+
+
+def config_keys(
+    config: str | os.PathLike[str] | None, *, workdir: str | os.PathLike[str] = "."
+) -> ConfigKeys:
+    """The store and Gram cache keys the study ``config`` uses when run in ``workdir``.
+
+    The same computation as the workflow's plan (``workflow/rules/common.smk``), with the same
+    :mod:`ckapipe.workflow.keys` functions: a test checks both agree on the demo study.
+    """
+    from ckapipe.run import DEFAULT_CONFIG
+    from ckapipe.workflow.keys import (
+        CodeSourceError,
+        FileHasher,
+        code_identity,
+        content_key,
+        gram_key,
+        module_file,
+        store_key,
+    )
+
+    config_path = Path(config).resolve() if config is not None else DEFAULT_CONFIG
+    workdir = Path(workdir).resolve()
+    plan = load_config(config_path)
+    with _working_directory(workdir):
+        cache = plan["storage"]["cache_root"].rstrip("/")
+        hasher = FileHasher(f"{cache}/sha256-index.json") if Path(cache).is_dir() else FileHasher()
+
+        def code(spec: dict[str, Any], files: list[str], what: str) -> dict[str, Any]:
+            try:
+                return code_identity(spec, files, hasher, what)
+            except CodeSourceError as error:
+                raise UsageError(f"study config {config_path}: {error}") from None
+
+        def sha256(path: str, what: str) -> str:
+            try:
+                return hasher.sha256(path)
+            except FileNotFoundError as error:
+                raise UsageError(f"study config {config_path}, {what}: {error}") from None
+
+        data_key = content_key(
+            {
+                "kind": "demo-data",
+                **plan["demo"],
+                "code": hasher.sha256(module_file("ckapipe.demo.data")),  # type: ignore[arg-type]
+            }
+        )
+        models = {}
+        for name, model in plan["models"].items():
+            spec = dict(model["spec"])
+            if "train" in model:
+                recipe = {
+                    "factory": spec["factory"],
+                    "kwargs": spec.get("kwargs", {}),
+                    "train": model["train"],
+                    "data": data_key,
+                    "code": {
+                        **code({"factory": spec["factory"]}, [], f"models.{name}.spec"),
+                        "training": hasher.sha256(module_file("ckapipe.demo.training")),  # type: ignore[arg-type]
+                    },
+                }
+                train = content_key({"kind": "demo-training", **recipe})
+                spec["weights"] = f"{cache}/demo/models/{train}/weights.pt"
+                identity: dict[str, Any] = {"trained": recipe}
+            elif "weights" in spec:
+                identity = {"sha256": sha256(spec["weights"], f"models.{name}.spec.weights")}
+            else:
+                identity = {"weights": None}
+            models[name] = (
+                spec,
+                identity,
+                code(spec, list(model.get("files", [])), f"models.{name}.spec"),
+            )
+        datasets = {}
+        for name, dataset in plan["datasets"].items():
+            if "demo" in dataset:
+                spec = {"array": f"{cache}/demo/data/{data_key}/{dataset['demo']}_images.npy"}
+                identity = {"demo": dataset["demo"], "data": data_key}
+            else:
+                spec = dict(dataset["spec"])
+                identity = {key: value for key, value in spec.items() if key != "array"}
+                if "array" in spec:
+                    identity["array_sha256"] = sha256(spec["array"], f"datasets.{name}.spec.array")
+            identity["limit"] = dataset.get("limit")
+            files = list(dataset.get("files", []))
+            datasets[name] = (identity, code(spec, files, f"datasets.{name}.spec"))
+        hasher.save()
+
+    storage, analysis = plan["storage"], plan["analysis"]
+    partition = {
+        name: analysis[name]
+        for name in ("mode", "batch_size", "epochs", "seed", "kernel", "threshold")
+    }
+    stores, grams = set(), set()
+    for dataset_identity, dataset_code in datasets.values():
+        for name, (spec, weights_identity, model_code) in models.items():
+            key = store_key(
+                model_spec=spec,
+                code={"model": model_code, "dataset": dataset_code},
+                weights_identity=weights_identity,
+                dataset_identity=dataset_identity,
+                layers=plan["models"][name]["layers"],
+                reduction=plan["models"][name]["reduction"],
+                dtype=storage["dtype"],
+                codec=storage["codec"],
+                order=storage["order"],
+                order_seed=storage["order_seed"],
+            )
+            stores.add(key)
+            grams.add(gram_key(key, partition))
+    return ConfigKeys(config_path, (workdir / cache).resolve(), stores, grams)
+
+
+def mark_users(entries: Sequence[CacheEntry], configs: Sequence[ConfigKeys]) -> None:
+    """Fill each entry's ``used_by`` with the configs (of the same cache root) that ask for it."""
+    for entry in entries:
+        for keys in configs:
+            if keys.cache_root != entry.path.parent.parent.resolve():
+                continue
+            if entry.key in (keys.stores if entry.kind == "store" else keys.grams):
+                entry.used_by.append(str(keys.config))
+
+
+# --------------------------------------------------------------------------- garbage collection
+
+
+@dataclass
+class GarbagePlan:
+    """What :func:`collect_garbage` removes (``remove``) and what it must leave (``busy``)."""
+
+    remove: list[CacheEntry]
+    busy: list[CacheEntry]
+
+    @property
+    def freed(self) -> int:
+        return sum(entry.size for entry in self.remove)
+
+
+def plan_garbage(root: str | os.PathLike[str], keep: Sequence[ConfigKeys]) -> GarbagePlan:
+    """The entries under ``root`` that no config of ``keep`` references, split into removable
+    ones and ones a live process is writing (never removed)."""
+    if not keep:
+        raise UsageError(
+            "name the studies whose cache entries to keep with --keep-config CONFIG (one or "
+            "more); without any, every entry would be removed"
+        )
+    entries = scan(root)
+    mark_users(entries, keep)
+    unused = [entry for entry in entries if not entry.used_by]
+    return GarbagePlan(
+        remove=[entry for entry in unused if entry.state != "being written"],
+        busy=[entry for entry in unused if entry.state == "being written"],
+    )
+
+
+def collect_garbage(plan: GarbagePlan) -> tuple[list[CacheEntry], list[CacheEntry]]:
+    """Remove the entries of ``plan``; return (removed, skipped because a writer appeared)."""
+    from ckapipe.errors import WriterLockedError
+
+    removed, skipped = [], []
+    for entry in plan.remove:
+        writer, staging, job = entry_locks(entry.path)
+        # holding the job lock keeps a workflow job from starting on the entry while it goes;
+        # the writer and staging locks are probed again now, a writer may have started since
+        try:
+            lock = WriterLock(job, what=f"cache entry {entry.path}").acquire()
+        except WriterLockedError:
+            skipped.append(entry)
+            continue
+        try:
+            if WriterLock.is_held(writer) or WriterLock.is_held(staging):
+                skipped.append(entry)
+                continue
+            shutil.rmtree(entry.path)
+            with contextlib.suppress(FileNotFoundError):
+                staging.unlink()
+            removed.append(entry)
+        finally:
+            lock.release()
+    return removed, skipped
