@@ -31,12 +31,20 @@ def run(workdir: Path, args: tuple[str, ...]) -> None:
     demo's config.yaml). Anything after `--` goes to Snakemake, e.g.
     `ckapipe run study.yaml -- --dry-run` or `ckapipe run study.yaml -- --profile slurm`.
     """
-    from ckapipe.run import run_study, split_config_argument
+    from ckapipe.run import run_study, run_summary, split_config_argument
 
     config, snakemake_args = split_config_argument(args)
     returncode = run_study(config, workdir=workdir, snakemake_args=snakemake_args)
     if returncode:
         raise SystemExit(returncode)
+    if not _only_plans(snakemake_args):
+        click.echo("\n".join(run_summary(config, workdir=workdir)))
+
+
+def _only_plans(snakemake_args: list[str]) -> bool:
+    # these runs compute nothing: there is no new result to summarise
+    quiet = {"-n", "--dry-run", "--dryrun", "--unlock", "--summary", "-S", "--list-rules"}
+    return any(arg in quiet or arg.startswith("--dry-run=") for arg in snakemake_args)
 
 
 @opts.command("verify")

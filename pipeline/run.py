@@ -9,18 +9,24 @@ exactly as on the command line.
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-from collections.abc import Sequence
+import threading
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
-from ckapipe.errors import UsageError
+from ckapipe.errors import CkapipeError, UsageError
 
 __all__ = [
     "DEFAULT_CONFIG",
     "PROFILE_DIR",
     "SNAKEFILE",
+    "WorkdirBusyError",
+    "live_snakemake",
     "run_study",
+    "run_summary",
     "snakemake_command",
     "split_config_argument",
 ]
@@ -80,6 +86,65 @@ def snakemake_command(
     return command + extra
 
 
+class WorkdirBusyError(CkapipeError):
+    """Another Snakemake is running in the study's working directory."""
+
+
+def live_snakemake(workdir: str | os.PathLike[str]) -> list[int]:
+    """Pids of the live Snakemake processes working in ``workdir`` (by --directory or cwd)."""
+    import psutil
+
+    workdir = Path(workdir).resolve()
+    found = []
+    for process in psutil.process_iter(["pid", "cmdline", "cwd"]):
+        cmdline = process.info["cmdline"] or []
+        if process.info["pid"] == os.getpid() or not any("snakemake" in a for a in cmdline):
+            continue
+        directory = process.info["cwd"]
+        for flag in ("--directory", "-d"):
+            if flag in cmdline[:-1]:
+                directory = cmdline[cmdline.index(flag) + 1]
+        with_dir = [a.split("=", 1)[1] for a in cmdline if a.startswith("--directory=")]
+        directory = with_dir[0] if with_dir else directory
+        if directory and Path(directory).resolve() == workdir:
+            found.append(process.info["pid"])
+    return found
+
+
+def _unlock_if_stale(command: list[str], workdir: Path, env: dict[str, str]) -> None:
+    """A killed Snakemake leaves its lock files behind, and the next run fails on them until
+    ``--unlock``: remove them when no Snakemake of this workdir is alive, else refuse to start."""
+    locks = workdir / ".snakemake" / "locks"
+    if not locks.is_dir() or not any(locks.iterdir()):
+        return
+    alive = live_snakemake(workdir)
+    if alive:
+        raise WorkdirBusyError(
+            f"Snakemake (pid {alive[0]}) is already running in {workdir}; wait for it to finish "
+            f"or stop it (kill -INT {alive[0]}), or run this study in another --workdir"
+        )
+    completed = subprocess.run(
+        [*command, "--unlock"], check=False, env=env, capture_output=True, text=True
+    )
+    if completed.returncode:
+        raise WorkdirBusyError(
+            f"cannot remove the stale Snakemake lock in {locks}: {completed.stderr.strip()[-500:]}"
+            "; remove that folder by hand if no Snakemake runs there"
+        )
+    print(f"ckapipe: removed a stale Snakemake lock in {workdir} (left by an interrupted run)")
+
+
+def _forwarding_signals(child: subprocess.Popen[bytes]) -> Callable[[int, Any], None]:
+    escalation = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
+
+    def forward(signum: int, frame: Any) -> None:
+        # Snakemake stops its jobs and removes its locks on SIGINT; a second signal insists
+        if escalation and child.poll() is None:
+            child.send_signal(escalation.pop(0))
+
+    return forward
+
+
 def run_study(
     config: str | os.PathLike[str] | None = None,
     *,
@@ -89,7 +154,10 @@ def run_study(
     """Run a study (default: the demo) with Snakemake; return Snakemake's exit status.
 
     Parameters are those of :func:`snakemake_command`. Output goes to this process's stdout and
-    stderr.
+    stderr. A stale lock of an interrupted run is removed first (refused while another Snakemake
+    runs in ``workdir``: :class:`WorkdirBusyError`). SIGINT and SIGTERM are forwarded to
+    Snakemake as SIGINT (again: SIGTERM, then SIGKILL) and Snakemake is waited for, so that it
+    stops its jobs and leaves no lock behind.
     """
     command = snakemake_command(config, workdir=workdir, snakemake_args=snakemake_args)
     if config is not None:
@@ -99,7 +167,19 @@ def run_study(
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
-    return subprocess.run(command, check=False, env=env).returncode
+    if "--unlock" not in snakemake_args:
+        _unlock_if_stale(command, Path(workdir).resolve(), env)
+    # its own process group: a terminal's Ctrl-C reaches Snakemake once, through forward()
+    child = subprocess.Popen(command, env=env, process_group=0)
+    forward = _forwarding_signals(child)
+    previous = {}
+    if threading.current_thread() is threading.main_thread():  # only there can Python catch them
+        previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return child.wait()
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def _check_config_file(path: Path) -> None:
@@ -133,3 +213,59 @@ def split_config_argument(args: Sequence[str]) -> tuple[Path | None, list[str]]:
         if candidate.is_file() or candidate.suffix.lower() in (".yaml", ".yml", ".json"):
             return candidate, list(args[1:])
     return None, list(args)
+
+
+def _matched(pair: Any) -> tuple[str, float, float | None]:
+    """A pair's headline: the mean CKA of its matched layers, and the widest interval half-width
+    among them (None when no interval was reported). Layers match by name when both models have
+    the same layer names (the diagonal); otherwise each row's best layer is its match."""
+    import numpy as np
+
+    cka = np.asarray(pair.cka, dtype=np.float64)
+    half = (np.asarray(pair.ci_high) - np.asarray(pair.ci_low)) / 2.0
+    if list(pair.layers_a) == list(pair.layers_b):
+        how, index = "diagonal", np.arange(cka.shape[0])
+    else:
+        how = "row best"
+        filled = np.where(np.isfinite(cka), cka, -np.inf)
+        index = np.argmax(filled, axis=1)
+    rows = np.arange(cka.shape[0])
+    values, widths = cka[rows, index], half[rows, index]
+    finite = np.isfinite(values)
+    mean = float(values[finite].mean()) if finite.any() else float("nan")
+    reported = np.isfinite(widths[finite])
+    width = float(widths[finite][reported].max()) if reported.any() else None
+    return how, mean, width
+
+
+def run_summary(
+    config: str | os.PathLike[str] | None = None, *, workdir: str | os.PathLike[str] = "."
+) -> list[str]:
+    """What ``ckapipe run`` prints after a successful run: the report, the CSVs and, per dataset,
+    each model pair's mean matched-layer CKA with its interval."""
+    from ckapipe.analyze.result import load_result
+    from ckapipe.cache import load_config
+
+    plan = load_config(config)
+    results = Path(workdir) / "results" / plan["study"]
+    lines = [f"report: {results / 'report.html'}"]
+    for dataset in plan["datasets"]:
+        lines.append(f"table:  {results / dataset / 'cka.csv'}")
+    for dataset in plan["datasets"]:
+        path = results / dataset / "cka.zarr"
+        if not path.is_dir():
+            continue  # a run of chosen targets only
+        study = load_result(path)
+        level = study.provenance.get("ci_level")
+        lines.append(f"{dataset}: mean CKA of matched layers per model pair")
+        for (a, b), pair in study.pairs.items():
+            how, mean, width = _matched(pair)
+            interval = (
+                f"±{width:.3f} at most ({level:.0%} CI per layer pair)"
+                if width is not None and level
+                else f"±{width:.3f} at most"
+                if width is not None
+                else "no interval"
+            )
+            lines.append(f"  {a + ' : ' + b:<32} {mean:6.3f}  {interval}  [{how}]")
+    return lines
