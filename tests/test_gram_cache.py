@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from reference import linear_gram, rbf_gram, u_centered
 
 import ckapipe.store as store_module
-from ckapipe.analyze.estimators import MinibatchCKA, u_centered_gram
+from ckapipe.analyze.estimators import MinibatchCKA, centered_batch_gram, u_centered_gram
 from ckapipe.analyze.gram_cache import (
     GramCache,
     GramCacheError,
@@ -101,8 +101,9 @@ def assert_close(actual, expected, what):
 @pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
 def test_minibatch_grams_equal_numpy_reference(tmp_path, dtype):
     store = make_store(tmp_path / "store", dtype=dtype)
+    # float64 products: the exact path, checked to 1e-10
     cache = build_gram_cache(
-        store, tmp_path / "grams", batch_size=M, epochs=2, seed=7, device="cpu"
+        store, tmp_path / "grams", batch_size=M, epochs=2, seed=7, device="cpu", precision="float64"
     )
     per_epoch = N // M + 1  # 8 batches of 24 and a short last batch of the 11 remaining rows
     assert cache.mode == "minibatch" and cache.kernel == "linear" and cache.batch_size == M
@@ -151,7 +152,13 @@ def test_float32_products_stay_within_float32_accuracy(tmp_path):
 def test_rbf_minibatch_grams_use_the_batch_median(tmp_path):
     store = make_store(tmp_path / "store", dtype="float32")
     cache = build_gram_cache(
-        store, tmp_path / "grams", batch_size=M, kernel="rbf", threshold=0.7, device="cpu"
+        store,
+        tmp_path / "grams",
+        batch_size=M,
+        kernel="rbf",
+        threshold=0.7,
+        device="cpu",
+        precision="float64",
     )
     assert cache.kernel == "rbf" and "median" in cache.attrs["rbf_bandwidth_rule"]
     values = stored(store, "wide")
@@ -356,7 +363,13 @@ def test_cached_grams_equal_the_estimators_u_centered_gram(tmp_path, kernel):
     # the cache and MinibatchCKA must form Ũ(K_b) the same way, the short last batch included
     store = make_store(tmp_path / "store", dtype="float32")
     cache = build_gram_cache(
-        store, tmp_path / "grams", batch_size=M, epochs=2, kernel=kernel, device="cpu"
+        store,
+        tmp_path / "grams",
+        batch_size=M,
+        epochs=2,
+        kernel=kernel,
+        device="cpu",
+        precision="float64",
     )
     rows = expected_batch_rows(N, M, 2, cache.partition["epoch_seeds"])
     assert sorted({len(r) for r in rows.values()}) == [11, M]
@@ -556,3 +569,106 @@ def test_a_killed_build_leaves_no_cache_or_the_previous_one_intact(tmp_path):
     assert GramCache.open(out).kernel == "rbf"
     assert not (tmp_path / ".grams.staging").exists()
     assert not (tmp_path / ".grams.replaced").exists()
+
+
+# --------------------------------------------------------------------------- float32 products
+
+
+def _offset_relu_features(n: int, widths: dict[str, int]) -> dict[str, np.ndarray]:
+    """Post-ReLU features on top of per-feature means spread 100x (10 to 1000) over a unit
+    spread: the case where products of uncentered float32 features lose the signal."""
+    rng = np.random.default_rng(0)
+    shared = rng.normal(size=(n, 16))
+    return {
+        name: (
+            np.maximum(rng.normal(size=(n, w)) + shared @ rng.normal(size=(16, w)) / 4, 0)
+            + np.geomspace(10, 1000, w)
+        ).astype(np.float32)
+        for name, w in widths.items()
+    }
+
+
+def _cnn_features(n: int) -> dict[str, np.ndarray]:
+    from models import image_dataset, make_cnn
+
+    net = make_cnn(channels=16)
+    acts = {}
+    for i in (1, 3):  # the two ReLUs
+        net[i].register_forward_hook(
+            lambda mod, inp, out, i=i: acts.__setitem__(f"relu{i}", out.flatten(1).numpy().copy())
+        )
+    with torch.no_grad():
+        net(image_dataset(n=n, size=8)[:][0])
+    return acts
+
+
+def _all_pairs_cka(batches: list[dict[str, np.ndarray]]) -> dict[tuple[str, str], float]:
+    """Minibatch CKA of every layer pair from per-batch Ũ Grams (float64 arithmetic)."""
+
+    def hsic(a, b):
+        return np.mean([(batch[a] * batch[b]).sum() for batch in batches])
+
+    names = list(batches[0])
+    return {(a, b): hsic(a, b) / np.sqrt(hsic(a, a) * hsic(b, b)) for a in names for b in names}
+
+
+def _store_of(path, data: dict[str, np.ndarray]):
+    n = len(next(iter(data.values())))
+    records = [LayerRecord(name, (x.shape[1],), "flatten", x.shape[1]) for name, x in data.items()]
+    store = ActivationStore.create(
+        path, layers=records, sample_ids=np.arange(n), dtype="float32", row_block=64
+    )
+    store.write_rows(0, data)
+    store.set_rows_complete(n)
+    store.mark_complete()
+    store.close()
+    return path
+
+
+def _cache_cka(cache) -> dict[tuple[str, str], float]:
+    names = cache.layer_names
+    return _all_pairs_cka(
+        [
+            dict(zip(names, (g.numpy() for g in grams), strict=True))
+            for _, grams in cache.iter_batches()
+        ]
+    )
+
+
+@pytest.mark.parametrize("features", ["offset_relu", "cnn"])
+def test_default_float32_products_keep_cka_within_1e_6_of_float64(tmp_path, features):
+    """The default precision (float32 products of float32-shifted tiles, float64 sums) against
+    float64 products, on float32 stores: every pair's minibatch CKA within 1e-6."""
+    n = 512
+    if features == "offset_relu":
+        data = _offset_relu_features(n, {"a": 300, "b": 700})
+    else:
+        data = _cnn_features(n)
+    store = _store_of(tmp_path / "store", data)
+    default = build_gram_cache(store, tmp_path / "f32", batch_size=64, device="cpu")
+    assert default.attrs["precision"] == "float32"
+    exact = build_gram_cache(
+        store, tmp_path / "f64", batch_size=64, device="cpu", precision="float64"
+    )
+    assert exact.attrs["precision"] == "float64"
+    got, want = _cache_cka(default), _cache_cka(exact)
+    worst = max(abs(got[pair] - want[pair]) for pair in want)
+    assert worst <= 1e-6, worst
+
+
+def test_uncentered_float32_products_miss_the_1e_6_bar():
+    """Power check of the test above: the same offset features, multiplied in float32 without
+    the shift first, move CKA by far more than 1e-6."""
+    data = _offset_relu_features(512, {"a": 300, "b": 700})
+    m = 64
+    batches = {"exact": [], "uncentered": []}
+    for k in range(512 // m):
+        exact, uncentered = {}, {}
+        for name, x in data.items():
+            tile = torch.from_numpy(x[k * m : (k + 1) * m])
+            exact[name] = centered_batch_gram(tile.double() @ tile.double().T).numpy()
+            uncentered[name] = centered_batch_gram((tile @ tile.T).double()).numpy()
+        batches["exact"].append(exact)
+        batches["uncentered"].append(uncentered)
+    exact, uncentered = (_all_pairs_cka(batches[key]) for key in ("exact", "uncentered"))
+    assert max(abs(uncentered[pair] - exact[pair]) for pair in exact) > 1e-4

@@ -427,6 +427,29 @@ def test_dry_run_plans_the_whole_demo(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_heavy_jobs_declare_the_configured_threads(tmp_path):
+    """resources.threads becomes the `threads:` of extract (plus one per DataLoader worker), gram
+    and analyze, and gram's reader threads; training stays at 1 thread."""
+    import re
+
+    config = demo_config()
+    config["resources"]["threads"] = 3
+    config["extraction"]["num_workers"] = 2
+    study = tmp_path / "threads.yaml"
+    study.write_text(yaml.safe_dump(config))
+    # --cores above every job's threads: a local run caps a job's threads at --cores
+    output = _ckapipe_run(str(study), "--workdir", str(tmp_path), "--", "-n", "--cores", "16")
+    jobs = re.findall(r"^(?:local)?rule (\w+):\n(.*?)\n(?=\S)", output, re.M | re.S)
+    threads = {}
+    for rule, block in jobs:
+        found = re.search(r"^\s+threads: (\d+)$", block, re.M)
+        threads.setdefault(rule, set()).add(int(found.group(1)) if found else 1)
+    assert threads["extract"] == {5}, output
+    assert threads["gram"] == {3} and threads["analyze"] == {3}, output
+    assert threads["train"] == {1}, output
+    assert output.count("ckapipe gram ") == 4 and output.count("--threads 3 ") == 4, output
+
+
 def test_two_datasets_make_one_study_each_from_shared_models(tmp_path):
     config = demo_config()
     config["datasets"]["train_subset"] = {"demo": "train", "limit": 512}

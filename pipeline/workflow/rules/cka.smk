@@ -12,6 +12,7 @@ rule analyze:
         options=analyze_args,
     log:
         f"{LOGS}/analyze/{{dataset}}.log",
+    threads: THREADS
     conda:
         CONDA_ENV
     shell:

@@ -381,3 +381,15 @@ def final_outputs():
 
 def gpu_resources():
     return config["resources"]["gpu"]
+
+
+# CPU threads of a heavy job. Declared as the rule's `threads:`, it is what a local run counts
+# against --cores and what SLURM allocates (--cpus-per-task); Snakemake exports it to the job as
+# OMP_NUM_THREADS/MKL_NUM_THREADS, which torch reads at import, so the job uses what it asked for.
+THREADS = config["resources"]["threads"]
+
+
+def extract_threads():
+    # each DataLoader worker is a process of its own (torch gives it one thread), on top of the
+    # main process's torch threads
+    return THREADS + EXTRACTION["num_workers"]

@@ -34,6 +34,9 @@ rule train:
         target=lambda wildcards: f"{CACHE}/demo/models/{wildcards.train_key}",
     log:
         f"{LOGS}/train/{{train_key}}.log",
+    # not resources.threads: training sets torch to 1 thread so that the weights, cached under
+    # a key of the recipe alone, do not depend on the thread count
+    threads: 1
     conda:
         CONDA_ENV
     shell:

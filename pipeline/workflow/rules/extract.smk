@@ -18,6 +18,7 @@ rule extract:
         extract=extract_args,
     log:
         f"{LOGS}/extract/{{store_key}}.log",
+    threads: extract_threads()
     resources:
         gpu=gpu_resources(),
     conda:

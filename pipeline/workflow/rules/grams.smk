@@ -4,6 +4,7 @@
 # and another study's is never deleted; its Snakemake output is a receipt in the study's folder.
 # The job creates {out}, an empty staging folder of its own, before `ckapipe gram` runs: hence
 # --overwrite, which lets the Gram cache be written into it (gram refuses any existing --out).
+# --threads: the chunk readers too stay within the job's threads, not gram's default of 4.
 
 
 rule gram:
@@ -17,6 +18,7 @@ rule gram:
         target=lambda wildcards: gram_path(wildcards.gram_key),
     log:
         f"{LOGS}/gram/{{gram_key}}.log",
+    threads: THREADS
     resources:
         gpu=gpu_resources(),
     conda:
@@ -24,4 +26,5 @@ rule gram:
     shell:
         "python -m ckapipe.workflow.jobs build --target {params.target:q}"
         " --receipt {output.receipt:q} --source {params.store:q} --"
-        " ckapipe gram {params.store:q} {params.partition} --out {{out}} --overwrite > {log:q} 2>&1"
+        " ckapipe gram {params.store:q} {params.partition} --threads {threads}"
+        " --out {{out}} --overwrite > {log:q} 2>&1"
