@@ -43,6 +43,7 @@ from ckapipe.analyze.gram_format import (
     GramCacheDataError,
     GramCacheUsageError,
     RemainderDroppedWarning,
+    default_precision,
     staged_cache,
     store_identity,
 )
@@ -243,8 +244,7 @@ def build_gram_cache(
         layers=layers,
     )
     if precision is None:
-        # full mode is the exact estimator: float64 throughout
-        precision = "float64" if mode == "full" else "float32"
+        precision = default_precision(mode)
     if precision not in PRECISIONS:
         raise GramCacheUsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     if precision != "float64" and mode == "full":

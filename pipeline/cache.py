@@ -259,6 +259,7 @@ def config_keys(
         code_identity,
         content_key,
         gram_key,
+        gram_partition,
         module_file,
         store_key,
     )
@@ -331,10 +332,7 @@ def config_keys(
         hasher.save()
 
     storage, analysis = plan["storage"], plan["analysis"]
-    partition = {
-        name: analysis[name]
-        for name in ("mode", "batch_size", "epochs", "seed", "kernel", "threshold")
-    }
+    partition = gram_partition(analysis)
     stores, grams = set(), set()
     for dataset_identity, dataset_code in datasets.values():
         for name, (spec, weights_identity, model_code) in models.items():

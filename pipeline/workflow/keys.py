@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from ckapipe.analyze.gram_format import FORMAT_VERSION as GRAM_FORMAT_VERSION
+from ckapipe.analyze.gram_format import default_precision
 from ckapipe.extract.specs import OPTIONAL_CONSTRUCTORS
 from ckapipe.formats import file_sha256
 from ckapipe.store import FORMAT_VERSION as STORE_FORMAT_VERSION
@@ -237,6 +238,18 @@ def store_key(
             "order_seed": order_seed if order == "random" else None,
         }
     )
+
+
+#: The analysis settings that decide a Gram cache's content.
+PARTITION_SETTINGS = ("mode", "batch_size", "epochs", "seed", "kernel", "threshold")
+
+
+def gram_partition(analysis: Mapping[str, Any]) -> dict[str, Any]:
+    """What of a study's ``analysis`` settings a Gram cache depends on, with the product
+    precision that ``ckapipe gram`` uses for that mode (it is not a config setting)."""
+    partition = {name: analysis[name] for name in PARTITION_SETTINGS}
+    partition["precision"] = default_precision(analysis["mode"])
+    return partition
 
 
 def gram_key(store: str, partition: Mapping[str, Any]) -> str:

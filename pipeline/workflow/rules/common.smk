@@ -17,6 +17,7 @@ from ckapipe.workflow.keys import (
     code_identity,
     content_key,
     gram_key,
+    gram_partition,
     module_file,
     store_key,
 )
@@ -171,9 +172,7 @@ MODELS = {name: _resolve_model(model, name) for name, model in config["models"].
 DATASETS = {name: _resolve_dataset(dataset, name) for name, dataset in config["datasets"].items()}
 HASHER.save()
 
-PARTITION = {
-    name: ANALYSIS[name] for name in ("mode", "batch_size", "epochs", "seed", "kernel", "threshold")
-}
+PARTITION = gram_partition(ANALYSIS)
 
 STORES = {}  # store key -> what to extract
 GRAMS = {}  # gram key -> store key
