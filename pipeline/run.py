@@ -136,9 +136,15 @@ def _unlock_if_stale(command: list[str], workdir: Path, env: dict[str, str]) -> 
 
 def _forwarding_signals(child: subprocess.Popen[bytes]) -> Callable[[int, Any], None]:
     escalation = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
+    first_interrupt = [True]
 
     def forward(signum: int, frame: Any) -> None:
-        # Snakemake stops its jobs and removes its locks on SIGINT; a second signal insists
+        if signum == signal.SIGINT and first_interrupt[0]:
+            # a terminal's Ctrl-C reaches the whole foreground process group, Snakemake
+            # included, so the first one is not sent again; a second one insists
+            first_interrupt[0] = False
+            return
+        # Snakemake stops its jobs and removes its locks on SIGINT; a further signal insists
         if escalation and child.poll() is None:
             child.send_signal(escalation.pop(0))
 
@@ -155,9 +161,10 @@ def run_study(
 
     Parameters are those of :func:`snakemake_command`. Output goes to this process's stdout and
     stderr. A stale lock of an interrupted run is removed first (refused while another Snakemake
-    runs in ``workdir``: :class:`WorkdirBusyError`). SIGINT and SIGTERM are forwarded to
-    Snakemake as SIGINT (again: SIGTERM, then SIGKILL) and Snakemake is waited for, so that it
-    stops its jobs and leaves no lock behind.
+    runs in ``workdir``: :class:`WorkdirBusyError`). Snakemake runs in this process's group, so a
+    terminal's Ctrl-C reaches it directly; SIGTERM (and a second SIGINT) is forwarded to it as
+    SIGINT (further signals: SIGTERM, then SIGKILL) and Snakemake is waited for, so that it stops
+    its jobs and leaves no lock behind.
     """
     command = snakemake_command(config, workdir=workdir, snakemake_args=snakemake_args)
     if config is not None:
@@ -169,8 +176,9 @@ def run_study(
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     if "--unlock" not in snakemake_args:
         _unlock_if_stale(command, Path(workdir).resolve(), env)
-    # its own process group: a terminal's Ctrl-C reaches Snakemake once, through forward()
-    child = subprocess.Popen(command, env=env, process_group=0)
+    # the same process group as this process: whatever stops the group (a terminal's hangup, a
+    # scheduler killing the job's group) stops Snakemake and its jobs too
+    child = subprocess.Popen(command, env=env)
     forward = _forwarding_signals(child)
     previous = {}
     if threading.current_thread() is threading.main_thread():  # only there can Python catch them

@@ -246,9 +246,10 @@ PARTITION_SETTINGS = ("mode", "batch_size", "epochs", "seed", "kernel", "thresho
 
 def gram_partition(analysis: Mapping[str, Any]) -> dict[str, Any]:
     """What of a study's ``analysis`` settings a Gram cache depends on, with the product
-    precision that ``ckapipe gram`` uses for that mode (it is not a config setting)."""
+    precision resolved (``auto`` is the precision ``ckapipe gram`` picks for the mode)."""
     partition = {name: analysis[name] for name in PARTITION_SETTINGS}
-    partition["precision"] = default_precision(analysis["mode"])
+    precision = analysis.get("precision", "auto")
+    partition["precision"] = default_precision(analysis["mode"]) if precision == "auto" else precision
     return partition
 
 

@@ -303,6 +303,7 @@ def gram_args(wildcards):
             "--seed", str(ANALYSIS["seed"]),
             "--kernel", ANALYSIS["kernel"],
             "--threshold", str(ANALYSIS["threshold"]),
+            "--precision", PARTITION["precision"],
             "--device", EXTRACTION["device"],
         ]
     )
