@@ -249,7 +249,9 @@ def gram_partition(analysis: Mapping[str, Any]) -> dict[str, Any]:
     precision resolved (``auto`` is the precision ``ckapipe gram`` picks for the mode)."""
     partition = {name: analysis[name] for name in PARTITION_SETTINGS}
     precision = analysis.get("precision", "auto")
-    partition["precision"] = default_precision(analysis["mode"]) if precision == "auto" else precision
+    partition["precision"] = (
+        default_precision(analysis["mode"]) if precision == "auto" else precision
+    )
     return partition
 
 
