@@ -1,7 +1,8 @@
 """Every CLI command answers a user's mistake with one line (what is wrong, what to do), never a traceback.
 
-Each case runs the real command on real files (stores, caches, results made here) in a
-subprocess, exactly as a user would, and checks: non-zero exit, an ``Error:`` line, no traceback.
+Each case runs the real command on real files (stores, caches, results made here, by real
+``ckapipe`` processes) and checks: non-zero exit, an ``Error:`` line, no traceback, and no
+exception other than the CLI's own exit.
 """
 
 from __future__ import annotations
@@ -13,6 +14,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
+
+from ckapipe.cli import main
 
 TESTS = Path(__file__).parent
 
@@ -145,12 +149,20 @@ CASES = {
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
-def test_user_error_is_one_line(files: dict[str, Path], case: str) -> None:
+def test_user_error_is_one_line(
+    files: dict[str, Path], case: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     template, needle = CASES[case]
     args = template.format(**{k: str(v) for k, v in files.items()}).split()
-    completed = ckapipe(*args, cwd=files["root"])
-    output = completed.stdout + completed.stderr
-    assert completed.returncode != 0, f"{case}: exit 0\n{output}"
+    # in this process (a subprocess per case would spend most of the suite importing torch): a
+    # bug would surface as an exception the runner caught, a user error as SystemExit
+    monkeypatch.chdir(files["root"])
+    result = CliRunner().invoke(main, args)
+    output = result.output
+    assert result.exit_code != 0, f"{case}: exit 0\n{output}"
+    assert result.exception is None or isinstance(result.exception, SystemExit), (
+        f"{case}: {type(result.exception).__name__} escaped: {result.exception}\n{output}"
+    )
     assert "Traceback" not in output, f"{case}: traceback\n{output}"
     assert "Error" in output, f"{case}: no error line\n{output}"
     assert needle in output, f"{case}: message does not name {needle!r}\n{output}"
