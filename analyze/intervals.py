@@ -59,6 +59,9 @@ __all__ = [
     "FullBlockJackknife",
     "Interval",
     "batch_interval",
+    "deleted_cka",
+    "jackknife_interval",
+    "jackknife_se_of_values",
     "sample_blocks",
     "bootstrap_counts",
     "bootstrap_cka",
@@ -416,7 +419,14 @@ def _jackknife_se_of_deleted(
 ) -> tuple[np.ndarray, np.ndarray]:
     """se = sqrt((G − 1)/G · Σ_g (θ_(g) − θ̄)²) from the delete-one terms (G, ...), broadcast;
     θ_(g) = cross_g / sqrt(self_a_g · self_b_g), left out (and counted) where undefined."""
-    deleted = broadcast_ratio_cka(cross, self_a, self_b)  # (G, ...)
+    return jackknife_se_of_values(broadcast_ratio_cka(cross, self_a, self_b))
+
+
+def jackknife_se_of_values(deleted: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Jackknife standard error from delete-one values θ_(g), shape (G, ...):
+    se = sqrt((G − 1)/G · Σ_g (θ_(g) − θ̄)²), with NaN values left out (G their count) and
+    counted; se is NaN where fewer than 2 are defined. Returns (se, n_undefined)."""
+    deleted = np.asarray(deleted, dtype=np.float64)
     defined = ~np.isnan(deleted)
     count = defined.sum(axis=0)
     with np.errstate(invalid="ignore", divide="ignore"):
@@ -476,18 +486,7 @@ def batch_interval(
     need = MIN_BATCHES_FOR_INTERVAL[method] if min_batches is None else int(min_batches)
     if need < 2:
         raise ValueError(f"min_batches must be >= 2, got {need}")
-    reason = None
-    if n_batches < need:
-        reason = (
-            f"interval withheld: {n_batches} batches < {need} needed for validated "
-            f"{ci_level:.0%} coverage ({method}); use a smaller batch size or more samples"
-        )
-    elif epochs > 1:
-        reason = (
-            f"interval withheld: the {n_batches} batches come from {epochs} epochs that reuse "
-            "the same samples, so they are not independent and an interval over batches would "
-            "be too narrow; build the Gram cache with 1 epoch"
-        )
+    reason = _withheld_reason(n_batches, need, epochs, method, ci_level)
     if reason is not None:
         nan = np.full((la, lb), np.nan)
         return Interval(
@@ -516,6 +515,84 @@ def batch_interval(
     half = student_t_quantile((1.0 + ci_level) / 2.0, n_batches - 1) * se
     return Interval(
         estimate - half, estimate + half, method, None, n_batches, float(ci_level), undefined
+    )
+
+
+def _withheld_reason(
+    n_batches: int, need: int, epochs: int, method: str, ci_level: float
+) -> str | None:
+    """Why an interval over ``n_batches`` batches is withheld (None: it is reported)."""
+    if n_batches < need:
+        return (
+            f"interval withheld: {n_batches} batches < {need} needed for validated "
+            f"{ci_level:.0%} coverage ({method}); use a smaller batch size or more samples"
+        )
+    if epochs > 1:
+        return (
+            f"interval withheld: the {n_batches} batches come from {epochs} epochs that reuse "
+            "the same samples, so they are not independent and an interval over batches would "
+            "be too narrow; build the Gram cache with 1 epoch"
+        )
+    return None
+
+
+def deleted_cka(
+    hsic_per_batch: np.ndarray, self_a_per_batch: np.ndarray, self_b_per_batch: np.ndarray
+) -> np.ndarray:
+    """Delete-one-batch CKA values θ_(b) = (S_h − h_b) / sqrt((S_a − a_b)(S_c − c_b)) of
+    entries whose per-batch terms are given side by side: each argument (B, ...) with the same
+    shape (the cross term of an entry and the self terms of its two layers). NaN where a
+    delete-one self sum is not positive. Returns (B, ...) float64."""
+    terms = [
+        np.asarray(x, dtype=np.float64)
+        for x in (hsic_per_batch, self_a_per_batch, self_b_per_batch)
+    ]
+    if len({x.shape for x in terms}) != 1 or terms[0].ndim < 1:
+        raise ValueError(
+            "deleted_cka: the cross and self terms must have one shape (B, ...), got "
+            + ", ".join(str(x.shape) for x in terms)
+        )
+    cross, self_a, self_b = (x.sum(axis=0, keepdims=True) - x for x in terms)
+    return broadcast_ratio_cka(cross, self_a, self_b)
+
+
+def jackknife_interval(
+    estimate: float,
+    deleted: np.ndarray,
+    ci_level: float = 0.95,
+    *,
+    epochs: int = 1,
+    min_batches: int | None = None,
+) -> Interval:
+    """Delete-one-batch jackknife-t interval of any smooth statistic of the per-batch sums.
+
+    ``deleted`` (B,) holds the statistic recomputed without batch b (e.g. a mean over several
+    model and layer pairs of :func:`deleted_cka` values, every pair without the same batch:
+    the study's models share one partition). The interval is estimate ± t_{B−1} · se_jack, the
+    rule of :func:`batch_interval`, and it is withheld (NaN bounds, ``reason``) under the same
+    conditions: fewer than ``MIN_BATCHES_FOR_INTERVAL["jackknife"]`` batches, or several epochs.
+    Returns an :class:`Interval` with 0-d bounds.
+    """
+    _check_level(ci_level)
+    deleted = np.asarray(deleted, dtype=np.float64)
+    if deleted.ndim != 1:
+        raise ValueError(f"jackknife_interval: deleted must be (B,), got shape {deleted.shape}")
+    n_batches = deleted.shape[0]
+    need = MIN_BATCHES_FOR_INTERVAL["jackknife"] if min_batches is None else int(min_batches)
+    reason = _withheld_reason(n_batches, need, epochs, "jackknife", ci_level)
+    se, undefined = jackknife_se_of_values(deleted)
+    if reason is not None or not np.isfinite(estimate):
+        nan = np.array(np.nan)
+        return Interval(nan, nan.copy(), "jackknife", reason, n_batches, float(ci_level), undefined)
+    half = student_t_quantile((1.0 + ci_level) / 2.0, n_batches - 1) * se
+    return Interval(
+        np.asarray(estimate - half),
+        np.asarray(estimate + half),
+        "jackknife",
+        None,
+        n_batches,
+        float(ci_level),
+        undefined,
     )
 
 

@@ -45,8 +45,10 @@ if TYPE_CHECKING:
     from ckapipe.analyze.study import PairResult, StudyResult
 
 __all__ = [
+    "MIRROR_CELL_COLOR",
     "NAN_CELL_COLOR",
     "plot_correspondence",
+    "plot_correspondence_groups",
     "plot_heatmap",
     "plot_result",
     "plot_study_grid",
@@ -57,10 +59,16 @@ __all__ = [
 #: face colour of undefined (NaN) cells; hatched with :data:`NAN_HATCH_COLOR`
 NAN_CELL_COLOR = "#b8b8b8"
 NAN_HATCH_COLOR = "#6e6e6e"
+#: face colour of the blank (redundant) half of a self-comparison: light grey, hatched the other
+#: way, so that it reads as "not a value" next to the pale end of the colour scale (CKA 1)
+MIRROR_CELL_COLOR = "#ececec"
+MIRROR_HATCH_COLOR = "#c2c2c2"
 # auto annotation only while the numbers still fit in their cells
 _AUTO_ANNOTATE_MAX_LAYERS = 12
 _TICK_FONTSIZE = 8.0
 _GRID_TICK_FONTSIZE = 6.5
+# smallest font of the study grid's cell numbers (points); below it "auto" leaves them out
+_GRID_MIN_CELL_FONTSIZE = 5.0
 _FOOTNOTE_FONTSIZE = 7.0
 _MAX_FOOTNOTE_LINES = 8
 
@@ -210,8 +218,11 @@ def _draw_matrix(
     vmin: float,
     vmax: float,
     cmap: Colormap,
+    fontsize: float | None = None,
 ) -> tuple[AxesImage, np.ndarray]:
     """Draw one pair's CKA matrix into ``ax``; returns the image and the matrix as drawn.
+
+    Annotated cells show the CKA and, where the pair has an interval, "±" its half-width.
 
     ``transpose=True`` draws pair (b, a) from the stored pair (a, b) (study grid lower half).
     """
@@ -229,43 +240,66 @@ def _draw_matrix(
         interpolation="nearest",
         origin="upper",
     )
-    if undefined.any():
-        rows, cols = np.nonzero(undefined)
-        cells = [Rectangle((c - 0.5, r - 0.5), 1.0, 1.0) for r, c in zip(rows, cols, strict=True)]
-        ax.add_collection(
-            PatchCollection(
-                cells,
-                facecolor=NAN_CELL_COLOR,
-                edgecolor=NAN_HATCH_COLOR,
-                hatch="////",
-                linewidth=0.0,
-            )
-        )
+    _hatch_cells(ax, undefined, NAN_CELL_COLOR, NAN_HATCH_COLOR, "////")
+    _hatch_cells(ax, hidden, MIRROR_CELL_COLOR, MIRROR_HATCH_COLOR, "\\\\")
     if annotate:
-        _annotate_cells(ax, matrix, hidden | undefined, image)
+        half = _half_widths(pair)
+        _annotate_cells(
+            ax, matrix, half.T if transpose else half, hidden | undefined, image, fontsize
+        )
     ax.set_xlim(-0.5, matrix.shape[1] - 0.5)
     ax.set_ylim(matrix.shape[0] - 0.5, -0.5)
     return image, matrix
 
 
-def _annotate_cells(ax: Axes, matrix: np.ndarray, skip: np.ndarray, image: AxesImage) -> None:
+def _hatch_cells(ax: Axes, cells: np.ndarray, face: str, edge: str, hatch: str) -> None:
+    """Cover the True cells of a (rows, cols) mask with hatched patches."""
+    if not cells.any():
+        return
+    rows, cols = np.nonzero(cells)
+    patches = [Rectangle((c - 0.5, r - 0.5), 1.0, 1.0) for r, c in zip(rows, cols, strict=True)]
+    ax.add_collection(
+        PatchCollection(patches, facecolor=face, edgecolor=edge, hatch=hatch, linewidth=0.0)
+    )
+
+
+def _half_widths(pair: PairResult) -> np.ndarray:
+    """Half the width of each layer pair's confidence interval (NaN where none)."""
+    low = _as_matrix(pair.ci_low, "ci_low", pair)
+    high = _as_matrix(pair.ci_high, "ci_high", pair)
+    return (high - low) / 2.0
+
+
+def _annotate_cells(
+    ax: Axes,
+    matrix: np.ndarray,
+    half: np.ndarray,
+    skip: np.ndarray,
+    image: AxesImage,
+    fontsize: float | None = None,
+) -> None:
     n_rows, n_cols = matrix.shape
-    fontsize = float(np.clip(10.0 - 0.2 * max(n_rows, n_cols), 6.0, 8.5))
+    if fontsize is None:
+        fontsize = float(np.clip(10.0 - 0.2 * max(n_rows, n_cols), 6.0, 8.5))
     for r in range(n_rows):
         for c in range(n_cols):
             if skip[r, c]:
                 continue
             value = float(matrix[r, c])
+            text = f"{value:.2f}"
+            if np.isfinite(half[r, c]):
+                text += f"\n±{half[r, c]:.2f}"
             red, green, blue, _ = image.cmap(image.norm(value))
             # relative luminance (ITU-R BT.709): dark text on light cells and vice versa
             light = 0.2126 * red + 0.7152 * green + 0.0722 * blue > 0.5
             ax.text(
                 c,
                 r,
-                f"{value:.2f}",
+                text,
                 ha="center",
                 va="center",
                 fontsize=fontsize,
+                linespacing=1.0,
                 color="black" if light else "white",
             )
 
@@ -322,21 +356,42 @@ def _resolve_annotate(annotate: AnnotateOption, n_rows: int, n_cols: int) -> boo
     raise ValueError(f"annotate must be True, False or 'auto', got {annotate!r}")
 
 
-def _nan_legend(ax: Axes) -> None:
-    ax.legend(
-        handles=[
+def _blank_handles(*, undefined: bool, mirror: bool) -> list[Patch]:
+    """Legend entries of the two kinds of cell that are not a value."""
+    handles = []
+    if undefined:
+        handles.append(
             Patch(
                 facecolor=NAN_CELL_COLOR,
                 edgecolor=NAN_HATCH_COLOR,
                 hatch="////",
                 label="undefined (NaN)",
             )
-        ],
+        )
+    if mirror:
+        handles.append(
+            Patch(
+                facecolor=MIRROR_CELL_COLOR,
+                edgecolor=MIRROR_HATCH_COLOR,
+                hatch="\\\\",
+                label="mirror of the lower half (not repeated)",
+            )
+        )
+    return handles
+
+
+def _nan_legend(ax: Axes, *, undefined: bool = True, mirror: bool = False) -> None:
+    handles = _blank_handles(undefined=undefined, mirror=mirror)
+    if not handles:
+        return
+    ax.legend(
+        handles=handles,
         loc="lower left",
         bbox_to_anchor=(0.0, 1.0),
         fontsize=7,
         frameon=False,
         borderaxespad=0.2,
+        ncols=len(handles),
     )
 
 
@@ -438,12 +493,13 @@ def plot_heatmap(
             if _is_self(pair)
             else f"CKA: {pair.model_a} vs {pair.model_b}"
         )
-    ax.set_title(title, fontsize=11, pad=14 if undefined else 6)
+    legend = bool(undefined) or _is_self(pair)
+    ax.set_title(title, fontsize=11, pad=14 if legend else 6)
     colorbar = fig.colorbar(image, ax=ax, extend=_extend(matrix, vmin, vmax), shrink=0.85)
     colorbar.set_label("CKA", fontsize=9)
     colorbar.ax.tick_params(labelsize=8)
-    if undefined:
-        _nan_legend(ax)
+    if legend:
+        _nan_legend(ax, undefined=bool(undefined), mirror=_is_self(pair))
     if own_figure and note:
         fig.supxlabel(note, x=0.01, ha="left", fontsize=_FOOTNOTE_FONTSIZE, color="#333333")
     return fig
@@ -481,6 +537,7 @@ def plot_study_grid(
     vmax: float = 1.0,
     cmap: str | Colormap = "magma",
     max_label_chars: int = 22,
+    annotate: AnnotateOption = "auto",
 ) -> Figure:
     """All model pairs of a study as one grid of layer × layer heatmaps.
 
@@ -488,6 +545,10 @@ def plot_study_grid(
     ----------
     result
         A :class:`~ckapipe.analyze.study.StudyResult` with M models.
+    annotate
+        Print each CKA (and "±" its interval's half-width, where reported) in its cell.
+        ``"auto"``: when the numbers fit in the cells at a legible size (up to about 5 layers
+        per model).
     vmin, vmax, cmap
         One colour scale for every panel (one shared colour bar).
     max_label_chars
@@ -500,7 +561,7 @@ def plot_study_grid(
         ``result.models[j]`` on the x axis. The full grid is drawn so that every row and every
         column has one layer axis, labelled once on the outer edge; a pair stored only as (b, a)
         is drawn transposed in the (a, b) panel. Self-comparisons on the diagonal show their
-        lower half. Pairs not in the result are marked "not computed". NaN cells are hatched
+        lower half; the upper half is hatched light grey (a mirror, not a value). Pairs not in the result are marked "not computed". NaN cells are hatched
         grey and listed in a footnote.
     """
     models = list(result.models)
@@ -513,6 +574,12 @@ def plot_study_grid(
     char_inches = 0.6 * _GRID_TICK_FONTSIZE / 72.0
     label_extent = max_label_chars * char_inches
     colormap = _resolve_cmap(cmap)
+    # two short lines ("0.93", "±0.02") must fit a cell: about 3 font sizes wide
+    cell_fontsize = min(8.0, panel * 72.0 / max_layers / 3.4)
+    if annotate == "auto":
+        do_annotate = cell_fontsize >= _GRID_MIN_CELL_FONTSIZE
+    else:
+        do_annotate = _resolve_annotate(annotate, max_layers, max_layers)
 
     undefined: list[str] = []
     diagnostics: list[str] = []
@@ -529,6 +596,7 @@ def plot_study_grid(
 
     image: AxesImage | None = None
     all_values: list[np.ndarray] = []
+    has_self = False
     for i, model_a in enumerate(models):
         for j, model_b in enumerate(models):
             ax = axes[i, j]
@@ -552,12 +620,14 @@ def plot_study_grid(
                     ax,
                     pair,
                     transpose=transpose,
-                    annotate=False,
+                    annotate=do_annotate,
                     vmin=vmin,
                     vmax=vmax,
                     cmap=colormap,
+                    fontsize=cell_fontsize,
                 )
                 all_values.append(drawn.ravel())
+                has_self = has_self or _is_self(pair)
             # layer names once per row (left column) and once per column (bottom row)
             _set_layer_ticks(
                 ax,
@@ -585,6 +655,9 @@ def plot_study_grid(
         )
         colorbar.set_label("CKA", fontsize=9)
         colorbar.ax.tick_params(labelsize=8)
+    handles = _blank_handles(undefined=bool(undefined), mirror=has_self)
+    if handles:
+        fig.legend(handles=handles, loc="outside lower right", fontsize=7, frameon=False, ncols=2)
     if note:
         fig.supxlabel(note, x=0.01, ha="left", fontsize=_FOOTNOTE_FONTSIZE, color="#333333")
     return fig
@@ -704,6 +777,14 @@ def plot_correspondence(
             lowest = min(lowest, float(np.nanmin(matched)))
             highest = max(highest, float(np.nanmax(matched)))
         undefined.extend((i, color, label) for i in np.flatnonzero(~np.isfinite(matched)))
+        if pair.null_threshold is not None:
+            null = np.diagonal(_as_matrix(pair.null_threshold, "null_threshold", pair))
+            if np.isfinite(null).any():
+                (null_line,) = ax.plot(
+                    x, null, color=color, linewidth=1.0, linestyle="--", drawstyle="steps-mid"
+                )
+                handles.append((null_line, f"{label}: null threshold (p = 0.05)"))
+                highest = max(highest, float(np.nanmax(null)))
     margin = 0.05 * (highest - lowest)
     ax.set_ylim(lowest - margin, highest + margin)
     if undefined:
@@ -734,8 +815,19 @@ def plot_correspondence(
     ax.set_xlabel("matched layer" + (f'  (after "{prefix_x}")' if prefix_x else ""), fontsize=9)
     ax.set_ylabel("CKA of layer i of a vs layer i of b", fontsize=9)
     ax.grid(axis="y", color="#e0e0e0", linewidth=0.6)
-    ax.legend([h for h, _ in handles], [t for _, t in handles], fontsize=8, loc="best")
-    ax.set_title(title or "Layer correspondence (matched layers)", fontsize=11)
+    # above the axes, never over a curve; the title heads the legend
+    ax.legend(
+        [h for h, _ in handles],
+        [t for _, t in handles],
+        fontsize=8,
+        loc="lower left",
+        bbox_to_anchor=(0.0, 1.01),
+        borderaxespad=0.0,
+        frameon=False,
+        title=title or "Layer correspondence (matched layers)",
+        title_fontproperties={"size": 10, "weight": "bold"},
+        alignment="left",
+    )
     if undefined and own_figure:
         note = "Undefined (NaN) matched CKA: " + "; ".join(
             f"{label} at {reference[i]}" for i, _, label in undefined
@@ -766,12 +858,52 @@ def _file_part(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9._+-]", "_", name)
 
 
+def plot_correspondence_groups(
+    groups: dict[str, Sequence[PairResult]],
+    *,
+    ci_level: float | None = None,
+    max_label_chars: int = 32,
+) -> Figure:
+    """One figure of layer-correspondence curves: a panel per architecture, stacked, each
+    overlaying all its pairs of two different models with their confidence bands (and null
+    thresholds, where computed). See :func:`plot_correspondence` for one panel.
+
+    Parameters
+    ----------
+    groups
+        Architecture name → its pairs (every pair of one group must share one layer list).
+    ci_level
+        Confidence level of the intervals, for the legends.
+    """
+    if not groups:
+        raise ValueError("plot_correspondence_groups needs at least one architecture")
+    panels = list(groups.items())
+    widest = max(len(pairs[0].layers_a) for _, pairs in panels)
+    longest = max(len(label) for _, pairs in panels for label in pairs[0].layers_a)
+    depth = min(longest, max_label_chars) * 0.6 * _TICK_FONTSIZE / 72.0 * 0.75
+    height = sum(2.8 + depth + 0.2 * len(pairs) for _, pairs in panels)
+    fig = _new_figure((float(np.clip(0.32 * widest, 3.5, 20.0)) + 1.5, height))
+    axes = fig.subplots(
+        len(panels), 1, squeeze=False, height_ratios=[2.8 + 0.2 * len(p) for _, p in panels]
+    )[:, 0]
+    for ax, (name, pairs) in zip(axes, panels, strict=True):
+        plot_correspondence(
+            pairs,
+            ci_level=ci_level,
+            ax=ax,
+            max_label_chars=max_label_chars,
+            title=f"{name}: layer i of one model vs layer i of another",
+        )
+    return fig
+
+
 def plot_result(
     result: str | Path | StudyResult,
     out_dir: str | Path,
     *,
     annotate: AnnotateOption = "auto",
     dpi: float = 150,
+    architectures: dict[str, str] | None = None,
 ) -> list[Path]:
     """Write every figure of a study result as PNG files into ``out_dir``.
 
@@ -783,19 +915,22 @@ def plot_result(
     out_dir
         Output directory (created).
     annotate
-        Per-cell numbers in the heatmaps (see :func:`plot_heatmap`).
+        Per-cell numbers in the heatmaps and the study grid (see :func:`plot_heatmap`).
     dpi
         Resolution of the PNG files.
+    architectures
+        Model name → declared architecture. Models not named are of their factory's
+        architecture, as the result records it (:data:`ckapipe.utils.ARCHITECTURE_RULE`).
 
     Returns
     -------
     list[Path]
-        The files written: ``heatmap_<a>--<b>.png`` per pair, ``study_grid.png``,
-        ``correspondence_<a>--<b>.png`` per pair of two different models of the same architecture
-        (the same layer list and, where the result records them, the same model factory and
-        constructor arguments), and ``correspondence.png`` overlaying those when there are two or more sharing one
-        layer list (``correspondence_<k>.png`` per layer list when there are several).
+        The files written: ``heatmap_<a>--<b>.png`` per pair, ``study_grid.png``, and
+        ``correspondence.png`` when some pair compares two different models of one architecture
+        with the same layer list: one panel per architecture with all such pairs overlaid.
     """
+    from ckapipe.analyze.architecture_summary import architectures_from_provenance
+
     if isinstance(result, str | Path):
         from ckapipe.analyze.study import load_result
 
@@ -803,31 +938,32 @@ def plot_result(
     out = Path(out_dir)
     ci_level = result.provenance.get("ci_level")
     written: list[Path] = []
-    specs = {name: _model_spec(info) for name, info in result.provenance.get("models", {}).items()}
-    overlay_groups: dict[tuple[str, ...], list[PairResult]] = {}
+    unknown = sorted(set(architectures or {}) - set(result.models))
+    if unknown:
+        raise ValueError(
+            f"--architecture names model(s) {', '.join(unknown)} that the result does not have; "
+            f"its models are {', '.join(result.models)}"
+        )
+    arch = architectures_from_provenance(result, architectures)
+    by_layers: dict[tuple[str, tuple[str, ...]], list[PairResult]] = {}
     for pair in result.pairs.values():
         stem = f"{_file_part(pair.model_a)}--{_file_part(pair.model_b)}"
         fig = plot_heatmap(pair, annotate=annotate)
         written.append(save_figure(fig, out / f"heatmap_{stem}.png", dpi=dpi))
-        matched = same_architecture(
-            specs.get(pair.model_a), specs.get(pair.model_b), pair.layers_a, pair.layers_b
-        )
+        architecture_a, architecture_b = arch.get(pair.model_a), arch.get(pair.model_b)
+        matched = same_architecture(architecture_a, architecture_b, pair.layers_a, pair.layers_b)
         if not _is_self(pair) and matched:
-            fig = plot_correspondence(pair, ci_level=ci_level)
-            written.append(save_figure(fig, out / f"correspondence_{stem}.png", dpi=dpi))
-            overlay_groups.setdefault(tuple(pair.layers_a), []).append(pair)
-    written.append(save_figure(plot_study_grid(result), out / "study_grid.png", dpi=dpi))
-    groups = [pairs for pairs in overlay_groups.values() if len(pairs) >= 2]
-    for k, pairs in enumerate(groups):
-        name = "correspondence.png" if len(groups) == 1 else f"correspondence_{k}.png"
-        fig = plot_correspondence(pairs, ci_level=ci_level)
-        written.append(save_figure(fig, out / name, dpi=dpi))
+            name = architecture_a or "same layers (architecture not recorded)"
+            by_layers.setdefault((name, tuple(pair.layers_a)), []).append(pair)
+    grid = plot_study_grid(result, annotate=annotate)
+    written.append(save_figure(grid, out / "study_grid.png", dpi=dpi))
+    # one architecture listed with two layer selections gets a panel per selection
+    names = [name for name, _ in by_layers]
+    groups = {
+        (name if names.count(name) == 1 else f"{name} [{', '.join(layers)}]"): pairs
+        for (name, layers), pairs in by_layers.items()
+    }
+    if groups:
+        fig = plot_correspondence_groups(groups, ci_level=ci_level)
+        written.append(save_figure(fig, out / "correspondence.png", dpi=dpi))
     return written
-
-
-def _model_spec(model_info: Any) -> dict[str, Any] | None:
-    """The model factory and its arguments recorded for a model (``None`` when not recorded)."""
-    try:
-        return dict(model_info["identity"]["model"])
-    except (KeyError, TypeError, ValueError):
-        return None

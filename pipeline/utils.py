@@ -4,7 +4,8 @@
 - :func:`jsonable` / :func:`json_roundtrip`: two different things a record needs before it is
   stored as JSON attributes: made JSON-safe (numpy values, NaN, paths) vs read back as JSON
   gives it (tuples become lists), so that a record compares equal to its stored copy.
-- :func:`same_architecture`: whether two models' layers match one to one.
+- :func:`architecture_of` / :func:`same_architecture`: a model's declared architecture (default:
+  its factory) and whether two models' layers match one to one (:data:`ARCHITECTURE_RULE`).
 """
 
 from __future__ import annotations
@@ -20,7 +21,14 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["json_roundtrip", "jsonable", "resolve_device", "same_architecture"]
+__all__ = [
+    "ARCHITECTURE_RULE",
+    "architecture_of",
+    "json_roundtrip",
+    "jsonable",
+    "resolve_device",
+    "same_architecture",
+]
 
 
 def resolve_device(
@@ -71,24 +79,35 @@ def json_roundtrip(value: Any) -> Any:
     return json.loads(json.dumps(value))
 
 
+#: the rule, as the help text and the report state it
+ARCHITECTURE_RULE = (
+    "two models are of one architecture when their declared architecture is the same "
+    "(`architecture:` in the study config, `ckapipe plot --architecture MODEL=NAME`), and a model "
+    "without one is of its factory's architecture (`pkg.module:callable`; constructor arguments "
+    "such as a seed do not count); matched-layer curves also need the same layer list"
+)
+
+
+def architecture_of(spec: Mapping[str, Any] | None, declared: str | None = None) -> str | None:
+    """A model's architecture: ``declared`` when given, else the factory of its spec record
+    (``{"factory": …, "kwargs": …}``; kwargs are ignored, so two seeds passed as a constructor
+    argument share one architecture), else None (unrecorded)."""
+    if declared:
+        return str(declared)
+    if isinstance(spec, Mapping) and spec.get("factory"):
+        return str(spec["factory"])
+    return None
+
+
 def same_architecture(
-    spec_a: Mapping[str, Any] | None,
-    spec_b: Mapping[str, Any] | None,
+    architecture_a: str | None,
+    architecture_b: str | None,
     layers_a: Sequence[str],
     layers_b: Sequence[str],
 ) -> bool:
-    """Whether two models' layers correspond one to one: the same layer list, and built the
-    same way (equal factory and keyword arguments; both unrecorded counts as equal).
+    """Whether two models' layers correspond one to one: the same architecture (see
+    :func:`architecture_of`; two unrecorded ones count as equal) and the same layer list.
 
     Equal layer names alone are not enough: an MLP and a CNN may both have ``relu1`` … ``relu3``.
-    ``spec_*`` is a model spec record (``{"factory": …, "kwargs": …}``) or ``None``.
     """
-    if list(layers_a) != list(layers_b):
-        return False
-    return _build_key(spec_a) == _build_key(spec_b)
-
-
-def _build_key(spec: Mapping[str, Any] | None) -> tuple[Any, Any] | None:
-    if not isinstance(spec, Mapping) or "factory" not in spec:
-        return None
-    return spec["factory"], json.dumps(spec.get("kwargs") or {}, sort_keys=True, default=str)
+    return list(layers_a) == list(layers_b) and architecture_a == architecture_b

@@ -1,10 +1,16 @@
 """The study report: one self-contained HTML page (figures embedded as base64 PNG).
 
-It shows, per dataset, a table of every model pair (summary CKA, confidence interval or why it
-was withheld, null threshold), the study grid, every pair's heatmap and the layer-correspondence
-curves with their confidence intervals (the PNGs `ckapipe plot` wrote), a table of
-corresponding-layer CKA with intervals (and null thresholds) for same-architecture pairs, the models' accuracies (demo-trained models), and
-the provenance: resolved config, cache keys, store identities and library versions.
+Top to bottom: the models (architecture, accuracy of demo-trained ones); per dataset, the
+similarity within vs across architectures (with jackknife intervals and, with permutations, the
+null), every model pair in a few numbers, the study grid (numbers ± interval half-widths in the
+cells), one layer-correspondence figure of all same-architecture pairs with bands and a table
+of their corresponding layers, the per-pair heatmaps (folded) and diagnostics; last, folded,
+the provenance: resolved config, caches, library versions.
+
+A dataset's part is a sequence of section functions (:data:`DATASET_SECTIONS`), each taking a
+:class:`DatasetView` and returning HTML ("" to leave itself out): a new section is one function.
+The page is laid out for phones as well as desktops (tables scroll inside their box, figures
+scale); ``tools/screenshot_report.py`` renders it in headless Chromium at both widths.
 """
 
 from __future__ import annotations
@@ -13,25 +19,42 @@ import base64
 import datetime as _dt
 import html
 import json
-from collections.abc import Mapping
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import yaml
 
-from ckapipe.utils import same_architecture
+from ckapipe.utils import ARCHITECTURE_RULE, architecture_of, same_architecture
 
-__all__ = ["diagonal_dominance", "write_report"]
+__all__ = ["DATASET_SECTIONS", "DatasetView", "diagonal_dominance", "write_report"]
 
 _STYLE = """
-body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 2em auto; color: #222; }
-h1, h2, h3 { font-weight: 600; } table { border-collapse: collapse; margin: 0.5em 0 1.5em; }
-td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size: 0.9em; }
-th { background: #f3f3f3; } img { max-width: 100%; border: 1px solid #eee; margin: 4px 0; }
+body { font-family: system-ui, sans-serif; max-width: 1100px; margin: 1.5em auto; padding: 0 12px;
+       color: #222; line-height: 1.4; }
+h1, h2, h3 { font-weight: 600; } h1 { font-size: 1.6em; }
+table { border-collapse: collapse; margin: 0.5em 0; }
+.scroll { overflow-x: auto; margin-bottom: 1.2em; }
+td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size: 0.9em;
+         vertical-align: top; }
+th { background: #f3f3f3; } td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
+td.wide { min-width: 16em; }
+img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 4px 0; }
+@media (max-width: 700px) {
+  body { font-size: 15px; }
+  /* on a phone a figure keeps a legible size and scrolls sideways inside its box */
+  figure { overflow-x: auto; } figure img { max-width: none; width: auto; }
+  figure.grid img { width: 900px; }
+}
 pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 0.8em; }
-.ok { color: #176a1c; } .bad { color: #a31515; } figure { margin: 0 0 1em; }
-figcaption { font-size: 0.85em; color: #555; }
+.ok { color: #176a1c; } .bad { color: #a31515; } .note { color: #555; font-size: 0.9em; }
+figure { margin: 0 0 1em; } figcaption { font-size: 0.85em; color: #555; }
+details { margin: 0.8em 0; border: 1px solid #ddd; border-radius: 4px; padding: 0.4em 0.8em; }
+summary { cursor: pointer; font-weight: 600; }
+code { overflow-wrap: anywhere; }
 """
 
 
@@ -55,10 +78,44 @@ def _png(path: Path) -> str:
     return f'<img alt="{html.escape(path.name)}" src="data:image/png;base64,{data}">'
 
 
-def _table(header: list[str], rows: list[list[Any]]) -> str:
+def _figure(path: Path, caption: str, kind: str = "") -> str:
+    attribute = f' class="{kind}"' if kind else ""
+    return f"<figure{attribute}>{_png(path)}<figcaption>{caption}</figcaption></figure>"
+
+
+def _prose(text: str) -> str:
+    """Plain text with `code` spans, as HTML."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
+def _table(
+    header: list[str],
+    rows: list[list[Any]],
+    numeric: tuple[int, ...] = (),
+    wide: tuple[int, ...] = (),
+) -> str:
+    """An HTML table in a box that scrolls sideways on a narrow screen (the page never does).
+    Cells are HTML; columns in ``numeric`` do not wrap, columns in ``wide`` (long text) keep a
+    readable width instead of wrapping into a tall narrow column on a phone."""
     head = "".join(f"<th>{html.escape(str(cell))}</th>" for cell in header)
-    body = "".join("<tr>" + "".join(f"<td>{cell}</td>" for cell in row) + "</tr>" for row in rows)
-    return f"<table><tr>{head}</tr>{body}</table>"
+
+    def cell(k: int, value: Any) -> str:
+        kind = "num" if k in numeric else "wide" if k in wide else ""
+        return f'<td class="{kind}">{value}</td>' if kind else f"<td>{value}</td>"
+
+    body = "".join(
+        "<tr>" + "".join(cell(k, value) for k, value in enumerate(row)) + "</tr>" for row in rows
+    )
+    return f'<div class="scroll"><table><tr>{head}</tr>{body}</table></div>'
+
+
+def _model_architecture(plan: Mapping[str, Any], name: str) -> str | None:
+    """The model's architecture as the plan records it (declared, else the factory)."""
+    model = plan["models"][name]
+    if model.get("architecture"):
+        return str(model["architecture"])
+    declared = plan["config"]["models"].get(name, {}).get("architecture")
+    return architecture_of(model.get("spec"), declared)
 
 
 def _models_section(plan: Mapping[str, Any]) -> str:
@@ -80,9 +137,12 @@ def _models_section(plan: Mapping[str, Any]) -> str:
                 f"{metrics['probe_accuracy']:.1%} on {metrics['n_probe']} held-out images "
                 f"(chance {metrics['chance_accuracy']:.1%}; train {metrics['train_accuracy']:.1%})"
             )
+        architecture = _model_architecture(plan, name) or "–"
+        source = "declared" if config.get("architecture") else "factory"
         rows.append(
             [
                 f"<b>{html.escape(name)}</b>",
+                f"{html.escape(architecture)} <small>({source})</small>",
                 html.escape(spec["factory"]),
                 html.escape(json.dumps(spec.get("kwargs", {}))),
                 html.escape(", ".join(config["layers"])),
@@ -91,20 +151,33 @@ def _models_section(plan: Mapping[str, Any]) -> str:
                 accuracy,
             ]
         )
-    return "<h2>Models</h2>" + _table(
-        ["model", "factory", "kwargs", "layers", "reduction", "weights", "accuracy"], rows
-    )
-
-
-def _same_architecture(plan: Mapping[str, Any], a: str, b: str) -> bool:
-    models, config = plan["models"], plan["config"]["models"]
-    return a != b and same_architecture(
-        models[a]["spec"], models[b]["spec"], config[a]["layers"], config[b]["layers"]
+    return (
+        "<h2>Models</h2>"
+        + _table(
+            [
+                "model",
+                "architecture",
+                "factory",
+                "kwargs",
+                "layers",
+                "reduction",
+                "weights",
+                "accuracy",
+            ],
+            rows,
+            numeric=(0,),
+            wide=(6, 7),
+        )
+        + f'<p class="note">Architecture: {_prose(ARCHITECTURE_RULE)}.</p>'
     )
 
 
 def _level(ci_level: Any) -> str:
     return f"{float(ci_level):.0%}" if ci_level else ""
+
+
+def _number(value: float | None) -> str:
+    return "–" if value is None or not np.isfinite(value) else f"{value:.3f}"
 
 
 def _cka_cell(value: float, low: float, high: float, null: float | None) -> str:
@@ -137,9 +210,6 @@ def _pairs_table(result: Any, ci_level: Any) -> str:
     """Every model pair in a few numbers, with its interval (or why none) and null threshold."""
     from ckapipe.analyze.summary import summarize_pair
 
-    def number(value: float | None) -> str:
-        return "–" if value is None or not np.isfinite(value) else f"{value:.3f}"
-
     rows = []
     with_null = any(pair.null_threshold is not None for pair in result.pairs.values())
     for (a, b), pair in sorted(result.pairs.items()):
@@ -147,16 +217,16 @@ def _pairs_table(result: Any, ci_level: Any) -> str:
         row = [
             html.escape(f"{a} vs {b}"),
             summary.layers,
-            number(summary.diagonal),
-            number(summary.best),
-            f"{number(summary.low)} – {number(summary.high)}",
+            _number(summary.diagonal),
+            _number(summary.best),
+            f"{_number(summary.low)} – {_number(summary.high)}",
             _interval_cell(pair, ci_level),
         ]
         if with_null:
             above = (
                 "–" if summary.above_null is None else f"{summary.above_null}/{summary.n_entries}"
             )
-            row += [number(summary.null_threshold), above]
+            row += [_number(summary.null_threshold), above]
         rows.append(row)
     header = ["pair", "layers", "mean diagonal CKA", "mean best match", "CKA range", "interval"]
     if with_null:
@@ -167,97 +237,255 @@ def _pairs_table(result: Any, ci_level: Any) -> str:
         "the largest half-width of the layer pairs' confidence intervals, or why they were "
         "withheld; null threshold: the CKA unrelated representations exceed with probability "
         "0.05 under the permutation null. Every layer pair, with its interval, is in the "
-        "table linked above.</p>" + _table(header, rows)
+        "table linked above.</p>" + _table(header, rows, numeric=(0, 1, 2, 3, 4), wide=(5,))
     )
 
 
-def _dataset_section(plan: Mapping[str, Any], name: str, dataset: Mapping[str, Any]) -> str:
-    from ckapipe.analyze.result import load_result
+@dataclass(frozen=True)
+class DatasetView:
+    """What a dataset's report sections read: the plan, the dataset's entry in it, its loaded
+    result, each model's architecture and the figures ``ckapipe plot`` wrote."""
 
-    # load_result rewrites a CSV that is not the one written with the result (a killed run),
-    # so the table the report points to always holds the numbers shown here
-    result = load_result(dataset["result"])
-    digest = (result.provenance.get("csv") or {}).get("sha256", "")
-    parts = [f"<h2>Dataset {html.escape(name)}</h2>"]
-    parts.append(
-        f"<p>Spec: <code>{html.escape(json.dumps(dataset['spec']))}</code>; "
-        f"{len(result.models)} models, {len(result.pairs)} pairs. "
-        f"Table of every layer pair: <code>{html.escape(str(dataset['table']))}</code> "
-        f"(SHA-256 {html.escape(digest[:16])}…, as recorded in the result).</p>"
+    plan: Mapping[str, Any]
+    name: str
+    dataset: Mapping[str, Any]
+    result: Any
+    architectures: Mapping[str, str | None]
+    ci_level: float | None
+
+    @property
+    def figures(self) -> list[Path]:
+        return sorted(Path(self.dataset["plots"]).glob("*.png"))
+
+    def figure(self, stem: str) -> Path | None:
+        return next((path for path in self.figures if path.stem == stem), None)
+
+    @property
+    def permutations(self) -> bool:
+        return any(pair.null_threshold is not None for pair in self.result.pairs.values())
+
+
+def _null_note(view: DatasetView) -> str:
+    if view.permutations:
+        return ""
+    return (
+        " No permutation null was computed (<code>analysis.permutations: 0</code>); set it to "
+        "e.g. 200 to see, beside each value, the CKA unrelated representations reach."
     )
-    ci_level = result.provenance.get("ci_level")
-    parts.append(_pairs_table(result, ci_level))
+
+
+def _intro_section(view: DatasetView) -> str:
+    digest = (view.result.provenance.get("csv") or {}).get("sha256", "")
+    return (
+        f"<h2>Dataset {html.escape(view.name)}</h2>"
+        f"<p>{len(view.result.models)} models, {len(view.result.pairs)} pairs. Table of every "
+        f"layer pair: <code>{html.escape(str(view.dataset['table']))}</code> (SHA-256 "
+        f"{html.escape(digest[:16])}…, as recorded in the result).</p>"
+    )
+
+
+def _architecture_section(view: DatasetView) -> str:
+    """Similarity within vs across architectures, with intervals and the null."""
+    from ckapipe.analyze.architecture_summary import SIMILARITY_DEFINITION, architecture_similarity
+
+    groups = architecture_similarity(view.result, view.architectures, view.ci_level)
+    if not groups:
+        return ""
+    level = _level(view.ci_level)
     rows = []
-    for (a, b), pair in sorted(result.pairs.items()):
-        if not _same_architecture(plan, a, b):
+    for group in groups:
+        interval = (
+            f"[{group.low:.3f}, {group.high:.3f}]"
+            if group.reason is None and np.isfinite(group.low)
+            else f'<span class="bad">{html.escape(group.reason or "no interval")}</span>'
+        )
+        label = html.escape(group.label)
+        rows.append(
+            [
+                f"<b>{label}</b>" if group.kind == "difference" else label,
+                _number(group.value),
+                interval,
+                "–" if group.null_threshold is None else _number(group.null_threshold),
+                str(len(group.pairs)) if group.pairs else "–",
+                str(group.n_layer_pairs),
+            ]
+        )
+    return (
+        "<h3>Within vs across architectures</h3>"
+        f"<p>Are two models of one architecture more alike than two different architectures? "
+        f"Similarity: {html.escape(SIMILARITY_DEFINITION)}. {level} intervals: delete-one-batch "
+        "jackknife over the minibatches the models share (t quantile), withheld under the rule "
+        "of every interval in this report. Null: the largest permutation-null threshold "
+        f"among the layer pairs averaged.{_null_note(view)}</p>"
+        + _table(
+            ["group", "mean CKA", f"{level} CI", "null", "model pairs", "layer pairs"],
+            rows,
+            numeric=(1, 3, 4, 5),
+        )
+    )
+
+
+def _pairs_section(view: DatasetView) -> str:
+    return _pairs_table(view.result, view.ci_level)
+
+
+def _grid_section(view: DatasetView) -> str:
+    path = view.figure("study_grid")
+    if path is None:
+        return ""
+    return "<h3>Study grid</h3>" + _figure(
+        path,
+        f"Every model pair: CKA in each cell with ± the half-width of its {_level(view.ci_level)} "
+        "confidence interval (where reported and where the numbers fit). The hatched light-grey "
+        "upper half of a self-comparison is its mirror image, not a value; hatched dark grey "
+        "marks an undefined CKA.",
+        kind="grid",
+    )
+
+
+def _correspondence_section(view: DatasetView) -> str:
+    """The one correspondence figure and the table of corresponding layers."""
+    parts = []
+    rows = []
+    for (a, b), pair in sorted(view.result.pairs.items()):
+        same = same_architecture(
+            view.architectures.get(a), view.architectures.get(b), pair.layers_a, pair.layers_b
+        )
+        if a == b or not same:
             continue
-        cells = ", ".join(
+        cells = "<br>".join(
             f"{html.escape(layer)}: {_diagonal_cell(pair, i)}"
             for i, layer in enumerate(pair.layers_a)
         )
         dominant = diagonal_dominance(pair.cka)
         verdict = '<span class="ok">yes</span>' if dominant else '<span class="bad">no</span>'
-        rows.append([html.escape(f"{a} vs {b}"), cells, _interval_cell(pair, ci_level), verdict])
+        rows.append(
+            [
+                html.escape(f"{a} vs {b}"),
+                html.escape(view.architectures.get(a) or "not recorded"),
+                cells,
+                _interval_cell(pair, view.ci_level),
+                verdict,
+            ]
+        )
+    path = view.figure("correspondence")
+    if path is None and not rows:
+        return ""
+    parts.append("<h3>Layer correspondence (with confidence intervals)</h3>")
+    parts.append(
+        f"<p>Pairs of two models of one architecture ({_prose(ARCHITECTURE_RULE)}): the "
+        f"CKA of layer i with layer i, with its {_level(view.ci_level)} confidence band"
+        + (" and the permutation-null threshold (dashed)" if view.permutations else "")
+        + ". The known structure is that each layer is most similar to the corresponding "
+        f"layer of the other model (the diagonal dominates its row and column).{_null_note(view)}"
+        "</p>"
+    )
+    if path is not None:
+        parts.append(_figure(path, "All same-architecture pairs, a panel per architecture."))
     if rows:
         parts.append(
-            "<h3>Same architecture, different seeds</h3><p>CKA of corresponding layers with "
-            f"{_level(ci_level)} confidence intervals [low, high] where reported (and, with "
-            "permutations, the null threshold: the CKA unrelated representations exceed with "
-            "probability 0.05); the known structure is that each layer is most similar to the "
-            "corresponding layer of the other seed (the diagonal dominates its row and "
-            "column).</p>"
-        )
-        parts.append(
             _table(
-                ["pair", "corresponding layers: CKA [CI]", "interval", "diagonal dominates"], rows
+                [
+                    "pair",
+                    "architecture",
+                    "corresponding layers: CKA [CI]",
+                    "interval",
+                    "diagonal dominates",
+                ],
+                rows,
+                numeric=(0, 2),
+                wide=(3,),
             )
         )
+    return "".join(parts)
+
+
+def _heatmaps_section(view: DatasetView) -> str:
+    paths = [path for path in view.figures if path.stem.startswith("heatmap")]
+    known = ("study_grid", "correspondence", "heatmap")
+    others = [path for path in view.figures if not path.stem.startswith(known)]
+    if not paths and not others:
+        return ""
+    figures = "".join(_figure(path, html.escape(path.name)) for path in paths + others)
+    return (
+        f"<details><summary>Per-pair heatmaps ({len(paths)}): the grid's panels, larger, with "
+        f"± interval half-widths</summary>{figures}</details>"
+    )
+
+
+def _diagnostics_section(view: DatasetView) -> str:
     diagnostics = sorted(
         {
             f"{a} vs {b}: {message}"
-            for (a, b), pair in result.pairs.items()
+            for (a, b), pair in view.result.pairs.items()
             for message in pair.diagnostics
         }
     )
-    if diagnostics:
-        items = "".join(f"<li>{html.escape(message)}</li>" for message in diagnostics)
-        parts.append(f"<h3>Diagnostics</h3><ul>{items}</ul>")
-    plots = Path(dataset["plots"])
-    figures = sorted(plots.glob("*.png"))
-    order = ("study_grid", "correspondence", "heatmap")
-    for prefix in order:
-        selected = [path for path in figures if path.stem.startswith(prefix)]
-        if not selected:
-            continue
-        title = {
-            "study_grid": "Study grid",
-            "correspondence": "Layer correspondence (with confidence intervals)",
-            "heatmap": "Per-pair heatmaps",
-        }[prefix]
-        parts.append(f"<h3>{title}</h3>")
-        for path in selected:
-            parts.append(
-                f"<figure>{_png(path)}<figcaption>{html.escape(path.name)}</figcaption></figure>"
-            )
-    others = [path for path in figures if not path.stem.startswith(order)]
-    for path in others:
-        parts.append(
-            f"<figure>{_png(path)}<figcaption>{html.escape(path.name)}</figcaption></figure>"
-        )
-    caches = [
-        [
-            html.escape(model),
-            html.escape(paths["store"]),
-            html.escape(paths["gram"]),
-        ]
-        for model, paths in dataset["caches"].items()
+    if not diagnostics:
+        return ""
+    items = "".join(f"<li>{html.escape(message)}</li>" for message in diagnostics)
+    return f"<h3>Diagnostics</h3><ul>{items}</ul>"
+
+
+#: the sections of a dataset's part of the report, in order; each returns HTML or ""
+DATASET_SECTIONS: tuple[Callable[[DatasetView], str], ...] = (
+    _intro_section,
+    _architecture_section,
+    _pairs_section,
+    _grid_section,
+    _correspondence_section,
+    _heatmaps_section,
+    _diagnostics_section,
+)
+
+
+def _dataset_view(plan: Mapping[str, Any], name: str, dataset: Mapping[str, Any]) -> DatasetView:
+    from ckapipe.analyze.result import load_result
+
+    # load_result rewrites a CSV that is not the one written with the result (a killed run),
+    # so the table the report points to always holds the numbers shown here
+    result = load_result(dataset["result"])
+    architectures = {model: _model_architecture(plan, model) for model in plan["models"]}
+    ci_level = result.provenance.get("ci_level")
+    return DatasetView(
+        plan, name, dataset, result, architectures, float(ci_level) if ci_level else None
+    )
+
+
+def _dataset_section(plan: Mapping[str, Any], name: str, dataset: Mapping[str, Any]) -> str:
+    view = _dataset_view(plan, name, dataset)
+    return "\n".join(section(view) for section in DATASET_SECTIONS)
+
+
+def _provenance_section(plan: Mapping[str, Any]) -> str:
+    """Folded at the bottom: the resolved config, the caches used and the library versions."""
+    from ckapipe.analyze.result import load_result
+
+    parts = [
+        "<h2>Provenance</h2>",
+        "<details><summary>The resolved study config</summary>"
+        f"<pre>{html.escape(yaml.safe_dump(dict(plan['config']), sort_keys=False))}</pre>"
+        "</details>",
     ]
-    parts.append("<h3>Caches used (content-keyed, shared by studies)</h3>")
-    parts.append(_table(["model", "activation store", "Gram cache"], caches))
-    versions = result.provenance.get("versions")
-    if versions:
-        parts.append(f"<p>Versions: <code>{html.escape(json.dumps(versions))}</code></p>")
-    return "\n".join(parts)
+    for name, dataset in plan["datasets"].items():
+        caches = [
+            [html.escape(model), html.escape(paths["store"]), html.escape(paths["gram"])]
+            for model, paths in dataset["caches"].items()
+        ]
+        versions = load_result(dataset["result"]).provenance.get("versions")
+        parts.append(
+            f"<details><summary>Dataset {html.escape(name)}: spec, caches (content-keyed, "
+            "shared by studies), versions</summary>"
+            f"<p>Spec: <code>{html.escape(json.dumps(dataset['spec']))}</code></p>"
+            + _table(["model", "activation store", "Gram cache"], caches)
+            + (
+                f"<p>Versions: <code>{html.escape(json.dumps(versions))}</code></p>"
+                if versions
+                else ""
+            )
+            + "</details>"
+        )
+    return "".join(parts)
 
 
 def write_report(plan: Mapping[str, Any], out: str | Path) -> Path:
@@ -267,31 +495,29 @@ def write_report(plan: Mapping[str, Any], out: str | Path) -> Path:
     ----------
     plan:
         What the workflow knows about the study (``report_plan()`` in ``rules/common.smk``):
-        ``study``, resolved ``config``, ``models`` (spec, weights identity, metrics path) and
-        ``datasets`` (spec, result, table and plots paths, caches).
+        ``study``, resolved ``config``, ``models`` (spec, weights identity, metrics path,
+        architecture) and ``datasets`` (spec, result, table and plots paths, caches).
     out:
         The HTML file to write.
     """
     import ckapipe
 
+    analysis = plan["config"]["analysis"]
     sections = [
         f"<h1>CKA study “{html.escape(plan['study'])}”</h1>",
         f"<p>Generated {_dt.datetime.now(_dt.UTC).strftime('%Y-%m-%d %H:%M UTC')} by ckapipe "
-        f"{ckapipe.__version__}. Estimator: {html.escape(plan['config']['analysis']['estimator'])}, "
-        f"kernel {html.escape(plan['config']['analysis']['kernel'])}, mode "
-        f"{html.escape(plan['config']['analysis']['mode'])}, batch size "
-        f"{plan['config']['analysis']['batch_size']}, epochs {plan['config']['analysis']['epochs']}."
-        "</p>",
+        f"{ckapipe.__version__}. Estimator: {html.escape(analysis['estimator'])}, "
+        f"kernel {html.escape(analysis['kernel'])}, mode {html.escape(analysis['mode'])}, batch "
+        f"size {analysis['batch_size']}, epochs {analysis['epochs']}, permutations "
+        f"{analysis.get('permutations', 0)}.</p>",
         _models_section(plan),
     ]
     for name, dataset in plan["datasets"].items():
         sections.append(_dataset_section(plan, name, dataset))
-    sections.append("<h2>Provenance: the resolved study config</h2>")
-    sections.append(
-        f"<pre>{html.escape(yaml.safe_dump(dict(plan['config']), sort_keys=False))}</pre>"
-    )
+    sections.append(_provenance_section(plan))
     page = (
-        "<!DOCTYPE html><html><head><meta charset='utf-8'>"
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
+        "<meta name='viewport' content='width=device-width, initial-scale=1'>"
         f"<title>ckapipe study {html.escape(plan['study'])}</title><style>{_STYLE}</style></head>"
         f"<body>{''.join(sections)}</body></html>"
     )

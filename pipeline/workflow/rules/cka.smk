@@ -24,9 +24,11 @@ rule plot:
         result=rules.analyze.output.result,
     output:
         plots=directory(f"{RESULTS}/{{dataset}}/plots"),
+    params:
+        options=plot_args,
     log:
         f"{LOGS}/plot/{{dataset}}.log",
     conda:
         CONDA_ENV
     shell:
-        "ckapipe plot {input.result:q} --out {output.plots:q} > {log:q} 2>&1"
+        "ckapipe plot {input.result:q} --out {output.plots:q} {params.options} > {log:q} 2>&1"

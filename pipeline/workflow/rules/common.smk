@@ -337,6 +337,28 @@ def analyze_args(wildcards):
     )
 
 
+def architectures():
+    """Each model's architecture: its `architecture:` in the config, else its factory."""
+    from ckapipe.utils import architecture_of
+
+    return {
+        name: architecture_of(model["spec"], config["models"][name].get("architecture"))
+        for name, model in MODELS.items()
+    }
+
+
+def plot_args(wildcards):
+    """The declared architectures, as `ckapipe plot --architecture MODEL=NAME` options."""
+    return shlex.join(
+        [
+            option
+            for name, model in config["models"].items()
+            if model.get("architecture")
+            for option in ("--architecture", f"{name}={model['architecture']}")
+        ]
+    )
+
+
 def report_inputs(wildcards):
     return {
         "results": expand(f"{RESULTS}/{{dataset}}/cka.zarr", dataset=DATASETS),
@@ -356,6 +378,7 @@ def report_plan():
                 "spec": model["spec"],
                 "weights_identity": model["weights_identity"],
                 "metrics": model["metrics"],
+                "architecture": architectures()[name],
             }
             for name, model in MODELS.items()
         },
