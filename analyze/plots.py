@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 import re
 import textwrap
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -47,6 +47,7 @@ if TYPE_CHECKING:
 __all__ = [
     "MIRROR_CELL_COLOR",
     "NAN_CELL_COLOR",
+    "correspondence_groups",
     "plot_correspondence",
     "plot_correspondence_groups",
     "plot_heatmap",
@@ -777,8 +778,9 @@ def plot_correspondence(
             lowest = min(lowest, float(np.nanmin(matched)))
             highest = max(highest, float(np.nanmax(matched)))
         undefined.extend((i, color, label) for i in np.flatnonzero(~np.isfinite(matched)))
-        if pair.null_threshold is not None:
-            null = np.diagonal(_as_matrix(pair.null_threshold, "null_threshold", pair))
+        null_threshold = getattr(pair, "null_threshold", None)  # absent: no permutations
+        if null_threshold is not None:
+            null = np.diagonal(_as_matrix(null_threshold, "null_threshold", pair))
             if np.isfinite(null).any():
                 (null_line,) = ax.plot(
                     x, null, color=color, linewidth=1.0, linestyle="--", drawstyle="steps-mid"
@@ -824,7 +826,11 @@ def plot_correspondence(
         bbox_to_anchor=(0.0, 1.01),
         borderaxespad=0.0,
         frameon=False,
-        title=title or "Layer correspondence (matched layers)",
+        # wrapped to the figure: a long architecture name must not squeeze the axes away
+        title=textwrap.fill(
+            title or "Layer correspondence (matched layers)",
+            width=max(28, int(fig.get_figwidth() * 72.0 / (10 * 0.62))),
+        ),
         title_fontproperties={"size": 10, "weight": "bold"},
         alignment="left",
     )
@@ -897,6 +903,39 @@ def plot_correspondence_groups(
     return fig
 
 
+def correspondence_groups(
+    result: StudyResult, architectures: Mapping[str, str] | None = None
+) -> dict[str, list[PairResult]]:
+    """The pairs that get layer-correspondence curves, by architecture: two different models
+    of one architecture (``architectures[name]`` where given, else the factory the result
+    records: :data:`ckapipe.utils.ARCHITECTURE_RULE`) with the same layer list.
+
+    Raises ``ValueError`` when ``architectures`` names a model the result does not have.
+    """
+    from ckapipe.analyze.architecture_summary import architectures_from_provenance
+
+    unknown = sorted(set(architectures or {}) - set(result.models))
+    if unknown:
+        raise ValueError(
+            f"--architecture names model(s) {', '.join(unknown)} that the result does not have; "
+            f"its models are {', '.join(result.models)}"
+        )
+    arch = architectures_from_provenance(result, architectures)
+    by_layers: dict[tuple[str, tuple[str, ...]], list[PairResult]] = {}
+    for pair in result.pairs.values():
+        architecture_a, architecture_b = arch.get(pair.model_a), arch.get(pair.model_b)
+        matched = same_architecture(architecture_a, architecture_b, pair.layers_a, pair.layers_b)
+        if not _is_self(pair) and matched:
+            name = architecture_a or "architecture not recorded"
+            by_layers.setdefault((name, tuple(pair.layers_a)), []).append(pair)
+    # one architecture listed with two layer selections gets a panel per selection
+    names = [name for name, _ in by_layers]
+    return {
+        (name if names.count(name) == 1 else f"{name} [{', '.join(layers)}]"): pairs
+        for (name, layers), pairs in by_layers.items()
+    }
+
+
 def plot_result(
     result: str | Path | StudyResult,
     out_dir: str | Path,
@@ -929,8 +968,6 @@ def plot_result(
         ``correspondence.png`` when some pair compares two different models of one architecture
         with the same layer list: one panel per architecture with all such pairs overlaid.
     """
-    from ckapipe.analyze.architecture_summary import architectures_from_provenance
-
     if isinstance(result, str | Path):
         from ckapipe.analyze.study import load_result
 
@@ -938,31 +975,13 @@ def plot_result(
     out = Path(out_dir)
     ci_level = result.provenance.get("ci_level")
     written: list[Path] = []
-    unknown = sorted(set(architectures or {}) - set(result.models))
-    if unknown:
-        raise ValueError(
-            f"--architecture names model(s) {', '.join(unknown)} that the result does not have; "
-            f"its models are {', '.join(result.models)}"
-        )
-    arch = architectures_from_provenance(result, architectures)
-    by_layers: dict[tuple[str, tuple[str, ...]], list[PairResult]] = {}
+    groups = correspondence_groups(result, architectures)
     for pair in result.pairs.values():
         stem = f"{_file_part(pair.model_a)}--{_file_part(pair.model_b)}"
         fig = plot_heatmap(pair, annotate=annotate)
         written.append(save_figure(fig, out / f"heatmap_{stem}.png", dpi=dpi))
-        architecture_a, architecture_b = arch.get(pair.model_a), arch.get(pair.model_b)
-        matched = same_architecture(architecture_a, architecture_b, pair.layers_a, pair.layers_b)
-        if not _is_self(pair) and matched:
-            name = architecture_a or "same layers (architecture not recorded)"
-            by_layers.setdefault((name, tuple(pair.layers_a)), []).append(pair)
     grid = plot_study_grid(result, annotate=annotate)
     written.append(save_figure(grid, out / "study_grid.png", dpi=dpi))
-    # one architecture listed with two layer selections gets a panel per selection
-    names = [name for name, _ in by_layers]
-    groups = {
-        (name if names.count(name) == 1 else f"{name} [{', '.join(layers)}]"): pairs
-        for (name, layers), pairs in by_layers.items()
-    }
     if groups:
         fig = plot_correspondence_groups(groups, ci_level=ci_level)
         written.append(save_figure(fig, out / "correspondence.png", dpi=dpi))

@@ -19,7 +19,11 @@ from matplotlib.image import imread
 
 from ckapipe.analyze.cli_plot import plot as plot_command
 from ckapipe.analyze.plots import (
+    MIRROR_CELL_COLOR,
+    MIRROR_HATCH_COLOR,
+    correspondence_groups,
     plot_correspondence,
+    plot_correspondence_groups,
     plot_heatmap,
     plot_result,
     plot_study_grid,
@@ -145,12 +149,16 @@ def test_self_comparison_masks_the_upper_half(tmp_path):
     fig = plot_heatmap(pair, annotate=False)
     image = assert_not_blank(save_figure(fig, tmp_path / "self.png"))
     ax = heatmap_axes(fig)
-    background = np.ones(3)  # white axes background
+    mirror = np.asarray(matplotlib.colors.to_rgb(MIRROR_CELL_COLOR))
+    hatch = np.asarray(matplotlib.colors.to_rgb(MIRROR_HATCH_COLOR))
     for row in range(6):
         for col in range(6):
             pixel = cell_rgb(image, ax, row, col)
             if col > row:
-                np.testing.assert_allclose(pixel, background, atol=1 / 255)
+                # hatched light grey: neither white (the page) nor the pale colour of CKA 1
+                assert np.abs(pixel - scale_rgb(1.0)).max() > 0.1, (row, col, pixel)
+                assert np.abs(pixel - np.ones(3)).max() > 0.02, (row, col, pixel)
+                assert min(np.abs(pixel - c).max() for c in (mirror, hatch)) < 0.12
             else:
                 np.testing.assert_allclose(pixel, scale_rgb(pair.cka[row, col]), atol=2.5 / 255)
 
@@ -182,7 +190,10 @@ def test_out_of_scale_values_extend_the_colorbar_and_annotations_show_values():
     fig = plot_heatmap(pair, annotate=True)
     ax = heatmap_axes(fig)
     assert ax.images[0].colorbar.extend == "min"
-    assert sorted(t.get_text() for t in ax.texts) == ["-0.04", "-0.04", "1.00", "1.00"]
+    # each value with "±" the half-width of its interval (make_pair: [cka − 0.04, cka + 0.03])
+    values = sorted(t.get_text().split("\n")[0] for t in ax.texts)
+    assert values == ["-0.04", "-0.04", "1.00", "1.00"]
+    assert {t.get_text().split("\n")[1] for t in ax.texts} == {f"±{0.035:.2f}"}
 
 
 def test_annotate_auto_depends_on_layer_count():
@@ -264,6 +275,41 @@ def test_study_grid_shows_every_pair_with_transposes_and_gaps(tmp_path):
         assert any(t.get_text() == "not computed" for t in grid[i, j].texts)
     assert grid[0, 1].get_title() == "resnet18_b"
     assert grid[2, 0].get_ylabel() == "resnet34"
+
+
+def test_study_grid_prints_values_and_interval_half_widths_where_they_fit():
+    layers = ["relu1", "relu2", "relu3"]
+    pairs = [
+        make_pair("a", "a", layers, layers),
+        make_pair("a", "b", layers, layers, seed=1),
+        make_pair("b", "b", layers, layers, seed=2),
+    ]
+    pairs[1].ci_low[0, 2] = pairs[1].ci_high[0, 2] = np.nan  # no interval for one cell
+    fig = plot_study_grid(make_study(pairs, ["a", "b"]))
+    panels = np.array([ax for ax in fig.axes if ax.get_label() != "<colorbar>"]).reshape(2, 2)
+    texts = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text()
+             for t in panels[0, 1].texts}  # fmt: skip
+    pair = pairs[1]
+    half = (pair.ci_high - pair.ci_low) / 2
+    assert texts[(1, 0)] == f"{pair.cka[1, 0]:.2f}\n±{half[1, 0]:.2f}"
+    assert texts[(0, 2)] == f"{pair.cka[0, 2]:.2f}"  # no interval: the value alone
+    # the (b, a) panel is the transpose, numbers and half-widths alike
+    texts_ba = {(round(t.get_position()[1]), round(t.get_position()[0])): t.get_text()
+                for t in panels[1, 0].texts}  # fmt: skip
+    assert texts_ba[(0, 1)] == texts[(1, 0)]
+    # a self-comparison shows its lower half only; the upper half is a hatched mirror patch
+    assert len(panels[0, 0].texts) == 6
+    mirror = matplotlib.colors.to_rgba(MIRROR_CELL_COLOR)
+    assert any(
+        np.allclose(c.get_facecolor()[0], mirror) and len(c.get_paths()) == 3
+        for c in panels[0, 0].collections
+    )
+    legend = [t.get_text() for legend in fig.legends for t in legend.get_texts()]
+    assert legend == ["mirror of the lower half (not repeated)"]
+    # eight layers per model: the numbers would not fit, so "auto" leaves them out
+    big = [make_pair("a", "b", RESNET18, RESNET18)]
+    grid = plot_study_grid(make_study(big, ["a", "b"]))
+    assert [t.get_text() for ax in grid.axes for t in ax.texts] == ["not computed"] * 2
 
 
 def test_study_grid_is_readable_for_eight_models(tmp_path):
@@ -353,7 +399,7 @@ def test_plot_result_writes_every_figure(tmp_path):
     names = sorted(p.name for p in written)
     expected = sorted(
         [f"heatmap_{p.model_a}--{p.model_b}.png" for p in pairs]
-        + ["study_grid.png", "correspondence_r18--r18_b.png"]
+        + ["study_grid.png", "correspondence.png"]
     )
     assert names == expected
     assert sorted(p.name for p in (tmp_path / "figs").iterdir()) == expected
@@ -361,7 +407,7 @@ def test_plot_result_writes_every_figure(tmp_path):
         assert_not_blank(path)
 
 
-def test_plot_result_overlays_several_same_architecture_pairs(tmp_path):
+def test_plot_result_draws_one_correspondence_figure_for_all_same_architecture_pairs(tmp_path):
     models = ["a", "b", "c"]
     layers = ["x", "y", "z"]
     pairs = [make_pair("a", "b", layers, layers), make_pair("a", "c", layers, layers)]
@@ -369,28 +415,66 @@ def test_plot_result_overlays_several_same_architecture_pairs(tmp_path):
     assert {p.name for p in written} == {
         "heatmap_a--b.png",
         "heatmap_a--c.png",
-        "correspondence_a--b.png",
-        "correspondence_a--c.png",
         "correspondence.png",
         "study_grid.png",
     }
 
 
-def test_plot_result_matches_layers_only_within_one_architecture(tmp_path):
-    # an MLP and a CNN may share layer names (relu1..relu3); matching them layer by layer is
-    # meaningless, so correspondence curves need the same recorded factory and arguments too
+def _seeded_study(**factories):
+    """mlp0/mlp1 built by one factory with different seeds (kwargs), cnn0 by another."""
     layers = ["relu1", "relu2", "relu3"]
     pairs = [
         make_pair("mlp0", "mlp1", layers, layers),
         make_pair("mlp0", "cnn0", layers, layers, seed=2),
+        make_pair("mlp1", "cnn0", layers, layers, seed=3),
     ]
     study = make_study(pairs, ["mlp0", "mlp1", "cnn0"])
-    factories = {"mlp0": "demo:mlp", "mlp1": "demo:mlp", "cnn0": "demo:cnn"}
-    for name, factory in factories.items():
-        study.provenance["models"][name]["identity"] = {"model": {"factory": factory, "kwargs": {}}}
-    names = {p.name for p in plot_result(study, tmp_path, dpi=30)}
-    assert "correspondence_mlp0--mlp1.png" in names
-    assert "correspondence_mlp0--cnn0.png" not in names
+    for k, (name, factory) in enumerate(factories.items()):
+        study.provenance["models"][name]["identity"] = {
+            "model": {"factory": factory, "kwargs": {"seed": k}}
+        }
+    return study
+
+
+def test_architecture_is_the_factory_not_its_arguments():
+    # an MLP and a CNN may share layer names (relu1..relu3); matching them layer by layer is
+    # meaningless, but two seeds passed as a constructor argument are one architecture
+    study = _seeded_study(mlp0="demo:mlp", mlp1="demo:mlp", cnn0="demo:cnn")
+    groups = correspondence_groups(study)
+    assert list(groups) == ["demo:mlp"]
+    assert [(p.model_a, p.model_b) for p in groups["demo:mlp"]] == [("mlp0", "mlp1")]
+
+
+def test_declared_architecture_overrides_the_factory():
+    # three factories, but mlp0 and cnn0 are declared one architecture (e.g. two wrappers)
+    study = _seeded_study(mlp0="pkg:a", mlp1="pkg:b", cnn0="pkg:c")
+    assert correspondence_groups(study) == {}
+    groups = correspondence_groups(study, {"mlp0": "net", "cnn0": "net"})
+    assert [(p.model_a, p.model_b) for p in groups["net"]] == [("mlp0", "cnn0")]
+    with pytest.raises(ValueError, match="names model.s. nope that the result does not have"):
+        correspondence_groups(study, {"nope": "net"})
+
+
+def test_correspondence_groups_figure_has_a_panel_per_architecture_with_bands_and_null():
+    short, deep = ["l1", "l2", "l3"], [f"b{i}" for i in range(6)]
+    first = make_pair("m0", "m1", short, short)
+    first.null_threshold = np.full((3, 3), 0.12)
+    second = make_pair("c0", "c1", deep, deep, seed=5)
+    fig = plot_correspondence_groups({"mlp": [first], "cnn": [second]}, ci_level=0.95)
+    axes = [ax for ax in fig.axes if ax.get_legend() is not None]
+    assert len(axes) == 2
+    titles = [ax.get_legend().get_title().get_text() for ax in axes]
+    assert titles[0].startswith("mlp:") and titles[1].startswith("cnn:")
+    legend = [t.get_text() for t in axes[0].get_legend().get_texts()]
+    assert legend == ["m0 vs m1 (band: 95% CI)", "m0 vs m1: null threshold (p = 0.05)"]
+    np.testing.assert_array_equal(axes[0].lines[1].get_ydata(), [0.12] * 3)  # the null line
+    assert len(axes[0].collections) == 1 and len(axes[1].collections) == 1  # one band each
+    # the legend sits above the axes, never over a curve
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    for ax in axes:
+        legend_box = ax.get_legend().get_window_extent(renderer)
+        assert legend_box.y0 >= ax.get_window_extent(renderer).y1 - 1
 
 
 def test_cli_plots_a_result_written_by_the_study_writer(tmp_path):
@@ -411,7 +495,7 @@ def test_cli_plots_a_result_written_by_the_study_writer(tmp_path):
     expected = {
         "heatmap_r18--r18.png",
         "heatmap_r18--r18_b.png",
-        "correspondence_r18--r18_b.png",
+        "correspondence.png",
         "study_grid.png",
     }
     assert {p.name for p in out.iterdir()} == expected
@@ -471,3 +555,18 @@ def test_no_pyplot_state_is_touched(tmp_path):
     # and in this process: if anything else imported pyplot, our figures are not registered
     if "matplotlib.pyplot" in sys.modules:
         assert sys.modules["matplotlib.pyplot"].get_fignums() == []
+
+
+def test_cli_architecture_option_is_checked_and_explained(tmp_path):
+    run = CliRunner().invoke(
+        plot_command, [str(tmp_path), "--out", str(tmp_path), "--architecture", "mlp_s0"]
+    )
+    assert run.exit_code == 2 and "'mlp_s0' is not MODEL=NAME" in run.output
+    run = CliRunner().invoke(
+        plot_command,
+        [str(tmp_path), "--out", str(tmp_path), "--architecture", "m=a", "--architecture", "m=b"],
+    )
+    assert run.exit_code == 2 and "model 'm' is given two architectures" in run.output
+    help_text = CliRunner().invoke(plot_command, ["--help"]).output
+    assert "--architecture MODEL=NAME" in help_text
+    assert "constructor arguments" in " ".join(help_text.split())
