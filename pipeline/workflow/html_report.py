@@ -45,9 +45,8 @@ td.wide { min-width: 16em; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 4px 0; }
 @media (max-width: 700px) {
   body { font-size: 15px; }
-  /* on a phone a figure keeps a legible size and scrolls sideways inside its box */
-  figure { overflow-x: auto; } figure img { max-width: none; width: auto; }
-  figure.grid img { width: 900px; }
+  /* on a phone the study grid keeps a legible size and scrolls sideways inside its box */
+  figure.grid { overflow-x: auto; } figure.grid img { max-width: none; width: 900px; }
 }
 pre { background: #f7f7f7; padding: 8px; overflow-x: auto; font-size: 0.8em; }
 .ok { color: #176a1c; } .bad { color: #a31515; } .note { color: #555; font-size: 0.9em; }
@@ -373,7 +372,8 @@ def _correspondence_section(view: DatasetView) -> str:
         return ""
     parts.append("<h3>Layer correspondence (with confidence intervals)</h3>")
     parts.append(
-        f"<p>Pairs of two models of one architecture ({_prose(ARCHITECTURE_RULE)}): the "
+        "<p>Pairs of two models of one architecture (as the Models table lists them) with the "
+        "same layers: the "
         f"CKA of layer i with layer i, with its {_level(view.ci_level)} confidence band"
         + (" and the permutation-null threshold (dashed)" if view.permutations else "")
         + ". The known structure is that each layer is most similar to the corresponding "
