@@ -73,6 +73,15 @@ def test_demo_study_end_to_end(demo):
     assert page.count("data:image/png;base64,") >= 5  # grid, heatmaps, correspondence curves
     for section in ("Study grid", "Layer correspondence", "Per-pair heatmaps", "Provenance"):
         assert section in page, section
+    # the declared architectures group the seeds: one correspondence figure, and the table of
+    # within- vs across-architecture similarity with its intervals
+    plots = demo / "results/demo/gratings/plots"
+    assert sorted(p.name for p in plots.glob("correspondence*.png")) == ["correspondence.png"]
+    assert "mlp <small>(declared)</small>" in page and "cnn <small>(declared)</small>" in page
+    for label in ("within mlp", "within cnn", "across cnn × mlp", "within − across"):
+        assert f"<td>{label}</td>" in page or f"<td><b>{label}</b></td>" in page, label
+    assert "interval withheld" not in page  # 8 batches: every interval is reported
+    assert "<details><summary>The resolved study config</summary>" in page
     # every demo model is clearly above chance (1/6) and the report says so
     for factory in ("ckapipe.demo.models:mlp", "ckapipe.demo.models:small_cnn"):
         for seed in (0, 1):
@@ -97,6 +106,13 @@ def test_demo_study_end_to_end(demo):
             assert pair.cka[i, i] > others_in_row.max(), (a, b, pair.cka)
             assert pair.cka[i, i] > others_in_column.max(), (a, b, pair.cka)
         assert np.all(pair.ci_low <= pair.cka) and np.all(pair.cka <= pair.ci_high)
+    # the demo's story: two seeds of one architecture are more alike than two architectures,
+    # beyond the jackknife interval of the difference
+    from ckapipe.analyze.architecture_summary import architecture_similarity
+
+    groups = {"mlp_s0": "mlp", "mlp_s1": "mlp", "cnn_s0": "cnn", "cnn_s1": "cnn"}
+    difference = architecture_similarity(result, groups)[-1]
+    assert difference.label == "within − across" and difference.low > 0.05, difference
     # a model against itself: exactly 1 on the diagonal
     assert np.allclose(np.diag(result.pair("cnn_s1", "cnn_s1").cka), 1.0, atol=1e-9)
 

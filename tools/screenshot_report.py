@@ -1,7 +1,7 @@
 """Render a ckapipe HTML report in headless Chromium: PNG screenshots and layout measurements.
 
     python tools/screenshot_report.py results/demo/report.html --out-dir shots
-    python tools/screenshot_report.py REPORT.html --out-dir shots --widths 390,1280 --max-height 6000
+    python tools/screenshot_report.py REPORT.html --out-dir docs/screenshots --colors 256
 
 For each width (CSS pixels; default 390, a phone, and 1280, a desktop) it loads the page once
 with a small measuring script added to a temporary copy (the report itself stays script-free)
@@ -152,6 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--max-height", type=int, default=8000, help="crop screenshots to this height (px)"
     )
+    parser.add_argument(
+        "--colors",
+        type=int,
+        default=0,
+        help="save the PNGs with a palette of this many colours (e.g. 256: a third of the "
+        "bytes, for committing screenshots); 0 keeps full colour",
+    )
     args = parser.parse_args(argv)
     browser = find_chromium()
     if browser is None:
@@ -164,7 +171,14 @@ def main(argv: list[str] | None = None) -> int:
         png = screenshot(
             args.report, args.out_dir / f"report_{width}px.png", width, height, browser=browser
         )
-        layout.update(width=width, png=str(png), png_height=height)
+        if args.colors:
+            from PIL import Image
+
+            with Image.open(png) as image:
+                image.convert("RGB").quantize(
+                    colors=args.colors, method=Image.Quantize.FASTOCTREE
+                ).save(png, optimize=True)
+        layout.update(width=width, png=str(png), png_height=height, png_bytes=png.stat().st_size)
         layout["overflows"] = layout["scroll_width"] > layout["inner_width"]
         ok = ok and not layout["overflows"] and layout["broken_images"] == 0
         print(json.dumps(layout))
