@@ -41,10 +41,9 @@ table { border-collapse: collapse; margin: 0.5em 0; }
 td, th { border: 1px solid #ccc; padding: 3px 8px; text-align: left; font-size: 0.9em;
          vertical-align: top; }
 th { background: #f3f3f3; } td.num { font-variant-numeric: tabular-nums; white-space: nowrap; }
-td.wide { min-width: 16em; }
 img { max-width: 100%; height: auto; border: 1px solid #eee; margin: 4px 0; }
 @media (max-width: 700px) {
-  body { font-size: 15px; }
+  body { font-size: 15px; } td.wide { min-width: 14em; }
   /* on a phone the study grid keeps a legible size and scrolls sideways inside its box */
   figure.grid { overflow-x: auto; } figure.grid img { max-width: none; width: 900px; }
 }
