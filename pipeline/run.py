@@ -153,11 +153,17 @@ def _unlock_if_stale(command: list[str], workdir: Path, env: dict[str, str]) -> 
     print(f"ckapipe: removed a stale Snakemake lock in {workdir} (left by an interrupted run)")
 
 
-def _forwarding_signals(child: subprocess.Popen[bytes]) -> Callable[[int, Any], None]:
+def _forwarding_signals(
+    child: subprocess.Popen[bytes], received: list[int] | None = None
+) -> Callable[[int, Any], None]:
+    """A signal handler that forwards SIGINT/SIGTERM to ``child`` (see :func:`run_study`) and
+    records each signal it gets in ``received``."""
     escalation = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
     first_interrupt = [True]
 
     def forward(signum: int, frame: Any) -> None:
+        if received is not None:
+            received.append(signum)
         if signum == signal.SIGINT and first_interrupt[0]:
             # a terminal's Ctrl-C reaches the whole foreground process group, Snakemake
             # included, so the first one is not sent again; a second one insists
@@ -276,8 +282,7 @@ def run_study(
         return RunOutcome(returncode, time.monotonic() - started, workdir=workdir)
 
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    log_path = workdir / "results" / study / "logs" / f"snakemake-{stamp}.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log_path = _new_log(workdir / "results" / study / "logs", f"snakemake-{stamp}")
     env["PYTHONUNBUFFERED"] = "1"  # Snakemake's lines as they happen, not when a buffer fills
     progress = SnakemakeProgress()
     print(f"ckapipe: Snakemake's full log: {log_path}", file=stream, flush=True)
@@ -286,7 +291,7 @@ def run_study(
         live = stream.isatty() and os.environ.get("TERM", "dumb") != "dumb"
         view = (LiveView if live else PlainView)(progress, stream, started)
     tail: deque[str] = deque(maxlen=40)
-    with open(log_path, "w", encoding="utf-8", errors="replace") as log:
+    with open(log_path, "a", encoding="utf-8", errors="replace") as log:
         # the same process group as this process (see above)
         child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         lines: queue.Queue[str | None] = queue.Queue()
@@ -319,17 +324,36 @@ def run_study(
                     if view is not None:
                         view.tick()
 
-        returncode = _wait_forwarding_signals(child, follow)
+        received: list[int] = []
+        returncode = _wait_forwarding_signals(child, follow, received)
         progress.close()
         if view is not None:
             view.close()
     outcome = RunOutcome(
         returncode, time.monotonic() - started, log_path, progress, workdir=workdir
     )
-    if returncode:
+    if returncode and received and not progress.failures:
+        name = signal.Signals(received[0]).name
+        report = [f"ckapipe: stopped on {name}; run the same command again to resume"]
+    elif returncode:
         report = failure_report(progress, workdir, list(tail))
+    if returncode:
         print("\n".join([*report, f"Snakemake's full log: {log_path}"]), file=stream, flush=True)
     return outcome
+
+
+def _new_log(folder: Path, stem: str) -> Path:
+    """A new, empty log file ``folder/stem.log`` (``stem-2.log``, … if a run of the same second
+    has one): created exclusively, so two runs never write one file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 100):
+        path = folder / (f"{stem}.log" if attempt == 1 else f"{stem}-{attempt}.log")
+        try:
+            path.open("x").close()
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"too many Snakemake logs named {stem}*.log in {folder}; remove old ones")
 
 
 def _read_lines(child: subprocess.Popen[bytes], lines: queue.Queue[str | None]) -> None:
@@ -340,10 +364,13 @@ def _read_lines(child: subprocess.Popen[bytes], lines: queue.Queue[str | None]) 
     lines.put(None)
 
 
-def _wait_forwarding_signals(child: subprocess.Popen[bytes], follow: Callable[[], None]) -> int:
+def _wait_forwarding_signals(
+    child: subprocess.Popen[bytes], follow: Callable[[], None], received: list[int] | None = None
+) -> int:
     """Run ``follow()`` (which returns once the child's output ended), then wait for the child;
-    SIGINT and SIGTERM meanwhile are forwarded to it (see :func:`run_study`)."""
-    forward = _forwarding_signals(child)
+    SIGINT and SIGTERM meanwhile are forwarded to it (see :func:`run_study`) and recorded in
+    ``received``."""
+    forward = _forwarding_signals(child, received)
     previous = {}
     if threading.current_thread() is threading.main_thread():  # only there can Python catch them
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}

@@ -5,8 +5,8 @@ line (Snakemake 9's format: ``[local]rule X:`` blocks with ``jobid: N``, ``Finis
 (Rule: X)``, ``Error in rule X:`` blocks with their ``log:`` paths, ``N of M steps (P%) done``,
 ``Nothing to be done``) and keeps, per rule, how many jobs are planned, done, running and
 failed. A view shows that state: :class:`LiveView` redraws a few lines in place on a terminal;
-:class:`PlainView` prints one line per finished or failed job (and one per batch of started
-jobs) for logs, pipes and CI. Neither knows where the lines come from: :func:`ckapipe.run.run_study`
+:class:`PlainView` prints, for logs, pipes and CI, at most one line per tick with the jobs that
+finished and started since the last one, and one line per failed job. Neither knows where the lines come from: :func:`ckapipe.run.run_study`
 feeds them from the Snakemake process and writes every line to the run's log file too.
 """
 
@@ -277,14 +277,17 @@ def _job_label(job: Job | FailedJob) -> str:
 
 
 class PlainView:
-    """One line per finished or failed job and one per batch of started jobs: for a log file, a
-    pipe or CI, where redrawing is impossible. ``all`` (the collecting rule) is not shown."""
+    """Compact lines for a log file, a pipe or CI, where redrawing is impossible: what finished
+    and what started since the last line, at most one line per tick (``[ 0:37] done extract
+    2/4; started gram``), and a line of its own for each failed job. ``all`` (the collecting
+    rule) is not shown."""
 
     def __init__(self, progress: SnakemakeProgress, stream: TextIO, started: float) -> None:
         self.progress = progress
         self.stream = stream
         self.started = started
-        self._starting: list[Job] = []
+        self._done: dict[str, int] = {}
+        self._starting: dict[str, int] = {}
         progress.subscribe(self._on_event)
 
     def _stamp(self) -> str:
@@ -297,33 +300,36 @@ class PlainView:
     def _on_event(self, event: str, job: Job | FailedJob) -> None:
         if job.rule == TARGET_RULE:
             return
-        if event == "started" and isinstance(job, Job):
-            self._starting.append(job)
-            return
-        self._flush_starts()
-        counts = self.progress.rules[job.rule]
-        total = max(counts.planned, counts.done + counts.running + counts.failed)
-        if event == "finished":
-            self._write(f"{self._stamp()} done     {job.rule} ({counts.done}/{total})")
+        if event == "started":
+            self._starting[job.rule] = self._starting.get(job.rule, 0) + 1
+        elif event == "finished":
+            self._done[job.rule] = self._done.get(job.rule, 0) + 1
         else:
-            self._write(f"{self._stamp()} FAILED   {_job_label(self.progress.job_of(job))}")
+            self._flush()
+            self._write(f"{self._stamp()} FAILED {_job_label(self.progress.job_of(job))}")
 
-    def _flush_starts(self) -> None:
-        if not self._starting:
-            return
-        by_rule: dict[str, int] = {}
-        for job in self._starting:
-            by_rule[job.rule] = by_rule.get(job.rule, 0) + 1
-        self._starting = []
-        started = ", ".join(f"{rule} ×{n}" if n > 1 else rule for rule, n in by_rule.items())
-        self._write(f"{self._stamp()} started  {started}")
+    def _flush(self) -> None:
+        parts = []
+        if self._done:
+            done = []
+            for rule in self._done:
+                counts = self.progress.rules[rule]
+                total = max(counts.planned, counts.done + counts.running + counts.failed)
+                done.append(f"{rule} {counts.done}/{total}")
+            parts.append("done " + ", ".join(done))
+        if self._starting:
+            starting = [f"{rule} ×{n}" if n > 1 else rule for rule, n in self._starting.items()]
+            parts.append("started " + ", ".join(starting))
+        self._done, self._starting = {}, {}
+        if parts:
+            self._write(f"{self._stamp()} " + "; ".join(parts))
 
     def tick(self) -> None:
-        """Called about twice a second: prints the jobs started since the last line."""
-        self._flush_starts()
+        """Called about twice a second: one line for what happened since the last one."""
+        self._flush()
 
     def close(self) -> None:
-        self._flush_starts()
+        self._flush()
 
 
 class LiveView:

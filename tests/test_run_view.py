@@ -133,26 +133,31 @@ def test_lines_the_parser_does_not_know_change_nothing() -> None:
     assert progress.jobs == {} and progress.failures == []
 
 
-def test_plain_view_is_one_line_per_finished_job_and_per_batch_of_starts() -> None:
+def test_plain_view_is_one_line_per_tick_with_what_finished_and_started() -> None:
     clock = Clock()
     progress = SnakemakeProgress(clock)
     out = io.StringIO()
     view = PlainView(progress, out, started=0.0)
-    for line in DEMO:
+    for i, line in enumerate(DEMO):
+        if DEMO[i + 1 :][:1] and DEMO[i + 1].startswith("Finished jobid"):
+            # Snakemake is silent while its jobs run: the runner's ticks fall there
+            view.tick()
         clock.now += 1.0
         progress.feed(line)
-        if line.startswith("Shell command:"):
-            view.tick()  # the runner ticks while Snakemake waits for its jobs
     progress.close()
     view.close()
     lines = out.getvalue().splitlines()
-    done = [line for line in lines if " done " in line]
-    assert len(done) == 16  # every job but the collecting `all`
-    assert not any(" all" in line for line in lines)
-    assert len(lines) <= 32
-    assert done[-1].endswith("done     report (1/1)")
-    assert any(line.endswith("done     extract (4/4)") for line in done)
-    assert lines[0].startswith("[") and "started  demo_data" in lines[0]
+    stamps = [line.split("] ", 1)[0] + "]" for line in lines]
+    assert all(len(stamp) == 7 and stamp.startswith("[") for stamp in stamps), lines
+    events = [line.split("] ", 1)[1] for line in lines]
+    assert events[:2] == ["started demo_data", "done demo_data 1/1; started train ×2"]
+    assert events[-1] == "done report 1/1"
+    # every job but the collecting `all` is reported done once, with its rule's count
+    done = [part for event in events for part in event.split("; ") if part.startswith("done ")]
+    reported = [item for part in done for item in part.removeprefix("done ").split(", ")]
+    assert len(reported) == 16 and not any("all" in line for line in lines)
+    assert "extract 4/4" in reported and "gram 4/4" in reported
+    assert len(lines) == 17, lines  # one per finished job: each finish starts the next jobs
 
 
 def test_plain_view_names_a_failed_job_by_its_wildcards() -> None:
@@ -160,7 +165,7 @@ def test_plain_view_names_a_failed_job_by_its_wildcards() -> None:
     out = io.StringIO()
     PlainView(progress, out, started=0.0)
     feed(FAILED, progress)
-    assert "FAILED   extract 33e9c29f3dbf8e28" in out.getvalue()
+    assert "] FAILED extract 33e9c29f3dbf8e28\n" in out.getvalue()
 
 
 def test_live_view_redraws_in_place() -> None:
