@@ -42,9 +42,10 @@ def run(workdir: Path, verbose: bool, args: tuple[str, ...]) -> None:
     What it prints:
     - first, the log file that gets Snakemake's full output:
       results/<study>/logs/snakemake-<UTC time>.log
-    - while it runs, a compact view: on a terminal, one line per step (extract, gram, ...)
-      with jobs done/running/failed and elapsed time, redrawn in place; in a pipe or CI, one
-      line per finished job. --verbose shows Snakemake's own output instead.
+    - while it runs, a compact view: on a terminal, one line per step (extract,
+      gram, ...) with its jobs done/running/failed and elapsed time, redrawn in place;
+      in a pipe or CI, a line whenever jobs finish or start, and one per failed job.
+      --verbose shows Snakemake's own output instead.
     - at the end: the jobs run (and how many found their result in the cache), the wall
       time, the report's path, each dataset's CSV (results/<study>/<dataset>/cka.csv) and
       the headline table: per model pair, the mean CKA of the matched layers with the

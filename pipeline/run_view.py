@@ -342,13 +342,14 @@ class LiveView:
         self.stream = stream
         self.started = started
         self._drawn = 0
+        self._last: list[str] = []
         progress.subscribe(self._on_event)
 
     def _lines(self) -> list[str]:
         now = self.progress.clock()
         lines = [f"  {self.progress.rule_line(rule, now)}" for rule in self.progress.shown_rules()]
         steps = self.progress.steps
-        done = f"{steps[0]}/{steps[1]} jobs" if steps else "starting"
+        done = f"{steps[0]}/{steps[1]} jobs" if steps else "Snakemake starting"
         lines.append(f"  {done}, {format_elapsed(now - self.started)} elapsed")
         return lines
 
@@ -364,9 +365,11 @@ class LiveView:
 
     def draw(self) -> None:
         lines = self._lines()
+        if self._drawn and lines == self._last:
+            return  # nothing changed (the elapsed times count whole seconds)
         self.stream.write(self._erase() + "\n".join(lines) + "\n")
         self.stream.flush()
-        self._drawn = len(lines)
+        self._drawn, self._last = len(lines), lines
 
     def tick(self) -> None:
         """Called about twice a second: refreshes the elapsed times."""
