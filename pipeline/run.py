@@ -248,8 +248,8 @@ def run_study(
         Stream Snakemake's own output to ``stream`` instead of the compact view.
     stream:
         Where the view (or the raw output) goes; default ``sys.stdout``. On a terminal the view
-        is redrawn in place (:class:`~ckapipe.run_view.LiveView`), elsewhere it is one line per
-        job (:class:`~ckapipe.run_view.PlainView`).
+        is redrawn in place (:class:`~ckapipe.run_view.LiveView`), elsewhere it is a line
+        whenever jobs finish or start (:class:`~ckapipe.run_view.PlainView`).
 
     Snakemake's full output is written to ``results/<study>/logs/snakemake-<UTC time>.log``,
     named in the view's first line. A failed run prints each failed job's rule, log file and
