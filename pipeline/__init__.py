@@ -55,6 +55,7 @@ _PUBLIC_API: dict[str, str] = {
     "plot_result": "ckapipe.analyze.plots",
     # pipeline
     "run_study": "ckapipe.run",
+    "RunOutcome": "ckapipe.run",
     # integrity
     "verify": "ckapipe.verify",
     # errors: every user-facing error derives from CkapipeError

@@ -1,7 +1,8 @@
 """The shared cache root of ``ckapipe run``: list, size, verify and prune its entries.
 
-A cache root holds ``stores/<key>.zarr`` (activation stores) and ``grams/<key>.zarr`` (Gram
-caches), keyed by content (:mod:`ckapipe.workflow.keys`), shared by every study that points its
+A cache root holds ``stores/<key>.zarr`` (activation stores), ``grams/<key>.zarr`` (Gram
+caches) and, for studies that use the demo, ``demo/data/<key>/`` (the generated dataset) and
+``demo/models/<key>/`` (trained weights and metrics), keyed by content (:mod:`ckapipe.workflow.keys`), shared by every study that points its
 ``storage.cache_root`` there. This module is the API of ``ckapipe cache``
 (:mod:`ckapipe.cli_cache`):
 
@@ -33,19 +34,35 @@ from ckapipe.formats import WriterLock, sibling_lock_path
 __all__ = [
     "KINDS",
     "CacheEntry",
+    "ZARR_KINDS",
     "ConfigKeys",
     "GarbagePlan",
     "collect_garbage",
     "config_keys",
     "default_cache_root",
     "entry_locks",
+    "entry_root",
     "human_size",
     "plan_garbage",
     "scan",
 ]
 
 #: Sub-folder of the cache root → the kind of entry it holds.
-KINDS = {"stores": "store", "grams": "gram"}
+KINDS = {
+    "stores": "store",
+    "grams": "gram",
+    "demo/data": "demo-data",
+    "demo/models": "demo-model",
+}
+#: The kinds that are zarr groups (``<key>.zarr``); the demo's entries are plain folders.
+ZARR_KINDS = ("store", "gram")
+#: Kind → the folder of its receipts under ``results/<study>/receipts/``.
+_RECEIPTS = {
+    "store": "stores",
+    "gram": "grams",
+    "demo-data": "demo-data",
+    "demo-model": "demo-models",
+}
 
 
 @dataclass
@@ -117,18 +134,30 @@ def _attributes(path: Path) -> dict[str, Any]:
 
 
 def _receipt_times(workdirs: Iterable[Path], kind: str) -> dict[str, float]:
-    """Key → newest receipt modification time under ``results/*/receipts/<kind>s/``."""
+    """Key → newest receipt modification time under ``results/*/receipts/<kind's folder>/``."""
     times: dict[str, float] = {}
     for workdir in workdirs:
-        for receipt in workdir.glob(f"results/*/receipts/{kind}s/*.json"):
+        for receipt in workdir.glob(f"results/*/receipts/{_RECEIPTS[kind]}/*.json"):
             with contextlib.suppress(OSError):
                 mtime = receipt.stat().st_mtime
                 times[receipt.stem] = max(mtime, times.get(receipt.stem, 0.0))
     return times
 
 
+def _demo_entry(path: Path, kind: str) -> tuple[str, str]:
+    """(model, dataset) columns of a demo entry: a trained model's factory and seed."""
+    if kind == "demo-data":
+        return "-", "demo data (generated)"
+    try:
+        metrics = json.loads((path / "metrics.json").read_text())
+        return f"{metrics['factory']} seed {metrics['seed']}", "demo data (trained on)"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "-", "demo data (trained on)"
+
+
 def scan(root: str | os.PathLike[str], *, workdirs: Sequence[Path] = ()) -> list[CacheEntry]:
-    """Every store and Gram cache under the cache ``root``, stores first, each sorted by key.
+    """Every entry under the cache ``root``: stores, Gram caches, then the demo's generated data
+    and trained models, each kind sorted by key.
 
     ``workdirs``: study working directories whose receipts count as a use of an entry.
     """
@@ -141,6 +170,9 @@ def scan(root: str | os.PathLike[str], *, workdirs: Sequence[Path] = ()) -> list
     entries = []
     for folder, kind in KINDS.items():
         receipts = _receipt_times(workdirs, kind)
+        if kind not in ZARR_KINDS:
+            entries.extend(_demo_entries(root / folder, kind, receipts))
+            continue
         for path in sorted((root / folder).glob("*.zarr")):
             if not path.is_dir():
                 continue
@@ -178,6 +210,30 @@ def scan(root: str | os.PathLike[str], *, workdirs: Sequence[Path] = ()) -> list
     return entries
 
 
+def _demo_entries(folder: Path, kind: str, receipts: dict[str, float]) -> list[CacheEntry]:
+    # a demo entry appears only by rename from its staging folder (ckapipe.workflow.jobs build),
+    # so one that exists is complete; staging folders and lock files start with a dot
+    entries = []
+    for path in sorted(folder.glob("[!.]*")):
+        if not path.is_dir():
+            continue
+        model, dataset = _demo_entry(path, kind)
+        entries.append(
+            CacheEntry(
+                kind=kind,
+                key=path.name,
+                path=path,
+                model=model,
+                dataset=dataset,
+                layers=0,
+                size=_tree_size(path),
+                state="being written" if _locked(path) else "complete",
+                last_used=max(path.stat().st_mtime, receipts.get(path.name, 0.0)),
+            )
+        )
+    return entries
+
+
 def human_size(size: float) -> str:
     """``1536`` → ``1.5 KiB``."""
     for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
@@ -199,6 +255,20 @@ class ConfigKeys:
     """Resolved against the working directory the keys were computed in."""
     stores: set[str]
     grams: set[str]
+    demo_data: set[str] = field(default_factory=set)
+    """The demo dataset it uses (to extract or to train on), if any."""
+    demo_models: set[str] = field(default_factory=set)
+    """The training keys of its demo-trained models."""
+
+    def uses(self, entry: CacheEntry) -> bool:
+        """Whether ``entry`` (of this config's cache root) is one this study asks for."""
+        keys = {
+            "store": self.stores,
+            "gram": self.grams,
+            "demo-data": self.demo_data,
+            "demo-model": self.demo_models,
+        }
+        return entry.key in keys.get(entry.kind, set())
 
 
 @contextlib.contextmanager
@@ -249,20 +319,11 @@ def config_keys(
 ) -> ConfigKeys:
     """The store and Gram cache keys the study ``config`` uses when run in ``workdir``.
 
-    The same computation as the workflow's plan (``workflow/rules/common.smk``), with the same
-    :mod:`ckapipe.workflow.keys` functions: a test checks both agree on the demo study.
+    The workflow's own computation (:func:`ckapipe.workflow.keys.study_keys`, which
+    ``workflow/rules/common.smk`` calls too), run in ``workdir`` as Snakemake runs it.
     """
     from ckapipe.run import DEFAULT_CONFIG
-    from ckapipe.workflow.keys import (
-        CodeSourceError,
-        FileHasher,
-        code_identity,
-        content_key,
-        gram_key,
-        gram_partition,
-        module_file,
-        store_key,
-    )
+    from ckapipe.workflow.keys import CodeSourceError, FileHasher, study_keys
 
     config_path = Path(config).resolve() if config is not None else DEFAULT_CONFIG
     workdir = Path(workdir).resolve()
@@ -270,97 +331,36 @@ def config_keys(
     with _working_directory(workdir):
         cache = plan["storage"]["cache_root"].rstrip("/")
         hasher = FileHasher(f"{cache}/sha256-index.json") if Path(cache).is_dir() else FileHasher()
-
-        def code(spec: dict[str, Any], files: list[str], what: str) -> dict[str, Any]:
-            try:
-                return code_identity(spec, files, hasher, what)
-            except CodeSourceError as error:
-                raise UsageError(f"study config {config_path}: {error}") from None
-
-        def sha256(path: str, what: str) -> str:
-            try:
-                return hasher.sha256(path)
-            except FileNotFoundError as error:
-                raise UsageError(f"study config {config_path}, {what}: {error}") from None
-
-        data_key = content_key(
-            {
-                "kind": "demo-data",
-                **plan["demo"],
-                "code": hasher.sha256(module_file("ckapipe.demo.data")),  # type: ignore[arg-type]
-            }
-        )
-        models = {}
-        for name, model in plan["models"].items():
-            spec = dict(model["spec"])
-            if "train" in model:
-                recipe = {
-                    "factory": spec["factory"],
-                    "kwargs": spec.get("kwargs", {}),
-                    "train": model["train"],
-                    "data": data_key,
-                    "code": {
-                        **code({"factory": spec["factory"]}, [], f"models.{name}.spec"),
-                        "training": hasher.sha256(module_file("ckapipe.demo.training")),  # type: ignore[arg-type]
-                    },
-                }
-                train = content_key({"kind": "demo-training", **recipe})
-                spec["weights"] = f"{cache}/demo/models/{train}/weights.pt"
-                identity: dict[str, Any] = {"trained": recipe}
-            elif "weights" in spec:
-                identity = {"sha256": sha256(spec["weights"], f"models.{name}.spec.weights")}
-            else:
-                identity = {"weights": None}
-            models[name] = (
-                spec,
-                identity,
-                code(spec, list(model.get("files", [])), f"models.{name}.spec"),
-            )
-        datasets = {}
-        for name, dataset in plan["datasets"].items():
-            if "demo" in dataset:
-                spec = {"array": f"{cache}/demo/data/{data_key}/{dataset['demo']}_images.npy"}
-                identity = {"demo": dataset["demo"], "data": data_key}
-            else:
-                spec = dict(dataset["spec"])
-                identity = {key: value for key, value in spec.items() if key != "array"}
-                if "array" in spec:
-                    identity["array_sha256"] = sha256(spec["array"], f"datasets.{name}.spec.array")
-            identity["limit"] = dataset.get("limit")
-            files = list(dataset.get("files", []))
-            datasets[name] = (identity, code(spec, files, f"datasets.{name}.spec"))
+        try:
+            keys = study_keys(plan, hasher, cache)
+        except (CodeSourceError, FileNotFoundError) as error:
+            raise UsageError(f"study config {config_path}: {error}") from None
         hasher.save()
-
-    storage, analysis = plan["storage"], plan["analysis"]
-    partition = gram_partition(analysis)
-    stores, grams = set(), set()
-    for dataset_identity, dataset_code in datasets.values():
-        for name, (spec, weights_identity, model_code) in models.items():
-            key = store_key(
-                model_spec=spec,
-                code={"model": model_code, "dataset": dataset_code},
-                weights_identity=weights_identity,
-                dataset_identity=dataset_identity,
-                layers=plan["models"][name]["layers"],
-                reduction=plan["models"][name]["reduction"],
-                dtype=storage["dtype"],
-                codec=storage["codec"],
-                order=storage["order"],
-                order_seed=storage["order_seed"],
-            )
-            stores.add(key)
-            grams.add(gram_key(key, partition))
-    return ConfigKeys(config_path, (workdir / cache).resolve(), stores, grams)
+    trained = {model.train_key for model in keys.models.values() if model.train_key}
+    uses_demo_data = bool(trained) or any("demo" in d for d in plan["datasets"].values())
+    return ConfigKeys(
+        config_path,
+        (workdir / cache).resolve(),
+        set(keys.stores.values()),
+        set(keys.grams.values()),
+        {keys.demo_data} if uses_demo_data else set(),
+        trained,
+    )
 
 
 def mark_users(entries: Sequence[CacheEntry], configs: Sequence[ConfigKeys]) -> None:
     """Fill each entry's ``used_by`` with the configs (of the same cache root) that ask for it."""
     for entry in entries:
+        root = entry_root(entry)
         for keys in configs:
-            if keys.cache_root != entry.path.parent.parent.resolve():
-                continue
-            if entry.key in (keys.stores if entry.kind == "store" else keys.grams):
+            if keys.cache_root == root and keys.uses(entry):
                 entry.used_by.append(str(keys.config))
+
+
+def entry_root(entry: CacheEntry) -> Path:
+    """The cache root an entry lies in (``stores/<key>.zarr``, ``demo/models/<key>``, …)."""
+    folder = next(folder for folder, kind in KINDS.items() if kind == entry.kind)
+    return entry.path.resolve().parents[len(Path(folder).parts)]
 
 
 # --------------------------------------------------------------------------- garbage collection

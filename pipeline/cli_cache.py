@@ -51,7 +51,7 @@ def _root(root: Path | None, configs: tuple[Path, ...], workdir: Path) -> Path:
 
 @click.group("cache", cls=click.Group)
 def cache() -> None:
-    """Inspect and prune the shared cache of stores and Gram caches.
+    """Inspect and prune the shared cache: stores, Gram caches, the demo's data and models.
 
     ROOT is the cache root (default: --config's storage.cache_root, else the demo's, resolved
     against --workdir).
@@ -68,7 +68,8 @@ def cache() -> None:
 @_workdir_option
 @opts.json_flag("Print a JSON list of entries instead of a table.")
 def ls(root: Path | None, configs: tuple[Path, ...], workdir: Path, as_json: bool) -> None:
-    """One line per activation store and Gram cache: key, model, dataset, size, state, last use."""
+    """One line per cache entry (activation store, Gram cache, demo dataset, demo-trained
+    model): kind, key, model, dataset, size, state, last use."""
     from ckapipe.cache import config_keys, human_size, mark_users, scan
 
     entries = scan(_root(root, configs, workdir), workdirs=[workdir])
@@ -112,15 +113,18 @@ def du(root: Path | None, configs: tuple[Path, ...], workdir: Path) -> None:
 @_configs_option("--config", help="A study config whose cache root is the default ROOT.")
 @_workdir_option
 def verify(root: Path | None, configs: tuple[Path, ...], workdir: Path) -> None:
-    """Check every chunk of every entry (as `ckapipe verify`); exit 1 if any is damaged.
+    """Check every chunk of every store and Gram cache (as `ckapipe verify`); exit 1 if any is
+    damaged. The demo's generated data and trained models are not checked.
 
     An entry being written is skipped: it is incomplete by design until its writer finishes.
     """
-    from ckapipe.cache import scan
+    from ckapipe.cache import ZARR_KINDS, scan
     from ckapipe.verify import verify as verify_path
 
     damaged = 0
     for entry in scan(_root(root, configs, workdir)):
+        if entry.kind not in ZARR_KINDS:
+            continue  # the demo's data and models have no checksums; a rerun regenerates them
         if entry.state == "being written":
             click.echo(f"SKIPPED {entry.path}: being written by a live process")
             continue
@@ -143,6 +147,11 @@ def verify(root: Path | None, configs: tuple[Path, ...], workdir: Path) -> None:
 @click.option("--yes", is_flag=True, help="Remove them (default: only print what would go).")
 def gc(root: Path | None, configs: tuple[Path, ...], workdir: Path, yes: bool) -> None:
     """Remove the entries that no --keep-config study uses (a dry run without --yes).
+
+    Entries are activation stores, Gram caches, and the demo's generated dataset and trained
+    models (ROOT/demo/): a study that trains demo models or extracts the demo dataset keeps
+    them. A study's own results (results/<study>/ under its working directory) are not in the
+    cache and are never touched.
 
     An entry that a live process is writing is never removed.
     """

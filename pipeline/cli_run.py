@@ -21,8 +21,15 @@ __all__ = ["commands", "run", "verify"]
     show_default=True,
     help="Working directory: results/<study>/ and the default cache root go here.",
 )
+@click.option(
+    "-v",
+    "--verbose",
+    is_flag=True,
+    help="Stream Snakemake's own output (about 20 lines per job) instead of the compact view; "
+    "it is written to the log file either way.",
+)
 @click.argument("args", nargs=-1, type=click.UNPROCESSED, metavar="[CONFIG] [-- SNAKEMAKE_ARGS]...")
-def run(workdir: Path, args: tuple[str, ...]) -> None:
+def run(workdir: Path, verbose: bool, args: tuple[str, ...]) -> None:
     """Run a whole study with Snakemake (no CONFIG: the demo study).
 
     Extract every model on every dataset, build Gram caches, compare all pairs, plot, and write
@@ -30,21 +37,33 @@ def run(workdir: Path, args: tuple[str, ...]) -> None:
     storage.cache_root, keyed by content, so studies share them. CONFIG is a YAML file (see the
     demo's config.yaml). Anything after `--` goes to Snakemake, e.g.
     `ckapipe run study.yaml -- --dry-run` or `ckapipe run study.yaml -- --profile slurm`.
+
+    \b
+    What it prints:
+    - first, the log file that gets Snakemake's full output:
+      results/<study>/logs/snakemake-<UTC time>.log
+    - while it runs, a compact view: on a terminal, one line per step (extract,
+      gram, ...) with its jobs done/running/failed and elapsed time, redrawn in place;
+      in a pipe or CI, a line whenever jobs finish or start, and one per failed job.
+      --verbose shows Snakemake's own output instead.
+    - at the end: the jobs run (and how many found their result in the cache), the wall
+      time, the report's path, each dataset's CSV (results/<study>/<dataset>/cka.csv) and
+      the headline table: per model pair, the mean CKA of the matched layers with the
+      widest interval half-width among them.
+    - if a job fails: the failed step, its log file and that log's last lines.
+    A dry run (`-- -n`), --unlock, --summary and --list-rules print Snakemake's output as it is.
+
+    The exit status is Snakemake's. Ctrl-C or SIGTERM stops Snakemake and its jobs cleanly; a
+    lock left by a killed run is removed on the next run when no Snakemake works in WORKDIR.
     """
-    from ckapipe.run import run_study, run_summary, split_config_argument
+    from ckapipe.run import only_plans, run_study, run_summary, split_config_argument
 
     config, snakemake_args = split_config_argument(args)
-    returncode = run_study(config, workdir=workdir, snakemake_args=snakemake_args)
-    if returncode:
-        raise SystemExit(returncode)
-    if not _only_plans(snakemake_args):
-        click.echo("\n".join(run_summary(config, workdir=workdir)))
-
-
-def _only_plans(snakemake_args: list[str]) -> bool:
-    # these runs compute nothing: there is no new result to summarise
-    quiet = {"-n", "--dry-run", "--dryrun", "--unlock", "--summary", "-S", "--list-rules"}
-    return any(arg in quiet or arg.startswith("--dry-run=") for arg in snakemake_args)
+    outcome = run_study(config, workdir=workdir, snakemake_args=snakemake_args, verbose=verbose)
+    if outcome.returncode:
+        raise SystemExit(outcome.returncode)
+    if not only_plans(snakemake_args):
+        click.echo("\n".join(run_summary(config, workdir=workdir, outcome=outcome)))
 
 
 @opts.command("verify")

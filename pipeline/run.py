@@ -8,24 +8,41 @@ exactly as on the command line.
 
 from __future__ import annotations
 
+import json
 import os
+import queue
 import signal
 import subprocess
 import sys
 import threading
+import time
+from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from ckapipe.errors import CkapipeError, UsageError
+from ckapipe.run_view import (
+    TARGET_RULE,
+    LiveView,
+    PlainView,
+    SnakemakeProgress,
+    failure_report,
+    format_elapsed,
+)
 
 __all__ = [
     "DEFAULT_CONFIG",
     "PROFILE_DIR",
     "SNAKEFILE",
+    "RunOutcome",
     "WorkdirBusyError",
     "live_snakemake",
+    "only_plans",
     "run_study",
+    "headline_table",
     "run_summary",
     "snakemake_command",
     "split_config_argument",
@@ -40,6 +57,8 @@ PROFILE_DIR = _PACKAGE_DIR / "profiles" / "default"
 """The workflow profile applied to every run (resume, show commands and failed logs)."""
 
 _CORES_FLAGS = ("--cores", "-c", "--jobs", "-j")
+_TICK = 0.5
+"""Seconds between refreshes of the view while Snakemake is silent."""
 
 
 def _has_flag(args: Sequence[str], flags: Sequence[str]) -> bool:
@@ -134,11 +153,17 @@ def _unlock_if_stale(command: list[str], workdir: Path, env: dict[str, str]) -> 
     print(f"ckapipe: removed a stale Snakemake lock in {workdir} (left by an interrupted run)")
 
 
-def _forwarding_signals(child: subprocess.Popen[bytes]) -> Callable[[int, Any], None]:
+def _forwarding_signals(
+    child: subprocess.Popen[bytes], received: list[int] | None = None
+) -> Callable[[int, Any], None]:
+    """A signal handler that forwards SIGINT/SIGTERM to ``child`` (see :func:`run_study`) and
+    records each signal it gets in ``received``."""
     escalation = [signal.SIGINT, signal.SIGTERM, signal.SIGKILL]
     first_interrupt = [True]
 
     def forward(signum: int, frame: Any) -> None:
+        if received is not None:
+            received.append(signum)
         if signum == signal.SIGINT and first_interrupt[0]:
             # a terminal's Ctrl-C reaches the whole foreground process group, Snakemake
             # included, so the first one is not sent again; a second one insists
@@ -151,47 +176,222 @@ def _forwarding_signals(child: subprocess.Popen[bytes]) -> Callable[[int, Any], 
     return forward
 
 
+@dataclass
+class RunOutcome:
+    """What :func:`run_study` returns: Snakemake's exit status and what the run did.
+
+    ``progress`` is ``None`` for a run that only plans or manages (``--dry-run``, ``--unlock``,
+    …): its output went straight to the terminal and there is no job to count.
+    """
+
+    returncode: int
+    wall_seconds: float
+    log_path: Path | None = None
+    """Snakemake's full output of this run (``results/<study>/logs/snakemake-<UTC time>.log``)."""
+    progress: SnakemakeProgress | None = None
+    workdir: Path = field(default_factory=Path.cwd)
+
+    def job_counts(self) -> dict[str, tuple[int, int]]:
+        """Rule → (jobs finished, of which reused from the cache), in the order they ran,
+        the collecting rule ``all`` left out. A cache job's receipt records whether it found
+        its entry complete (``"reused": true``) instead of building it."""
+        counts: dict[str, tuple[int, int]] = {}
+        if self.progress is None:
+            return counts
+        for job in self.progress.jobs.values():
+            if job.state != "done" or job.rule == TARGET_RULE:
+                continue
+            ran, reused = counts.get(job.rule, (0, 0))
+            counts[job.rule] = (
+                ran + 1,
+                reused + any(_reused(self.workdir / p) for p in job.output),
+            )
+        return counts
+
+    def jobs_line(self) -> str:
+        """``jobs: extract 4 (3 reused from cache), gram 4, …; 1:23 wall time``."""
+        wall = f"{format_elapsed(self.wall_seconds)} wall time"
+        if self.progress is not None and self.progress.nothing_to_do:
+            return f"jobs: none, every output is up to date; {wall}"
+        parts = []
+        for rule, (ran, reused) in self.job_counts().items():
+            parts.append(f"{rule} {ran}" + (f" ({reused} reused from cache)" if reused else ""))
+        failed = len(self.progress.failures) if self.progress is not None else 0
+        if failed:
+            parts.append(f"{failed} failed")
+        return f"jobs: {', '.join(parts) if parts else 'none'}; {wall}"
+
+
+def _reused(receipt: Path) -> bool:
+    try:
+        record = json.loads(receipt.read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(record, dict) and record.get("reused") is True
+
+
 def run_study(
     config: str | os.PathLike[str] | None = None,
     *,
     workdir: str | os.PathLike[str] = ".",
     snakemake_args: Sequence[str] = (),
-) -> int:
-    """Run a study (default: the demo) with Snakemake; return Snakemake's exit status.
+    verbose: bool = False,
+    stream: TextIO | None = None,
+) -> RunOutcome:
+    """Run a study (default: the demo) with Snakemake; return its :class:`RunOutcome`.
 
-    Parameters are those of :func:`snakemake_command`. Output goes to this process's stdout and
-    stderr. A stale lock of an interrupted run is removed first (refused while another Snakemake
+    Parameters
+    ----------
+    config, workdir, snakemake_args:
+        As for :func:`snakemake_command`.
+    verbose:
+        Stream Snakemake's own output to ``stream`` instead of the compact view.
+    stream:
+        Where the view (or the raw output) goes; default ``sys.stdout``. On a terminal the view
+        is redrawn in place (:class:`~ckapipe.run_view.LiveView`), elsewhere it is a line
+        whenever jobs finish or start (:class:`~ckapipe.run_view.PlainView`).
+
+    Snakemake's full output is written to ``results/<study>/logs/snakemake-<UTC time>.log``,
+    named in the view's first line. A failed run prints each failed job's rule, log file and
+    the log's last lines. A run that only plans or manages (``--dry-run``, ``--unlock``,
+    ``--summary``, ``--list-rules``) prints Snakemake's output as it is and writes no log.
+
+    A stale lock of an interrupted run is removed first (refused while another Snakemake
     runs in ``workdir``: :class:`WorkdirBusyError`). Snakemake runs in this process's group, so a
     terminal's Ctrl-C reaches it directly; SIGTERM (and a second SIGINT) is forwarded to it as
     SIGINT (further signals: SIGTERM, then SIGKILL) and Snakemake is waited for, so that it stops
     its jobs and leaves no lock behind.
     """
+    started = time.monotonic()
+    stream = stream if stream is not None else sys.stdout
     command = snakemake_command(config, workdir=workdir, snakemake_args=snakemake_args)
-    if config is not None:
-        _check_config_file(Path(config))
+    study = _check_config_file(Path(config) if config is not None else None)
+    workdir = Path(workdir).resolve()
     # The rules call `ckapipe` and `python`: make them this installation's, also when ckapipe was
     # started from a virtual environment that is not activated (SLURM jobs inherit this PATH).
     env = dict(os.environ)
     bin_dir = str(Path(sys.executable).parent)
     env["PATH"] = os.pathsep.join([bin_dir, env.get("PATH", "")])
     if "--unlock" not in snakemake_args:
-        _unlock_if_stale(command, Path(workdir).resolve(), env)
-    # the same process group as this process: whatever stops the group (a terminal's hangup, a
-    # scheduler killing the job's group) stops Snakemake and its jobs too
-    child = subprocess.Popen(command, env=env)
-    forward = _forwarding_signals(child)
+        _unlock_if_stale(command, workdir, env)
+    if only_plans(snakemake_args):
+        # the same process group as this process: whatever stops the group (a terminal's
+        # hangup, a scheduler killing the job's group) stops Snakemake and its jobs too
+        child = subprocess.Popen(command, env=env)
+        returncode = _wait_forwarding_signals(child, lambda: None)
+        return RunOutcome(returncode, time.monotonic() - started, workdir=workdir)
+
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    log_path = _new_log(workdir / "results" / study / "logs", f"snakemake-{stamp}")
+    env["PYTHONUNBUFFERED"] = "1"  # Snakemake's lines as they happen, not when a buffer fills
+    progress = SnakemakeProgress()
+    print(f"ckapipe: Snakemake's full log: {log_path}", file=stream, flush=True)
+    view: LiveView | PlainView | None = None
+    if not verbose:
+        live = stream.isatty() and os.environ.get("TERM", "dumb") != "dumb"
+        view = (LiveView if live else PlainView)(progress, stream, started)
+    tail: deque[str] = deque(maxlen=40)
+    with open(log_path, "a", encoding="utf-8", errors="replace") as log:
+        # the same process group as this process (see above)
+        child = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        lines: queue.Queue[str | None] = queue.Queue()
+        reader = threading.Thread(target=_read_lines, args=(child, lines), daemon=True)
+        reader.start()
+
+        def take(line: str) -> None:
+            # one line of Snakemake's: to the log, the parser and (verbose) the screen
+            log.write(line)
+            tail.append(line.rstrip("\n"))
+            progress.feed(line)
+            if verbose:
+                stream.write(line)
+                stream.flush()
+
+        def follow() -> None:
+            last_tick = 0.0
+            while True:
+                try:
+                    line = lines.get(timeout=_TICK)
+                except queue.Empty:
+                    line = ""
+                if line is None:
+                    break  # Snakemake closed its output: it is exiting
+                if line:
+                    take(line)
+                if time.monotonic() - last_tick >= _TICK:
+                    last_tick = time.monotonic()
+                    log.flush()
+                    if view is not None:
+                        view.tick()
+
+        received: list[int] = []
+        returncode = _wait_forwarding_signals(child, follow, received)
+        progress.close()
+        if view is not None:
+            view.close()
+    outcome = RunOutcome(
+        returncode, time.monotonic() - started, log_path, progress, workdir=workdir
+    )
+    if returncode and received and not progress.failures:
+        name = signal.Signals(received[0]).name
+        report = [f"ckapipe: stopped on {name}; run the same command again to resume"]
+    elif returncode:
+        report = failure_report(progress, workdir, list(tail))
+    if returncode:
+        print("\n".join([*report, f"Snakemake's full log: {log_path}"]), file=stream, flush=True)
+    return outcome
+
+
+def _new_log(folder: Path, stem: str) -> Path:
+    """A new, empty log file ``folder/stem.log`` (``stem-2.log``, … if a run of the same second
+    has one): created exclusively, so two runs never write one file."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for attempt in range(1, 100):
+        path = folder / (f"{stem}.log" if attempt == 1 else f"{stem}-{attempt}.log")
+        try:
+            path.open("x").close()
+            return path
+        except FileExistsError:
+            continue
+    raise UsageError(f"too many Snakemake logs named {stem}*.log in {folder}; remove old ones")
+
+
+def _read_lines(child: subprocess.Popen[bytes], lines: queue.Queue[str | None]) -> None:
+    assert child.stdout is not None
+    with child.stdout:
+        for raw in child.stdout:
+            lines.put(raw.decode("utf-8", errors="replace"))
+    lines.put(None)
+
+
+def _wait_forwarding_signals(
+    child: subprocess.Popen[bytes], follow: Callable[[], None], received: list[int] | None = None
+) -> int:
+    """Run ``follow()`` (which returns once the child's output ended), then wait for the child;
+    SIGINT and SIGTERM meanwhile are forwarded to it (see :func:`run_study`) and recorded in
+    ``received``."""
+    forward = _forwarding_signals(child, received)
     previous = {}
     if threading.current_thread() is threading.main_thread():  # only there can Python catch them
         previous = {sig: signal.signal(sig, forward) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        follow()
         return child.wait()
     finally:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 
 
-def _check_config_file(path: Path) -> None:
-    """Refuse an unreadable or invalid config before Snakemake starts (one error, every field).
+def only_plans(snakemake_args: Sequence[str]) -> bool:
+    """Whether these Snakemake arguments make a run that computes nothing (a dry run, an
+    unlock, a summary, a list of rules): its output is the point, shown as it is."""
+    quiet = {"-n", "--dry-run", "--dryrun", "--unlock", "--summary", "-S", "--list-rules"}
+    return any(arg in quiet or arg.startswith("--dry-run=") for arg in snakemake_args)
+
+
+def _check_config_file(path: Path | None) -> str:
+    """Refuse an unreadable or invalid config before Snakemake starts (one error, every field);
+    return the study's name (``None``: the demo's).
 
     The workflow checks it again (a user may call Snakemake directly); here the user gets the
     list of problems instead of Snakemake's traceback of the workflow.
@@ -201,12 +401,14 @@ def _check_config_file(path: Path) -> None:
     from ckapipe.workflow.config_check import check_config
 
     try:
-        config = yaml.safe_load(path.read_text())
+        config = yaml.safe_load((path if path is not None else DEFAULT_CONFIG).read_text())
     except (OSError, yaml.YAMLError) as error:
         raise UsageError(f"cannot read study config {path}: {error}") from None
     if not isinstance(config, dict):
         raise UsageError(f"study config {path} must be a YAML mapping of keys, got {config!r}")
-    check_config(config)
+    if path is not None:
+        check_config(config)
+    return str(config.get("study", "demo"))  # the schema's default
 
 
 def split_config_argument(args: Sequence[str]) -> tuple[Path | None, list[str]]:
@@ -226,7 +428,8 @@ def split_config_argument(args: Sequence[str]) -> tuple[Path | None, list[str]]:
 def _matched(pair: Any) -> tuple[str, float, float | None]:
     """A pair's headline: the mean CKA of its matched layers, and the widest interval half-width
     among them (None when no interval was reported). Layers match by name when both models have
-    the same layer names (the diagonal); otherwise each row's best layer is its match."""
+    the same layer names (the diagonal); otherwise each row's best layer is its match. The mean
+    is NaN when no matched layer pair has a finite CKA."""
     import numpy as np
 
     cka = np.asarray(pair.cka, dtype=np.float64)
@@ -246,17 +449,47 @@ def _matched(pair: Any) -> tuple[str, float, float | None]:
     return how, mean, width
 
 
+def headline_table(study: Any) -> list[str]:
+    """A study result's headline, one aligned row per model pair: the mean CKA of the matched
+    layers and the widest interval half-width among them (see :func:`_matched`)."""
+    import math
+
+    header = ("model A", "model B", "mean CKA", "± CI", "layers matched")
+    rows = []
+    for (a, b), pair in study.pairs.items():
+        how, mean, width = _matched(pair)
+        if math.isnan(mean):
+            rows.append((a, b, "no matched layers with a finite CKA", "", ""))
+            continue
+        rows.append((a, b, f"{mean:.3f}", f"{width:.3f}" if width is not None else "none", how))
+    wide_a = max(len(header[0]), *(len(row[0]) for row in rows)) if rows else len(header[0])
+    wide_b = max(len(header[1]), *(len(row[1]) for row in rows)) if rows else len(header[1])
+
+    def line(row: tuple[str, ...]) -> str:
+        a, b, mean, width, how = row
+        if not width and not how:  # a sentence instead of numbers
+            return f"  {a:<{wide_a}}  {b:<{wide_b}}  {mean}"
+        return f"  {a:<{wide_a}}  {b:<{wide_b}}  {mean:>8}  {width:>7}  {how}".rstrip()
+
+    return [line(header), *(line(row) for row in rows)]
+
+
 def run_summary(
-    config: str | os.PathLike[str] | None = None, *, workdir: str | os.PathLike[str] = "."
+    config: str | os.PathLike[str] | None = None,
+    *,
+    workdir: str | os.PathLike[str] = ".",
+    outcome: RunOutcome | None = None,
 ) -> list[str]:
-    """What ``ckapipe run`` prints after a successful run: the report, the CSVs and, per dataset,
-    each model pair's mean matched-layer CKA with its interval."""
+    """What ``ckapipe run`` prints after a successful run: the jobs run and reused from the
+    cache with the wall time (given the run's ``outcome``), the report, the CSVs and, per
+    dataset, the headline table (:func:`headline_table`), last."""
     from ckapipe.analyze.result import load_result
     from ckapipe.cache import load_config
 
     plan = load_config(config)
-    results = Path(workdir) / "results" / plan["study"]
-    lines = [f"report: {results / 'report.html'}"]
+    results = Path(workdir).resolve() / "results" / plan["study"]
+    lines = [outcome.jobs_line()] if outcome is not None else []
+    lines.append(f"report: {results / 'report.html'}")
     for dataset in plan["datasets"]:
         lines.append(f"table:  {results / dataset / 'cka.csv'}")
     for dataset in plan["datasets"]:
@@ -265,15 +498,9 @@ def run_summary(
             continue  # a run of chosen targets only
         study = load_result(path)
         level = study.provenance.get("ci_level")
-        lines.append(f"{dataset}: mean CKA of matched layers per model pair")
-        for (a, b), pair in study.pairs.items():
-            how, mean, width = _matched(pair)
-            interval = (
-                f"±{width:.3f} at most ({level:.0%} CI per layer pair)"
-                if width is not None and level
-                else f"±{width:.3f} at most"
-                if width is not None
-                else "no interval"
-            )
-            lines.append(f"  {a + ' : ' + b:<32} {mean:6.3f}  {interval}  [{how}]")
+        within = (
+            f"widest {level:.0%} interval half-width" if level else "widest interval half-width"
+        )
+        lines.append(f"{dataset}: per model pair, mean CKA of the matched layers ({within})")
+        lines.extend(headline_table(study))
     return lines

@@ -208,9 +208,70 @@ def test_config_keys_match_the_workflow_plan(tmp_path: Path, demo: bool) -> None
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert time.perf_counter() - started < 300
-    planned = set(re.findall(r"receipts/(stores|grams)/([0-9a-f]{16})", completed.stdout))
+    kinds = "stores|grams|demo-data|demo-models"
+    planned = set(re.findall(rf"receipts/({kinds})/([0-9a-f]{{16}})", completed.stdout))
     keys = config_keys(config, workdir=tmp_path)
-    assert planned == {("stores", key) for key in keys.stores} | {
-        ("grams", key) for key in keys.grams
-    }
+    assert planned == (
+        {("stores", key) for key in keys.stores}
+        | {("grams", key) for key in keys.grams}
+        | {("demo-data", key) for key in keys.demo_data}
+        | {("demo-models", key) for key in keys.demo_models}
+    )
+    assert len(keys.demo_models) == (4 if demo else 0)
+    assert len(keys.demo_data) == (1 if demo else 0)
     assert keys.cache_root == (tmp_path / ("cache" if not demo else ".cache/ckapipe")).resolve()
+
+
+def _demo_study(workdir: Path) -> Path:
+    """A study with one demo-trained model on the demo dataset, its cache under ``cache``."""
+    config = {
+        "study": "demo_user",
+        "models": {
+            "t": {
+                "spec": {"factory": "ckapipe.demo.models:mlp"},
+                "layers": ["relu1"],
+                "train": {"seed": 0},
+            }
+        },
+        "datasets": {"probe": {"demo": "probe"}},
+        "storage": {"cache_root": "cache"},
+    }
+    path = workdir / "demo_user.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+def test_gc_covers_the_demo_data_and_trained_models(root: Path) -> None:
+    workdir = root.parent
+    demo_study = _demo_study(workdir)
+    keys = config_keys(demo_study, workdir=workdir)
+    ((data,), (model,)) = keys.demo_data, keys.demo_models
+    for folder, key in (("data", data), ("models", model), ("models", "00000000000000cc")):
+        (root / "demo" / folder / key).mkdir(parents=True)
+        (root / "demo" / folder / key / "weights.pt").write_bytes(b"x" * 100)
+    (root / "demo/models" / model / "metrics.json").write_text(
+        json.dumps({"factory": "ckapipe.demo.models:mlp", "seed": 0})
+    )
+    # a build in progress: its staging folder is not an entry
+    (root / "demo/models/.00000000000000dd.building-1").mkdir()
+
+    code, output = _invoke("ls", "--config", str(demo_study), cwd=workdir)
+    assert code == 0, output
+    listed = [line for line in output.splitlines() if line.startswith("demo-")]
+    assert len(listed) == 3, output
+    trained = next(line for line in listed if model in line)
+    assert "ckapipe.demo.models:mlp seed 0" in trained and str(demo_study) in trained
+
+    # kept by the study that trains on it; the unused model goes (so do the array study's
+    # store and Gram cache, which this study does not use)
+    code, output = _invoke("gc", "--keep-config", str(demo_study), "--yes", cwd=workdir)
+    assert code == 0, output
+    assert "removed demo-model 00000000000000cc" in output
+    assert (root / "demo/data" / data).is_dir() and (root / "demo/models" / model).is_dir()
+    assert not (root / "demo/models/00000000000000cc").exists()
+    assert (root / "demo/models/.00000000000000dd.building-1").is_dir()
+
+    # a study that does not use the demo does not keep its entries
+    code, output = _invoke("gc", "--keep-config", str(workdir / "study.yaml"), cwd=workdir)
+    assert f"would remove demo-data {data}" in output
+    assert f"would remove demo-model {model}" in output

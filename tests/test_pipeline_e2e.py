@@ -47,15 +47,76 @@ def write_config(path: Path, config: dict) -> Path:
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory):
-    """The shipped demo study (no config), run once in a fresh working directory."""
+def demo_run(tmp_path_factory):
+    """The shipped demo study (no config), run once in a fresh working directory: the working
+    directory and what `ckapipe run` printed (not on a terminal: the plain view)."""
     workdir = tmp_path_factory.mktemp("demo")
     started = time.perf_counter()
     completed = run_ckapipe("--workdir", str(workdir))
     seconds = time.perf_counter() - started
     print(f"\ndemo study wall time: {seconds:.1f} s")
     assert completed.returncode == 0, completed.stdout[-5000:] + completed.stderr[-5000:]
-    return workdir
+    return workdir, completed
+
+
+@pytest.fixture(scope="module")
+def demo(demo_run):
+    return demo_run[0]
+
+
+def test_demo_run_prints_a_compact_view_then_the_report_and_the_headline_table(demo_run):
+    workdir, completed = demo_run
+    lines = completed.stdout.strip().splitlines()
+    assert completed.stderr == ""
+    assert len(lines) < 40, completed.stdout
+    # first: where Snakemake's full output went (none of it on screen)
+    assert lines[0].startswith("ckapipe: Snakemake's full log: ")
+    log = Path(lines[0].split(": ", 2)[2])
+    assert log.parent == workdir / "results/demo/logs" and log.name.startswith("snakemake-")
+    assert log.read_text().count("Finished jobid") == 17
+    assert "Finished jobid" not in completed.stdout and "Shell command" not in completed.stdout
+    # last: jobs, report, table, then the headline table, one row per model pair
+    result = ckapipe.load_result(workdir / "results/demo/gratings/cka.zarr")
+    pairs = list(result.pairs)
+    tail = lines[-(len(pairs) + 5) :]
+    jobs = dict(
+        part.split()[:2] for part in tail[0].removeprefix("jobs: ").split("; ")[0].split(", ")
+    )
+    assert jobs == {
+        "demo_data": "1",
+        "train": "4",
+        "extract": "4",
+        "gram": "4",
+        "analyze": "1",
+        "plot": "1",
+        "report": "1",
+    }, tail[0]
+    assert "reused" not in tail[0] and tail[0].endswith(" wall time")
+    assert tail[1] == f"report: {workdir / 'results/demo/report.html'}"
+    assert tail[2] == f"table:  {workdir / 'results/demo/gratings/cka.csv'}"
+    assert tail[3].startswith("gratings: per model pair, mean CKA of the matched layers")
+    assert tail[4].split() == [
+        "model",
+        "A",
+        "model",
+        "B",
+        "mean",
+        "CKA",
+        "±",
+        "CI",
+        "layers",
+        "matched",
+    ]
+    for (a, b), row in zip(pairs, tail[5:], strict=True):
+        pair = result.pair(a, b)
+        half = (pair.ci_high - pair.ci_low) / 2
+        assert row.split() == [
+            a,
+            b,
+            f"{np.mean(np.diag(pair.cka)):.3f}",
+            f"{np.max(np.diag(half)):.3f}",
+            "diagonal",
+        ]
 
 
 def trained_weights(workdir: Path, factory: str, seed: int) -> Path:
@@ -213,6 +274,8 @@ def test_changed_weights_rerun_exactly_that_model_and_the_study(demo):
 
     completed = run_ckapipe("--workdir", str(demo))
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    jobs = next(line for line in completed.stdout.splitlines() if line.startswith("jobs: "))
+    assert jobs.startswith("jobs: extract 1, gram 1, analyze 1, plot 1, report 1; "), jobs
     result = ckapipe.load_result(demo / "results/demo/gratings/cka.zarr")
     store = ActivationStore.open(demo / result.provenance["models"]["mlp_s1"]["store"])
     assert store.identity()["weights_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()

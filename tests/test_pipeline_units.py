@@ -629,9 +629,12 @@ def test_two_build_jobs_for_one_entry_build_it_once_and_publish_it_whole(tmp_pat
     assert sum("reusing it" in output for output in outputs) == 1, outputs
     assert (target / "made.txt").is_file()
     assert [p.name for p in target.parent.iterdir() if "building" in p.name] == []
-    for i in (1, 2):
-        receipt = json.loads((tmp_path / f"study{i}" / "receipt.json").read_text())
-        assert receipt == {"path": str(target)}
+    receipts = [json.loads((tmp_path / f"study{i}" / "receipt.json").read_text()) for i in (1, 2)]
+    # each receipt says whether its job built the entry or found it complete
+    assert sorted(receipt["reused"] for receipt in receipts) == [False, True]
+    assert [receipt["path"] for receipt in receipts] == [str(target)] * 2
+    reused = [json.loads(r.read_text())["reused"] for r in sorted(tmp_path.glob("study*/*.json"))]
+    assert reused == ["reusing it" in output for output in outputs]
 
 
 @pytest.mark.slow

@@ -105,12 +105,14 @@ def test_sigterm_stops_snakemake_and_a_rerun_completes_with_the_summary(tmp_path
         text=True,
     )
     deadline = time.monotonic() + 120
-    while not list((tmp_path / "results" / "tiny" / "logs").rglob("*.log")):
+    # a job's log (logs/<rule>/<key>.log), not Snakemake's own log beside them
+    while not list((tmp_path / "results" / "tiny" / "logs").glob("*/*.log")):
         assert run.poll() is None and time.monotonic() < deadline, "no job started"
         time.sleep(0.2)  # a job is running: Snakemake holds its locks
     run.send_signal(signal.SIGTERM)
     output, _ = run.communicate(timeout=120)
     assert run.returncode != 0
+    assert "ckapipe: stopped on SIGTERM; run the same command again to resume" in output
     assert live_snakemake(tmp_path) == [], output[-3000:]
     assert not [
         p
@@ -122,9 +124,73 @@ def test_sigterm_stops_snakemake_and_a_rerun_completes_with_the_summary(tmp_path
 
     completed = _run(str(config), "--", "--cores", "1", workdir=tmp_path)
     assert completed.returncode == 0, completed.stderr[-3000:]
-    tail = completed.stdout.strip().splitlines()[-6:]
-    assert tail[0] == f"report: {tmp_path / 'results/tiny/report.html'}"
-    assert tail[1] == f"table:  {tmp_path / 'results/tiny/d/cka.csv'}"
-    assert tail[2] == "d: mean CKA of matched layers per model pair"
-    assert tail[3].split()[:4] == ["a", ":", "a", "1.000"] and tail[3].endswith("[diagonal]")
-    assert tail[4].split()[:3] == ["a", ":", "b"] and tail[4].endswith("[row best]")
+    lines = completed.stdout.strip().splitlines()
+    # one log per run (the stopped one's and this one's); the timestamp sorts them
+    log = sorted(tmp_path.glob("results/tiny/logs/snakemake-*Z.log"))[-1]
+    assert lines[0] == f"ckapipe: Snakemake's full log: {log}"
+    assert "Finished jobid" in log.read_text() and "Finished jobid" not in completed.stdout
+    tail = lines[-8:]
+    assert tail[0].startswith("jobs: ") and tail[0].endswith(" wall time")
+    assert tail[1] == f"report: {tmp_path / 'results/tiny/report.html'}"
+    assert tail[2] == f"table:  {tmp_path / 'results/tiny/d/cka.csv'}"
+    assert tail[3] == (
+        "d: per model pair, mean CKA of the matched layers (widest 95% interval half-width)"
+    )
+    assert tail[4].split() == [
+        "model",
+        "A",
+        "model",
+        "B",
+        "mean",
+        "CKA",
+        "±",
+        "CI",
+        "layers",
+        "matched",
+    ]
+    assert tail[5].split()[:3] == ["a", "a", "1.000"] and tail[5].endswith("diagonal")
+    assert tail[6].split()[:2] == ["a", "b"] and tail[6].endswith("row best")
+    assert tail[7].split()[:3] == ["b", "b", "1.000"] and tail[7].endswith("diagonal")
+
+    # the same study under another name shares the cache: its cache jobs all find their entry
+    study = yaml.safe_load(config.read_text())
+    study["study"] = "tiny_again"
+    again = tmp_path / "again.yaml"
+    again.write_text(yaml.safe_dump(study))
+    completed = _run(str(again), "--", "--cores", "1", workdir=tmp_path)
+    assert completed.returncode == 0, completed.stdout[-3000:]
+    jobs = next(line for line in completed.stdout.splitlines() if line.startswith("jobs: "))
+    assert jobs.startswith(
+        "jobs: extract 2 (2 reused from cache), gram 2 (2 reused from cache), analyze 1, "
+    ), jobs
+
+
+def _broken_study(workdir: Path) -> Path:
+    """One model whose factory raises: its extract job fails."""
+    (workdir / "broken.py").write_text(
+        "def model():\n    raise ValueError('this model factory is broken on purpose')\n"
+    )
+    config = yaml.safe_load(_tiny_study(workdir).read_text())
+    config["study"] = "broken"
+    config["models"] = {"bad": {"spec": {"factory": "broken.py:model"}, "layers": ["relu1"]}}
+    path = workdir / "broken.yaml"
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.mark.slow
+def test_a_failed_job_is_named_with_its_log_tail(tmp_path: Path) -> None:
+    config = _broken_study(tmp_path)
+    completed = _run(str(config), "--", "--cores", "1", workdir=tmp_path)
+    assert completed.returncode == 1, completed.stdout[-3000:] + completed.stderr[-3000:]
+    lines = completed.stdout.strip().splitlines()
+    (job_log,) = tmp_path.glob("results/broken/logs/extract/*.log")
+    snakemake_log = next(tmp_path.glob("results/broken/logs/snakemake-*Z.log"))
+    failed = lines.index(f"FAILED extract {job_log.stem}: last lines of {job_log}")
+    tail = lines[failed + 1 : -1]
+    assert 5 <= len(tail) <= 15 and all(line.startswith("  | ") for line in tail), lines
+    assert "  | ValueError: this model factory is broken on purpose" in tail
+    assert [line[4:] for line in tail] == job_log.read_text().splitlines()[-len(tail) :]
+    assert lines[-1] == f"Snakemake's full log: {snakemake_log}"
+    assert any(line.endswith(f"] FAILED extract {job_log.stem}") for line in lines[:failed])
+    assert len(lines) < 25, completed.stdout

@@ -254,7 +254,8 @@ def test_small_study_runs_through_slurm_with_ckapipe_run(slurm_cluster: SlurmClu
 
     # The node has no GPU: extract and gram ask for gpu=0 instead of the profile's gpu=1.
     args = slurm_cluster.snakemake_args(cpu_only_rules=["extract", "gram"])
-    cmd = [ckapipe_script, "run", str(study), "--workdir", str(tmp_path), "--", *args]
+    # --verbose: Snakemake's own output, where the submitted SLURM job ids are
+    cmd = [ckapipe_script, "run", "--verbose", str(study), "--workdir", str(tmp_path), "--", *args]
     started = time.perf_counter()
     result = slurm_cluster.run(cmd, cwd=tmp_path, timeout=420)
     print(f"\nsmall study through SLURM: {time.perf_counter() - started:.1f} s")

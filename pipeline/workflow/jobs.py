@@ -114,9 +114,11 @@ def store_job(
     timeout: float | None,
     extract_args: tuple[str, ...],
 ) -> None:
-    """Make STORE (reuse, resume or extract it), then write RECEIPT (its `ckapipe info --json`)."""
+    """Make STORE (reuse, resume or extract it), then write RECEIPT (its `ckapipe info --json`,
+    plus `"reused": true` when the store was found complete)."""
     with job_lock(store, timeout):
-        if guard(store, weights, timeout) != "reuse":
+        reused = guard(store, weights, timeout) == "reuse"
+        if not reused:
             _run([_ckapipe(), "extract", *extract_args, "--out", str(store)])
         info = subprocess.run(
             [_ckapipe(), "info", str(store), "--json"], capture_output=True, text=True, check=False
@@ -124,7 +126,9 @@ def store_job(
         sys.stderr.write(info.stderr)
         if info.returncode:
             raise click.ClickException(f"ckapipe info {store} failed; its messages are above")
-        write_atomically(receipt, info.stdout)
+        record = json.loads(info.stdout)
+        record["reused"] = reused  # counted by the end-of-run summary of `ckapipe run`
+        write_atomically(receipt, json.dumps(record, indent=2) + "\n")
 
 
 @main.command("build", context_settings={"ignore_unknown_options": True})
@@ -146,10 +150,11 @@ def build_job(
     command: tuple[str, ...],
 ) -> None:
     """Unless TARGET exists complete: run COMMAND with `{out}` standing for a staging folder, then
-    rename that folder to TARGET. Then write RECEIPT."""
+    rename that folder to TARGET. Then write RECEIPT (TARGET's path, and whether it was reused)."""
     with job_lock(target, timeout):
         wait_for_writer(target, timeout)
-        if target.exists() and _reusable(target, source):
+        reused = target.exists() and _reusable(target, source)
+        if reused:
             click.echo(f"found complete {target}; reusing it", err=True)
         else:
             if target.exists():
@@ -166,7 +171,7 @@ def build_job(
             except BaseException:
                 shutil.rmtree(staging, ignore_errors=True)
                 raise
-        write_atomically(receipt, json.dumps({"path": str(target)}) + "\n")
+        write_atomically(receipt, json.dumps({"path": str(target), "reused": reused}) + "\n")
 
 
 if __name__ == "__main__":

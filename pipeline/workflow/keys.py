@@ -42,6 +42,7 @@ import re
 import sys
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,13 +55,20 @@ from ckapipe.store import FORMAT_VERSION as STORE_FORMAT_VERSION
 __all__ = [
     "KEY_LENGTH",
     "CodeSourceError",
+    "DatasetKeys",
     "FileHasher",
+    "ModelKeys",
+    "StudyKeys",
     "callable_references",
     "code_identity",
     "content_key",
+    "demo_data_dir",
     "gram_key",
+    "gram_partition",
     "module_file",
     "store_key",
+    "study_keys",
+    "trained_model_dir",
 ]
 
 KEY_LENGTH = 16
@@ -265,3 +273,145 @@ def gram_key(store: str, partition: Mapping[str, Any]) -> str:
             "partition": dict(partition),
         }
     )
+
+
+# --------------------------------------------------------------------------- a whole study's keys
+
+
+@dataclass(frozen=True)
+class ModelKeys:
+    """One model of a study, resolved: what its stores' keys are made of."""
+
+    spec: dict[str, Any]
+    """The model spec; for a demo-trained model, ``weights`` is the trained weights' cache path."""
+    weights_identity: dict[str, Any]
+    code: dict[str, Any]
+    train_key: str | None = None
+    """Key of the demo training job that makes its weights (``None``: not trained by the demo)."""
+    train_recipe: dict[str, Any] | None = None
+
+
+@dataclass(frozen=True)
+class DatasetKeys:
+    """One dataset of a study, resolved: what its stores' keys are made of."""
+
+    spec: dict[str, Any]
+    """The dataset spec; a demo split is its images file in the cache."""
+    identity: dict[str, Any]
+    code: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class StudyKeys:
+    """Every content key of one study config (see :func:`study_keys`)."""
+
+    demo_data: str
+    """Key of the demo dataset (computed for every study: it is cheap and keeps one code path)."""
+    models: dict[str, ModelKeys]
+    datasets: dict[str, DatasetKeys]
+    partition: dict[str, Any]
+    stores: dict[tuple[str, str], str]
+    """(dataset, model) → store key, datasets then models in config order."""
+    grams: dict[tuple[str, str], str]
+    """(dataset, model) → Gram cache key."""
+
+
+def demo_data_dir(cache_root: str, key: str) -> str:
+    """Folder of the generated demo dataset with this key under the cache root."""
+    return f"{cache_root}/demo/data/{key}"
+
+
+def trained_model_dir(cache_root: str, key: str) -> str:
+    """Folder of the demo-trained model with this training key under the cache root."""
+    return f"{cache_root}/demo/models/{key}"
+
+
+def study_keys(config: Mapping[str, Any], hasher: FileHasher, cache_root: str) -> StudyKeys:
+    """The content keys of every store and Gram cache a validated study ``config`` asks for.
+
+    The one computation behind both the workflow's plan (``workflow/rules/common.smk``) and
+    ``ckapipe cache`` (:func:`ckapipe.cache.config_keys`). Relative paths in the config (weights,
+    arrays, ``files``, ``cache_root``) and user modules resolve against the current directory:
+    call it from the study's working directory, as Snakemake does.
+
+    Raises
+    ------
+    CodeSourceError
+        A callable the config names cannot be located (the message names the field).
+    FileNotFoundError
+        A weights, array or listed file does not exist (the message names the field).
+    """
+
+    def sha256(path: str, what: str) -> str:
+        try:
+            return hasher.sha256(path)
+        except FileNotFoundError as error:
+            raise FileNotFoundError(f"{what}: {error}") from None
+
+    def code_file(module: str) -> str:
+        return hasher.sha256(module_file(module))  # type: ignore[arg-type]  # ckapipe's own
+
+    demo_data = content_key(
+        {"kind": "demo-data", **config["demo"], "code": code_file("ckapipe.demo.data")}
+    )
+    models = {}
+    for name, model in config["models"].items():
+        what = f"models.{name}.spec"
+        spec = dict(model["spec"])
+        train_key, recipe = None, None
+        if "train" in model:
+            recipe = {
+                "factory": spec["factory"],
+                "kwargs": spec.get("kwargs", {}),
+                "train": model["train"],
+                "data": demo_data,
+                "code": {
+                    **code_identity({"factory": spec["factory"]}, [], hasher, what),
+                    "training": code_file("ckapipe.demo.training"),
+                },
+            }
+            train_key = content_key({"kind": "demo-training", **recipe})
+            spec["weights"] = f"{trained_model_dir(cache_root, train_key)}/weights.pt"
+            identity: dict[str, Any] = {"trained": recipe}
+        elif "weights" in spec:
+            identity = {"sha256": sha256(spec["weights"], f"{what}.weights")}
+        else:
+            identity = {"weights": None}
+        code = code_identity(spec, list(model.get("files", [])), hasher, what)
+        models[name] = ModelKeys(spec, identity, code, train_key, recipe)
+    datasets = {}
+    for name, dataset in config["datasets"].items():
+        what = f"datasets.{name}.spec"
+        if "demo" in dataset:
+            spec = {"array": f"{demo_data_dir(cache_root, demo_data)}/{dataset['demo']}_images.npy"}
+            identity = {"demo": dataset["demo"], "data": demo_data}
+        else:
+            spec = dict(dataset["spec"])
+            identity = {key: value for key, value in spec.items() if key != "array"}
+            if "array" in spec:
+                # the file's content identifies the data, not its path
+                identity["array_sha256"] = sha256(spec["array"], f"{what}.array")
+        identity["limit"] = dataset.get("limit")
+        code = code_identity(spec, list(dataset.get("files", [])), hasher, what)
+        datasets[name] = DatasetKeys(spec, identity, code)
+
+    storage = config["storage"]
+    partition = gram_partition(config["analysis"])
+    stores, grams = {}, {}
+    for dataset_name, dataset_keys in datasets.items():
+        for model_name, model_keys in models.items():
+            store = store_key(
+                model_spec=model_keys.spec,
+                code={"model": model_keys.code, "dataset": dataset_keys.code},
+                weights_identity=model_keys.weights_identity,
+                dataset_identity=dataset_keys.identity,
+                layers=config["models"][model_name]["layers"],
+                reduction=config["models"][model_name]["reduction"],
+                dtype=storage["dtype"],
+                codec=storage["codec"],
+                order=storage["order"],
+                order_seed=storage["order_seed"],
+            )
+            stores[dataset_name, model_name] = store
+            grams[dataset_name, model_name] = gram_key(store, partition)
+    return StudyKeys(demo_data, models, datasets, partition, stores, grams)

@@ -14,12 +14,9 @@ from ckapipe.workflow.config_check import check_config
 from ckapipe.workflow.keys import (
     CodeSourceError,
     FileHasher,
-    code_identity,
-    content_key,
-    gram_key,
-    gram_partition,
-    module_file,
-    store_key,
+    demo_data_dir,
+    study_keys,
+    trained_model_dir,
 )
 
 WORKFLOW_DIR = Path(workflow.current_basedir).parent
@@ -64,153 +61,83 @@ HASHER = FileHasher(f"{CACHE}/sha256-index.json")
 KEY_PATTERN = "[0-9a-f]{16}"
 DATASET_PATTERN = "|".join(re.escape(name) for name in config["datasets"])
 
+# -- the content keys of every cache entry: one computation, shared with `ckapipe cache` ---------
+try:
+    KEYS = study_keys(config, HASHER, CACHE)
+except CodeSourceError as error:
+    raise WorkflowError(f"{error} (the cache key covers the source of every callable)") from None
+except FileNotFoundError as error:
+    raise WorkflowError(str(error)) from None
+HASHER.save()
+
 # -- demo dataset and demo-trained models --------------------------------------------------------
-DEMO_DATA_KEY = content_key(
-    {
-        "kind": "demo-data",
-        **config["demo"],
-        "code": HASHER.sha256(module_file("ckapipe.demo.data")),
-    }
-)
-DEMO_DATA_DIR = f"{CACHE}/demo/data/{DEMO_DATA_KEY}"
+DEMO_DATA_KEY = KEYS.demo_data
+DEMO_DATA_DIR = demo_data_dir(CACHE, DEMO_DATA_KEY)
 DEMO_SPLIT_FILES = {
     split: {kind: f"{DEMO_DATA_DIR}/{split}_{kind}.npy" for kind in ("images", "labels")}
     for split in ("train", "probe")
 }
-
-
-def _code(spec, files, what):
-    try:
-        return code_identity(spec, files, HASHER, what)
-    except CodeSourceError as error:
-        raise WorkflowError(f"{error} (the cache key covers the source of every callable)") from None
-
-
-def _train_recipe(model, name):
-    return {
-        "factory": model["spec"]["factory"],
-        "kwargs": model["spec"].get("kwargs", {}),
-        "train": model["train"],
-        "data": DEMO_DATA_KEY,
-        "code": {
-            **_code({"factory": model["spec"]["factory"]}, [], f"models.{name}.spec"),
-            "training": HASHER.sha256(module_file("ckapipe.demo.training")),
-        },
-    }
-
-
-TRAINED = {}  # train key -> recipe (one training job per distinct recipe)
-for _name, _model in config["models"].items():
-    if "train" in _model:
-        TRAINED[content_key({"kind": "demo-training", **_train_recipe(_model, _name)})] = (
-            _train_recipe(_model, _name)
-        )
-
-
-def train_key(model, name):
-    return content_key({"kind": "demo-training", **_train_recipe(model, name)})
-
-
-def trained_dir(model, name):
-    return f"{CACHE}/demo/models/{train_key(model, name)}"
-
-
-# -- models and datasets: resolved specs and content identities ---------------------------------
-def _resolve_model(model, name):
-    spec = dict(model["spec"])
-    receipt = None
-    if "train" in model:
-        spec["weights"] = f"{trained_dir(model, name)}/weights.pt"
-        identity = {"trained": _train_recipe(model, name)}
-        metrics = f"{trained_dir(model, name)}/metrics.json"
-        receipt = f"{RECEIPTS}/demo-models/{train_key(model, name)}.json"
-    elif "weights" in spec:
-        identity = {"sha256": HASHER.sha256(spec["weights"])}
-        metrics = None
-    else:
-        identity = {"weights": None}
-        metrics = None
-    code = _code(spec, list(model.get("files", [])), f"models.{name}.spec")
-    return {
-        "spec": spec,
-        "weights_identity": identity,
-        "code": code,
-        "metrics": metrics,
-        "train_receipt": receipt,
-    }
-
-
 DEMO_DATA_RECEIPT = f"{RECEIPTS}/demo-data/{DEMO_DATA_KEY}.json"
+# train key -> recipe (one training job per distinct recipe)
+TRAINED = {model.train_key: model.train_recipe for model in KEYS.models.values() if model.train_key}
 
 
-def _resolve_dataset(dataset, name):
+# -- models and datasets: resolved specs and what their jobs need --------------------------------
+def _resolve_model(keys):
+    trained = keys.train_key is not None
+    return {
+        "spec": keys.spec,
+        "weights_identity": keys.weights_identity,
+        "code": keys.code,
+        "metrics": f"{trained_model_dir(CACHE, keys.train_key)}/metrics.json" if trained else None,
+        "train_receipt": f"{RECEIPTS}/demo-models/{keys.train_key}.json" if trained else None,
+    }
+
+
+def _resolve_dataset(keys, dataset):
     files = list(dataset.get("files", []))
     if "demo" in dataset:
-        split = DEMO_SPLIT_FILES[dataset["demo"]]
-        spec = {"array": split["images"]}
-        identity = {"demo": dataset["demo"], "data": DEMO_DATA_KEY}
         inputs = [DEMO_DATA_RECEIPT]
     else:
-        spec = dict(dataset["spec"])
-        identity = {name: value for name, value in spec.items() if name != "array"}
-        inputs = []
-        if "array" in spec:
-            # the file's content identifies the data, not its path
-            identity["array_sha256"] = HASHER.sha256(spec["array"])
-            inputs.append(spec["array"])
-    identity["limit"] = dataset.get("limit")
+        inputs = [keys.spec["array"]] if "array" in keys.spec else []
     return {
-        "spec": spec,
-        "identity": identity,
-        "code": _code(spec, files, f"datasets.{name}.spec"),
+        "spec": keys.spec,
+        "identity": keys.identity,
+        "code": keys.code,
         "inputs": inputs + files,
         "limit": dataset.get("limit"),
     }
 
 
-MODELS = {name: _resolve_model(model, name) for name, model in config["models"].items()}
-DATASETS = {name: _resolve_dataset(dataset, name) for name, dataset in config["datasets"].items()}
-HASHER.save()
+MODELS = {name: _resolve_model(keys) for name, keys in KEYS.models.items()}
+DATASETS = {
+    name: _resolve_dataset(keys, config["datasets"][name]) for name, keys in KEYS.datasets.items()
+}
 
-PARTITION = gram_partition(ANALYSIS)
+PARTITION = KEYS.partition
 
 STORES = {}  # store key -> what to extract
 GRAMS = {}  # gram key -> store key
 STUDY_GRAMS = {}  # dataset -> [(model name, gram key)] in config order
-for _dataset_name, _dataset in DATASETS.items():
-    STUDY_GRAMS[_dataset_name] = []
-    for _model_name, _model in MODELS.items():
-        _layers = config["models"][_model_name]["layers"]
-        _reduction = config["models"][_model_name]["reduction"]
-        _store = store_key(
-            model_spec=_model["spec"],
-            code={"model": _model["code"], "dataset": _dataset["code"]},
-            weights_identity=_model["weights_identity"],
-            dataset_identity=_dataset["identity"],
-            layers=_layers,
-            reduction=_reduction,
-            dtype=STORAGE["dtype"],
-            codec=STORAGE["codec"],
-            order=STORAGE["order"],
-            order_seed=STORAGE["order_seed"],
-        )
-        STORES.setdefault(
-            _store,
-            {
-                "model": _model_name,
-                "dataset": _dataset_name,
-                "model_spec": _model["spec"],
-                "train_receipt": _model["train_receipt"],
-                "dataset_spec": _dataset["spec"],
-                "dataset_inputs": _dataset["inputs"],
-                "layers": _layers,
-                "reduction": _reduction,
-                "limit": _dataset["limit"],
-            },
-        )
-        _gram = gram_key(_store, PARTITION)
-        GRAMS[_gram] = _store
-        STUDY_GRAMS[_dataset_name].append((_model_name, _gram))
+for (_dataset_name, _model_name), _store in KEYS.stores.items():
+    _dataset, _model = DATASETS[_dataset_name], MODELS[_model_name]
+    STORES.setdefault(
+        _store,
+        {
+            "model": _model_name,
+            "dataset": _dataset_name,
+            "model_spec": _model["spec"],
+            "train_receipt": _model["train_receipt"],
+            "dataset_spec": _dataset["spec"],
+            "dataset_inputs": _dataset["inputs"],
+            "layers": config["models"][_model_name]["layers"],
+            "reduction": config["models"][_model_name]["reduction"],
+            "limit": _dataset["limit"],
+        },
+    )
+    _gram = KEYS.grams[_dataset_name, _model_name]
+    GRAMS[_gram] = _store
+    STUDY_GRAMS.setdefault(_dataset_name, []).append((_model_name, _gram))
 
 
 def store_path(key):
