@@ -84,7 +84,6 @@ from typing import Any
 
 import numpy as np
 
-from ckapipe.analyze.estimators import DegenerateLayerWarning
 from ckapipe.errors import DataError
 
 __all__ = [
@@ -268,11 +267,9 @@ class LayerGeometry:
         diag = np.diagonal(g).copy()
         geometry = cls(name, n, eigvals, eigvecs, diag, float(eigvals.sum()))
         if eigvals.size == 0:
-            warnings.warn(
+            _warn_degenerate(
                 f"layer {name!r}: its centered Gram is zero (constant or all-zero activations); "
-                "every similarity measure with it is NaN",
-                DegenerateLayerWarning,
-                stacklevel=2,
+                "every similarity measure with it is NaN"
             )
             return geometry
         if spearman:
@@ -290,7 +287,7 @@ class LayerGeometry:
                     f"layer {name!r}: sample {int(zero[0])} ({zero.size} in all) equals the mean "
                     "of the samples, so its cosine similarity is undefined; knn is NaN"
                 )
-                warnings.warn(geometry.knn_problem, DegenerateLayerWarning, stacklevel=2)
+                _warn_degenerate(geometry.knn_problem)
             else:
                 geometry.neighbours = _nearest(g, diag, options.knn_k)
         return geometry
@@ -314,6 +311,14 @@ class LayerGeometry:
         kept = np.cumsum(self.eigvals) / self.trace
         # the fewest directions with kept variance ≥ svcca_keep (1e-12: round-off in the cumsum)
         return int(min(self.rank, np.searchsorted(kept, options.svcca_keep - 1e-12) + 1))
+
+
+def _warn_degenerate(message: str) -> None:
+    """A :class:`~ckapipe.analyze.estimators.DegenerateLayerWarning` (imported here: the
+    estimator core imports torch, which ``ckapipe --help`` should not pay for)."""
+    from ckapipe.analyze.estimators import DegenerateLayerWarning
+
+    warnings.warn(message, DegenerateLayerWarning, stacklevel=3)
 
 
 def _spectrum(centered: np.ndarray, rank_rtol: float) -> tuple[np.ndarray, np.ndarray]:
