@@ -180,3 +180,52 @@ def test_cli_measure_option_prints_each_measure(study, tmp_path):
     assert load_result(out).provenance["measure_options"]["knn_k"] == 3
     bad = CliRunner().invoke(analyze, [*grams, "--out", str(out), "--measure", "cka,nope"])
     assert bad.exit_code == 2 and "unknown similarity measure 'nope'" in bad.output
+
+
+def test_agreement_grid_and_report_section(study, tmp_path):
+    from scipy.stats import kendalltau, spearmanr
+
+    from ckapipe.analyze.measure_agreement import measure_agreement
+    from ckapipe.analyze.plots import plot_measure_grid
+    from ckapipe.workflow.html_report import measures_section
+
+    names = ["cka", "rsa", "procrustes", "cca"]
+    result = analyze_study(
+        study["full"],
+        tmp_path / "r.zarr",
+        names=["a", "b"],
+        estimator="debiased",
+        measures=names,
+        n_bootstrap=0,
+    )
+    # the entries by hand: a--b whole, a--a and b--b above the diagonal only
+    entries = {name: [] for name in names}
+    for pair in result.pairs.values():
+        la, lb = len(pair.layers_a), len(pair.layers_b)
+        for i in range(la):
+            for j in range(lb):
+                if pair.model_a == pair.model_b and j <= i:
+                    continue
+                for name in names:
+                    entries[name].append(pair.measures[name][i, j])
+    assert len(entries["cka"]) == 2 * 3 + 1 + 3
+    agreement = measure_agreement(result)
+    assert agreement.names == names and agreement.n_values == 10
+    for i, a in enumerate(names):
+        for j, b in enumerate(names):
+            assert agreement.spearman[i, j] == pytest.approx(
+                spearmanr(entries[a], entries[b])[0], abs=1e-12
+            )
+            assert agreement.kendall[i, j] == pytest.approx(
+                kendalltau(entries[a], entries[b])[0], abs=1e-12
+            )
+    figure = plot_measure_grid(result)
+    panels = [ax for ax in figure.axes if ax.images]
+    assert len(panels) == len(names) * len(result.pairs)
+    html = measures_section(result)
+    assert "<h3>Similarity measures</h3>" in html and 'alt="measure grid"' in html
+    assert all(f"<th>{name}</th>" in html for name in names)
+    only_cka = analyze_study(
+        study["full"], tmp_path / "c.zarr", names=["a", "b"], estimator="debiased", n_bootstrap=0
+    )
+    assert measures_section(only_cka) == ""
