@@ -229,3 +229,19 @@ def test_agreement_grid_and_report_section(study, tmp_path):
         study["full"], tmp_path / "c.zarr", names=["a", "b"], estimator="debiased", n_bootstrap=0
     )
     assert measures_section(only_cka) == ""
+
+
+def test_config_measures_need_full_mode_and_known_names():
+    import yaml
+
+    from ckapipe.run import DEFAULT_CONFIG
+    from ckapipe.workflow.config_check import config_errors
+
+    config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+    assert config["analysis"]["measures"] == ["cka"] and not config_errors(config)
+    config["analysis"]["measures"] = ["cka", "rsa"]
+    assert any(e.startswith("analysis.measures: rsa need mode full") for e in config_errors(config))
+    config["analysis"].update(mode="full", estimator="debiased")
+    assert not config_errors(config)
+    config["analysis"]["measures"] = ["cka", "rsaa"]
+    assert any("analysis.measures" in e and "rsaa" in e for e in config_errors(config))
