@@ -148,6 +148,12 @@ def test_measures_survive_the_round_trip_csv_and_transpose(study, tmp_path):
         flipped.measures["regression_reverse"], pair.measures["regression"].T
     )
     assert "pwcca" not in flipped.measures
+    # labelled without ckapipe: xarray sees the measure dimension and its names
+    xarray = pytest.importorskip("xarray")
+    opened = xarray.open_zarr(out, consolidated=False)
+    values = opened["measure_values"].sel(measure="procrustes").values
+    index = [key for key in loaded.pairs].index(("a", "b"))
+    np.testing.assert_array_equal(values[index, :2, :3], pair.measures["procrustes"])
 
 
 def test_a_cka_only_study_writes_no_measure_arrays(study, tmp_path):
