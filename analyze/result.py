@@ -232,6 +232,20 @@ class StudyResult:
         held = ", ".join(f"{a}:{b}" for a, b in self.pairs)
         raise KeyError(f"no pair {model_a}:{model_b} in this study; it holds {held}")
 
+    @property
+    def measure_names(self) -> list[str]:
+        """The similarity measures held besides the CKA columns (empty for CKA only)."""
+        return measure_names(self)
+
+    def measure(self, name: str, model_a: str, model_b: str) -> np.ndarray:
+        """(La, Lb) values of measure ``name`` for ``model_a`` (rows) vs ``model_b`` (columns);
+        ``KeyError`` naming the measures held (``pwcca`` only in the stored direction)."""
+        pair = self.pair(model_a, model_b)
+        if name not in pair.measures:
+            held = ", ".join(pair.measures) or "none (run analyze with --measure)"
+            raise KeyError(f"no measure {name!r} for {model_a}:{model_b}; held: {held}")
+        return pair.measures[name]
+
 
 def csv_path_for(result_path: str | os.PathLike[str]) -> Path:
     """The tidy CSV written beside a result: ``RESULT.zarr`` → ``RESULT.csv``."""

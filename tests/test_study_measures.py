@@ -148,6 +148,12 @@ def test_measures_survive_the_round_trip_csv_and_transpose(study, tmp_path):
         flipped.measures["regression_reverse"], pair.measures["regression"].T
     )
     assert "pwcca" not in flipped.measures
+    assert loaded.measure_names == ["cka", "procrustes", "regression", "pwcca"]
+    np.testing.assert_array_equal(
+        loaded.measure("regression_reverse", "b", "a"), pair.measures["regression"].T
+    )
+    with pytest.raises(KeyError, match="no measure 'pwcca' for b:a"):
+        loaded.measure("pwcca", "b", "a")
     # labelled without ckapipe: xarray sees the measure dimension and its names
     xarray = pytest.importorskip("xarray")
     opened = xarray.open_zarr(out, consolidated=False)
