@@ -28,6 +28,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import time
 import warnings
@@ -185,6 +186,8 @@ def timing(n: int, repeats: int) -> None:
             with threadpool_limits(threads), warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 results[threads].append(run())
+            # each run as it ends: a loaded machine may not let all repeats finish
+            print(json.dumps({"threads": threads, **results[threads][-1]}), flush=True)
     print(f"n = {n}, 4 models x 3 layers (widths 64, 192, 512), 10 model pairs, {repeats} repeats")
     print("| step | 1 thread, median (min) | 2 threads, median (min) |")
     print("|---|---|---|")
