@@ -12,6 +12,7 @@ import click
 
 from ckapipe import cli_options as opts
 from ckapipe.analyze.intervals import DEFAULT_INTERVAL_METHOD, MIN_BATCHES_FOR_INTERVAL
+from ckapipe.analyze.measures import DEFAULT_KNN_K, DEFAULT_SVCCA_KEEP, MEASURES
 
 __all__ = ["analyze", "commands"]
 
@@ -111,9 +112,42 @@ _PERMUTATIONS_HELP = (
     show_default=True,
     help="With --pairs all, also compare each model with itself.",
 )
+@click.option(
+    "--measure",
+    "measures",
+    metavar="M1,M2,…",
+    default="cka",
+    show_default=True,
+    help="Similarity measures, comma-separated, from: "
+    + ", ".join(MEASURES)
+    + ". Anything but cka needs full-mode caches; each measure gets its own values in the "
+    "result, a column in the CSV and a line in the summary (docs/MEASURES.md).",
+)
+@click.option(
+    "--knn-k",
+    type=click.IntRange(min=1),
+    default=DEFAULT_KNN_K,
+    show_default=True,
+    help="Neighbours per sample for --measure knn (mutual k-NN alignment); less than n.",
+)
+@click.option(
+    "--svcca-keep",
+    type=click.FloatRange(0, 1, min_open=True),
+    default=DEFAULT_SVCCA_KEEP,
+    show_default=True,
+    help="SVCCA keeps each layer's fewest top principal directions holding this fraction of "
+    "its variance.",
+)
 @opts.device()
 @opts.overwrite("Replace an existing result at --out.")
-def analyze(grams: tuple[Path, ...], names: str | None, **options: Any) -> None:
+def analyze(
+    grams: tuple[Path, ...],
+    names: str | None,
+    measures: str,
+    knn_k: int,
+    svcca_keep: float,
+    **options: Any,
+) -> None:
     """CKA of every layer pair of every model pair, from one Gram cache per model.
 
     Writes RESULT.zarr (CKA, confidence intervals, per-batch HSIC, provenance) and RESULT.csv
@@ -122,9 +156,16 @@ def analyze(grams: tuple[Path, ...], names: str | None, **options: Any) -> None:
     the caches' partition has too few batches for the interval method.
     """
     from ckapipe.analyze.estimators import DegenerateLayerWarning
+    from ckapipe.analyze.measures import MeasureOptions, parse_measures
     from ckapipe.analyze.study import analyze_study, csv_path_for
     from ckapipe.analyze.summary import interval_batch_warning, summary_lines
 
+    try:
+        measure_list = parse_measures(measures)
+    except ValueError as error:
+        raise click.BadParameter(str(error), param_hint="--measure") from None
+    options["measures"] = measure_list
+    options["measure_options"] = MeasureOptions(knn_k=knn_k, svcca_keep=svcca_keep)
     method = options["interval_method"]
     with warnings.catch_warnings():
         # the same messages are in each pair's diagnostics, printed below

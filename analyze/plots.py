@@ -51,6 +51,7 @@ __all__ = [
     "plot_correspondence",
     "plot_correspondence_groups",
     "plot_heatmap",
+    "plot_measure_grid",
     "plot_result",
     "plot_study_grid",
     "same_architecture",
@@ -986,3 +987,51 @@ def plot_result(
         fig = plot_correspondence_groups(groups, ci_level=ci_level)
         written.append(save_figure(fig, out / "correspondence.png", dpi=dpi))
     return written
+
+
+def plot_measure_grid(
+    result: StudyResult,
+    *,
+    measures: Sequence[str] | None = None,
+    cmap: str | Colormap = "magma",
+) -> Figure:
+    """Every similarity measure of every model pair side by side: one row per measure, one
+    column per pair, each panel the (La, Lb) matrix of that measure (layer a down, layer b
+    across). Each row has its own colour scale (measures differ in range: Pillai's trace goes
+    up to the rank), shown by the row's colour bar; NaN cells are grey.
+
+    Parameters
+    ----------
+    result : a study result holding measures (``ckapipe analyze --measure``).
+    measures : which of them, in this order (default: all, in the result's order).
+    cmap : colour map of every panel.
+    """
+    names = list(measures or result.provenance.get("measures") or [])
+    pairs = [pair for pair in result.pairs.values() if pair.measures]
+    if not names or not pairs:
+        raise ValueError(
+            "this result holds no similarity measures besides its CKA columns; run "
+            "`ckapipe analyze --measure cka,rsa,...` on full-mode caches"
+        )
+    colormap = _resolve_cmap(cmap).with_extremes(bad=NAN_CELL_COLOR)
+    fig = _new_figure((1.0 + 1.7 * len(pairs), 0.6 + 1.6 * len(names)))
+    axes = fig.subplots(len(names), len(pairs), squeeze=False)
+    for row, name in enumerate(names):
+        values = [np.asarray(p.measures.get(name, np.full((1, 1), np.nan))) for p in pairs]
+        finite = np.concatenate([v[np.isfinite(v)] for v in values] + [np.zeros(0)])
+        low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 1.0)
+        norm = Normalize(vmin=low, vmax=high if high > low else low + 1.0)
+        image = None
+        for column, (pair, matrix) in enumerate(zip(pairs, values, strict=True)):
+            ax = axes[row, column]
+            image = ax.imshow(matrix, cmap=colormap, norm=norm, aspect="auto")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if row == 0:
+                ax.set_title(_pair_label(pair), fontsize=_GRID_TICK_FONTSIZE)
+            if column == 0:
+                ax.set_ylabel(name, fontsize=_TICK_FONTSIZE)
+        colorbar = fig.colorbar(image, ax=list(axes[row]), fraction=0.02, pad=0.01)
+        colorbar.ax.tick_params(labelsize=_GRID_TICK_FONTSIZE)
+    fig.suptitle("similarity measures per model pair (rows: layers of a, columns: layers of b)")
+    return fig

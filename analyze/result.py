@@ -19,6 +19,8 @@ array               dimensions                         content
 ``hsic_per_batch``  (pair, batch, layer_a, layer_b)    per-batch HSIC (full mode: one batch)
 ``self_a_per_batch`` (pair, batch, layer_a)            per-batch self-HSIC of model a's layers
 ``self_b_per_batch`` (pair, batch, layer_b)            per-batch self-HSIC of model b's layers
+``measure``         (measure,)                         optional: names of the similarity measures
+``measure_values``  (measure, pair, layer_a, layer_b)  optional: every measure (docs/MEASURES.md)
 ==================  =================================  ==========================================
 
 Model pairs have different layer counts, so the layer dimensions are padded to the largest
@@ -27,7 +29,9 @@ interval method are in the root attribute ``pair_info`` (one entry per ``pair``,
 One padded layout instead of a group per pair keeps the write to a dozen arrays whatever the
 number of pairs (a group per pair cost ~16 zarr files per pair). Optional per-layer-pair arrays
 (:data:`OPTIONAL_LAYER_ARRAYS`) are written when any pair has them; the pairs that do not are
-listed in the array's ``pairs_without`` attribute.
+listed in the array's ``pairs_without`` attribute. ``measure_values`` is written when the study
+was asked for measures besides CKA (``ckapipe analyze --measure``); results without it load as
+before (``PairResult.measures`` empty), and the CSV then has one more column per measure.
 
 The root attributes hold the provenance (estimator, caches, seeds, versions), ``pairs``,
 ``pair_info``, ``csv`` (file name, columns and SHA-256 of the CSV written with the group) and,
@@ -140,6 +144,9 @@ class PairResult:
         quantile on 7 df" ("none" when no interval was computed).
     interval_note : why intervals were withheld, when they were (None: not recorded).
     info : further JSON-serialisable per-pair facts, stored with the pair.
+    measures : {measure name: (La, Lb) float64} of the similarity measures asked for besides
+        the CKA columns (``ckapipe analyze --measure``, full mode; see docs/MEASURES.md); empty
+        when none were.
     """
 
     model_a: str
@@ -158,6 +165,7 @@ class PairResult:
     interval_method: str | None = None
     interval_note: str | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    measures: dict[str, np.ndarray] = field(default_factory=dict)
 
     @property
     def is_self_comparison(self) -> bool:
@@ -183,7 +191,15 @@ class PairResult:
             hsic_per_batch=t(self.hsic_per_batch, (0, 2, 1)),
             self_a_per_batch=self.self_b_per_batch,
             self_b_per_batch=self.self_a_per_batch,
+            measures=_transposed_measures(self.measures),
         )
+
+
+def _transposed_measures(measures: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Measures seen from model b: the two regression directions swap, and ``pwcca`` (weighted
+    by model a's layer, so not the same measure from b) is left out."""
+    swap = {"regression": "regression_reverse", "regression_reverse": "regression"}
+    return {swap.get(name, name): v.T for name, v in measures.items() if name != "pwcca"}
 
 
 @dataclass
@@ -215,6 +231,20 @@ class StudyResult:
             return self.pairs[(model_b, model_a)].transposed()
         held = ", ".join(f"{a}:{b}" for a, b in self.pairs)
         raise KeyError(f"no pair {model_a}:{model_b} in this study; it holds {held}")
+
+    @property
+    def measure_names(self) -> list[str]:
+        """The similarity measures held besides the CKA columns (empty for CKA only)."""
+        return measure_names(self)
+
+    def measure(self, name: str, model_a: str, model_b: str) -> np.ndarray:
+        """(La, Lb) values of measure ``name`` for ``model_a`` (rows) vs ``model_b`` (columns);
+        ``KeyError`` naming the measures held (``pwcca`` only in the stored direction)."""
+        pair = self.pair(model_a, model_b)
+        if name not in pair.measures:
+            held = ", ".join(pair.measures) or "none (run analyze with --measure)"
+            raise KeyError(f"no measure {name!r} for {model_a}:{model_b}; held: {held}")
+        return pair.measures[name]
 
 
 def csv_path_for(result_path: str | os.PathLike[str]) -> Path:
@@ -314,7 +344,7 @@ def _write_group(study: StudyResult, staging: Path, csv_path: Path) -> dict[str,
     attrs = json.loads(json.dumps(attrs))
     text = _csv_text(StudyResult(study.models, study.pairs, attrs))
     digest = hashlib.sha256(text.encode()).hexdigest()
-    attrs["csv"] = {"name": csv_path.name, "sha256": digest, "columns": list(CSV_COLUMNS)}
+    attrs["csv"] = {"name": csv_path.name, "sha256": digest, "columns": csv_columns(study)}
     _place_csv(text, csv_path)
     attrs["complete"] = True
     write_attrs(root, attrs)
@@ -392,7 +422,28 @@ def _arrays(
             ("pair", "batch", f"layer_{side}"),
             {"coordinates": f"model_a model_b layer_name_{side}"},
         )
+    names = measure_names(study)
+    if names:
+        arrays["measure"] = (np.array(names, dtype=object), ("measure",), {})
+        values = np.stack([stack(lambda p, m=m: p.measures.get(m), (la, lb)) for m in names])
+        arrays["measure_values"] = (
+            values,
+            ("measure", *_LAYER_DIMS),
+            {"coordinates": "measure model_a model_b layer_name_a layer_name_b"},
+        )
     return arrays
+
+
+def measure_names(study: StudyResult) -> list[str]:
+    """The similarity measures a study holds besides its CKA columns, in the order asked for
+    (provenance ``measures``; empty for a CKA-only result)."""
+    names = list(study.provenance.get("measures") or [])
+    return names if any(p.measures for p in study.pairs.values()) else []
+
+
+def csv_columns(study: StudyResult) -> list[str]:
+    """:data:`CSV_COLUMNS`, then one column per measure of the study other than ``cka``."""
+    return [*CSV_COLUMNS, *(name for name in measure_names(study) if name != "cka")]
 
 
 def _put(
@@ -437,7 +488,8 @@ def _csv_text(study: StudyResult) -> str:
     ]
     handle = io.StringIO()
     writer = csv.writer(handle, lineterminator="\n")
-    writer.writerow(CSV_COLUMNS)
+    extra = csv_columns(study)[len(CSV_COLUMNS) :]
+    writer.writerow([*CSV_COLUMNS, *extra])
     for (a, b), pair in study.pairs.items():
         n_batches = 0 if pair.hsic_per_batch is None else int(pair.hsic_per_batch.shape[0])
         method, note = _interval_columns(pair)
@@ -458,6 +510,7 @@ def _csv_text(study: StudyResult) -> str:
                         n_batches,
                         method,
                         note,
+                        *(_float_cell(pair.measures.get(name), i, j) for name in extra),
                     ]
                 )
     return handle.getvalue()
@@ -586,6 +639,7 @@ def load_result(path: str | os.PathLike[str], *, repair: bool = True) -> StudyRe
     names = ["cka", "ci_low", "ci_high", "hsic_per_batch", "self_a_per_batch", "self_b_per_batch"]
     names += ["layer_name_a", "layer_name_b"]
     names += [name for name in OPTIONAL_LAYER_ARRAYS if name in root]
+    names += [name for name in ("measure", "measure_values") if name in root]
     data = {name: root[name][...] for name in names}
     without = {
         name: set(root[name].attrs.get("pairs_without", []))
@@ -616,6 +670,10 @@ def _pair_from(
     without: Mapping[str, set[int]],
 ) -> PairResult:
     la, lb, nb = info["n_layers_a"], info["n_layers_b"], info["n_batches"]
+    measures = {
+        str(name): data["measure_values"][k, index, :la, :lb]
+        for k, name in enumerate(data.get("measure", []))
+    }
     optional = {
         name: data[name][index, :la, :lb] if name in data and index not in without[name] else None
         for name in OPTIONAL_LAYER_ARRAYS
@@ -637,5 +695,6 @@ def _pair_from(
         interval_method=info.get("interval_method"),
         interval_note=info.get("interval_note"),
         info={key: value for key, value in info.items() if key not in known},
+        measures=measures,
         **optional,
     )

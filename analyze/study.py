@@ -33,11 +33,16 @@ from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+import numpy as np
+
 from ckapipe.analyze.full_pairs import full_pairs
 from ckapipe.analyze.intervals import DEFAULT_INTERVAL_METHOD, INTERVAL_METHODS
+from ckapipe.analyze.measure_pairs import measure_pairs
+from ckapipe.analyze.measures import MeasureOptions, parse_measures
 from ckapipe.analyze.minibatch_pairs import minibatch_pairs
 from ckapipe.analyze.result import (
     CSV_COLUMNS,
@@ -120,6 +125,8 @@ def analyze_study(
     device: str = "auto",
     overwrite: bool = False,
     interval_method: str = DEFAULT_INTERVAL_METHOD,
+    measures: str | Sequence[str] = ("cka",),
+    measure_options: MeasureOptions | None = None,
 ) -> StudyResult:
     """CKA of every layer pair of every requested model pair, written to a result group.
 
@@ -150,6 +157,12 @@ def analyze_study(
     interval_method : minibatch intervals over batches: ``"jackknife"`` (delete-one-batch, t
         quantiles; reported from 4 batches) or ``"bootstrap"`` (percentile; reported from 128
         batches, below which its measured coverage falls short). See docs/STATISTICS.md.
+    measures : similarity measures to compute, e.g. ``("cka", "rsa", "procrustes", "cca")``
+        (names in :data:`ckapipe.analyze.measures.MEASURES`; docs/MEASURES.md). Anything but
+        ``cka`` needs full caches; the result then holds them in ``measure_values`` (one column
+        each in the CSV) and ``PairResult.measures``. ``cka`` alone (default): CKA only.
+    measure_options : their settings (:class:`~ckapipe.analyze.measures.MeasureOptions`:
+        rank tolerance, SVCCA variance kept, k of mutual k-NN).
 
     Returns
     -------
@@ -171,6 +184,10 @@ def analyze_study(
         )
     if seed < 0:
         raise StudyError(f"seed must be >= 0, got {seed}")
+    try:
+        measures = parse_measures(measures)
+    except ValueError as error:
+        raise StudyError(str(error)) from None
     out = Path(out)
     check_out(out, overwrite)
     # the writer lock is held from here to the end: a second writer of `out` is refused at once
@@ -190,6 +207,8 @@ def analyze_study(
             include_self=include_self,
             device=device,
             interval_method=interval_method,
+            measures=measures,
+            measure_options=measure_options or MeasureOptions(),
         )
         # the provenance as stored (JSON-normalised, with the completion flag), as load_result
         # gives it
@@ -213,6 +232,8 @@ def _compute_study(
     include_self: bool,
     device: str,
     interval_method: str,
+    measures: list[str],
+    measure_options: MeasureOptions,
 ) -> StudyResult:
     """Everything :func:`analyze_study` computes, with its arguments checked; nothing written."""
     caches = [open_cache(c) for c in gram_caches]
@@ -221,6 +242,13 @@ def _compute_study(
     study_models = model_names(caches, names)
     check_compatible(caches, study_models)
     check_estimator(estimator, caches[0].mode)
+    if measures != ["cka"] and caches[0].mode != "full":
+        raise StudyError(
+            f"measures {', '.join(m for m in measures if m != 'cka')} need the exact n x n Grams "
+            "of full-mode caches (they have no minibatch form); build the caches with "
+            "`ckapipe gram --mode full` and use --estimator debiased or biased, or ask for cka "
+            "only"
+        )
     requested = resolve_pairs(pairs, study_models, include_self)
     torch_device = resolve_device(device, error=StudyError)
     by_name = dict(zip(study_models, caches, strict=True))
@@ -265,9 +293,32 @@ def _compute_study(
         )
         for name, sigma2 in bandwidths.items() if kernel == "rbf" else ():
             provenance["models"][name]["rbf_sigma2"] = sigma2
+        if measures != ["cka"]:
+            _add_measures(results, by_name, layers, requested, measures, measure_options)
+            provenance["measures"] = measures
+            provenance["measure_options"] = asdict(measure_options)
     if kernel == "rbf":
         provenance["bandwidth_rule"] = BANDWIDTH_RULE
     return StudyResult(models=study_models, pairs=results, provenance=provenance, path=out)
+
+
+def _add_measures(
+    results: dict[tuple[str, str], PairResult],
+    by_name: dict[str, GramCache],
+    layers: dict[str, list[str]],
+    requested: Sequence[tuple[str, str]],
+    measures: list[str],
+    options: MeasureOptions,
+) -> None:
+    """Fill every pair's ``measures``: ``cka`` is the pair's CKA estimate, the others come from
+    one pass over the cached Grams (:func:`~ckapipe.analyze.measure_pairs.measure_pairs`)."""
+    computed = measure_pairs(by_name, layers, requested, measures, options)
+    for key, pair in results.items():
+        values = computed[key]
+        pair.measures = {
+            name: np.array(pair.cka, dtype=np.float64) if name == "cka" else values[name]
+            for name in measures
+        }
 
 
 def _provenance(

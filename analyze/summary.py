@@ -206,6 +206,26 @@ def summary_lines(study: Any) -> list[str]:
             "null: the CKA unrelated representations exceed with probability 0.05 (the largest "
             "over the pair's layer pairs, from the permutations); >null: layer pairs above theirs"
         )
+    return lines + measure_lines(study)
+
+
+def measure_lines(study: Any) -> list[str]:
+    """Per pair, each similarity measure's mean over its layer pairs (nothing for a CKA-only
+    study); the values are in the result and its CSV."""
+    names = list(study.provenance.get("measures") or [])
+    if not any(pair.measures for pair in study.pairs.values()):
+        return []
+    width = max(10, *(len(name) + 1 for name in names))
+    lines = [
+        "similarity measures, mean over each pair's layer pairs (docs/MEASURES.md):",
+        f"{'pair':<32}" + "".join(f"{name:>{width}}" for name in names),
+    ]
+    for (a, b), pair in study.pairs.items():
+        cells = [_nan_reduce(np.nanmean, pair.measures.get(name, np.array([]))) for name in names]
+        lines.append(
+            f"{a + ' : ' + b:<32}"
+            + "".join(f"{'nan' if np.isnan(c) else f'{c:.4f}':>{width}}" for c in cells)
+        )
     return lines
 
 

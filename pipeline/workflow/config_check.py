@@ -63,6 +63,12 @@ def config_errors(config: Mapping[str, Any], schema_path: Path = SCHEMA_PATH) ->
             f"analysis.estimator: {estimator!r} does not go with analysis.mode {mode!r}; use "
             "estimator minibatch with mode minibatch, and debiased or biased with mode full"
         )
+    others = [name for name in analysis.get("measures", ["cka"]) if name != "cka"]
+    if others and mode != "full":
+        messages.append(
+            f"analysis.measures: {', '.join(others)} need mode full (the exact n x n Grams; only "
+            "cka has a minibatch form); set analysis.mode: full and estimator: debiased"
+        )
     models = config.get("models", {})
     pairs = config.get("pairs", "all")
     if isinstance(pairs, list):

@@ -426,6 +426,10 @@ def _diagnostics_section(view: DatasetView) -> str:
     return f"<h3>Diagnostics</h3><ul>{items}</ul>"
 
 
+def _measures_section(view: DatasetView) -> str:
+    return measures_section(view.result)
+
+
 #: the sections of a dataset's part of the report, in order; each returns HTML or ""
 DATASET_SECTIONS: tuple[Callable[[DatasetView], str], ...] = (
     _intro_section,
@@ -433,6 +437,7 @@ DATASET_SECTIONS: tuple[Callable[[DatasetView], str], ...] = (
     _pairs_section,
     _grid_section,
     _correspondence_section,
+    _measures_section,
     _heatmaps_section,
     _diagnostics_section,
 )
@@ -485,6 +490,60 @@ def _provenance_section(plan: Mapping[str, Any]) -> str:
             + "</details>"
         )
     return "".join(parts)
+
+
+def measures_section(result: Any) -> str:
+    """The similarity measures of a study side by side (empty for a CKA-only result): their
+    mean per pair, a grid per measure (:func:`~ckapipe.analyze.plots.plot_measure_grid`, drawn
+    here and embedded) and how well they agree on the ranking of layer pairs (Spearman ρ and
+    Kendall τ-b over every layer-pair entry, :mod:`ckapipe.analyze.measure_agreement`)."""
+    if not any(pair.measures for pair in result.pairs.values()):
+        return ""
+    import io
+
+    from ckapipe.analyze.measure_agreement import measure_agreement
+    from ckapipe.analyze.measures import MEASURES
+    from ckapipe.analyze.plots import plot_measure_grid
+
+    names = list(result.provenance.get("measures") or [])
+    parts = [
+        "<h3>Similarity measures</h3><p>Every measure below is computed exactly from the cached "
+        "n&times;n Grams (docs/MEASURES.md): "
+        + "; ".join(f"<b>{html.escape(n)}</b>: {html.escape(MEASURES[n])}" for n in names)
+        + ".</p>"
+    ]
+    rows = [
+        [html.escape(f"{a} vs {b}")] + [f"{float(np.nanmean(pair.measures[n])):.3f}" for n in names]
+        for (a, b), pair in result.pairs.items()
+    ]
+    parts.append("<p>Mean over each pair's layer pairs:</p>")
+    parts.append(_table(["pair", *names], rows))
+    buffer = io.BytesIO()
+    figure = plot_measure_grid(result)
+    figure.savefig(buffer, format="png", dpi=90, facecolor="white")
+    data = base64.b64encode(buffer.getvalue()).decode()
+    parts.append(
+        f'<figure><img alt="measure grid" src="data:image/png;base64,{data}">'
+        "<figcaption>one row per measure, one column per model pair</figcaption></figure>"
+    )
+    agreement = measure_agreement(result)
+    cells = [
+        [html.escape(a)]
+        + [
+            "–"
+            if np.isnan(agreement.spearman[i, j])
+            else f"{agreement.spearman[i, j]:.2f} / {agreement.kendall[i, j]:.2f}"
+            for j in range(len(agreement.names))
+        ]
+        for i, a in enumerate(agreement.names)
+    ]
+    parts.append(
+        "<p>Agreement on the ranking of layer pairs: Spearman &rho; / Kendall &tau;-b between "
+        f"measures over {agreement.n_values} layer-pair entries (every pair's entries; a model "
+        "with itself only above the diagonal).</p>"
+    )
+    parts.append(_table(["", *agreement.names], cells))
+    return "\n".join(parts)
 
 
 def write_report(plan: Mapping[str, Any], out: str | Path) -> Path:

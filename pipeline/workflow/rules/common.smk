@@ -260,6 +260,8 @@ def analyze_args(wildcards):
             "--permutations", str(ANALYSIS["permutations"]),
             "--seed", str(ANALYSIS["seed"]),
             "--pairs", pairs if isinstance(pairs, str) else ",".join(pairs),
+            "--measure", ",".join(ANALYSIS.get("measures", ["cka"])),
+            "--knn-k", str(ANALYSIS.get("knn_k", 10)),
         ]
     )
 
