@@ -35,7 +35,8 @@ import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +54,7 @@ from ckapipe.extract.capture import (
     model_failed,
     split_batch,
 )
+from ckapipe.extract.fused_gram import FusedGramWriter, GramRequest, reuse_or_build
 from ckapipe.extract.layers import LayerSelectionError, LayerSelector, resolve_layers
 from ckapipe.extract.progress import Progress
 from ckapipe.extract.specs import (
@@ -77,6 +79,7 @@ from ckapipe.utils import resolve_device as _resolve_device
 
 __all__ = [
     "ExtractionError",
+    "GramRequest",
     "InputsChangedError",
     "extract_activations",
     "input_sample_digests",
@@ -108,6 +111,7 @@ IDENTITY_FIELDS = (
     "autocast",
     "layer_selection",
     "layers",
+    "gram_only",
     "dtype",
     "codec",
     "sample_ids_sha256",
@@ -252,6 +256,8 @@ def extract_activations(
     output_key: str = "last_hidden_state",
     progress: bool = True,
     row_block: int | None = None,
+    gram: GramRequest | None = None,
+    gram_only: Iterable[str] = (),
 ) -> ActivationStore:
     """Extract the selected layers' activations of ``model`` on ``dataset`` into a store at ``out``.
 
@@ -296,6 +302,14 @@ def extract_activations(
         a block of all layers would exceed ~512 MB in float32; a resume keeps the store's).
         Every chunk's height is a multiple of it; each layer is written one whole chunk at a
         time, so resume points are chunk boundaries.
+    gram:
+        Also build the store's epoch-0 minibatch Gram cache at ``gram.out`` while writing
+        (:class:`~ckapipe.extract.fused_gram.GramRequest`): bit-for-bit the cache ``ckapipe
+        gram`` builds from the finished store with the same settings, without re-reading it.
+    gram_only:
+        Selected layers (names as resolved) whose activations are not stored, only their
+        fused Grams (needs ``gram``). For wide layers (conv maps) whose raw rows cost more to
+        write than to recompute; ``ckapipe gram`` cannot build other caches of them.
 
     Returns
     -------
@@ -317,6 +331,14 @@ def extract_activations(
         raise ExtractionError(
             f"row_block must be a positive multiple of batch_size {batch_size}, got {row_block}"
         )
+    gram_only = [gram_only] if isinstance(gram_only, str) else list(gram_only)
+    if gram_only and gram is None:
+        raise ExtractionError(
+            f"gram_only {gram_only} needs a Gram request (--gram-out): a Gram-only layer's "
+            "activations are not stored, so its fused Gram cache is all that is kept"
+        )
+    if gram is not None and not isinstance(gram, GramRequest):
+        raise ExtractionError(f"gram must be a GramRequest, got {type(gram).__name__}")
     out = Path(out)
     torch_device = resolve_device(device)
 
@@ -357,6 +379,12 @@ def extract_activations(
                 net, data, sample_ids, selectors, batch_keys, torch_device,
                 reduce=reduce, autocast=autocast, output_index=output_index, output_key=output_key,
             )  # fmt: skip
+            unknown = [name for name in gram_only if name not in [r.name for r in records]]
+            if unknown:
+                raise ExtractionError(
+                    f"gram_only names {unknown} are not among the selected layers "
+                    f"{[r.name for r in records]}"
+                )
             if row_block is None:
                 row_block = _stored_row_block(out, batch_size) or _default_row_block(
                     batch_size, sum(r.n_features for r in records)
@@ -378,7 +406,8 @@ def extract_activations(
                     "output_key": output_key,
                     "autocast": autocast,
                     "layer_selection": [s.name for s in selectors],
-                    "layers": [r.to_dict() for r in records],
+                    "layers": [r.to_dict() for r in records if r.name not in gram_only],
+                    "gram_only": [r.name for r in records if r.name in gram_only] or None,
                     "dtype": dtype,
                     "codec": codec,
                     "sample_ids_sha256": sample_ids_digest(sample_ids),
@@ -395,13 +424,25 @@ def extract_activations(
                     else _InputDigests(store.row_block, store.n_samples)
                 )
                 if store.is_complete:
+                    if gram is not None:
+                        reuse_or_build(gram, store, torch_device)
                     return store
-                _run(
-                    store, inputs, net, data, sample_ids, selectors, batch_keys, torch_device,
-                    batch_size=batch_size, num_workers=num_workers, seed=seed, reduce=reduce,
-                    autocast=autocast, output_index=output_index, output_key=output_key,
-                    progress=progress,
-                )  # fmt: skip
+                with ExitStack() as stack:
+                    fused = None
+                    if gram is not None:
+                        fused = stack.enter_context(
+                            FusedGramWriter(gram, store, [r.name for r in records], torch_device)
+                        )
+                        fused.resume(store.rows_complete)
+                    _run(
+                        store, inputs, net, data, sample_ids, selectors, batch_keys,
+                        torch_device, batch_size=batch_size, num_workers=num_workers, seed=seed,
+                        reduce=reduce, autocast=autocast, output_index=output_index,
+                        output_key=output_key, progress=progress,
+                        on_encoded=fused.add if fused is not None else None,
+                    )  # fmt: skip
+                    if fused is not None:
+                        fused.finish()
             except DtypeRangeError as error:
                 # Deterministic for these inputs: a resume would fail at the same rows, and the
                 # partial store would block the advised --dtype float32 run on the same --out.
@@ -506,9 +547,11 @@ def _open_or_create(
             "versions": versions(),
             "started_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
+        gram_only = identity["gram_only"] or []
         return ActivationStore.create(
-            out, layers=records, sample_ids=sample_ids, dtype=dtype, codec=codec,
-            attrs=attrs, row_block=row_block,
+            out, layers=[r for r in records if r.name not in gram_only], sample_ids=sample_ids,
+            dtype=dtype, codec=codec, attrs=attrs, row_block=row_block,
+            gram_only=[r for r in records if r.name in gram_only],
         )  # fmt: skip
     existing = ActivationStore.open(out, allow_incomplete=True)
     stored = existing.attrs
@@ -620,13 +663,20 @@ class _ChunkWriter:
     row block, a multiple of the batch size, and writing starts at a row-block boundary.
     """
 
-    def __init__(self, store: ActivationStore, start: int, inputs: _InputDigests, pinned: bool):
+    def __init__(
+        self,
+        store: ActivationStore,
+        start: int,
+        inputs: _InputDigests,
+        pinned: bool,
+        on_encoded: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+    ):
         self.store = store
         self.n = store.n_samples
         self.rows_done = start
-        self.chunk_rows = {
-            record.name: store.chunk_shape(record.name)[0] for record in store.layers
-        }
+        self.on_encoded = on_encoded
+        layers = [*store.layers, *store.gram_only]
+        self.chunk_rows = {record.name: store.chunk_shape(record.name)[0] for record in layers}
         self.flushed = dict.fromkeys(self.chunk_rows, start)
         # pinned host buffers let the device→host copies run asynchronously
         self.buffers = {
@@ -635,7 +685,7 @@ class _ChunkWriter:
                 dtype=torch.float32,
                 pin_memory=pinned,
             )
-            for record in store.layers
+            for record in layers
         }
         self.inputs = inputs
         # rows written -> (chain, number of block digests) of exactly those rows
@@ -671,11 +721,13 @@ class _ChunkWriter:
             groups.setdefault(self.flushed[name], {})[name] = self.buffers[name][:rows].numpy()
         for start, values in groups.items():
             try:
-                self.store.write_rows(start, values, some_layers=True)
+                encoded = self.store.write_rows(start, values, some_layers=True)
             except DtypeRangeError:
                 raise  # the caller removes the store and says so
             except StoreError as error:
                 raise type(error)(f"{error} [store {self.store.path} left incomplete]") from None
+            if self.on_encoded is not None:
+                self.on_encoded(start, encoded)  # rows as stored: the fused Gram cache
         for name in names:
             self.flushed[name] = self.rows_done
         complete = min(self.flushed.values())
@@ -707,12 +759,13 @@ def _run(
     output_index: int,
     output_key: str,
     progress: bool,
+    on_encoded: Callable[[int, dict[str, np.ndarray]], None] | None = None,
 ) -> None:
     """The streaming loop: batches → per-layer host buffers → whole-chunk store writes."""
     n = store.n_samples
     start = inputs.rows
     on_cuda = device.type == "cuda"
-    writer = _ChunkWriter(store, start, inputs, pinned=on_cuda)
+    writer = _ChunkWriter(store, start, inputs, pinned=on_cuda, on_encoded=on_encoded)
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(data, sample_ids[start:].tolist()),
         batch_size=batch_size,
@@ -725,7 +778,9 @@ def _run(
     with LayerCapture(
         net, selectors, reduce=reduce, output_index=output_index, output_key=output_key
     ) as capture:
-        capture.shapes.update({record.name: record.shape for record in store.layers})
+        capture.shapes.update(
+            {record.name: record.shape for record in [*store.layers, *store.gram_only]}
+        )
         for batch in loader:
             model_input, mask = split_batch(batch, **batch_keys)
             rows = batch_size_of(model_input)
