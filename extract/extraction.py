@@ -340,6 +340,12 @@ def extract_activations(
     if gram is not None and not isinstance(gram, GramRequest):
         raise ExtractionError(f"gram must be a GramRequest, got {type(gram).__name__}")
     out = Path(out)
+    if gram is not None and Path(gram.out).exists() and not _holds_complete_store(out):
+        # checked before any work: a fresh or resumed extraction builds its Gram cache anew
+        raise ExtractionError(
+            f"the Gram cache {gram.out} already exists, and {out} holds no complete extraction "
+            "it could belong to; remove it or choose another --gram-out"
+        )
     torch_device = resolve_device(device)
 
     # -- model and dataset ------------------------------------------------------------------
@@ -457,6 +463,15 @@ def extract_activations(
         if original_device is not None and model_spec is None:
             net.to(original_device)
     return ActivationStore.open(out)
+
+
+def _holds_complete_store(out: Path) -> bool:
+    if not (out / "zarr.json").is_file():
+        return False
+    try:
+        return ActivationStore.open(out, allow_incomplete=True, check_chunks=False).is_complete
+    except StoreError:
+        return False
 
 
 def _stored_row_block(out: Path, batch_size: int) -> int | None:

@@ -154,6 +154,10 @@ def test_bad_gram_requests_are_usage_errors(tmp_path):
         extract(tmp_path, gram_only=["0"])
     with pytest.raises(UsageError, match="not among the selected layers"):
         extract(tmp_path, gram=ckapipe.GramRequest(out=tmp_path / "g"), gram_only=["9"])
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(UsageError, match="exists.*choose another --gram-out"):
+        extract(tmp_path, name="s3", gram=ckapipe.GramRequest(out=tmp_path / "exists"))
+    assert not (tmp_path / "s3").exists()
     with pytest.raises(UsageError, match="larger than"):
         extract(tmp_path, name="s2", gram=ckapipe.GramRequest(out=tmp_path / "g", batch_size=64))
 
