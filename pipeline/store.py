@@ -246,6 +246,9 @@ class ActivationStore:
         self.row_block = int(attrs["row_block"])
         self._sample_ids: np.ndarray | None = None
         self._offsets: dict[str, np.ndarray] = {}
+        # opened once: each open reads the group's and the array's metadata from disk
+        self._arrays: dict[str, zarr.Array] = {}
+        self._writable_arrays: dict[str, zarr.Array] = {}
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -525,8 +528,10 @@ class ActivationStore:
 
     def array(self, name: str) -> zarr.Array:
         """The raw zarr array of layer ``name`` (uint16 bit patterns for bfloat16 stores)."""
-        self.layer(name)
-        return self._group["layers"][name]
+        if name not in self._arrays:
+            self.layer(name)
+            self._arrays[name] = self._group["layers"][name]
+        return self._arrays[name]
 
     def chunk_shape(self, name: str) -> tuple[int, int]:
         """The (rows, columns) chunk of layer ``name``; for a Gram-only layer, the chunk it would
@@ -635,7 +640,9 @@ class ActivationStore:
             encoded[layer.name] = self._encode(layer.name, values, start)
         for name, values in encoded.items():
             if name in self._by_name:
-                writable(self._group["layers"][name])[start : start + k, :] = values
+                if name not in self._writable_arrays:
+                    self._writable_arrays[name] = writable(self.array(name))
+                self._writable_arrays[name][start : start + k, :] = values
         return encoded
 
     def set_rows_complete(self, rows: int, **extra_attrs: Any) -> None:
