@@ -209,6 +209,11 @@ def test_config_keys_match_the_workflow_plan(tmp_path: Path, demo: bool) -> None
     assert completed.returncode == 0, completed.stderr[-3000:]
     assert time.perf_counter() - started < 300
     planned = set(re.findall(r"receipts/(stores|grams)/([0-9a-f]{16})", completed.stdout))
+    # a minibatch study of one epoch: the extract jobs write the Gram caches (--gram-target)
+    planned |= {
+        ("grams", key)
+        for key in re.findall(r"--gram-target \S*/grams/([0-9a-f]{16})\.zarr", completed.stdout)
+    }
     keys = config_keys(config, workdir=tmp_path)
     assert planned == {("stores", key) for key in keys.stores} | {
         ("grams", key) for key in keys.grams
