@@ -11,7 +11,7 @@ from typing import Any
 import click
 
 from ckapipe import cli_options as opts
-from ckapipe.analyze.intervals import DEFAULT_INTERVAL_METHOD, MIN_BATCHES_FOR_INTERVAL
+from ckapipe.analyze.interval_settings import DEFAULT_INTERVAL_METHOD, MIN_BATCHES_FOR_INTERVAL
 from ckapipe.analyze.measures import DEFAULT_KNN_K, DEFAULT_SVCCA_KEEP, MEASURES
 
 __all__ = ["analyze", "commands"]
@@ -82,7 +82,7 @@ _PERMUTATIONS_HELP = (
 )
 @opts.choice(
     "--interval-method",
-    source="ckapipe.analyze.intervals:INTERVAL_METHODS",
+    source="ckapipe.analyze.interval_settings:INTERVAL_METHODS",
     default=DEFAULT_INTERVAL_METHOD,
     help=_interval_help(),
 )

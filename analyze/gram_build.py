@@ -105,6 +105,12 @@ def _check_arguments(
     if not (isinstance(threshold, int | float) and threshold > 0 and np.isfinite(threshold)):
         raise bad(f"threshold (RBF bandwidth multiple) must be > 0, got {threshold!r}")
     names = list(layers) if layers else store.layer_names
+    gram_only = [name for name in names if name in {r.name for r in store.gram_only}]
+    if gram_only:
+        raise bad(
+            f"layer {gram_only[0]} was stored Gram-only in {store.path} (its activations were not "
+            f"written, only its fused Gram cache); re-extract without --gram-only {gram_only[0]}"
+        )
     unknown = [name for name in names if name not in store.layer_names]
     if unknown:
         raise bad(

@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from ckapipe.analyze.intervals import DEFAULT_INTERVAL_METHOD, MIN_BATCHES_FOR_INTERVAL
+from ckapipe.analyze.interval_settings import DEFAULT_INTERVAL_METHOD, MIN_BATCHES_FOR_INTERVAL
 
 __all__ = [
     "PairSummary",

@@ -109,14 +109,19 @@ class BenchRun:
         out: Path,
         m: int,
         dtype: str = "float16",
+        gram_out: Path | None = None,
     ) -> Path:
+        """The store of ``model`` at ``out``; with ``gram_out``, also its Gram cache (batch size
+        ``m``), fused with the extraction (the same cache ``gram`` builds from the store)."""
         from ckapipe.extract.extraction import extract_activations
+        from ckapipe.extract.fused_gram import GramRequest
 
+        gram = GramRequest(out=gram_out, batch_size=m) if gram_out is not None else None
         # order="dataset": the peers iterate the loader in dataset order, so every tool sees the
         # same minibatches (the synthetic inputs are i.i.d., so dataset order is a random order)
         extract_activations(
             model, dataset, layers=layers, out=out, batch_size=m, device=self.device,
-            dtype=dtype, order="dataset", progress=False,
+            dtype=dtype, order="dataset", progress=False, gram=gram,
         )  # fmt: skip
         return out
 

@@ -145,18 +145,82 @@ def layers_command(
 @opts.output_selection()
 @opts.count("--row-block", default=None, minimum=1, help=_ROW_BLOCK_HELP)
 @click.option("--progress/--no-progress", default=True, help="Report samples/s and ETA on stderr.")
+@click.option(
+    "--gram-out",
+    type=click.Path(file_okay=False),
+    default=None,
+    help="Also write the store's minibatch Gram cache here while extracting (epoch 0; "
+    "bit-for-bit what `ckapipe gram STORE` builds, without re-reading the store).",
+)
+@opts.count(
+    "--gram-batch-size",
+    default=256,
+    minimum=4,
+    help="Gram cache minibatch size m (with --gram-out).",
+)
+@click.option(
+    "--gram-kernel",
+    type=click.Choice(["linear", "rbf"]),
+    default="linear",
+    show_default=True,
+    help="Gram cache kernel (with --gram-out).",
+)
+@click.option(
+    "--gram-threshold",
+    type=click.FloatRange(min=0, min_open=True),
+    default=1.0,
+    show_default=True,
+    help="RBF bandwidth multiple (with --gram-out --gram-kernel rbf).",
+)
+@click.option(
+    "--gram-precision",
+    type=click.Choice(["auto", "float32", "float64"]),
+    default="auto",
+    show_default=True,
+    help="Gram product precision (auto: float32 products summed in float64).",
+)
+@opts.count(
+    "--gram-seed",
+    default=0,
+    help="Partition seed recorded in the Gram cache (as `ckapipe gram --seed`; epoch 0 does "
+    "not depend on it).",
+)
+@click.option(
+    "--gram-only",
+    "gram_only",
+    multiple=True,
+    metavar="LAYER",
+    help="Do not store this layer's activations, only its Grams in --gram-out (repeatable; "
+    "for wide conv maps whose rows cost more to write than to recompute).",
+)
 def extract_command(model: Any, dataset: Any, layers: tuple[str, ...], **options: Any) -> None:
     """Run MODEL once over a dataset and write the selected layers' activations to a store.
 
     Rows are written in a seeded random order of the dataset (the same for every model), one
     row block at a time; re-running the same command on an interrupted store resumes it.
+    With --gram-out it also writes the store's minibatch Gram cache (epoch 0) as it goes, so a
+    minibatch study needs no `ckapipe gram` pass; --gram-only LAYER keeps a layer in the Gram
+    cache only.
     """
     from ckapipe.extract.extraction import extract_activations
 
+    gram_options = {key: options.pop(f"gram_{key}") for key in _GRAM_OPTIONS}
+    gram_only = [name for value in options.pop("gram_only") for name in value.split(",") if name]
+    gram_out = options.pop("gram_out")
+    if gram_out is None:
+        if gram_only:
+            raise click.UsageError("--gram-only needs --gram-out (the Grams are all it keeps)")
+        gram = None
+    else:
+        from ckapipe.extract.fused_gram import GramRequest
+
+        gram = GramRequest(out=gram_out, **gram_options)
     reused = _holds_complete_store(options["out"])
     if options["autocast"] == "none":
         options["autocast"] = None
-    store = extract_activations(model, dataset, layers=list(layers), **options)
+    store = extract_activations(
+        model, dataset, layers=list(layers), gram=gram, gram_only=gram_only, **options
+    )
     summary = (
         f"{store.n_samples} samples x {len(store.layers)} layers "
         f"({', '.join(f'{r.name} {r.n_features}' for r in store.layers)}), {store.dtype}"
@@ -168,6 +232,13 @@ def extract_command(model: Any, dataset: Any, layers: tuple[str, ...], **options
         )
     else:
         click.echo(f"wrote {store.path}: {summary}")
+    if store.gram_only:
+        click.echo(f"Gram-only (not stored): {', '.join(r.name for r in store.gram_only)}")
+    if gram is not None:
+        click.echo(f"Gram cache {gram_out}: batch size {gram.batch_size}, kernel {gram.kernel}")
+
+
+_GRAM_OPTIONS = ("batch_size", "kernel", "threshold", "precision", "seed")
 
 
 def _holds_complete_store(out: Any) -> bool:

@@ -29,13 +29,17 @@ re-reads every row and compares ``input_sha256``. A mismatch raises
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import hashlib
 import json
 import logging
 import os
 import shutil
-from collections.abc import Iterable, Mapping
+import threading
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +57,7 @@ from ckapipe.extract.capture import (
     model_failed,
     split_batch,
 )
+from ckapipe.extract.fused_gram import FusedGramWriter, GramRequest, reuse_or_build
 from ckapipe.extract.layers import LayerSelectionError, LayerSelector, resolve_layers
 from ckapipe.extract.progress import Progress
 from ckapipe.extract.specs import (
@@ -77,6 +82,7 @@ from ckapipe.utils import resolve_device as _resolve_device
 
 __all__ = [
     "ExtractionError",
+    "GramRequest",
     "InputsChangedError",
     "extract_activations",
     "input_sample_digests",
@@ -108,6 +114,7 @@ IDENTITY_FIELDS = (
     "autocast",
     "layer_selection",
     "layers",
+    "gram_only",
     "dtype",
     "codec",
     "sample_ids_sha256",
@@ -252,6 +259,8 @@ def extract_activations(
     output_key: str = "last_hidden_state",
     progress: bool = True,
     row_block: int | None = None,
+    gram: GramRequest | None = None,
+    gram_only: Iterable[str] = (),
 ) -> ActivationStore:
     """Extract the selected layers' activations of ``model`` on ``dataset`` into a store at ``out``.
 
@@ -296,6 +305,14 @@ def extract_activations(
         a block of all layers would exceed ~512 MB in float32; a resume keeps the store's).
         Every chunk's height is a multiple of it; each layer is written one whole chunk at a
         time, so resume points are chunk boundaries.
+    gram:
+        Also build the store's epoch-0 minibatch Gram cache at ``gram.out`` while writing
+        (:class:`~ckapipe.extract.fused_gram.GramRequest`): bit-for-bit the cache ``ckapipe
+        gram`` builds from the finished store with the same settings, without re-reading it.
+    gram_only:
+        Selected layers (names as resolved) whose activations are not stored, only their
+        fused Grams (needs ``gram``). For wide layers (conv maps) whose raw rows cost more to
+        write than to recompute; ``ckapipe gram`` cannot build other caches of them.
 
     Returns
     -------
@@ -317,7 +334,21 @@ def extract_activations(
         raise ExtractionError(
             f"row_block must be a positive multiple of batch_size {batch_size}, got {row_block}"
         )
+    gram_only = [gram_only] if isinstance(gram_only, str) else list(gram_only)
+    if gram_only and gram is None:
+        raise ExtractionError(
+            f"gram_only {gram_only} needs a Gram request (--gram-out): a Gram-only layer's "
+            "activations are not stored, so its fused Gram cache is all that is kept"
+        )
+    if gram is not None and not isinstance(gram, GramRequest):
+        raise ExtractionError(f"gram must be a GramRequest, got {type(gram).__name__}")
     out = Path(out)
+    if gram is not None and Path(gram.out).exists() and not _holds_complete_store(out):
+        # checked before any work: a fresh or resumed extraction builds its Gram cache anew
+        raise ExtractionError(
+            f"the Gram cache {gram.out} already exists, and {out} holds no complete extraction "
+            "it could belong to; remove it or choose another --gram-out"
+        )
     torch_device = resolve_device(device)
 
     # -- model and dataset ------------------------------------------------------------------
@@ -357,6 +388,12 @@ def extract_activations(
                 net, data, sample_ids, selectors, batch_keys, torch_device,
                 reduce=reduce, autocast=autocast, output_index=output_index, output_key=output_key,
             )  # fmt: skip
+            unknown = [name for name in gram_only if name not in [r.name for r in records]]
+            if unknown:
+                raise ExtractionError(
+                    f"gram_only names {unknown} are not among the selected layers "
+                    f"{[r.name for r in records]}"
+                )
             if row_block is None:
                 row_block = _stored_row_block(out, batch_size) or _default_row_block(
                     batch_size, sum(r.n_features for r in records)
@@ -378,7 +415,8 @@ def extract_activations(
                     "output_key": output_key,
                     "autocast": autocast,
                     "layer_selection": [s.name for s in selectors],
-                    "layers": [r.to_dict() for r in records],
+                    "layers": [r.to_dict() for r in records if r.name not in gram_only],
+                    "gram_only": [r.name for r in records if r.name in gram_only] or None,
                     "dtype": dtype,
                     "codec": codec,
                     "sample_ids_sha256": sample_ids_digest(sample_ids),
@@ -395,13 +433,25 @@ def extract_activations(
                     else _InputDigests(store.row_block, store.n_samples)
                 )
                 if store.is_complete:
+                    if gram is not None:
+                        reuse_or_build(gram, store, torch_device)
                     return store
-                _run(
-                    store, inputs, net, data, sample_ids, selectors, batch_keys, torch_device,
-                    batch_size=batch_size, num_workers=num_workers, seed=seed, reduce=reduce,
-                    autocast=autocast, output_index=output_index, output_key=output_key,
-                    progress=progress,
-                )  # fmt: skip
+                with ExitStack() as stack:
+                    fused = None
+                    if gram is not None:
+                        fused = stack.enter_context(
+                            FusedGramWriter(gram, store, [r.name for r in records], torch_device)
+                        )
+                        fused.resume(store.rows_complete)
+                    _run(
+                        store, inputs, net, data, sample_ids, selectors, batch_keys,
+                        torch_device, batch_size=batch_size, num_workers=num_workers, seed=seed,
+                        reduce=reduce, autocast=autocast, output_index=output_index,
+                        output_key=output_key, progress=progress,
+                        on_encoded=fused.add if fused is not None else None,
+                    )  # fmt: skip
+                    if fused is not None:
+                        fused.finish()
             except DtypeRangeError as error:
                 # Deterministic for these inputs: a resume would fail at the same rows, and the
                 # partial store would block the advised --dtype float32 run on the same --out.
@@ -416,6 +466,15 @@ def extract_activations(
         if original_device is not None and model_spec is None:
             net.to(original_device)
     return ActivationStore.open(out)
+
+
+def _holds_complete_store(out: Path) -> bool:
+    if not (out / "zarr.json").is_file():
+        return False
+    try:
+        return ActivationStore.open(out, allow_incomplete=True, check_chunks=False).is_complete
+    except StoreError:
+        return False
 
 
 def _stored_row_block(out: Path, batch_size: int) -> int | None:
@@ -506,9 +565,11 @@ def _open_or_create(
             "versions": versions(),
             "started_at": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         }
+        gram_only = identity["gram_only"] or []
         return ActivationStore.create(
-            out, layers=records, sample_ids=sample_ids, dtype=dtype, codec=codec,
-            attrs=attrs, row_block=row_block,
+            out, layers=[r for r in records if r.name not in gram_only], sample_ids=sample_ids,
+            dtype=dtype, codec=codec, attrs=attrs, row_block=row_block,
+            gram_only=[r for r in records if r.name in gram_only],
         )  # fmt: skip
     existing = ActivationStore.open(out, allow_incomplete=True)
     stored = existing.attrs
@@ -618,75 +679,146 @@ class _ChunkWriter:
     ``rows_complete`` advances to the rows every layer holds, with the input fingerprint of
     exactly those rows. Batches never straddle a chunk boundary: chunk rows are multiples of the
     row block, a multiple of the batch size, and writing starts at a row-block boundary.
+
+    With ``background=True`` the writes (encoding, zarr, the fused Gram cache, ``rows_complete``)
+    run on one writer thread, in order, while the next batches' forward passes fill a second
+    buffer per layer: for a free core or a GPU. The stored bytes are the same either way.
     """
 
-    def __init__(self, store: ActivationStore, start: int, inputs: _InputDigests, pinned: bool):
+    def __init__(
+        self,
+        store: ActivationStore,
+        start: int,
+        inputs: _InputDigests,
+        pinned: bool,
+        on_encoded: Callable[[int, dict[str, np.ndarray]], None] | None = None,
+        background: bool = False,
+    ):
         self.store = store
         self.n = store.n_samples
         self.rows_done = start
-        self.chunk_rows = {
-            record.name: store.chunk_shape(record.name)[0] for record in store.layers
-        }
+        self.on_encoded = on_encoded
+        layers = [*store.layers, *store.gram_only]
+        self.chunk_rows = {record.name: store.chunk_shape(record.name)[0] for record in layers}
+        # main thread: the row each layer's active buffer starts at; writer: rows written
+        self.started = dict.fromkeys(self.chunk_rows, start)
         self.flushed = dict.fromkeys(self.chunk_rows, start)
-        # pinned host buffers let the device→host copies run asynchronously
+        # pinned host buffers let the device→host copies run asynchronously; two per layer
+        # when writing in the background (one filled while the other is written)
         self.buffers = {
-            record.name: torch.empty(
-                (min(self.chunk_rows[record.name], self.n), record.n_features),
-                dtype=torch.float32,
-                pin_memory=pinned,
-            )
-            for record in store.layers
+            record.name: [
+                torch.empty(
+                    (min(self.chunk_rows[record.name], self.n), record.n_features),
+                    dtype=torch.float32,
+                    pin_memory=pinned,
+                )
+                for _ in range(2 if background else 1)
+            ]
+            for record in layers
         }
+        self.active = dict.fromkeys(self.chunk_rows, 0)
         self.inputs = inputs
         # rows written -> (chain, number of block digests) of exactly those rows
         self.fingerprints = {start: (inputs.chain, len(inputs.blocks))}
+        self._lock = threading.Lock()  # fingerprints: added by the loop, pruned by the writer
+        self._pool = (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckapipe-writer")
+            if background
+            else None
+        )
+        self._pending: dict[str, Future[None]] = {}  # each layer's last write job
+        self._failed = False  # after a failed write no later one may run (rows_complete)
 
     def slots(self, rows: int) -> dict[str, torch.Tensor]:
         """Each layer's buffer rows for the next batch of ``rows`` rows (filled by the capture)."""
         slots = {}
-        for name, buffer in self.buffers.items():
-            offset = self.rows_done - self.flushed[name]
-            slots[name] = buffer[offset : offset + rows]
+        for name, buffers in self.buffers.items():
+            offset = self.rows_done - self.started[name]
+            slots[name] = buffers[self.active[name]][offset : offset + rows]
         return slots
 
     def advance(self, rows: int) -> None:
         """Count the batch just written into :meth:`slots` as buffered."""
         self.rows_done += rows
-        self.fingerprints[self.rows_done] = (self.inputs.chain, len(self.inputs.blocks))
+        with self._lock:
+            self.fingerprints[self.rows_done] = (self.inputs.chain, len(self.inputs.blocks))
 
     def due(self) -> list[str]:
         """Layers whose buffered rows end at a chunk boundary (or at the last row)."""
         return [
             name
             for name, chunk in self.chunk_rows.items()
-            if self.rows_done > self.flushed[name]
+            if self.rows_done > self.started[name]
             and (self.rows_done % chunk == 0 or self.rows_done == self.n)
         ]
 
     def flush(self, names: list[str]) -> None:
-        """Write the given layers' buffered rows, then advance ``rows_complete`` if it moved."""
-        groups: dict[int, dict[str, np.ndarray]] = {}
+        """Write the given layers' buffered rows (now, or queued on the writer thread)."""
+        values = {
+            name: (
+                self.started[name],
+                self.buffers[name][self.active[name]][: self.rows_done - self.started[name]],
+            )
+            for name in names
+        }
+        rows_done = self.rows_done
         for name in names:
-            rows = self.rows_done - self.flushed[name]
-            groups.setdefault(self.flushed[name], {})[name] = self.buffers[name][:rows].numpy()
-        for start, values in groups.items():
+            self.started[name] = rows_done
+        if self._pool is None:
+            self._write(values, rows_done)
+            return
+        job = self._pool.submit(self._write, values, rows_done)
+        for name in names:
+            previous = self._pending.get(name)
+            self._pending[name] = job
+            self.active[name] ^= 1
+            if previous is not None:
+                previous.result()  # it read the buffer the capture fills next (raises its error)
+
+    def close(self) -> None:
+        """Wait for every queued write (raising the first error) and stop the writer thread."""
+        if self._pool is None:
+            return
+        try:
+            for job in list(self._pending.values()):
+                job.result()
+        finally:
+            self._pool.shutdown(wait=True)  # nothing may write once the caller moves on
+
+    def _write(self, values: dict[str, tuple[int, torch.Tensor]], rows_done: int) -> None:
+        if self._failed:
+            return  # a queued write behind a failed one: the store stays at its resume point
+        try:
+            self._write_rows(values, rows_done)
+        except BaseException:
+            self._failed = True
+            raise
+
+    def _write_rows(self, values: dict[str, tuple[int, torch.Tensor]], rows_done: int) -> None:
+        groups: dict[int, dict[str, np.ndarray]] = {}
+        for name, (start, rows) in values.items():
+            groups.setdefault(start, {})[name] = rows.numpy()
+        for start, group in groups.items():
             try:
-                self.store.write_rows(start, values, some_layers=True)
+                encoded = self.store.write_rows(start, group, some_layers=True)
             except DtypeRangeError:
                 raise  # the caller removes the store and says so
             except StoreError as error:
                 raise type(error)(f"{error} [store {self.store.path} left incomplete]") from None
-        for name in names:
-            self.flushed[name] = self.rows_done
+            if self.on_encoded is not None:
+                self.on_encoded(start, encoded)  # rows as stored: the fused Gram cache
+        for name in values:
+            self.flushed[name] = rows_done
         complete = min(self.flushed.values())
         if complete > self.store.rows_complete or complete == self.n:
-            chain, blocks = self.fingerprints[complete]
+            with self._lock:
+                chain, blocks = self.fingerprints[complete]
+                self.fingerprints = {k: v for k, v in self.fingerprints.items() if k >= complete}
             self.store.set_rows_complete(
                 complete,
                 input_sha256_partial=chain.hex(),
                 input_block_sha256=self.inputs.blocks[:blocks],
             )
-            self.fingerprints = {k: v for k, v in self.fingerprints.items() if k >= complete}
 
 
 def _run(
@@ -707,12 +839,17 @@ def _run(
     output_index: int,
     output_key: str,
     progress: bool,
+    on_encoded: Callable[[int, dict[str, np.ndarray]], None] | None = None,
 ) -> None:
     """The streaming loop: batches → per-layer host buffers → whole-chunk store writes."""
     n = store.n_samples
     start = inputs.rows
     on_cuda = device.type == "cuda"
-    writer = _ChunkWriter(store, start, inputs, pinned=on_cuda)
+    # a writer thread when a core is free of torch's threads (or the model runs on a GPU)
+    background = on_cuda or torch.get_num_threads() < (os.cpu_count() or 1)
+    writer = _ChunkWriter(
+        store, start, inputs, pinned=on_cuda, on_encoded=on_encoded, background=background
+    )
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(data, sample_ids[start:].tolist()),
         batch_size=batch_size,
@@ -722,36 +859,46 @@ def _run(
         generator=torch.Generator().manual_seed(seed),
     )
     meter = Progress(n, initial=start, label=str(store.path), enabled=progress)
-    with LayerCapture(
-        net, selectors, reduce=reduce, output_index=output_index, output_key=output_key
-    ) as capture:
-        capture.shapes.update({record.name: record.shape for record in store.layers})
-        for batch in loader:
-            model_input, mask = split_batch(batch, **batch_keys)
-            rows = batch_size_of(model_input)
-            if not on_cuda:
-                # before the forward: on the CPU the model gets this very memory and may
-                # rewrite its input in place (normalization, an in-place first activation)
-                inputs.add(input_sample_digests(model_input))
-            with autocast_context(device, autocast):
-                capture.run(
-                    _to_device(model_input, device),
-                    _to_device(mask, device) if mask is not None else None,
-                    out=writer.slots(rows),
-                )
-            if on_cuda:
-                # after the forward is queued, overlapping the device's work; the model
-                # runs on a device copy, so the host input is as the dataset gave it
-                inputs.add(input_sample_digests(model_input))
-            writer.advance(rows)
-            meter.update(rows)
-            due = writer.due()
-            if due:
+    try:
+        with LayerCapture(
+            net, selectors, reduce=reduce, output_index=output_index, output_key=output_key
+        ) as capture:
+            capture.shapes.update(
+                {record.name: record.shape for record in [*store.layers, *store.gram_only]}
+            )
+            for batch in loader:
+                model_input, mask = split_batch(batch, **batch_keys)
+                rows = batch_size_of(model_input)
+                if not on_cuda:
+                    # before the forward: on the CPU the model gets this very memory and may
+                    # rewrite its input in place (normalization, an in-place first activation)
+                    inputs.add(input_sample_digests(model_input))
+                with autocast_context(device, autocast):
+                    capture.run(
+                        _to_device(model_input, device),
+                        _to_device(mask, device) if mask is not None else None,
+                        out=writer.slots(rows),
+                    )
                 if on_cuda:
-                    # the hooks' copies run on the stream each layer ran on, which a model
-                    # may have switched away from the current one
-                    torch.cuda.synchronize(device)
-                writer.flush(due)
+                    # after the forward is queued, overlapping the device's work; the model
+                    # runs on a device copy, so the host input is as the dataset gave it
+                    inputs.add(input_sample_digests(model_input))
+                writer.advance(rows)
+                meter.update(rows)
+                due = writer.due()
+                if due:
+                    if on_cuda:
+                        # the hooks' copies run on the stream each layer ran on, which a model
+                        # may have switched away from the current one
+                        torch.cuda.synchronize(device)
+                    writer.flush(due)
+    except BaseException:
+        # no write may run once the caller handles this (it may remove the store); the
+        # loop's own error is the one to report
+        with contextlib.suppress(Exception):
+            writer.close()
+        raise
+    writer.close()  # raises a queued write's error
     meter.close()
     if store.rows_complete != n:
         raise ExtractionError(

@@ -101,6 +101,16 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         "sample_ids_sha256": attrs.get("sample_ids_sha256"),
         "size_bytes": _size_on_disk(Path(store.path)),
         "layers": layers,
+        # encoded but not stored: only the fused Gram cache of the extraction holds them
+        "gram_only_layers": [
+            {
+                "name": record.name,
+                "original_shape": list(record.shape),
+                "reduction": record.reduction,
+                "n_features": record.n_features,
+            }
+            for record in store.gram_only
+        ],
         "provenance": provenance,
         "damaged": damaged,
     }
@@ -160,6 +170,12 @@ def format_store_info(info: dict[str, Any]) -> str:
         lines.append(
             "  "
             + "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)).rstrip()
+        )
+    for layer in info.get("gram_only_layers", []):
+        lines.append(
+            f"  {layer['name']}: Gram-only (p = {layer['n_features']}, per-sample shape "
+            f"{tuple(layer['original_shape'])}): activations not stored, only in the fused Gram "
+            "cache of its extraction"
         )
     lines.append("provenance")
     if not info["provenance"]:

@@ -38,6 +38,7 @@ _PUBLIC_API: dict[str, str] = {
     "DatasetSpec": "ckapipe.extract.specs",
     "list_layers": "ckapipe.extract.layers",
     "extract_activations": "ckapipe.extract.extraction",
+    "GramRequest": "ckapipe.extract.fused_gram",
     "compare": "ckapipe.extract.compare",
     "import_h5": "ckapipe.extract.h5bridge",
     "export_h5": "ckapipe.extract.h5bridge",

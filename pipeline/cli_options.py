@@ -207,7 +207,7 @@ def seed(help: str, default: int = 0) -> Decorator:
 
 def minibatch_size(default: int = 256) -> Decorator:
     """``--batch-size/-m``: the minibatch size m of a Gram cache (HSIC₁ needs m ≥ 4)."""
-    from ckapipe.analyze.intervals import DEFAULT_INTERVAL_METHOD, MIN_BATCHES_FOR_INTERVAL
+    from ckapipe.analyze.interval_settings import DEFAULT_INTERVAL_METHOD, MIN_BATCHES_FOR_INTERVAL
 
     need = MIN_BATCHES_FOR_INTERVAL[DEFAULT_INTERVAL_METHOD]
     text = (

@@ -115,6 +115,7 @@ LAYOUT_ATTRS = frozenset(
         "rows_complete",
         "complete",
         "float16_encoding",
+        "gram_only_layers",
     }
 )
 
@@ -237,11 +238,17 @@ class ActivationStore:
             raise StoreError(str(error)) from None
         self.layers = [LayerRecord.from_dict(d) for d in attrs["layers"]]
         self._by_name = {layer.name: layer for layer in self.layers}
+        #: layers whose rows were encoded (and fed to a fused Gram cache) but not stored
+        self.gram_only = [LayerRecord.from_dict(d) for d in attrs.get("gram_only_layers", [])]
+        self._encodable = {**self._by_name, **{layer.name: layer for layer in self.gram_only}}
         self.n_samples = int(attrs["n_samples"])
         self.dtype = attrs["dtype"]
         self.row_block = int(attrs["row_block"])
         self._sample_ids: np.ndarray | None = None
         self._offsets: dict[str, np.ndarray] = {}
+        # opened once: each open reads the group's and the array's metadata from disk
+        self._arrays: dict[str, zarr.Array] = {}
+        self._writable_arrays: dict[str, zarr.Array] = {}
 
     # -- creation ---------------------------------------------------------------------------
     @classmethod
@@ -255,6 +262,7 @@ class ActivationStore:
         codec: str | None = None,
         attrs: Mapping[str, Any] | None = None,
         row_block: int = 256,
+        gram_only: Sequence[LayerRecord] = (),
     ) -> ActivationStore:
         """Create an empty store and return it open for writing (holding the writer lock).
 
@@ -274,6 +282,10 @@ class ActivationStore:
             Provenance to record (model and dataset specs, seeds, versions, ...).
         row_block:
             Resume granularity in rows; every row chunk is a multiple of it.
+        gram_only:
+            Layers that are encoded like the others (float16 offsets and scale recorded) but
+            whose rows are not stored: a writer feeds them to a fused Gram cache only. Listed
+            in the root attribute ``gram_only_layers``; they have no ``layers/<name>`` array.
         """
         path = Path(path)
         if dtype not in LOGICAL_DTYPES:
@@ -281,9 +293,9 @@ class ActivationStore:
         codec = codec or "none"
         if codec not in CODECS:
             raise StoreError(f"codec must be one of {CODECS}, got {codec!r}")
-        if not layers:
+        if not layers and not gram_only:
             raise StoreError("no layers to store: select at least one layer")
-        names = [layer.name for layer in layers]
+        names = [layer.name for layer in [*layers, *gram_only]]
         duplicates = sorted({name for name in names if names.count(name) > 1})
         if duplicates:
             raise StoreError(f"layers selected more than once: {duplicates}")
@@ -331,6 +343,11 @@ class ActivationStore:
                     "codec": codec,
                     "row_block": int(row_block),
                     "sample_ids_sha256": sample_ids_digest(sample_ids),
+                    **(
+                        {"gram_only_layers": [layer.to_dict() for layer in gram_only]}
+                        if gram_only
+                        else {}
+                    ),
                     "rows_complete": 0,
                     "complete": False,
                     **({"float16_encoding": {}} if dtype == "float16" else {}),
@@ -350,7 +367,8 @@ class ActivationStore:
             itemsize = np.dtype(storage_dtype).itemsize
             layer_group = root.require_group("layers")
             offset_group = root.require_group("offsets") if dtype == "float16" else None
-            for layer in layers:
+            stored_names = {layer.name for layer in layers}
+            for layer in [*layers, *gram_only]:
                 chunks = _chunk_shape(n, layer.n_features, itemsize, row_block)
                 if offset_group is not None:
                     # written whole now (zeros) so that every chunk exists from the start
@@ -362,6 +380,8 @@ class ActivationStore:
                         dtype="float32",
                         dimension_names=(f"feature:{layer.name}",),
                     )[:] = 0
+                if layer.name not in stored_names:
+                    continue
                 create_array(
                     layer_group,
                     layer.name,
@@ -457,12 +477,13 @@ class ActivationStore:
         Stored values are ``(x - offsets) / scale``. A layer with no rows written yet has
         zero offsets and scale 1.
         """
-        self.layer(name)
+        if name not in self._encodable:
+            self.layer(name)  # raises, naming the layers
         if self.dtype != "float16":
             return None
         record = self._group.attrs.get("float16_encoding", {}).get(name)
         if record is None:
-            return np.zeros(self._by_name[name].n_features, dtype=np.float32), 1.0
+            return np.zeros(self._encodable[name].n_features, dtype=np.float32), 1.0
         if name not in self._offsets:
             self._offsets[name] = np.asarray(self._group["offsets"][name][:], dtype=np.float32)
         return self._offsets[name], float(record["scale"])
@@ -495,17 +516,42 @@ class ActivationStore:
         try:
             return self._by_name[name]
         except KeyError:
+            if name in self._encodable:
+                raise StoreError(
+                    f"layer {name!r} of store {self.path} was stored Gram-only (its activations "
+                    f"were not written, only its fused Gram cache); re-extract without "
+                    f"--gram-only {name} to read it"
+                ) from None
             raise StoreError(
                 f"store {self.path} has no layer {name!r}; its layers are {self.layer_names}"
             ) from None
 
     def array(self, name: str) -> zarr.Array:
         """The raw zarr array of layer ``name`` (uint16 bit patterns for bfloat16 stores)."""
-        self.layer(name)
-        return self._group["layers"][name]
+        if name not in self._arrays:
+            self.layer(name)
+            self._arrays[name] = self._group["layers"][name]
+        return self._arrays[name]
 
     def chunk_shape(self, name: str) -> tuple[int, int]:
-        return tuple(self.array(name).chunks)  # type: ignore[return-value]
+        """The (rows, columns) chunk of layer ``name``; for a Gram-only layer, the chunk it would
+        have had (its fused Grams are formed over the same column tiles as a stored layer's)."""
+        if name in self._by_name:
+            return tuple(self.array(name).chunks)  # type: ignore[return-value]
+        if name not in self._encodable:
+            self.layer(name)  # raises, naming the layers
+        storage_dtype = "uint16" if self.dtype == "bfloat16" else self.dtype
+        return _chunk_shape(
+            self.n_samples,
+            self._encodable[name].n_features,
+            np.dtype(storage_dtype).itemsize,
+            self.row_block,
+        )
+
+    @property
+    def storage_dtype(self) -> str:
+        """The dtype of the stored arrays (``uint16`` bit patterns for bfloat16 stores)."""
+        return "uint16" if self.dtype == "bfloat16" else self.dtype
 
     def read(
         self,
@@ -553,8 +599,12 @@ class ActivationStore:
     # -- writing ----------------------------------------------------------------------------
     def write_rows(
         self, start: int, activations: Mapping[str, np.ndarray], *, some_layers: bool = False
-    ) -> None:
+    ) -> dict[str, np.ndarray]:
         """Write rows ``start:start+k`` of every layer (all layers at once, ``k`` equal for all).
+
+        Returns each given layer's rows as stored (storage dtype: float16 residuals, float32, or
+        bfloat16 bit patterns as uint16), Gram-only layers included (encoded, not written): the
+        values a reader of the store gets, for a fused Gram cache.
 
         Values are checked before anything is written: NaN/Inf, or values beyond float16's range in a
         float16 store, raise :class:`StoreError` naming the layer and the sample id.
@@ -563,8 +613,8 @@ class ActivationStore:
         then only advance to rows that every layer holds.
         """
         self._require_writable()
-        missing = [name for name in self.layer_names if name not in activations]
-        unknown = [name for name in activations if name not in self._by_name]
+        missing = [name for name in self._encodable if name not in activations]
+        unknown = [name for name in activations if name not in self._encodable]
         if (missing and not some_layers) or unknown or not activations:
             raise StoreError(
                 f"write_rows needs every layer once; missing {missing}, unknown {unknown}"
@@ -578,7 +628,7 @@ class ActivationStore:
                 f"rows {start}:{start + k} are outside the store's {self.n_samples} rows"
             )
         encoded = {}
-        for layer in self.layers:
+        for layer in self._encodable.values():
             if layer.name not in activations:
                 continue
             values = np.asarray(activations[layer.name])
@@ -589,7 +639,11 @@ class ActivationStore:
                 )
             encoded[layer.name] = self._encode(layer.name, values, start)
         for name, values in encoded.items():
-            writable(self._group["layers"][name])[start : start + k, :] = values
+            if name in self._by_name:
+                if name not in self._writable_arrays:
+                    self._writable_arrays[name] = writable(self.array(name))
+                self._writable_arrays[name][start : start + k, :] = values
+        return encoded
 
     def set_rows_complete(self, rows: int, **extra_attrs: Any) -> None:
         """Record that rows ``0:rows`` of every layer are durably written (the resume point).

@@ -210,6 +210,11 @@ def test_config_keys_match_the_workflow_plan(tmp_path: Path, demo: bool) -> None
     assert time.perf_counter() - started < 300
     kinds = "stores|grams|demo-data|demo-models"
     planned = set(re.findall(rf"receipts/({kinds})/([0-9a-f]{{16}})", completed.stdout))
+    # a minibatch study of one epoch: the extract jobs write the Gram caches (--gram-target)
+    planned |= {
+        ("grams", key)
+        for key in re.findall(r"--gram-target \S*/grams/([0-9a-f]{16})\.zarr", completed.stdout)
+    }
     keys = config_keys(config, workdir=tmp_path)
     assert planned == (
         {("stores", key) for key in keys.stores}

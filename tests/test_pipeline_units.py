@@ -414,11 +414,11 @@ def _ckapipe_run(*args: str) -> str:
 def test_dry_run_plans_the_whole_demo(tmp_path):
     output = _ckapipe_run("--workdir", str(tmp_path), "--", "--dry-run")
     counts = job_counts(output)
+    # a minibatch study of one epoch: each extract job also writes its store's Gram cache
     assert counts == {
         "demo_data": 1,
         "train": 4,
         "extract": 4,
-        "gram": 4,
         "analyze": 1,
         "plot": 1,
         "report": 1,
@@ -435,6 +435,7 @@ def test_heavy_jobs_declare_the_configured_threads(tmp_path):
     config = demo_config()
     config["resources"]["threads"] = 3
     config["extraction"]["num_workers"] = 2
+    config["analysis"]["epochs"] = 2  # more than epoch 0: the gram rule builds the caches
     study = tmp_path / "threads.yaml"
     study.write_text(yaml.safe_dump(config))
     # --cores above every job's threads: a local run caps a job's threads at --cores
@@ -453,6 +454,7 @@ def test_heavy_jobs_declare_the_configured_threads(tmp_path):
 def test_two_datasets_make_one_study_each_from_shared_models(tmp_path):
     config = demo_config()
     config["datasets"]["train_subset"] = {"demo": "train", "limit": 512}
+    config["analysis"]["epochs"] = 2  # so that the gram rule runs too
     study = tmp_path / "two.yaml"
     study.write_text(yaml.safe_dump(config))
     output = _ckapipe_run(str(study), "--workdir", str(tmp_path), "--", "-n")
@@ -654,3 +656,76 @@ def test_a_gram_cache_made_from_an_earlier_store_is_rebuilt(tmp_path):
     job = _build_job(gram, tmp_path / "r.json", runs, "--source", str(store))
     output = job.communicate(timeout=60)[0]
     assert "removed incomplete or stale" in output and runs.read_text() == "built\n", output
+
+
+# -- fused extract + Gram: one job per model x dataset ---------------------------------------------
+def test_a_minibatch_study_extracts_and_builds_grams_in_one_job_with_its_resources(tmp_path):
+    """Epoch 0 only: the extract job writes the Gram cache (its key unchanged, so shared with
+    `ckapipe gram`-built caches), analyze waits for its receipts, and mem_mb/runtime come from
+    the config's resources."""
+    import re
+
+    config = demo_config()
+    config["resources"]["mem_mb"] = {"extract": 1234, "analyze": 777}
+    config["resources"]["runtime"] = {"extract": 7}
+    study = tmp_path / "fused.yaml"
+    study.write_text(yaml.safe_dump(config))
+    output = _ckapipe_run(str(study), "--workdir", str(tmp_path), "--", "-n")
+    counts = job_counts(output)
+    assert counts["extract"] == 4 and "gram" not in counts, counts
+    jobs = dict(re.findall(r"^(?:local)?rule (\w+):\n(.*?)\n(?=\S)", output, re.M | re.S))
+    resources = re.search(r"resources: (.*)", jobs["extract"]).group(1).split(", ")
+    assert "mem_mb=1234" in resources and "runtime=7" in resources, resources
+    analyze = re.search(r"resources: (.*)", jobs["analyze"]).group(1).split(", ")
+    assert "mem_mb=777" in analyze and "runtime=120" in analyze, analyze
+    assert output.count("--gram-target ") == 4 and "fused-grams/" in output
+    partition = keys.gram_partition(config["analysis"])
+    for target in re.findall(r"--gram-target (\S+)", output):
+        assert Path(target).parent.name == "grams" and Path(target).suffix == ".zarr"
+    assert partition["precision"] in output
+
+
+def _store_job(tmp_path: Path, store: Path, target: Path, *extract: str) -> str:
+    """``python -m ckapipe.workflow.jobs store`` with a fused Gram cache; its stderr."""
+    dataset = json.dumps({"factory": "models:vector_dataset", "kwargs": {"n": 40}})
+    completed = subprocess.run(
+        [
+            sys.executable, "-m", "ckapipe.workflow.jobs", "store", "--store", str(store),
+            "--receipt", str(tmp_path / "r" / "store.json"),
+            "--gram-target", str(target), "--gram-receipt", str(tmp_path / "r" / "gram.json"),
+            "--gram-extract-args", "--gram-batch-size 8 --gram-precision float64",
+            "--gram-build-args", "--batch-size 8 --precision float64 --device cpu",
+            "--", "--model", "models:make_mlp", "--dataset", dataset, "--layers", "0,4",
+            "--batch-size", "4", "--no-progress", *extract,
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(Path(__file__).parent), OMP_NUM_THREADS="1"),
+        timeout=300,
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stderr
+
+
+@pytest.mark.slow
+def test_store_job_writes_the_gram_cache_once_and_rebuilds_it_from_a_reused_store(tmp_path):
+    from ckapipe.analyze.gram_cache import GramCache, build_gram_cache
+
+    store, target = tmp_path / "cache/stores/s.zarr", tmp_path / "cache/grams/g.zarr"
+    _store_job(tmp_path, store, target)
+    fused = GramCache.open(target)
+    assert json.loads((tmp_path / "r/gram.json").read_text()) == {"path": str(target)}
+    assert sorted(p.name for p in target.parent.iterdir() if "building" in p.name) == []
+    built = build_gram_cache(store, tmp_path / "built", batch_size=8, precision="float64")
+    for b in built.batches:
+        for name in built.layer_names:
+            assert np.array_equal(fused.batch_gram(name, b), built.batch_gram(name, b))
+    # both complete and made from the store as it is: nothing is done
+    again = _store_job(tmp_path, store, target)
+    assert "found complete" in again and "reusing it" in again
+    # the Gram cache lost: the complete store is reused and `ckapipe gram` rebuilds the cache
+    shutil.rmtree(target)
+    rebuilt = _store_job(tmp_path, store, target)
+    assert "found complete store" in rebuilt
+    for b in built.batches:
+        assert np.array_equal(GramCache.open(target).batch_gram("4", b), built.batch_gram("4", b))

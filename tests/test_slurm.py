@@ -121,23 +121,34 @@ def test_dry_run_maps_rule_resources_and_profile_defaults(tmp_path):
 
 @pytest.mark.slow
 def test_dry_run_of_the_ckapipe_workflow_asks_gpus_for_extract_and_gram_only(tmp_path):
-    """With the shipped profile, the packaged study workflow (demo config) plans gpu=1 for
-    every extract and gram job and for nothing else."""
+    """With the shipped profile, the packaged study workflow plans gpu=1 for every extract and
+    gram job and for nothing else (the demo config, whose extract jobs write the Gram caches,
+    and the same with two epochs, which the gram jobs build)."""
     import importlib.util
 
     snakefile = Path(importlib.util.find_spec("ckapipe.workflow").origin).parent / "Snakefile"
-    out = subprocess.run(
-        [sys.executable, "-m", "snakemake", "-s", str(snakefile)]
-        + ["--profile", str(PROFILE_DIR), "--directory", str(tmp_path), "--dry-run"],
-        capture_output=True,
-        text=True,
-        timeout=180,
-    )
-    log = out.stdout + out.stderr
-    assert out.returncode == 0, log[-4000:]
-    jobs = re.findall(r"^(?:local)?rule (\w+):\n(.*?)\n(?=\S)", log, re.M | re.S)
-    planned = {rule for rule, _ in jobs}
-    assert {"extract", "gram"} <= planned, sorted(planned)
+    from ckapipe.run import DEFAULT_CONFIG
+
+    jobs = []
+    for epochs, expected in ((1, {"extract"}), (2, {"extract", "gram"})):
+        config = yaml.safe_load(DEFAULT_CONFIG.read_text())
+        config["analysis"]["epochs"] = epochs
+        study = tmp_path / f"epochs{epochs}.yaml"
+        study.write_text(yaml.safe_dump(config))
+        out = subprocess.run(
+            [sys.executable, "-m", "snakemake", "-s", str(snakefile)]
+            + ["--profile", str(PROFILE_DIR), "--directory", str(tmp_path), "--dry-run"]
+            + ["--configfile", str(study)],
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
+        log = out.stdout + out.stderr
+        assert out.returncode == 0, log[-4000:]
+        planned = re.findall(r"^(?:local)?rule (\w+):\n(.*?)\n(?=\S)", log, re.M | re.S)
+        assert expected <= {rule for rule, _ in planned}, sorted(planned)
+        assert epochs == 2 or "gram" not in {rule for rule, _ in planned}
+        jobs += planned
     for rule, block in jobs:
         resources = re.search(r"resources: (.*)", block)
         items = resources.group(1).split(", ") if resources else []
@@ -229,7 +240,7 @@ def test_gpu_resource_reaches_sbatch_as_gpus(slurm_cluster: SlurmCluster, tmp_pa
 @pytest.mark.slow
 def test_small_study_runs_through_slurm_with_ckapipe_run(slurm_cluster: SlurmCluster, tmp_path):
     """`ckapipe run STUDY -- <SLURM args>`: a small demo study (two architectures) whose
-    demo_data, train, extract, gram and analyze steps each run as SLURM jobs on the node, while
+    demo_data, train, extract (with its fused Gram cache) and analyze steps each run as SLURM jobs on the node, while
     the cheap plot and report steps stay local; the result is complete and its numbers are
     right."""
     import ckapipe
@@ -270,7 +281,8 @@ def test_small_study_runs_through_slurm_with_ckapipe_run(slurm_cluster: SlurmClu
         re.fullmatch(r"rule_(\w+?)_wildcards_\S+", job["Comment"].strip()).group(1)
         for job in jobs.values()
     )
-    assert rules == {"demo_data": 1, "train": 2, "extract": 2, "gram": 2, "analyze": 1}, jobs
+    # one epoch of minibatches: each extract job writes its store's Gram cache too (no gram jobs)
+    assert rules == {"demo_data": 1, "train": 2, "extract": 2, "analyze": 1}, jobs
     for job in jobs.values():
         assert job["JobState"] == "COMPLETED" and job["ExitCode"] == "0:0", job
         assert job["Partition"] == slurm_cluster.partition, job

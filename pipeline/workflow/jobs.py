@@ -18,14 +18,17 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 import sys
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import click
 
+from ckapipe.formats import sibling_lock_path
 from ckapipe.store import ActivationStore
 from ckapipe.workflow.guard import guard, job_lock, wait_for_writer
 
@@ -105,21 +108,64 @@ def main() -> None:
 @click.option("--store", "store", required=True, type=click.Path(path_type=Path))
 @click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path))
 @click.option("--receipt", required=True, type=click.Path(path_type=Path))
+@click.option(
+    "--gram-target",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Also make this Gram cache entry, fused with the extraction (minibatch, epoch 0).",
+)
+@click.option("--gram-receipt", type=click.Path(path_type=Path), default=None)
+@click.option(
+    "--gram-extract-args",
+    default="",
+    help="Shell-quoted `ckapipe extract` options of the fused Gram cache (--gram-batch-size ...).",
+)
+@click.option(
+    "--gram-build-args",
+    default="",
+    help="Shell-quoted `ckapipe gram STORE` options that build the same cache from a store "
+    "that is reused (complete, its Gram cache missing or stale).",
+)
 @_TIMEOUT
 @click.argument("extract_args", nargs=-1, type=click.UNPROCESSED)
 def store_job(
     store: Path,
     weights: Path | None,
     receipt: Path,
+    gram_target: Path | None,
+    gram_receipt: Path | None,
+    gram_extract_args: str,
+    gram_build_args: str,
     timeout: float | None,
     extract_args: tuple[str, ...],
 ) -> None:
     """Make STORE (reuse, resume or extract it), then write RECEIPT (its `ckapipe info --json`,
-    plus `"reused": true` when the store was found complete)."""
-    with job_lock(store, timeout):
-        reused = guard(store, weights, timeout) == "reuse"
-        if not reused:
-            _run([_ckapipe(), "extract", *extract_args, "--out", str(store)])
+    plus `"reused": true` when the store was found complete).
+
+    With --gram-target the job also makes that Gram cache entry, holding its job lock too (after
+    the store's, the order every job takes them in): an extraction writes it as it goes (one
+    pass, no re-read of the store); a reused store gets it from `ckapipe gram` unless a complete
+    one made from the store as it is now exists. Either way it is built in a staging folder and
+    renamed into place, and GRAM_RECEIPT is written.
+    """
+    if (gram_target is None) != (gram_receipt is None):
+        raise click.UsageError("--gram-target and --gram-receipt go together")
+    with (
+        job_lock(store, timeout),
+        job_lock(gram_target, timeout) if gram_target is not None else nullcontext(),
+    ):
+        state = guard(store, weights, timeout)
+        reused = state == "reuse"
+        if gram_target is None:
+            if not reused:
+                _run([_ckapipe(), "extract", *extract_args, "--out", str(store)])
+        else:
+            gram_reused = _fused_store_and_gram(
+                store, state, gram_target, extract_args, gram_extract_args, gram_build_args,
+                timeout,
+            )  # fmt: skip
+            record = {"path": str(gram_target), "reused": gram_reused}
+            write_atomically(gram_receipt, json.dumps(record) + "\n")
         info = subprocess.run(
             [_ckapipe(), "info", str(store), "--json"], capture_output=True, text=True, check=False
         )
@@ -129,6 +175,58 @@ def store_job(
         record = json.loads(info.stdout)
         record["reused"] = reused  # counted by the end-of-run summary of `ckapipe run`
         write_atomically(receipt, json.dumps(record, indent=2) + "\n")
+
+
+def _fused_store_and_gram(
+    store: Path,
+    state: str,
+    target: Path,
+    extract_args: tuple[str, ...],
+    gram_extract_args: str,
+    gram_build_args: str,
+    timeout: float | None,
+) -> bool:
+    """The store (as ``guard`` found it) and its Gram cache ``target``, both holding job locks;
+    whether a complete Gram cache was found and reused."""
+    wait_for_writer(target, timeout)
+    if state == "reuse" and target.exists() and _reusable(target, store):
+        click.echo(f"found complete {target}; reusing it", err=True)
+        return True
+    if target.exists():
+        # no job and no writer holds it; the store it was made from is being (re)made, or it
+        # is a leftover or stale
+        shutil.rmtree(target)
+        click.echo(f"removed incomplete or stale {target}", err=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    # leftovers of a killed job for this entry (its staging folder, and the one the fused
+    # writer stages that in): no job or writer holds the entry, so they are nobody's
+    for pattern in (f".{target.name}.building-*", f"..{target.name}.building-*"):
+        for leftover in target.parent.glob(pattern):
+            if leftover.is_dir():
+                shutil.rmtree(leftover, ignore_errors=True)
+            else:
+                leftover.unlink(missing_ok=True)
+    staging = target.parent / f".{target.name}.building-{os.getpid()}"
+    try:
+        if state == "reuse":
+            staging.mkdir()
+            _run(
+                [_ckapipe(), "gram", str(store), *shlex.split(gram_build_args)]
+                + ["--out", str(staging), "--overwrite"]
+            )
+        else:
+            _run(
+                [_ckapipe(), "extract", *extract_args, "--out", str(store)]
+                + [*shlex.split(gram_extract_args), "--gram-out", str(staging)]
+            )
+        os.rename(staging, target)
+        return False
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    finally:
+        # the lock file the Gram cache writer kept beside its output; that writer has ended
+        sibling_lock_path(staging).unlink(missing_ok=True)
 
 
 @main.command("build", context_settings={"ignore_unknown_options": True})

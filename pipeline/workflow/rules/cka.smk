@@ -13,6 +13,9 @@ rule analyze:
     log:
         f"{LOGS}/analyze/{{dataset}}.log",
     threads: THREADS
+    resources:
+        mem_mb=mem_mb("analyze"),
+        runtime=runtime("analyze"),
     conda:
         CONDA_ENV
     shell:

@@ -115,6 +115,9 @@ DATASETS = {
 }
 
 PARTITION = KEYS.partition
+# A minibatch study of one epoch gets each Gram cache from its extraction (fused: one job per
+# model x dataset, and the store is never re-read); more epochs and full mode keep the gram rule.
+FUSED = ANALYSIS["mode"] == "minibatch" and ANALYSIS["epochs"] == 1
 
 STORES = {}  # store key -> what to extract
 GRAMS = {}  # gram key -> store key
@@ -150,6 +153,14 @@ def store_receipt(key):
 
 def gram_receipt(key):
     return f"{RECEIPTS}/grams/{key}.json"
+
+
+def fused_gram_receipt(store_key):
+    # named by the store key: the extract rule that writes it has only that wildcard
+    return f"{RECEIPTS}/fused-grams/{store_key}.json"
+
+
+STORE_GRAMS = {store: gram for gram, store in GRAMS.items()}  # one partition per study
 
 
 def gram_path(key):
@@ -216,6 +227,36 @@ def guard_args(wildcards):
     return shlex.join(args)
 
 
+def extract_outputs():
+    """The extract rule's outputs: the store's receipt, and in fused mode its Gram cache's."""
+    outputs = {"receipt": f"{RECEIPTS}/stores/{{store_key}}.json"}
+    if FUSED:
+        outputs["grams"] = fused_gram_receipt("{store_key}")
+    return outputs
+
+
+def fused_args(wildcards):
+    """The store job's options that make it also write the store's Gram cache (fused mode)."""
+    if not FUSED:
+        return ""
+    key = wildcards.store_key
+    fused = [
+        "--gram-batch-size", str(ANALYSIS["batch_size"]),
+        "--gram-kernel", ANALYSIS["kernel"],
+        "--gram-threshold", str(ANALYSIS["threshold"]),
+        "--gram-precision", PARTITION["precision"],
+        "--gram-seed", str(ANALYSIS["seed"]),
+    ]
+    return shlex.join(
+        [
+            "--gram-target", gram_path(STORE_GRAMS[key]),
+            "--gram-receipt", fused_gram_receipt(key),
+            "--gram-extract-args", shlex.join(fused),
+            "--gram-build-args", gram_args(wildcards) + f" --threads {THREADS}",
+        ]
+    )
+
+
 def gram_inputs(wildcards):
     return store_receipt(GRAMS[wildcards.gram_key])
 
@@ -241,6 +282,8 @@ def gram_store(wildcards):
 
 
 def analyze_inputs(wildcards):
+    if FUSED:
+        return [fused_gram_receipt(GRAMS[key]) for _, key in STUDY_GRAMS[wildcards.dataset]]
     return [gram_receipt(key) for _, key in STUDY_GRAMS[wildcards.dataset]]
 
 
@@ -333,6 +376,16 @@ def final_outputs():
 
 def gpu_resources():
     return config["resources"]["gpu"]
+
+
+def mem_mb(rule):
+    """Memory (MB) a heavy job asks the scheduler for: resources.mem_mb.<rule> of the config."""
+    return config["resources"]["mem_mb"][rule]
+
+
+def runtime(rule):
+    """Wall-clock minutes a heavy job asks the scheduler for: resources.runtime.<rule>."""
+    return config["resources"]["runtime"][rule]
 
 
 # CPU threads of a heavy job. Declared as the rule's `threads:`, it is what a local run counts

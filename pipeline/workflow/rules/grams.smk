@@ -5,6 +5,7 @@
 # The job creates {out}, an empty staging folder of its own, before `ckapipe gram` runs: hence
 # --overwrite, which lets the Gram cache be written into it (gram refuses any existing --out).
 # --threads: the chunk readers too stay within the job's threads, not gram's default of 4.
+# A minibatch study of one epoch never runs this rule: its extract jobs write the Gram caches.
 
 
 rule gram:
@@ -21,6 +22,8 @@ rule gram:
     threads: THREADS
     resources:
         gpu=gpu_resources(),
+        mem_mb=mem_mb("gram"),
+        runtime=runtime("gram"),
     conda:
         CONDA_ENV
     shell:
