@@ -111,6 +111,12 @@ _PERMUTATIONS_HELP = (
     show_default=True,
     help="With --pairs all, also compare each model with itself.",
 )
+@opts.architectures(
+    "Declare MODEL's architecture (repeatable), e.g. --architecture mlp_s0=mlp. Recorded in "
+    "the result: `ckapipe plot` and the report then give layer-correspondence curves to, and "
+    "compare within vs across, the architectures declared here. A model not named is of its "
+    "factory's architecture; constructor arguments (a seed) do not count."
+)
 @opts.device()
 @opts.overwrite("Replace an existing result at --out.")
 def analyze(grams: tuple[Path, ...], names: str | None, **options: Any) -> None:

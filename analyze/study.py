@@ -32,7 +32,7 @@ Result format: :mod:`ckapipe.analyze.result` (which also defines :class:`StudyRe
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -120,6 +120,7 @@ def analyze_study(
     device: str = "auto",
     overwrite: bool = False,
     interval_method: str = DEFAULT_INTERVAL_METHOD,
+    architectures: Mapping[str, str] | None = None,
 ) -> StudyResult:
     """CKA of every layer pair of every requested model pair, written to a result group.
 
@@ -150,6 +151,10 @@ def analyze_study(
     interval_method : minibatch intervals over batches: ``"jackknife"`` (delete-one-batch, t
         quantiles; reported from 4 batches) or ``"bootstrap"`` (percentile; reported from 128
         batches, below which its measured coverage falls short). See docs/STATISTICS.md.
+    architectures : model name → declared architecture (e.g. ``{"mlp_s0": "mlp"}``), recorded in
+        the result (root attribute ``architectures``) so that ``ckapipe plot`` and the report
+        group models by it without being told again. Models not named are of their factory's
+        architecture (:data:`ckapipe.utils.ARCHITECTURE_RULE`).
 
     Returns
     -------
@@ -190,11 +195,31 @@ def analyze_study(
             include_self=include_self,
             device=device,
             interval_method=interval_method,
+            architectures=architectures,
         )
         # the provenance as stored (JSON-normalised, with the completion flag), as load_result
         # gives it
         study.provenance = write(study)
     return study
+
+
+def _declared_architectures(
+    architectures: Mapping[str, str] | None, models: Sequence[str]
+) -> dict[str, str]:
+    """``architectures`` checked against the study's models, in study order."""
+    declared = dict(architectures or {})
+    unknown = sorted(set(declared) - set(models))
+    if unknown:
+        raise StudyError(
+            f"architectures given for model(s) {', '.join(unknown)} that the study does not "
+            f"have (its models: {', '.join(models)}); check --architecture MODEL=NAME"
+        )
+    for name, architecture in declared.items():
+        if not isinstance(architecture, str) or not architecture.strip():
+            raise StudyError(
+                f"architecture of model {name!r} must be a non-empty name, got {architecture!r}"
+            )
+    return {name: declared[name].strip() for name in models if name in declared}
 
 
 def _compute_study(
@@ -213,6 +238,7 @@ def _compute_study(
     include_self: bool,
     device: str,
     interval_method: str,
+    architectures: Mapping[str, str] | None = None,
 ) -> StudyResult:
     """Everything :func:`analyze_study` computes, with its arguments checked; nothing written."""
     caches = [open_cache(c) for c in gram_caches]
@@ -220,6 +246,7 @@ def _compute_study(
         raise StudyError("no Gram caches given: pass one cache per model")
     study_models = model_names(caches, names)
     check_compatible(caches, study_models)
+    declared = _declared_architectures(architectures, study_models)
     check_estimator(estimator, caches[0].mode)
     requested = resolve_pairs(pairs, study_models, include_self)
     torch_device = resolve_device(device, error=StudyError)
@@ -234,6 +261,7 @@ def _compute_study(
         "interval_method": interval_method if caches[0].mode == "minibatch" else "block-jackknife",
     }
     provenance = _provenance(by_name, layers, requested, torch_device, options)
+    provenance["architectures"] = declared
     if caches[0].mode == "minibatch":
         kernel, threshold = minibatch_kernel(caches[0], kernel, threshold)
         provenance.update(kernel=kernel, threshold=threshold)

@@ -172,6 +172,7 @@ def test_demo_study_end_to_end(demo):
     from ckapipe.analyze.architecture_summary import architecture_similarity
 
     groups = {"mlp_s0": "mlp", "mlp_s1": "mlp", "cnn_s0": "cnn", "cnn_s1": "cnn"}
+    assert result.provenance["architectures"] == groups  # recorded: a bare `plot` finds them
     difference = architecture_similarity(result, groups)[-1]
     assert difference.label == "within − across" and difference.low > 0.05, difference
     # a model against itself: exactly 1 on the diagonal
