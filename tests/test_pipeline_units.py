@@ -356,7 +356,7 @@ def test_report_groups_models_by_the_architectures_recorded_in_the_result(tmp_pa
     sections = {}
     for recorded in (None, {"m0": "x", "m1": "y"}):
         result = tmp_path / f"{bool(recorded)}.zarr"
-        provenance = {"estimator": "minibatch", "ci_level": 0.95, "models": {}}
+        provenance = {"estimator": "minibatch", "ci_level": 0.95, "models": {"m0": {}, "m1": {}}}
         if recorded:
             provenance["architectures"] = recorded
         write_result(
