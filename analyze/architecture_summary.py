@@ -6,7 +6,8 @@ architecture more alike than two different architectures? This module answers it
 Definitions
 -----------
 - A model's **architecture** is the one declared for it (``architecture:`` in the study config,
-  ``ckapipe plot --architecture``), else its factory (:func:`ckapipe.utils.architecture_of`).
+  ``ckapipe plot --architecture``, or recorded in the result by ``ckapipe analyze
+  --architecture``), else its factory (:func:`ckapipe.utils.architecture_of`).
 - A model pair's **similarity** is the mean CKA of its *depth-aligned* layer pairs: each layer
   of the model with fewer layers (either model when they have as many) is paired with the layer
   of the other model at the nearest relative depth, (i + 1) / L. For two models with the same
@@ -42,6 +43,7 @@ __all__ = [
     "architecture_similarity",
     "architectures_from_provenance",
     "depth_aligned",
+    "recorded_architectures",
 ]
 
 #: one sentence for help texts and the report
@@ -245,14 +247,25 @@ def architecture_similarity(
     return rows
 
 
+def recorded_architectures(result: StudyResult) -> dict[str, str]:
+    """The architectures declared when the result was made (``ckapipe analyze --architecture``,
+    the workflow's ``architecture:``), by model; empty for results made without any (or
+    before they were recorded)."""
+    recorded = result.provenance.get("architectures") or {}
+    if not isinstance(recorded, Mapping):
+        return {}
+    return {str(name): str(arch) for name, arch in recorded.items() if arch}
+
+
 def architectures_from_provenance(
     result: StudyResult, declared: Mapping[str, str] | None = None
 ) -> dict[str, str | None]:
-    """Every model's architecture: ``declared[name]`` when given, else the factory the result
-    records for it, else None."""
+    """Every model's architecture: ``declared[name]`` when given, else the one the result
+    records as declared (:func:`recorded_architectures`), else the factory the result records
+    for it, else None."""
     from ckapipe.utils import architecture_of
 
-    declared = dict(declared or {})
+    declared = {**recorded_architectures(result), **(declared or {})}
     models: Mapping[str, Any] = result.provenance.get("models") or {}
     out: dict[str, str | None] = {}
     for name in result.models:

@@ -11,26 +11,6 @@ from ckapipe import cli_options as opts
 __all__ = ["commands", "plot"]
 
 
-def _parse_architectures(
-    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
-) -> dict[str, str]:
-    declared: dict[str, str] = {}
-    for value in values:
-        model, sep, name = value.partition("=")
-        if not sep or not model.strip() or not name.strip():
-            raise click.BadParameter(
-                f"{value!r} is not MODEL=NAME; write e.g. --architecture mlp_s0=mlp", param=param
-            )
-        if declared.get(model.strip(), name.strip()) != name.strip():
-            raise click.BadParameter(
-                f"model {model.strip()!r} is given two architectures "
-                f"({declared[model.strip()]!r} and {name.strip()!r}); give it one",
-                param=param,
-            )
-        declared[model.strip()] = name.strip()
-    return declared
-
-
 @opts.command("plot")
 @opts.existing_path("result", metavar="RESULT.zarr")
 @opts.out("Directory for the PNG files (created if missing).", file_okay=False)
@@ -47,14 +27,10 @@ def _parse_architectures(
     show_default=True,
     help="Resolution of the PNG files.",
 )
-@click.option(
-    "--architecture",
-    "architectures",
-    multiple=True,
-    metavar="MODEL=NAME",
-    callback=_parse_architectures,
-    help="Declare MODEL's architecture (repeatable), e.g. --architecture mlp_s0=mlp. A model "
-    "not named is of its factory's architecture; constructor arguments (a seed) do not count.",
+@opts.architectures(
+    "Declare MODEL's architecture (repeatable), e.g. --architecture mlp_s0=mlp; wins over the "
+    "one the result records (`ckapipe analyze --architecture`). A model named by neither is of "
+    "its factory's architecture; constructor arguments (a seed) do not count."
 )
 def plot(
     result: Path, out: Path, annotate: bool | None, dpi: float, architectures: dict[str, str]
@@ -62,9 +38,10 @@ def plot(
     """Draw the figures of a CKA result: a heatmap per model pair, the study grid, and
     layer-correspondence curves for pairs of two models of one architecture.
 
-    Two models are of one architecture when --architecture gives them the same NAME; a model
-    without one is of its factory's architecture (the `pkg.module:callable` the result
-    records), whatever its constructor arguments. Curves also need the same layer list.
+    Two models are of one architecture when they have the same NAME: given by --architecture,
+    else recorded in the result (`ckapipe analyze --architecture`); a model without one is of
+    its factory's architecture (the `pkg.module:callable` the result records), whatever its
+    constructor arguments. Curves also need the same layer list.
 
     Writes heatmap_<a>--<b>.png, study_grid.png and correspondence.png (a panel per
     architecture, all its pairs overlaid with their confidence bands) into --out, and prints

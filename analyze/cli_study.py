@@ -138,6 +138,12 @@ _PERMUTATIONS_HELP = (
     help="SVCCA keeps each layer's fewest top principal directions holding this fraction of "
     "its variance.",
 )
+@opts.architectures(
+    "Declare MODEL's architecture (repeatable), e.g. --architecture mlp_s0=mlp. Recorded in "
+    "the result: `ckapipe plot` and the report then give layer-correspondence curves to, and "
+    "compare within vs across, the architectures declared here. A model not named is of its "
+    "factory's architecture; constructor arguments (a seed) do not count."
+)
 @opts.device()
 @opts.overwrite("Replace an existing result at --out.")
 def analyze(

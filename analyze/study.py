@@ -32,7 +32,7 @@ Result format: :mod:`ckapipe.analyze.result` (which also defines :class:`StudyRe
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -127,6 +127,7 @@ def analyze_study(
     interval_method: str = DEFAULT_INTERVAL_METHOD,
     measures: str | Sequence[str] = ("cka",),
     measure_options: MeasureOptions | None = None,
+    architectures: Mapping[str, str] | None = None,
 ) -> StudyResult:
     """CKA of every layer pair of every requested model pair, written to a result group.
 
@@ -163,6 +164,10 @@ def analyze_study(
         each in the CSV) and ``PairResult.measures``. ``cka`` alone (default): CKA only.
     measure_options : their settings (:class:`~ckapipe.analyze.measures.MeasureOptions`:
         rank tolerance, SVCCA variance kept, k of mutual k-NN).
+    architectures : model name → declared architecture (e.g. ``{"mlp_s0": "mlp"}``), recorded in
+        the result (root attribute ``architectures``) so that ``ckapipe plot`` and the report
+        group models by it without being told again. Models not named are of their factory's
+        architecture (:data:`ckapipe.utils.ARCHITECTURE_RULE`).
 
     Returns
     -------
@@ -209,11 +214,31 @@ def analyze_study(
             interval_method=interval_method,
             measures=measures,
             measure_options=measure_options or MeasureOptions(),
+            architectures=architectures,
         )
         # the provenance as stored (JSON-normalised, with the completion flag), as load_result
         # gives it
         study.provenance = write(study)
     return study
+
+
+def _declared_architectures(
+    architectures: Mapping[str, str] | None, models: Sequence[str]
+) -> dict[str, str]:
+    """``architectures`` checked against the study's models, in study order."""
+    declared = dict(architectures or {})
+    unknown = sorted(set(declared) - set(models))
+    if unknown:
+        raise StudyError(
+            f"architectures given for model(s) {', '.join(unknown)} that the study does not "
+            f"have (its models: {', '.join(models)}); check --architecture MODEL=NAME"
+        )
+    for name, architecture in declared.items():
+        if not isinstance(architecture, str) or not architecture.strip():
+            raise StudyError(
+                f"architecture of model {name!r} must be a non-empty name, got {architecture!r}"
+            )
+    return {name: declared[name].strip() for name in models if name in declared}
 
 
 def _compute_study(
@@ -234,6 +259,7 @@ def _compute_study(
     interval_method: str,
     measures: list[str],
     measure_options: MeasureOptions,
+    architectures: Mapping[str, str] | None = None,
 ) -> StudyResult:
     """Everything :func:`analyze_study` computes, with its arguments checked; nothing written."""
     caches = [open_cache(c) for c in gram_caches]
@@ -241,6 +267,7 @@ def _compute_study(
         raise StudyError("no Gram caches given: pass one cache per model")
     study_models = model_names(caches, names)
     check_compatible(caches, study_models)
+    declared = _declared_architectures(architectures, study_models)
     check_estimator(estimator, caches[0].mode)
     if measures != ["cka"] and caches[0].mode != "full":
         raise StudyError(
@@ -262,6 +289,7 @@ def _compute_study(
         "interval_method": interval_method if caches[0].mode == "minibatch" else "block-jackknife",
     }
     provenance = _provenance(by_name, layers, requested, torch_device, options)
+    provenance["architectures"] = declared
     if caches[0].mode == "minibatch":
         kernel, threshold = minibatch_kernel(caches[0], kernel, threshold)
         provenance.update(kernel=kernel, threshold=threshold)

@@ -6,11 +6,12 @@ caches) and, for studies that use the demo, ``demo/data/<key>/`` (the generated 
 ``storage.cache_root`` there. This module is the API of ``ckapipe cache``
 (:mod:`ckapipe.cli_cache`):
 
-* :func:`scan` — one :class:`CacheEntry` per store and Gram cache (size, state, last use);
+* :func:`scan` — one :class:`CacheEntry` per store and Gram cache (size, state, last use), and
+  one per staging folder a killed writer left behind (kind ``staging``);
 * :func:`config_keys` — the store and Gram keys a study config asks for, computed exactly as
   the workflow does, so that entries can be matched to the studies that use them;
-* :func:`collect_garbage` — remove the entries no kept config references, never one that a live
-  process is writing.
+* :func:`collect_garbage` — remove the entries no kept config references and orphaned staging
+  folders, never one that a live process is writing.
 
 An entry is removed only while :func:`collect_garbage` holds its workflow job lock (so no job
 starts on it meanwhile) and no process holds its writer or staging lock.
@@ -21,6 +22,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
@@ -33,6 +35,7 @@ from ckapipe.formats import WriterLock, sibling_lock_path
 
 __all__ = [
     "KINDS",
+    "STAGING_KIND",
     "CacheEntry",
     "ZARR_KINDS",
     "ConfigKeys",
@@ -54,6 +57,12 @@ KINDS = {
     "demo/data": "demo-data",
     "demo/models": "demo-model",
 }
+#: The kind of a staging folder (``.<name>.staging``, ``.<name>.replaced`` of
+#: :func:`ckapipe.formats.staged_directory`; ``.<name>.building-<pid>`` of a workflow job): what
+#: a writer killed mid-build (SIGKILL, a node lost) leaves beside its output; removable once no
+#: live process holds the output's locks.
+STAGING_KIND = "staging"
+_STAGING_SUFFIX = re.compile(r"^\.(?P<target>.+)\.(?:staging|replaced|building-\d+)$")
 #: The kinds that are zarr groups (``<key>.zarr``); the demo's entries are plain folders.
 ZARR_KINDS = ("store", "gram")
 #: Kind → the folder of its receipts under ``results/<study>/receipts/``.
@@ -77,7 +86,8 @@ class CacheEntry:
     layers: int
     size: int
     state: str
-    """``complete``, ``incomplete`` or ``being written`` (a live process holds one of its locks)."""
+    """``complete``, ``incomplete`` or ``being written`` (a live process holds one of its locks);
+    a staging folder is ``being written`` or ``orphaned`` (its writer is gone)."""
     last_used: float
     """Seconds since the epoch: the newest of its zarr.json and its receipts' modification times."""
     used_by: list[str] = field(default_factory=list)
@@ -101,6 +111,39 @@ def entry_locks(path: Path) -> list[Path]:
 
 def _locked(path: Path) -> bool:
     return any(WriterLock.is_held(lock) for lock in entry_locks(path))
+
+
+def staging_target(path: Path) -> Path | None:
+    """The output a staging folder is built for (``.x.zarr.staging`` → ``x.zarr`` beside it),
+    or None when ``path`` is not named as a staging folder."""
+    match = _STAGING_SUFFIX.match(path.name)
+    return path.parent / match["target"] if match else None
+
+
+def _staging_entries(root: Path) -> list[CacheEntry]:
+    """The staging folders in the cache root's entry folders, sorted by name. One whose output's
+    writer or job lock is held is ``being written``; any other is ``orphaned``."""
+    entries = []
+    for folder in KINDS:
+        for path in sorted((root / folder).glob(".*")):
+            target = staging_target(path)
+            if target is None or not path.is_dir():
+                continue
+            with contextlib.suppress(OSError):  # a writer finishing now renames it away
+                entries.append(
+                    CacheEntry(
+                        kind=STAGING_KIND,
+                        key=path.name,
+                        path=path,
+                        model="-",
+                        dataset=f"for {folder}/{target.name}",
+                        layers=0,
+                        size=_tree_size(path),
+                        state="being written" if _locked(target) else "orphaned",
+                        last_used=path.stat().st_mtime,
+                    )
+                )
+    return entries
 
 
 def _tree_size(path: Path) -> int:
@@ -157,7 +200,8 @@ def _demo_entry(path: Path, kind: str) -> tuple[str, str]:
 
 def scan(root: str | os.PathLike[str], *, workdirs: Sequence[Path] = ()) -> list[CacheEntry]:
     """Every entry under the cache ``root``: stores, Gram caches, then the demo's generated data
-    and trained models, each kind sorted by key.
+    and trained models, each kind sorted by key, then the staging folders (see
+    :data:`STAGING_KIND`).
 
     ``workdirs``: study working directories whose receipts count as a use of an entry.
     """
@@ -207,7 +251,7 @@ def scan(root: str | os.PathLike[str], *, workdirs: Sequence[Path] = ()) -> list
                     last_used=max(last_used, receipts.get(path.stem, 0.0)),
                 )
             )
-    return entries
+    return entries + _staging_entries(root)
 
 
 def _demo_entries(folder: Path, kind: str, receipts: dict[str, float]) -> list[CacheEntry]:
@@ -349,8 +393,11 @@ def config_keys(
 
 
 def mark_users(entries: Sequence[CacheEntry], configs: Sequence[ConfigKeys]) -> None:
-    """Fill each entry's ``used_by`` with the configs (of the same cache root) that ask for it."""
+    """Fill each entry's ``used_by`` with the configs (of the same cache root) that ask for it.
+    No config asks for a staging folder."""
     for entry in entries:
+        if entry.kind == STAGING_KIND:
+            continue
         root = entry_root(entry)
         for keys in configs:
             if keys.cache_root == root and keys.uses(entry):
@@ -358,7 +405,8 @@ def mark_users(entries: Sequence[CacheEntry], configs: Sequence[ConfigKeys]) -> 
 
 
 def entry_root(entry: CacheEntry) -> Path:
-    """The cache root an entry lies in (``stores/<key>.zarr``, ``demo/models/<key>``, …)."""
+    """The cache root an entry lies in (``stores/<key>.zarr``, ``demo/models/<key>``, …; not
+    for a staging folder)."""
     folder = next(folder for folder, kind in KINDS.items() if kind == entry.kind)
     return entry.path.resolve().parents[len(Path(folder).parts)]
 
@@ -401,6 +449,9 @@ def collect_garbage(plan: GarbagePlan) -> tuple[list[CacheEntry], list[CacheEntr
 
     removed, skipped = [], []
     for entry in plan.remove:
+        if entry.kind == STAGING_KIND:
+            (removed if _remove_staging(entry) else skipped).append(entry)
+            continue
         writer, staging, job = entry_locks(entry.path)
         # holding the job lock keeps a workflow job from starting on the entry while it goes;
         # the writer and staging locks are probed again now, a writer may have started since
@@ -420,3 +471,25 @@ def collect_garbage(plan: GarbagePlan) -> tuple[list[CacheEntry], list[CacheEntr
         finally:
             lock.release()
     return removed, skipped
+
+
+def _remove_staging(entry: CacheEntry) -> bool:
+    """Remove an orphaned staging folder while holding its output's job lock and writer lock, so
+    that no job or writer starts on that output meanwhile (one that tries is refused at once,
+    naming this process). False when a live process holds either: its folder is left alone."""
+    from ckapipe.errors import WriterLockedError
+
+    target = staging_target(entry.path)
+    if target is None:
+        return False
+    _writer, staging_lock, job = entry_locks(target)
+    with contextlib.ExitStack() as held:
+        try:
+            for lock in (job, staging_lock):
+                held.enter_context(WriterLock(lock, what=f"staging folder {entry.path}"))
+        except WriterLockedError:
+            return False
+        if WriterLock.is_held(target / ".writer.lock"):
+            return False  # a resumable writer working on the output itself
+        shutil.rmtree(entry.path, ignore_errors=True)
+    return not entry.path.exists()

@@ -69,7 +69,11 @@ def cache() -> None:
 @opts.json_flag("Print a JSON list of entries instead of a table.")
 def ls(root: Path | None, configs: tuple[Path, ...], workdir: Path, as_json: bool) -> None:
     """One line per cache entry (activation store, Gram cache, demo dataset, demo-trained
-    model): kind, key, model, dataset, size, state, last use."""
+    model): kind, key, model, dataset, size, state, last use.
+
+    Also one line per staging folder (kind `staging`): the partial output of a writer that
+    was killed (`orphaned`; `ckapipe cache gc --yes` removes it) or is still at work (`being
+    written`)."""
     from ckapipe.cache import config_keys, human_size, mark_users, scan
 
     entries = scan(_root(root, configs, workdir), workdirs=[workdir])
@@ -96,11 +100,11 @@ def ls(root: Path | None, configs: tuple[Path, ...], workdir: Path, as_json: boo
 @_workdir_option
 def du(root: Path | None, configs: tuple[Path, ...], workdir: Path) -> None:
     """Size on disk of the cache root: per kind and in total."""
-    from ckapipe.cache import KINDS, human_size, scan
+    from ckapipe.cache import KINDS, STAGING_KIND, human_size, scan
 
     path = _root(root, configs, workdir)
     entries = scan(path)
-    for kind in KINDS.values():
+    for kind in [*KINDS.values(), STAGING_KIND]:
         chosen = [entry for entry in entries if entry.kind == kind]
         size = sum(entry.size for entry in chosen)
         click.echo(f"{kind:5} {len(chosen):5} entries {human_size(size):>10}")
@@ -153,7 +157,10 @@ def gc(root: Path | None, configs: tuple[Path, ...], workdir: Path, yes: bool) -
     them. A study's own results (results/<study>/ under its working directory) are not in the
     cache and are never touched.
 
-    An entry that a live process is writing is never removed.
+    Staging folders that killed writers left behind (kind `staging` in `ckapipe cache ls`)
+    are removed too, whatever the kept studies.
+
+    An entry or staging folder that a live process is writing is never removed.
     """
     from ckapipe.cache import collect_garbage, config_keys, human_size, plan_garbage
 

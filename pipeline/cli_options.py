@@ -32,6 +32,7 @@ __all__ = [
     "ConstantChoice",
     "DeviceParam",
     "ShapeParam",
+    "architectures",
     "choice",
     "codec",
     "command",
@@ -264,6 +265,38 @@ def threshold(help: str, default: float | None) -> Decorator:
     """``--threshold``: the RBF bandwidth as a positive multiple of the median distance."""
     positive = click.FloatRange(min=0, min_open=True)
     return _option("--threshold", type=positive, default=default, help=help)
+
+
+def _parse_architectures(
+    ctx: click.Context, param: click.Parameter, values: tuple[str, ...]
+) -> dict[str, str]:
+    declared: dict[str, str] = {}
+    for value in values:
+        model, sep, name = (part.strip() for part in value.partition("="))
+        if not sep or not model or not name:
+            raise click.BadParameter(
+                f"{value!r} is not MODEL=NAME; write e.g. --architecture mlp_s0=mlp", param=param
+            )
+        if declared.get(model, name) != name:
+            raise click.BadParameter(
+                f"model {model!r} is given two architectures ({declared[model]!r} and "
+                f"{name!r}); give it one",
+                param=param,
+            )
+        declared[model] = name
+    return declared
+
+
+def architectures(help: str) -> Decorator:
+    """``--architecture MODEL=NAME`` (repeatable): declared architectures, as a dict."""
+    return _option(
+        "--architecture",
+        "architectures",
+        multiple=True,
+        metavar="MODEL=NAME",
+        callback=_parse_architectures,
+        help=help,
+    )
 
 
 def output_selection() -> Decorator:

@@ -48,8 +48,10 @@ def run(workdir: Path, verbose: bool, args: tuple[str, ...]) -> None:
       --verbose shows Snakemake's own output instead.
     - at the end: the jobs run (and how many found their result in the cache), the wall
       time, the report's path, each dataset's CSV (results/<study>/<dataset>/cka.csv) and
-      the headline table: per model pair, the mean CKA of the matched layers with the
-      widest interval half-width among them.
+      the study's story: per model pair, the depth-aligned mean CKA (layer i with layer i
+      when both have as many layers) with the widest interval half-width and the pair's
+      architectures; then similarity within vs across architectures with jackknife
+      intervals, as in the report.
     - if a job fails: the failed step, its log file and that log's last lines.
     A dry run (`-- -n`), --unlock, --summary and --list-rules print Snakemake's output as it is.
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from ckapipe.errors import CkapipeError, UsageError
+from ckapipe.run_headline import architecture_table, headline_table
 from ckapipe.run_view import (
     TARGET_RULE,
     LiveView,
@@ -425,55 +426,6 @@ def split_config_argument(args: Sequence[str]) -> tuple[Path | None, list[str]]:
     return None, list(args)
 
 
-def _matched(pair: Any) -> tuple[str, float, float | None]:
-    """A pair's headline: the mean CKA of its matched layers, and the widest interval half-width
-    among them (None when no interval was reported). Layers match by name when both models have
-    the same layer names (the diagonal); otherwise each row's best layer is its match. The mean
-    is NaN when no matched layer pair has a finite CKA."""
-    import numpy as np
-
-    cka = np.asarray(pair.cka, dtype=np.float64)
-    half = (np.asarray(pair.ci_high) - np.asarray(pair.ci_low)) / 2.0
-    if list(pair.layers_a) == list(pair.layers_b):
-        how, index = "diagonal", np.arange(cka.shape[0])
-    else:
-        how = "row best"
-        filled = np.where(np.isfinite(cka), cka, -np.inf)
-        index = np.argmax(filled, axis=1)
-    rows = np.arange(cka.shape[0])
-    values, widths = cka[rows, index], half[rows, index]
-    finite = np.isfinite(values)
-    mean = float(values[finite].mean()) if finite.any() else float("nan")
-    reported = np.isfinite(widths[finite])
-    width = float(widths[finite][reported].max()) if reported.any() else None
-    return how, mean, width
-
-
-def headline_table(study: Any) -> list[str]:
-    """A study result's headline, one aligned row per model pair: the mean CKA of the matched
-    layers and the widest interval half-width among them (see :func:`_matched`)."""
-    import math
-
-    header = ("model A", "model B", "mean CKA", "± CI", "layers matched")
-    rows = []
-    for (a, b), pair in study.pairs.items():
-        how, mean, width = _matched(pair)
-        if math.isnan(mean):
-            rows.append((a, b, "no matched layers with a finite CKA", "", ""))
-            continue
-        rows.append((a, b, f"{mean:.3f}", f"{width:.3f}" if width is not None else "none", how))
-    wide_a = max(len(header[0]), *(len(row[0]) for row in rows)) if rows else len(header[0])
-    wide_b = max(len(header[1]), *(len(row[1]) for row in rows)) if rows else len(header[1])
-
-    def line(row: tuple[str, ...]) -> str:
-        a, b, mean, width, how = row
-        if not width and not how:  # a sentence instead of numbers
-            return f"  {a:<{wide_a}}  {b:<{wide_b}}  {mean}"
-        return f"  {a:<{wide_a}}  {b:<{wide_b}}  {mean:>8}  {width:>7}  {how}".rstrip()
-
-    return [line(header), *(line(row) for row in rows)]
-
-
 def run_summary(
     config: str | os.PathLike[str] | None = None,
     *,
@@ -482,7 +434,15 @@ def run_summary(
 ) -> list[str]:
     """What ``ckapipe run`` prints after a successful run: the jobs run and reused from the
     cache with the wall time (given the run's ``outcome``), the report, the CSVs and, per
-    dataset, the headline table (:func:`headline_table`), last."""
+    dataset, last, the study's story: per model pair its depth-aligned mean CKA
+    (:func:`~ckapipe.run_headline.headline_table`), then similarity within vs across
+    architectures with jackknife intervals (:func:`~ckapipe.run_headline.architecture_table`),
+    the same numbers as the report's. Architectures: as the result records them (``ckapipe
+    analyze --architecture``), else the config's ``architecture:``, else the factory."""
+    from ckapipe.analyze.architecture_summary import (
+        architectures_from_provenance,
+        recorded_architectures,
+    )
     from ckapipe.analyze.result import load_result
     from ckapipe.cache import load_config
 
@@ -492,15 +452,32 @@ def run_summary(
     lines.append(f"report: {results / 'report.html'}")
     for dataset in plan["datasets"]:
         lines.append(f"table:  {results / dataset / 'cka.csv'}")
+    declared = {
+        name: model["architecture"]
+        for name, model in plan["models"].items()
+        if model.get("architecture")
+    }
     for dataset in plan["datasets"]:
         path = results / dataset / "cka.zarr"
         if not path.is_dir():
             continue  # a run of chosen targets only
         study = load_result(path)
-        level = study.provenance.get("ci_level")
-        within = (
-            f"widest {level:.0%} interval half-width" if level else "widest interval half-width"
+        # recorded in the result wins; the config's serve results analysed before they were
+        architectures = architectures_from_provenance(
+            study, {**declared, **recorded_architectures(study)}
         )
-        lines.append(f"{dataset}: per model pair, mean CKA of the matched layers ({within})")
-        lines.extend(headline_table(study))
+        level = study.provenance.get("ci_level")
+        percent = f"{level:.0%} " if level else ""
+        lines.append(
+            f"{dataset}: per model pair, depth-aligned mean CKA (widest {percent}interval "
+            "half-width)"
+        )
+        lines.extend(headline_table(study, architectures))
+        within_across = architecture_table(study, architectures, level)
+        if within_across:
+            lines.append(
+                f"{dataset}: within vs across architectures, mean of the pairs' depth-aligned "
+                f"means ({percent}jackknife interval)"
+            )
+            lines.extend(within_across)
     return lines

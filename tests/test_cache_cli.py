@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -257,19 +259,26 @@ def test_gc_covers_the_demo_data_and_trained_models(root: Path) -> None:
     (root / "demo/models" / model / "metrics.json").write_text(
         json.dumps({"factory": "ckapipe.demo.models:mlp", "seed": 0})
     )
-    # a build in progress: its staging folder is not an entry
+    # a build in progress (its job holds the entry's job lock): its staging folder is not an
+    # entry, and it stays
     (root / "demo/models/.00000000000000dd.building-1").mkdir()
+    holder = _hold(root / "demo/models/.00000000000000dd.job.lock")
+    try:
+        code, output = _invoke("ls", "--config", str(demo_study), cwd=workdir)
+        assert code == 0, output
+        listed = [line for line in output.splitlines() if line.startswith("demo-")]
+        assert len(listed) == 3, output
+        trained = next(line for line in listed if model in line)
+        assert "ckapipe.demo.models:mlp seed 0" in trained and str(demo_study) in trained
+        staging = [line for line in output.splitlines() if line.startswith("staging")]
+        assert len(staging) == 1 and " being written " in staging[0], output
 
-    code, output = _invoke("ls", "--config", str(demo_study), cwd=workdir)
-    assert code == 0, output
-    listed = [line for line in output.splitlines() if line.startswith("demo-")]
-    assert len(listed) == 3, output
-    trained = next(line for line in listed if model in line)
-    assert "ckapipe.demo.models:mlp seed 0" in trained and str(demo_study) in trained
-
-    # kept by the study that trains on it; the unused model goes (so do the array study's
-    # store and Gram cache, which this study does not use)
-    code, output = _invoke("gc", "--keep-config", str(demo_study), "--yes", cwd=workdir)
+        # kept by the study that trains on it; the unused model goes (so do the array study's
+        # store and Gram cache, which this study does not use)
+        code, output = _invoke("gc", "--keep-config", str(demo_study), "--yes", cwd=workdir)
+    finally:
+        holder.kill()
+        holder.wait()
     assert code == 0, output
     assert "removed demo-model 00000000000000cc" in output
     assert (root / "demo/data" / data).is_dir() and (root / "demo/models" / model).is_dir()
@@ -280,3 +289,58 @@ def test_gc_covers_the_demo_data_and_trained_models(root: Path) -> None:
     code, output = _invoke("gc", "--keep-config", str(workdir / "study.yaml"), cwd=workdir)
     assert f"would remove demo-data {data}" in output
     assert f"would remove demo-model {model}" in output
+
+
+def test_gc_removes_the_staging_folder_of_a_killed_gram_build_never_a_live_one(
+    root: Path,
+) -> None:
+    """A real `ckapipe gram --out` into the cache, paused mid-build (after its staging folder
+    holds chunks): while it lives, `ls` shows its staging folder as being written and `gc --yes`
+    keeps it; after SIGKILL, `ls` shows it orphaned with its size and `gc --yes` removes it."""
+    from test_gram_cache import M, _paused_gram, make_store
+
+    workdir = root.parent
+    config = str(workdir / "study.yaml")
+    store = make_store(workdir / "source.zarr", dtype="float32")
+    out = root / "grams" / "00000000000000cc.zarr"
+    staging = root / "grams" / ".00000000000000cc.zarr.staging"
+    process, release = _paused_gram(
+        workdir, [str(store), "-m", str(M), "--device", "cpu", "--out", str(out)]
+    )
+    try:
+        assert staging.is_dir() and any(staging.iterdir())
+        code, output = _invoke("ls", str(root), cwd=workdir)
+        assert code == 0, output
+        (line,) = [line for line in output.splitlines() if line.startswith("staging")]
+        assert staging.name in line and " being written " in line, output
+        assert "for grams/00000000000000cc.zarr" in line
+        code, output = _invoke("gc", "--keep-config", config, "--yes", cwd=workdir)
+        assert code == 0, output
+        assert f"kept    staging {staging.name}: being written by a live process" in output
+        assert staging.is_dir()  # the live writer's folder survives
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait(timeout=60)
+    assert staging.is_dir() and not out.exists()  # what a killed writer leaves
+
+    code, output = _invoke("ls", "--json", str(root), cwd=workdir)
+    (record,) = [r for r in json.loads(output) if r["kind"] == "staging"]
+    assert record["key"] == staging.name and record["state"] == "orphaned"
+    assert record["size"] > 0
+    code, output = _invoke("du", str(root), cwd=workdir)
+    assert re.search(r"^staging\s+1 entries", output, re.M), output
+    code, output = _invoke("gc", "--keep-config", config, cwd=workdir)
+    assert f"would remove staging {staging.name}" in output and staging.is_dir()  # dry run
+    code, output = _invoke("gc", "--keep-config", config, "--yes", cwd=workdir)
+    assert code == 0, output
+    assert f"removed staging {staging.name}" in output
+    assert not staging.exists()
+    # the next build of that output is not hindered by the removal
+    built = subprocess.run(
+        [CKAPIPE, "gram", str(store), "-m", str(M), "--device", "cpu", "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert built.returncode == 0, built.stderr
+    assert (out / "zarr.json").is_file()

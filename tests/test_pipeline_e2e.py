@@ -68,17 +68,23 @@ def test_demo_run_prints_a_compact_view_then_the_report_and_the_headline_table(d
     workdir, completed = demo_run
     lines = completed.stdout.strip().splitlines()
     assert completed.stderr == ""
-    assert len(lines) < 40, completed.stdout
     # first: where Snakemake's full output went (none of it on screen)
     assert lines[0].startswith("ckapipe: Snakemake's full log: ")
     log = Path(lines[0].split(": ", 2)[2])
     assert log.parent == workdir / "results/demo/logs" and log.name.startswith("snakemake-")
     assert log.read_text().count("Finished jobid") == 17
     assert "Finished jobid" not in completed.stdout and "Shell command" not in completed.stdout
-    # last: jobs, report, table, then the headline table, one row per model pair
+    # last: jobs, report, table, then the headline table, one row per model pair, then the
+    # within- vs across-architecture rows
+    from ckapipe.analyze.architecture_summary import architecture_similarity, depth_aligned
+
     result = ckapipe.load_result(workdir / "results/demo/gratings/cka.zarr")
     pairs = list(result.pairs)
-    tail = lines[-(len(pairs) + 5) :]
+    architectures = {"mlp_s0": "mlp", "mlp_s1": "mlp", "cnn_s0": "cnn", "cnn_s1": "cnn"}
+    groups = architecture_similarity(result, architectures)
+    assert len(groups) == 6  # within mlp, within cnn, across, all within, all across, difference
+    tail = lines[-(len(pairs) + len(groups) + 7) :]
+    assert len(lines) - len(tail) < 25, completed.stdout  # the compact view before the summary
     jobs = dict(
         part.split()[:2] for part in tail[0].removeprefix("jobs: ").split("; ")[0].split(", ")
     )
@@ -94,29 +100,42 @@ def test_demo_run_prints_a_compact_view_then_the_report_and_the_headline_table(d
     assert "reused" not in tail[0] and tail[0].endswith(" wall time")
     assert tail[1] == f"report: {workdir / 'results/demo/report.html'}"
     assert tail[2] == f"table:  {workdir / 'results/demo/gratings/cka.csv'}"
-    assert tail[3].startswith("gratings: per model pair, mean CKA of the matched layers")
-    assert tail[4].split() == [
-        "model",
-        "A",
-        "model",
-        "B",
-        "mean",
-        "CKA",
-        "±",
-        "CI",
-        "layers",
-        "matched",
-    ]
-    for (a, b), row in zip(pairs, tail[5:], strict=True):
+    assert tail[3] == (
+        "gratings: per model pair, depth-aligned mean CKA (widest 95% interval half-width)"
+    )
+    header = ["model", "A", "model", "B", "depth-aligned", "mean", "±", "CI", "architectures"]
+    assert tail[4].split() == header
+    # each row: the stored result's numbers over the depth-aligned layer pairs (the diagonal
+    # here: every demo model has 3 layers), and the pair's architectures
+    rows = tail[5 : 5 + len(pairs)]
+    for (a, b), row in zip(pairs, rows, strict=True):
         pair = result.pair(a, b)
+        aligned = depth_aligned(len(pair.layers_a), len(pair.layers_b))
         half = (pair.ci_high - pair.ci_low) / 2
+        kinds = architectures[a] if a[:3] == b[:3] else "cnn × mlp"
         assert row.split() == [
             a,
             b,
-            f"{np.mean(np.diag(pair.cka)):.3f}",
-            f"{np.max(np.diag(half)):.3f}",
-            "diagonal",
+            f"{np.mean(pair.cka[aligned]):.3f}",
+            f"{np.max(half[aligned]):.3f}",
+            *kinds.split(),
         ]
+    assert tail[5 + len(pairs)] == (
+        "gratings: within vs across architectures, mean of the pairs' depth-aligned means "
+        "(95% jackknife interval)"
+    )
+    assert tail[6 + len(pairs)].split() == ["group", "mean", "CKA", "interval"]
+    for group, row in zip(groups, tail[7 + len(pairs) :], strict=True):
+        value = f"{group.value:+.3f}" if group.kind == "difference" else f"{group.value:.3f}"
+        assert group.reason is None, group  # 8 batches: every interval is reported
+        assert row.split() == [
+            *group.label.split(),
+            value,
+            f"[{group.low:.3f},",
+            f"{group.high:.3f}]",
+        ]
+    # the story the demo tells: seeds of one architecture are more alike than architectures
+    assert groups[-1].label == "within − across" and groups[-1].value > 0
 
 
 def trained_weights(workdir: Path, factory: str, seed: int) -> Path:
@@ -172,6 +191,7 @@ def test_demo_study_end_to_end(demo):
     from ckapipe.analyze.architecture_summary import architecture_similarity
 
     groups = {"mlp_s0": "mlp", "mlp_s1": "mlp", "cnn_s0": "cnn", "cnn_s1": "cnn"}
+    assert result.provenance["architectures"] == groups  # recorded: a bare `plot` finds them
     difference = architecture_similarity(result, groups)[-1]
     assert difference.label == "within − across" and difference.low > 0.05, difference
     # a model against itself: exactly 1 on the diagonal

@@ -336,6 +336,45 @@ def test_report_section_reads_a_written_result_and_its_csv(tmp_path):
     assert table.read_bytes() == good
 
 
+def test_report_groups_models_by_the_architectures_recorded_in_the_result(tmp_path):
+    from ckapipe.analyze.result import PairResult, StudyResult, csv_path_for, write_result
+    from ckapipe.workflow.html_report import _architecture_section, _dataset_view
+
+    layers = ["l0", "l1"]
+    cka = np.array([[0.9, 0.2], [0.3, 0.8]])
+    pair = PairResult(
+        "m0", "m1", layers, layers, cka, cka - 0.05, cka + 0.05,
+        hsic_per_batch=np.repeat(cka[None], 4, axis=0) + np.arange(4)[:, None, None] * 0.01,
+        self_a_per_batch=np.ones((4, 2)),
+        self_b_per_batch=np.ones((4, 2)),
+    )  # fmt: skip
+    spec = {"factory": "demo:mlp", "kwargs": {}}
+    plan = {
+        "models": {name: {"spec": spec} for name in ("m0", "m1")},
+        "config": {"models": {name: {"layers": layers} for name in ("m0", "m1")}},
+    }
+    sections = {}
+    for recorded in (None, {"m0": "x", "m1": "y"}):
+        result = tmp_path / f"{bool(recorded)}.zarr"
+        provenance = {"estimator": "minibatch", "ci_level": 0.95, "models": {"m0": {}, "m1": {}}}
+        if recorded:
+            provenance["architectures"] = recorded
+        write_result(
+            StudyResult(["m0", "m1"], {("m0", "m1"): pair}, provenance), result, overwrite=False
+        )
+        dataset = {"result": str(result), "table": str(csv_path_for(result)), "plots": "-"}
+        view = _dataset_view(plan, "d", dataset)
+        sections[bool(recorded)] = (view.architectures, _architecture_section(view))
+    # without a record, the plan's factory makes the two one architecture; the recorded
+    # declaration (what `ckapipe analyze --architecture` stored) wins
+    assert sections[False][0] == {"m0": "demo:mlp", "m1": "demo:mlp"}
+    assert "<td>within demo:mlp</td>" in sections[False][1]
+    assert "<td>across" not in sections[False][1]
+    assert sections[True][0] == {"m0": "x", "m1": "y"}
+    assert "<td>across x × y</td>" in sections[True][1]
+    assert "<td>within" not in sections[True][1]
+
+
 def test_batch_advice_names_a_batch_size_with_enough_whole_batches():
     from ckapipe.analyze.summary import batches_per_epoch, interval_batch_warning
 
@@ -424,6 +463,10 @@ def test_dry_run_plans_the_whole_demo(tmp_path):
         "report": 1,
         "all": 1,
     }, output
+    # the declared architectures go into the result (analyze), not only into the plots
+    analyze = next(line for line in output.splitlines() if "ckapipe analyze " in line)
+    declared = ["mlp_s0=mlp", "mlp_s1=mlp", "cnn_s0=cnn", "cnn_s1=cnn"]
+    assert all(f"--architecture {option}" in analyze for option in declared), analyze
     assert not (tmp_path / "results").exists()
 
 

@@ -129,28 +129,21 @@ def test_sigterm_stops_snakemake_and_a_rerun_completes_with_the_summary(tmp_path
     log = sorted(tmp_path.glob("results/tiny/logs/snakemake-*Z.log"))[-1]
     assert lines[0] == f"ckapipe: Snakemake's full log: {log}"
     assert "Finished jobid" in log.read_text() and "Finished jobid" not in completed.stdout
-    tail = lines[-8:]
+    tail = lines[-11:]
     assert tail[0].startswith("jobs: ") and tail[0].endswith(" wall time")
     assert tail[1] == f"report: {tmp_path / 'results/tiny/report.html'}"
     assert tail[2] == f"table:  {tmp_path / 'results/tiny/d/cka.csv'}"
-    assert tail[3] == (
-        "d: per model pair, mean CKA of the matched layers (widest 95% interval half-width)"
-    )
-    assert tail[4].split() == [
-        "model",
-        "A",
-        "model",
-        "B",
-        "mean",
-        "CKA",
-        "±",
-        "CI",
-        "layers",
-        "matched",
-    ]
-    assert tail[5].split()[:3] == ["a", "a", "1.000"] and tail[5].endswith("diagonal")
-    assert tail[6].split()[:2] == ["a", "b"] and tail[6].endswith("row best")
-    assert tail[7].split()[:3] == ["b", "b", "1.000"] and tail[7].endswith("diagonal")
+    assert tail[3] == "d: per model pair, depth-aligned mean CKA (widest 95% interval half-width)"
+    header = ["model", "A", "model", "B", "depth-aligned", "mean", "±", "CI", "architectures"]
+    assert tail[4].split() == header
+    # a and b: one factory (one architecture), 2 vs 3 layers: depth-aligned, not matched
+    mlp = "ckapipe.demo.models:mlp"
+    assert tail[5].split()[:3] == ["a", "a", "1.000"] and tail[5].endswith(f"  {mlp}")
+    assert tail[6].split()[:2] == ["a", "b"] and tail[6].endswith(f"  {mlp}")
+    assert tail[7].split()[:3] == ["b", "b", "1.000"] and tail[7].endswith(f"  {mlp}")
+    assert tail[8].startswith("d: within vs across architectures")
+    assert tail[9].split() == ["group", "mean", "CKA", "interval"]
+    assert tail[10].split()[:2] == ["within", mlp]  # one architecture: no across rows
 
     # the same study under another name shares the cache: its cache jobs all find their entry
     study = yaml.safe_load(config.read_text())

@@ -261,19 +261,96 @@ def _pair(cka: list[list[float]], half: float, layers_a: list[str], layers_b: li
     )
 
 
-def test_headline_table_is_aligned_and_says_when_no_layer_matched() -> None:
+def test_headline_table_is_aligned_depth_aligned_and_names_the_architectures() -> None:
     nan = float("nan")
+    deep = [[0.1, 0.2, 0.3, 0.4], [0.5, 0.6, 0.7, 0.8]]
     study = SimpleNamespace(
         provenance={"ci_level": 0.95},
         pairs={
             ("a", "a"): _pair([[1.0, 0.2], [0.2, 1.0]], 0.0, ["x", "y"], ["x", "y"]),
-            ("a", "long_name"): _pair([[0.3, 0.5], [0.9, 0.1]], 0.02, ["x", "y"], ["p", "q"]),
+            # same layer names, other architecture: still depth-aligned, never "matched"
+            ("a", "long_name"): _pair([[0.3, 0.5], [0.9, 0.1]], 0.02, ["x", "y"], ["x", "y"]),
+            ("a", "deep"): _pair(deep, 0.01, ["x", "y"], ["p", "q", "r", "s"]),
             ("a", "broken"): _pair([[nan, nan], [nan, nan]], nan, ["x", "y"], ["x", "y"]),
         },
     )
-    assert headline_table(study) == [
-        "  model A  model B    mean CKA     ± CI  layers matched",
-        "  a        a             1.000    0.000  diagonal",
-        "  a        long_name     0.700    0.020  row best",  # mean of 0.5 and 0.9
-        "  a        broken     no matched layers with a finite CKA",
+    architectures = {"a": "mlp", "long_name": "cnn", "deep": "mlp", "broken": None}
+    assert headline_table(study, architectures) == [
+        "  model A  model B    depth-aligned mean   ± CI  architectures",
+        "  a        a                       1.000  0.000  mlp",
+        "  a        long_name               0.200  0.020  cnn × mlp",  # (0.3 + 0.1) / 2
+        # 2 vs 4 layers: relative depths 1/2, 1 meet layers 2 and 4 of the deeper model
+        "  a        deep                    0.500  0.010  mlp",  # (0.2 + 0.8) / 2
+        "  a        broken     no depth-aligned layer pair with a finite CKA",
     ]
+
+
+def _written_demo_result(workdir: Path, recorded: dict[str, str] | None) -> Path:
+    """A result where the demo study keeps it (3 of its models, 5 batches of per-batch terms,
+    CKA consistent with them), with ``recorded`` architectures or none recorded."""
+    from ckapipe.analyze.result import PairResult, StudyResult, write_result
+
+    rng = np.random.default_rng(3)
+    layers = ["relu1", "relu2", "relu3"]
+    models = ["mlp_s0", "mlp_s1", "cnn_s0"]
+    pairs = {}
+    for a, b in [("mlp_s0", "mlp_s1"), ("mlp_s0", "cnn_s0"), ("mlp_s1", "cnn_s0")]:
+        self_a, self_b = rng.uniform(1, 2, (5, 3)), rng.uniform(1, 2, (5, 3))
+        hsic = rng.uniform(0.1, 0.9, (5, 3, 3))
+        cka = hsic.sum(0) / np.sqrt(self_a.sum(0)[:, None] * self_b.sum(0)[None, :])
+        pairs[(a, b)] = PairResult(
+            a, b, layers, layers, cka, cka - 0.01, cka + 0.01,
+            hsic_per_batch=hsic, self_a_per_batch=self_a, self_b_per_batch=self_b,
+        )  # fmt: skip
+    provenance = {"estimator": "minibatch", "ci_level": 0.95, "models": {m: {} for m in models}}
+    if recorded is not None:
+        provenance["architectures"] = recorded
+    out = workdir / "results/demo/gratings/cka.zarr"
+    out.parent.mkdir(parents=True)
+    write_result(StudyResult(models, pairs, provenance), out, overwrite=False)
+    return out
+
+
+@pytest.mark.parametrize("recorded", [None, {"mlp_s0": "wide", "mlp_s1": "wide", "cnn_s0": "conv"}])
+def test_run_summary_tells_within_vs_across_architectures(tmp_path: Path, recorded) -> None:
+    from ckapipe.analyze.architecture_summary import architecture_similarity
+    from ckapipe.analyze.result import load_result
+    from ckapipe.run import run_summary
+
+    result = load_result(_written_demo_result(tmp_path, recorded))
+    lines = run_summary(None, workdir=tmp_path)
+    # the result's record wins; without one, the demo config's mlp/cnn are used
+    architectures = recorded or {"mlp_s0": "mlp", "mlp_s1": "mlp", "cnn_s0": "cnn"}
+    within, other = architectures["mlp_s0"], architectures["cnn_s0"]
+    across = " × ".join(sorted((within, other)))
+    start = lines.index("gratings: per model pair, depth-aligned mean CKA (widest 95% interval "
+                        "half-width)")  # fmt: skip
+    rows = lines[start + 2 : start + 5]
+    for row, ((a, b), pair) in zip(rows, result.pairs.items(), strict=True):
+        kinds = [within] if b.startswith("mlp") else across.split()
+        assert row.split() == [a, b, f"{np.mean(np.diag(pair.cka)):.3f}", "0.010", *kinds]
+    assert lines[start + 5] == (
+        "gratings: within vs across architectures, mean of the pairs' depth-aligned means "
+        "(95% jackknife interval)"
+    )
+    table = lines[start + 6 :]
+    assert table[0].split() == ["group", "mean", "CKA", "interval"]
+    groups = architecture_similarity(result, architectures)
+    assert [g.label for g in groups] == [
+        f"within {within}", f"across {across}", "all within", "all across", "within − across",
+    ]  # fmt: skip
+    # within mlp: one model pair, the mean of its diagonal, from the summed per-batch terms
+    pair = result.pair("mlp_s0", "mlp_s1")
+    hsic, sa, sb = (x.sum(0) for x in (pair.hsic_per_batch, pair.self_a_per_batch,
+                                       pair.self_b_per_batch))  # fmt: skip
+    assert groups[0].value == pytest.approx(np.mean(np.diag(hsic) / np.sqrt(sa * sb)), rel=1e-12)
+    assert len(table) == 1 + len(groups)
+    for row, group in zip(table[1:], groups, strict=True):
+        value = f"{group.value:+.3f}" if group.kind == "difference" else f"{group.value:.3f}"
+        assert group.reason is None  # 5 batches: the jackknife interval is reported
+        assert row.split() == [
+            *group.label.split(),
+            value,
+            f"[{group.low:.3f},",
+            f"{group.high:.3f}]",
+        ]

@@ -838,6 +838,73 @@ def test_cli_analyze_summary_shows_intervals_null_thresholds_and_batch_advice(st
     assert bad.exit_code == 2 and "--interval-method" in bad.output
 
 
+def test_declared_architectures_travel_with_the_result_to_plot(study_dir, tmp_path):
+    from ckapipe.analyze.cli_plot import plot as plot_command
+    from ckapipe.analyze.plots import correspondence_groups
+
+    runner = CliRunner()
+    # one cache twice: two models of one factory and one layer list, which only their declared
+    # architectures set apart
+    caches = [str(cache_path(study_dir, n)) for n in ("a", "a", "b")]
+    out = tmp_path / "r.zarr"
+    run = runner.invoke(
+        analyze,
+        [*caches, "--names", "a1,a2,b", "--architecture", "a1=x", "--architecture", "a2=y",
+         "--device", "cpu", "--out", str(out)],
+    )  # fmt: skip
+    assert run.exit_code == 0, run.output
+    result = load_result(out)
+    assert result.provenance["architectures"] == {"a1": "x", "a2": "y"}
+    # a bare `plot` reads the recorded names: a1 and a2 are not one architecture, no curves
+    assert correspondence_groups(result) == {}
+    bare = runner.invoke(plot_command, [str(out), "--out", str(tmp_path / "bare"), "--dpi", "30"])
+    assert bare.exit_code == 0, bare.output
+    assert not (tmp_path / "bare" / "correspondence.png").exists()
+    # an explicit --architecture on plot still wins over the recorded one
+    joined = runner.invoke(
+        plot_command,
+        [str(out), "--out", str(tmp_path / "joined"), "--dpi", "30", "--architecture", "a2=x"],
+    )
+    assert joined.exit_code == 0, joined.output
+    assert (tmp_path / "joined" / "correspondence.png").is_file()
+    groups = correspondence_groups(result, {"a2": "x"})
+    assert [(p.model_a, p.model_b) for p in groups["x"]] == [("a1", "a2")]
+    # an unknown model is refused before anything is computed or written
+    unknown = runner.invoke(
+        analyze,
+        [*caches, "--names", "a1,a2,b", "--architecture", "zz=x", "--device", "cpu",
+         "--out", str(tmp_path / "u.zarr")],
+    )  # fmt: skip
+    assert unknown.exit_code != 0
+    assert "model(s) zz that the study does not have" in unknown.output
+    assert not (tmp_path / "u.zarr").exists()
+
+
+def test_results_without_recorded_architectures_still_load_and_plot(study_dir, tmp_path):
+    from ckapipe.analyze.architecture_summary import (
+        architectures_from_provenance,
+        recorded_architectures,
+    )
+
+    out = tmp_path / "old.zarr"
+    caches = [cache_path(study_dir, n) for n in ("c", "a")]
+    analyze_study(caches, out, names=["c", "d"], device="cpu", architectures={"c": "x"})
+    # a result written before architectures were recorded: the attribute is absent
+    root = zarr.open_group(str(out), mode="r+")
+    attrs = dict(root.attrs)
+    del attrs["architectures"]
+    root.attrs.clear()
+    root.attrs.update(attrs)
+    result = load_result(out)
+    assert "architectures" not in result.provenance
+    assert recorded_architectures(result) == {}
+    # the factory (not recorded in these hand-made stores) is the fallback
+    assert architectures_from_provenance(result) == {"c": None, "d": None}
+    assert architectures_from_provenance(result, {"d": "y"}) == {"c": None, "d": "y"}
+    with pytest.raises(StudyError, match="architecture of model 'c' must be a non-empty name"):
+        analyze_study(caches, tmp_path / "e.zarr", names=["c", "d"], architectures={"c": " "})
+
+
 # ---------------------------------------------------------------------- one writer, killed writers
 
 

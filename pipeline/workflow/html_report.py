@@ -444,12 +444,15 @@ DATASET_SECTIONS: tuple[Callable[[DatasetView], str], ...] = (
 
 
 def _dataset_view(plan: Mapping[str, Any], name: str, dataset: Mapping[str, Any]) -> DatasetView:
+    from ckapipe.analyze.architecture_summary import recorded_architectures
     from ckapipe.analyze.result import load_result
 
     # load_result rewrites a CSV that is not the one written with the result (a killed run),
     # so the table the report points to always holds the numbers shown here
     result = load_result(dataset["result"])
+    # the architectures the result was analysed with win; the plan's serve older results
     architectures = {model: _model_architecture(plan, model) for model in plan["models"]}
+    architectures.update(recorded_architectures(result))
     ci_level = result.provenance.get("ci_level")
     return DatasetView(
         plan, name, dataset, result, architectures, float(ci_level) if ci_level else None

@@ -1,6 +1,16 @@
 # The study: all-pairs CKA per dataset from the Gram caches, then its figures.
 
 
+def analyze_architectures(wildcards):
+    """The declared architectures of the dataset's models, as `--architecture MODEL=NAME`
+    options: recorded in the result, so that plots and the report read them from it."""
+    options = []
+    for name, _ in STUDY_GRAMS[wildcards.dataset]:
+        if config["models"][name].get("architecture"):
+            options += ["--architecture", f"{name}={config['models'][name]['architecture']}"]
+    return shlex.join(options)
+
+
 rule analyze:
     input:
         grams=analyze_inputs,
@@ -10,6 +20,7 @@ rule analyze:
     params:
         grams=analyze_grams,
         options=analyze_args,
+        architectures=analyze_architectures,
     log:
         f"{LOGS}/analyze/{{dataset}}.log",
     threads: THREADS
@@ -19,7 +30,7 @@ rule analyze:
     conda:
         CONDA_ENV
     shell:
-        "ckapipe analyze {params.grams} --out {output.result:q} {params.options} > {log:q} 2>&1"
+        "ckapipe analyze {params.grams} --out {output.result:q} {params.options} {params.architectures} > {log:q} 2>&1"
 
 
 rule plot:
