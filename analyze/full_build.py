@@ -4,7 +4,7 @@ For each layer: a first streamed pass over row windows of the store computes the
 (the first row) and the column means of the shifted features in float64; then every stored tile
 (I, J), I ≤ J, of the upper triangle (:class:`~ckapipe.analyze.tile_grid.TileGrid`) is
 G_IJ = X_c[I] X_c[J]ᵀ, X_c the column-centered features in float64, summed in float64 over
-column slabs and written as one chunk (float32 or float64, padded to T×T with zeros).
+column slabs (multiplied in float64, or in float32 with ``precision="float32"``) and written as one chunk (float32 or float64, padded to T×T with zeros).
 
 A tile depends only on its own rows of the store and on the column means, computed the same way
 in every job: partial caches of disjoint tile rows (``tile_rows``) hold exactly the tiles one
@@ -70,6 +70,7 @@ def write_full_tiles(
     storage: str,
     max_slab_bytes: int,
     device: torch.device,
+    product_dtype: torch.dtype = torch.float64,
 ) -> None:
     """Write ``grams/<layer>`` (tiles of ``tile_rows``, (P, T, T) ``storage`` dtype) per layer."""
     grid = TileGrid(store.n_samples, tile)
@@ -84,7 +85,9 @@ def write_full_tiles(
             dtype=storage,
             dimension_names=("tile", "sample_i", "sample_j"),
         )
-        _layer_tiles(store, name, grid, tile_rows, array, first, max_slab_bytes, device)
+        _layer_tiles(
+            store, name, grid, tile_rows, array, first, max_slab_bytes, device, product_dtype
+        )
 
 
 def _layer_tiles(
@@ -96,6 +99,7 @@ def _layer_tiles(
     first: int,
     max_slab_bytes: int,
     device: torch.device,
+    product_dtype: torch.dtype,
 ) -> None:
     p = store.layer(name).n_features
     shift, mean = column_shift_and_means(store, name, max_block_bytes=max_slab_bytes)
@@ -108,7 +112,8 @@ def _layer_tiles(
     def centered(index: int, c0: int, c1: int) -> torch.Tensor:
         a, b = grid.span(index)
         x = torch.from_numpy(stored_block(store, name, slice(a, b), slice(c0, c1))).to(device)
-        return (x - shift_t[c0:c1]) - mean_t[c0:c1]  # (rows, w) float64
+        # centered in float64, then (precision float32) rounded for the product
+        return ((x - shift_t[c0:c1]) - mean_t[c0:c1]).to(product_dtype)  # (rows, w)
 
     out = np.zeros((grid.tile, grid.tile), dtype=array.dtype)
     for row in range(*tile_rows):
@@ -119,7 +124,7 @@ def _layer_tiles(
             for c0, c1 in slabs:
                 xi = whole_row if whole_row is not None else centered(row, c0, c1)
                 xj = xi if col == row else centered(col, c0, c1)
-                acc.addmm_(xi, xj.T)
+                acc += (xi @ xj.T).to(torch.float64)  # each slab's product summed in float64
             out[...] = 0  # padding outside the Gram stays 0
             out[: b - a, : d - c] = acc.cpu().numpy()
             array[grid.number(row, col) - first] = out

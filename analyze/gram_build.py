@@ -239,8 +239,10 @@ def build_gram_cache(
     precision:
         ``"float32"`` (minibatch mode only; its default): the shifted tiles are multiplied in
         float32 and summed in float64, about 2x faster on a CPU; its CKA stays within 1e-6 of
-        float64's (``bench/RESULTS.md``, tests/test_gram_cache.py). ``"float64"`` (full mode's
-        default and only choice): every product in float64. Recorded in the attributes.
+        float64's (``bench/RESULTS.md``, tests/test_gram_cache.py). In full mode, float32
+        multiplies the float64-centered features in float32 (sums over column slabs in
+        float64), for float32-stored tiles at twice the speed. ``"float64"`` (full mode's
+        default): every product in float64. Recorded in the attributes.
     tile_size:
         Full mode: T, rows and columns of the stored Gram tiles (default 2048). Build memory is
         about T² float64 plus two row blocks of at most ``max_slab_bytes``; analysis reads one
@@ -283,11 +285,6 @@ def build_gram_cache(
         precision = default_precision(mode)
     if precision not in PRECISIONS:
         raise GramCacheUsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "float64" and mode == "full":
-        raise GramCacheUsageError(
-            "full mode is the exact estimator and computes in float64; drop precision="
-            f"{precision!r} or use minibatch mode"
-        )
     names = [name for name in source.layer_names if name in names]  # store order
     out = Path(out)
     n = source.n_samples
@@ -347,6 +344,7 @@ def build_gram_cache(
                 storage=storage,
                 max_slab_bytes=max_slab_bytes,
                 device=settings["device"],
+                product_dtype=settings["product_dtype"],
             )
         else:
             arrays = BatchArrays(group, names, partition, batches)

@@ -684,6 +684,14 @@ def check_compatible(
                     f"rebuild one with `ckapipe gram --{what} {x}`"
                 )
         if first.mode == "full":
+            for cache in (first, other):
+                if cache.is_partial:
+                    a, b = cache.tile_rows
+                    raise IncompatibleGramCachesError(
+                        f"{cache.path} is a partial full-mode cache (tile rows {a}:{b} of "
+                        f"{cache.tile_grid.count}); merge all tile jobs first (`ckapipe "
+                        "merge-grams`)"
+                    )
             for what, x, y in (
                 ("tile_size", first.attrs.get("tile_size"), other.attrs.get("tile_size")),
                 ("tile_rows", first.tile_rows, other.tile_rows),
