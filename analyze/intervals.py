@@ -609,6 +609,9 @@ class FullBlockJackknife:
         self._e = np.zeros(shape)
         self._f = np.zeros(shape)
         self._s = np.zeros((self.n_blocks, self.n_layers))
+        # update_tile only: (L, n, G) sums c_ig over the columns j in block g, F_g formed later
+        self._c: np.ndarray | None = None
+        self._f_pending = False
 
     def update(self, rows, start: int) -> None:
         """Add rows ``start:start+k`` of every layer's U-centered Gram, (L, k, n).
@@ -661,7 +664,7 @@ class FullBlockJackknife:
                 f"FullBlockJackknife.update_tile: tile {tuple(tile.shape)} at ({row0}, {col0}) "
                 f"does not fit ({self.n_layers}, ≤{self.n}, ≤{self.n})"
             )
-        if not hasattr(self, "_c"):
+        if self._c is None:
             self._c = np.zeros((self.n_layers, self.n, self.n_blocks))
         weight = 2.0 if mirrored else 1.0
         row_labels = self.labels[row0 : row0 + a]
@@ -689,7 +692,7 @@ class FullBlockJackknife:
 
     def _finish_tiles(self) -> None:
         """F_g = Σ_{i∉g} c_ig(U) c_ig(V) from the column-block sums of :meth:`update_tile`."""
-        if not getattr(self, "_f_pending", False):
+        if not self._f_pending or self._c is None:
             return
         for g in range(self.n_blocks):
             c = self._c[:, self.labels != g, g]  # (L, n − n_g)
