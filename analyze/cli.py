@@ -15,7 +15,7 @@ import click
 
 from ckapipe import cli_options as opts
 
-__all__ = ["RowRange", "commands", "gram", "merge_grams"]
+__all__ = ["RowRange", "TileJob", "commands", "gram", "merge_grams"]
 
 
 class RowRange(click.ParamType):
@@ -40,7 +40,28 @@ class RowRange(click.ParamType):
         return (start, stop)
 
 
-_MODE_HELP = "minibatch: U-centered Gram per batch; full: exact n x n linear Gram (O(n^2) memory)."
+_MODE_HELP = (
+    "minibatch: U-centered Gram per batch; full: exact n x n linear Gram, stored on disk as "
+    "tiles (memory bounded by the tile size, disk n^2/2 x 4 bytes per layer in float32)."
+)
+
+
+class TileJob(click.ParamType):
+    """``K/J``: job K of J (1-based, as ``$SLURM_ARRAY_TASK_ID`` of ``--array=1-J``)."""
+
+    name = "K/J"
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        if isinstance(value, tuple):
+            return value
+        from ckapipe.analyze.tile_grid import parse_tile_job
+
+        try:
+            return parse_tile_job(value)
+        except ValueError as error:
+            self.fail(str(error), param, ctx)
+
+
 _EPOCHS_HELP = (
     "Partitions of the rows: epoch 0 in store order, later epochs seeded permutations. "
     "Intervals are withheld for more than 1 epoch (their batches share samples)."
@@ -72,8 +93,31 @@ _EPOCHS_HELP = (
     source="ckapipe.analyze.gram_cache:PRECISIONS",
     default=None,
     help="float32 (minibatch mode's default): tile products in float32, summed in float64 "
-    "(~2x faster on a CPU; CKA within 1e-6 of float64's). float64: every product in float64 "
-    "(full mode's default and only choice).",
+    "(~2x faster on a CPU; CKA within 1e-6 of float64's). float64 (full mode's default): every "
+    "product in float64.",
+)
+@click.option(
+    "--tile-size",
+    type=click.IntRange(min=1),
+    default=2048,
+    show_default=True,
+    help="Full mode: rows and columns of a stored Gram tile. Build and analysis memory grow as "
+    "its square (2048: 32 MiB per float64 tile), not as n^2.",
+)
+@click.option(
+    "--storage",
+    type=click.Choice(["float32", "float64"]),
+    default="float32",
+    show_default=True,
+    help="Full mode: dtype of the stored Gram tiles (computed in float64 either way). float32 "
+    "halves the disk; float64 keeps the Gram exact.",
+)
+@click.option(
+    "--tiles",
+    "tile_job",
+    type=TileJob(),
+    help="Full mode: build only job K of J (balanced tile rows), e.g. --tiles "
+    "$SLURM_ARRAY_TASK_ID/8 in a job array; join the J parts with `ckapipe merge-grams`.",
 )
 @opts.count("--threads", default=4, minimum=1, help="Reader threads decoding chunks.")
 @opts.out("Directory of the new Gram cache.")
@@ -108,7 +152,10 @@ def _describe_cache(cache: Any) -> str:
             f"{cache.samples_used} of {cache.n_samples} samples used per epoch"
         )
     else:
-        what = f"exact {cache.n_samples}x{cache.n_samples} Grams"
+        grid, (a, b) = cache.tile_grid, cache.tile_rows
+        what = f"exact {cache.n_samples}x{cache.n_samples} Grams in {grid.tile}-row tiles"
+        if cache.is_partial:
+            what += f", tile rows {a}:{b} of {grid.count} (a partial cache: merge-grams the parts)"
     return f"{len(cache.layer_names)} layers, {what} ({cache.kernel} kernel)"
 
 
@@ -117,10 +164,15 @@ def _describe_cache(cache: Any) -> str:
 @opts.out("Directory of the merged cache.")
 @opts.overwrite("Replace an existing Gram cache at --out.")
 def merge_grams(parts: tuple[Path, ...], out: Path, overwrite: bool) -> None:
-    """Join partial Gram caches (disjoint --rows of one store) into one cache."""
+    """Join partial Gram caches (disjoint --rows, or all --tiles jobs, of one store) into one
+    cache, bit for bit the same as one pass."""
     from ckapipe.analyze.gram_cache import merge_gram_caches
 
     cache = merge_gram_caches(list(parts), out, overwrite=overwrite)
+    if cache.mode == "full":
+        grid = cache.tile_grid
+        click.echo(f"wrote {out}: {grid.n_tiles} Gram tiles per layer from {len(parts)} parts")
+        return
     total = cache.partition["n_batches_total"]
     click.echo(f"wrote {out}: {len(cache.batches)} of {total} batches from {len(parts)} parts")
 

@@ -69,6 +69,7 @@ __all__ = [
     "self_hsic_problem",
     "stacked_hsic1",
     "FullCentering",
+    "StreamedMedian",
     "u_center",
     "u_centered_gram",
 ]
@@ -760,29 +761,176 @@ class FullCentering:
             total = float(row_stat.sum()) / ((n - 1) * (n - 2))
         return cls(biased, kernel, row_stat, total, diagonal, sigma2)
 
+    @classmethod
+    def from_sums(
+        cls,
+        row_sums: Tensor,
+        kernel_diagonal: Tensor,
+        gram_diagonal: Tensor,
+        *,
+        biased: bool,
+        kernel: Kernel,
+        sigma2: float = float("nan"),
+    ) -> FullCentering:
+        """Statistics from streamed sums: the (n,) row sums and diagonal of the kernel matrix K
+        (float64, e.g. summed tile by tile), the diagonal of the linear Gram, and (RBF) σ².
+
+        Equal to :meth:`from_gram` of the assembled matrix, up to the order of summation."""
+        n = row_sums.shape[0]
+        if biased:
+            row_stat = row_sums / n
+            total = float(row_stat.mean())
+        else:
+            row_stat = row_sums - kernel_diagonal
+            total = float(row_stat.sum()) / ((n - 1) * (n - 2))
+        return cls(biased, kernel, row_stat, total, gram_diagonal, float(sigma2))
+
+    def kernel_tile(self, tile: Tensor, row0: int, col0: int) -> Tensor:
+        """Block [row0:row0+a, col0:col0+b] of the kernel matrix K from the same block of the
+        linear Gram (a new tensor; RBF rebuilt from the Gram and its diagonal)."""
+        return kernel_tile(tile, row0, col0, self.kernel, self.diagonal, self.sigma2)
+
+    def center_tile(self, tile: Tensor, row0: int, col0: int) -> Tensor:
+        """Block [row0:row0+a, col0:col0+b] of the centered kernel matrix (Ũ(K) or HKH) from
+        the same block of the linear Gram. Entries on the matrix diagonal (i == j) of Ũ are 0."""
+        a, b = tile.shape
+        kmat = self.kernel_tile(tile, row0, col0)
+        r = self.row_stat
+        if self.biased:
+            return kmat - r[row0 : row0 + a, None] - r[None, col0 : col0 + b] + self.total
+        n = r.shape[0]
+        diagonal = _diagonal_index(a, b, row0, col0, tile.device)
+        kmat[diagonal] = 0.0
+        centered = (
+            kmat - r[row0 : row0 + a, None] / (n - 2) - r[None, col0 : col0 + b] / (n - 2)
+        ) + self.total
+        centered[diagonal] = 0.0
+        return centered
+
     def center_rows(self, rows: Tensor, start: int) -> Tensor:
         """Rows ``start:start+k`` of the centered kernel matrix, from the same rows of the Gram."""
-        k, n = rows.shape
-        index = torch.arange(k, device=rows.device)
-        if self.kernel == "rbf":
-            local = self.diagonal[start : start + k]
-            sq_dist = local[:, None] + self.diagonal[None, :] - 2 * rows
-            kmat = torch.exp(-sq_dist / (2 * self.sigma2))
-        else:
-            kmat = rows.clone()
-        if self.biased:
-            return (
-                kmat - self.row_stat[start : start + k, None] - self.row_stat[None, :] + self.total
+        return self.center_tile(rows, start, 0)
+
+
+def kernel_tile(
+    tile: Tensor, row0: int, col0: int, kernel: str, diagonal: Tensor, sigma2: float
+) -> Tensor:
+    """Block [row0:row0+a, col0:col0+b] of K (a new float64 tensor) from the same block of the
+    linear Gram G: G itself (linear), or exp(−d²/(2σ²)) with d²_ij = G_ii + G_jj − 2 G_ij (RBF,
+    the same expression as :func:`rbf_from_gram`)."""
+    a, b = tile.shape
+    if kernel == "rbf":
+        return torch.exp(-squared_distance_tile(tile, row0, col0, diagonal) / (2 * sigma2))
+    return tile.to(torch.float64, copy=True)
+
+
+def squared_distance_tile(tile: Tensor, row0: int, col0: int, diagonal: Tensor) -> Tensor:
+    """d²_ij = G_ii + G_jj − 2 G_ij of a block of the linear Gram (as in :func:`rbf_from_gram`)."""
+    a, b = tile.shape
+    return diagonal[row0 : row0 + a, None] + diagonal[None, col0 : col0 + b] - 2 * tile
+
+
+def _diagonal_index(a: int, b: int, row0: int, col0: int, device: Any) -> tuple[Tensor, Tensor]:
+    """(rows, cols) of the block entries that lie on the matrix diagonal (global i == j)."""
+    first, last = max(row0, col0), min(row0 + a, col0 + b)
+    index = torch.arange(first, max(first, last), device=device)
+    return index - row0, index - col0
+
+
+class StreamedMedian:
+    """Exact median (numpy's convention) of values seen in chunks, over a few passes.
+
+    For n×n matrices too big to hold (the RBF bandwidth of a full-mode Gram): a radix selection
+    on the float64 bit patterns, 16 bits per pass, so at most 4 passes over the values give the
+    exact middle value(s), with 65 536 counters of memory. Usage::
+
+        median = StreamedMedian(count)
+        while not median.done:
+            for values, weight in chunks():  # the same values every pass
+                median.add(values, weight)
+            median.next_pass()
+        median.value
+
+    ``weight`` counts each value that many times (a symmetric matrix's off-diagonal tile once
+    for both halves). NaN values are not allowed.
+    """
+
+    _BITS = 16
+
+    def __init__(self, count: int) -> None:
+        if count < 1:
+            raise ValueError(f"StreamedMedian: count must be >= 1, got {count}")
+        self.count = int(count)
+        # 0-based ranks of the middle value(s): numpy averages the two middle ones if even
+        ranks = [(count - 1) // 2, count // 2]
+        self._ranks = sorted(set(ranks))
+        self._remaining = {rank: rank for rank in self._ranks}  # rank within the prefix
+        self._prefix = {rank: 0 for rank in self._ranks}
+        self._shift = 64 - self._BITS  # bits below the digit of this pass
+        self._counts = {rank: np.zeros(1 << self._BITS, np.int64) for rank in self._ranks}
+        self._seen = 0
+
+    @property
+    def done(self) -> bool:
+        return self._shift < 0
+
+    def add(self, values: Tensor | np.ndarray, weight: int = 1) -> None:
+        """Count a chunk of the values in this pass."""
+        data = values.detach().cpu().numpy() if isinstance(values, Tensor) else values
+        keys = _sortable_keys(np.asarray(data, dtype=np.float64).reshape(-1))
+        self._seen += keys.size * int(weight)
+        digit_mask = np.uint64((1 << self._BITS) - 1)
+        digits = ((keys >> np.uint64(self._shift)) & digit_mask).astype(np.int64)
+        high = self._shift + self._BITS
+        done_prefixes: dict[int, np.ndarray] = {}
+        for rank in self._ranks:
+            prefix = self._prefix[rank]
+            if prefix not in done_prefixes:
+                if high >= 64:
+                    selected = digits
+                else:
+                    selected = digits[(keys >> np.uint64(high)) == np.uint64(prefix)]
+                done_prefixes[prefix] = np.bincount(selected, minlength=1 << self._BITS)
+            self._counts[rank] += done_prefixes[prefix] * int(weight)
+
+    def next_pass(self) -> None:
+        """Fix one more 16-bit digit of each middle value from this pass's counts."""
+        if self._seen != self.count and self._shift == 64 - self._BITS:
+            raise ValueError(
+                f"StreamedMedian: {self._seen} values were added in the first pass, expected "
+                f"{self.count}"
             )
-        kmat[index, start + index] = 0.0
-        centered = (
-            kmat
-            - self.row_stat[start : start + k, None] / (n - 2)
-            - self.row_stat[None, :] / (n - 2)
-            + self.total
-        )
-        centered[index, start + index] = 0.0
-        return centered
+        for rank in self._ranks:
+            cumulative = np.cumsum(self._counts[rank])
+            digit = int(np.searchsorted(cumulative, self._remaining[rank], side="right"))
+            before = int(cumulative[digit - 1]) if digit else 0
+            self._remaining[rank] -= before
+            self._prefix[rank] = (self._prefix[rank] << self._BITS) | digit
+            self._counts[rank][:] = 0
+        self._shift -= self._BITS
+        self._seen = 0
+
+    @property
+    def value(self) -> float:
+        """The median: the middle value, or the mean of the two middle values (even count)."""
+        if not self.done:
+            raise ValueError("StreamedMedian: passes are not finished (see done)")
+        middle = [_float_of_key(self._prefix[rank]) for rank in self._ranks]
+        return middle[0] if len(middle) == 1 else (middle[0] + middle[1]) / 2
+
+
+def _sortable_keys(values: np.ndarray) -> np.ndarray:
+    """uint64 keys whose unsigned order is the float64 order (sign bit flipped for positives,
+    all bits flipped for negatives)."""
+    bits = values.view(np.uint64)
+    sign = np.uint64(1 << 63)
+    return np.where(bits & sign, ~bits, bits | sign)
+
+
+def _float_of_key(key: int) -> float:
+    sign = 1 << 63
+    bits = key ^ sign if key & sign else ~key & ((1 << 64) - 1)
+    return float(np.array([bits], dtype=np.uint64).view(np.float64)[0])
 
 
 # --------------------------------------------------------------------------- minibatch CKA

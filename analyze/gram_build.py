@@ -4,8 +4,8 @@ How a batch's Gram is formed: :func:`~ckapipe.analyze.estimators.add_shifted_pro
 X'X'ᵀ over column tiles of the store's chunk grid, X' the tile shifted by the batch's first row,
 so no batch ever needs its full width in memory; :func:`~ckapipe.analyze.estimators.
 centered_batch_gram` then applies the kernel (RBF: the batch's own median bandwidth) and
-U-centers. Full mode centers every column over all n rows in float64 before its products
-(:func:`~ckapipe.analyze.estimators.add_centered_products`).
+U-centers. Full mode centers every column over all n rows in float64 and writes the n×n Gram
+as tiles (:mod:`~ckapipe.analyze.full_build`), never holding it whole.
 
 Reading: epoch 0 reads row windows of whole batches, about one row chunk high, tile by tile
 along the column chunks (host memory independent of n). Epochs ≥ 1 read full-height column
@@ -23,21 +23,19 @@ from typing import Any
 
 import numpy as np
 import torch
-import zarr
 from torch import Tensor
 
-from ckapipe.analyze.estimators import (
-    add_centered_products,
-    add_shifted_products,
-    centered_batch_gram,
-)
+from ckapipe.analyze.estimators import add_shifted_products, centered_batch_gram
+from ckapipe.analyze.full_build import write_full_tiles
 from ckapipe.analyze.gram_format import (
+    DEFAULT_TILE,
     FORMAT_NAME,
     FORMAT_VERSION,
     KERNELS,
     MODES,
     PRECISIONS,
     RBF_RULE,
+    STORAGE_DTYPES,
     BatchArrays,
     GramCache,
     GramCacheDataError,
@@ -61,7 +59,8 @@ from ckapipe.analyze.partition import (
     epoch_order,
     make_partition,
 )
-from ckapipe.formats import create_array, now, versions, write_attrs
+from ckapipe.analyze.tile_grid import TileGrid
+from ckapipe.formats import now, versions, write_attrs
 from ckapipe.store import ActivationStore, IncompleteStoreError
 
 __all__ = ["build_gram_cache"]
@@ -122,8 +121,8 @@ def _check_arguments(
     if mode == "full":
         if rows is not None:
             raise bad(
-                "rows=(start, stop) builds partial minibatch caches; full mode computes the "
-                "exact n×n Gram in one pass over all rows"
+                "rows=(start, stop) builds partial minibatch caches; a partial full-mode cache "
+                "holds tile rows instead: use tile_job=(k, jobs) (CLI: --tiles K/J)"
             )
         if epochs != 1:
             raise bad(f"full mode has no epochs (got epochs={epochs}); leave it at 1")
@@ -153,6 +152,28 @@ def _check_arguments(
             "are too few for a batch (HSIC₁ needs 4) and are dropped"
         )
     return names, (start, stop)
+
+
+def _check_tiles(
+    mode: str, n: int, tile_size: int, storage: str, tile_job: tuple[int, int] | None
+) -> tuple[int, int]:
+    """The tile rows [start, stop) a full-mode build writes (all of them without a job)."""
+    bad = GramCacheUsageError
+    if mode != "full":
+        if tile_job is not None:
+            raise bad("tile_job (--tiles) splits full-mode Grams; minibatch caches use rows=")
+        return (0, 0)
+    if not isinstance(tile_size, int | np.integer) or tile_size < 1:
+        raise bad(f"tile_size must be an integer >= 1, got {tile_size!r}")
+    if storage not in STORAGE_DTYPES:
+        raise bad(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
+    grid = TileGrid(n, int(tile_size))
+    if tile_job is None:
+        return (0, grid.count)
+    job, jobs = tile_job
+    if not (isinstance(jobs, int | np.integer) and jobs >= 1 and 0 <= job < jobs):
+        raise bad(f"tile_job must be (k, jobs) with 0 <= k < jobs, got {tile_job!r}")
+    return grid.job_rows(int(job), int(jobs))
 
 
 def _finisher(kernel: str, threshold: float) -> Callable[[Tensor, str, int], np.ndarray]:
@@ -186,6 +207,9 @@ def build_gram_cache(
     threads: int = 4,
     max_slab_bytes: int = 256 * 2**20,
     precision: str | None = None,
+    tile_size: int = DEFAULT_TILE,
+    storage: str = "float32",
+    tile_job: tuple[int, int] | None = None,
     overwrite: bool = False,
 ) -> GramCache:
     """Read a store once and write its Gram cache.
@@ -206,7 +230,8 @@ def build_gram_cache(
     seed:
         Derives the epoch seeds (with n and m); use the same for every store of a study.
     mode:
-        ``"minibatch"`` (per-batch Ũ Grams) or ``"full"`` (exact n×n linear Gram).
+        ``"minibatch"`` (per-batch Ũ Grams) or ``"full"`` (exact n×n linear Gram, stored as
+        tiles of its upper triangle).
     kernel, threshold:
         ``"linear"`` or ``"rbf"`` (median bandwidth times ``threshold``, per batch).
     rows:
@@ -220,8 +245,21 @@ def build_gram_cache(
     precision:
         ``"float32"`` (minibatch mode only; its default): the shifted tiles are multiplied in
         float32 and summed in float64, about 2x faster on a CPU; its CKA stays within 1e-6 of
-        float64's (``bench/RESULTS.md``, tests/test_gram_cache.py). ``"float64"`` (full mode's
-        default and only choice): every product in float64. Recorded in the attributes.
+        float64's (``bench/RESULTS.md``, tests/test_gram_cache.py). In full mode, float32
+        multiplies the float64-centered features in float32 (sums over column slabs in
+        float64), for float32-stored tiles at twice the speed. ``"float64"`` (full mode's
+        default): every product in float64. Recorded in the attributes.
+    tile_size:
+        Full mode: T, rows and columns of the stored Gram tiles (default 2048). Build memory is
+        about T² float64 plus two row blocks of at most ``max_slab_bytes``; analysis reads one
+        tile per layer at a time.
+    storage:
+        Full mode: dtype of the stored tiles, ``"float32"`` (default; half the disk, entries
+        rounded to 2⁻²⁴ relative after a float64 computation) or ``"float64"`` (exact).
+    tile_job:
+        Full mode: ``(k, jobs)``, 0-based job ``k`` of ``jobs``: a partial cache of a balanced
+        share of the tile rows (:meth:`~ckapipe.analyze.tile_grid.TileGrid.job_rows`), e.g. for a
+        SLURM array; join the parts with :func:`~ckapipe.analyze.gram_merge.merge_gram_caches`.
     overwrite:
         Replace an existing Gram cache at ``out`` (only once the new one is complete).
 
@@ -253,14 +291,10 @@ def build_gram_cache(
         precision = default_precision(mode)
     if precision not in PRECISIONS:
         raise GramCacheUsageError(f"precision must be one of {PRECISIONS}, got {precision!r}")
-    if precision != "float64" and mode == "full":
-        raise GramCacheUsageError(
-            "full mode is the exact estimator and computes in float64; drop precision="
-            f"{precision!r} or use minibatch mode"
-        )
     names = [name for name in source.layer_names if name in names]  # store order
     out = Path(out)
     n = source.n_samples
+    tile_rows = _check_tiles(mode, n, tile_size, storage, tile_job)
     partition = make_partition(n, batch_size, epochs, seed, mode=mode)
     batches: list[int] = []
     if mode == "minibatch":
@@ -288,6 +322,15 @@ def build_gram_cache(
         precision=precision,
         seed=seed,
     )
+    if mode == "full":
+        attrs.update(
+            {
+                "tile_size": int(tile_size),
+                "storage_dtype": storage,
+                "tile_rows": [int(tile_rows[0]), int(tile_rows[1])],
+                "tile_job": None if tile_job is None else [int(tile_job[0]), int(tile_job[1])],
+            }
+        )
     settings = {
         "device": resolve_device(device),
         "prefetch": prefetch,
@@ -298,7 +341,17 @@ def build_gram_cache(
     with staged_cache(out, overwrite) as group:
         write_attrs(group, attrs)
         if mode == "full":
-            _write_full(group, source, names, settings)
+            write_full_tiles(
+                group,
+                source,
+                names,
+                tile=tile_size,
+                tile_rows=tile_rows,
+                storage=storage,
+                max_slab_bytes=max_slab_bytes,
+                device=settings["device"],
+                product_dtype=settings["product_dtype"],
+            )
         else:
             arrays = BatchArrays(group, names, partition, batches)
             finish = _finisher(kernel, threshold)
@@ -355,27 +408,6 @@ def _cache_attrs(
 
 def _loader(settings: dict[str, Any]) -> dict[str, Any]:
     return {key: settings[key] for key in ("device", "prefetch", "threads")}
-
-
-def _write_full(
-    group: zarr.Group, source: ActivationStore, names: Sequence[str], settings: dict[str, Any]
-) -> None:
-    n = source.n_samples
-    grams = group.require_group("grams")
-    for name in names:
-        gram = _full_gram(
-            source, name, max_slab_bytes=settings["max_slab_bytes"], **_loader(settings)
-        )
-        chunk_rows = max(1, min(n, (16 * 2**20) // (8 * n)))
-        array = create_array(
-            grams,
-            name,
-            shape=(n, n),
-            chunks=(chunk_rows, n),
-            dtype="float64",
-            dimension_names=("sample_i", "sample_j"),
-        )
-        array[...] = gram.cpu().numpy()
 
 
 def _epoch0_grams(
@@ -461,18 +493,3 @@ def _permuted_epoch_grams(
         for k in numbers:
             number = epoch * per_epoch + k
             arrays.write(name, number, finish(grams[k], name, number))
-
-
-def _full_gram(store: ActivationStore, name: str, *, max_slab_bytes: int, **loader: Any) -> Tensor:
-    """Exact (n, n) float64 Gram of the column-centered features, one pass over column slabs."""
-    n = store.n_samples
-    gram = torch.zeros(n, n, dtype=torch.float64, device=loader["device"])
-    width = slab_width(store, name, n, max_slab_bytes)
-    column_chunk = store.chunk_shape(name)[1]
-    requests = [
-        BlockRequest((0, n), ((name, c0, c1),))
-        for c0, c1 in column_ranges(store.layer(name).n_features, column_chunk, width)
-    ]
-    for block in iter_blocks(store, requests, **loader):
-        add_centered_products(gram, block.tensors[0])
-    return gram

@@ -4,7 +4,7 @@ Importing this module does not import torch (only :meth:`GramCache.iter_batches`
 that the workflow can read the format version cheaply. Built by
 :mod:`ckapipe.analyze.gram_build`, merged by :mod:`ckapipe.analyze.gram_merge`.
 
-A Gram cache is a zarr v3 group (format ``ckapipe.gram-cache``, version 2) built on
+A Gram cache is a zarr v3 group (format ``ckapipe.gram-cache``, version 3) built on
 :mod:`ckapipe.formats`: it is written in a staging folder under a writer lock and renamed into
 place when complete (a second writer is refused at once; a killed build leaves nothing at --out,
 or the previous cache intact), every array carries a CRC-32C checksum on every chunk and every
@@ -24,9 +24,17 @@ deleted chunk. Two modes:
     build time). Grams of full batches are ``grams/<layer>`` (B, m, m); those of short last
     batches ``grams_last/<layer>`` (B', r, r), so no batch is padded.
 ``full``
-    Per layer, the exact n×n linear Gram of the column-centered features (float64, O(n²)
-    memory), accumulated from full-height column slabs in one read pass. With ``kernel="rbf"``
-    the linear Gram is stored too (the RBF Gram is a function of it).
+    Per layer, the exact n×n linear Gram of the column-centered features (centered and
+    multiplied in float64), stored as T×T tiles of its upper triangle (``tile_size`` T,
+    :class:`~ckapipe.analyze.tile_grid.TileGrid`): ``grams/<layer>`` (P, T, T), one chunk per
+    tile, dtype ``storage_dtype`` (float32 by default, or float64), numbered row-major over the
+    tiles (I, J) with I ≤ J; tile (J, I) is the transpose of (I, J); tiles of the last
+    row/column are zero-padded to T×T. ``tile_rows`` [a, b) says which tile rows a cache holds
+    (all of them, or a job's share: a partial cache, merged by :func:`~ckapipe.analyze.
+    gram_merge.merge_gram_caches`). Nothing reads the whole n×n matrix: analysis streams tiles
+    (:meth:`GramCache.read_tile`); :func:`read_full_gram` assembles it for small n. With
+    ``kernel="rbf"`` the linear Gram is stored too (the RBF Gram is a function of it). Version 2
+    caches (one (n, n) float64 array) are refused with a rebuild message.
 
 Identity. The cache records its store's identity, including the dataset spec and the store's
 input fingerprint (a hash of every input tensor fed to the model). Caches are compared only when
@@ -58,6 +66,7 @@ import numpy as np
 import zarr
 
 from ckapipe.analyze.partition import batch_locations, batch_rows
+from ckapipe.analyze.tile_grid import TileGrid
 from ckapipe.errors import (
     DataError,
     FormatError,
@@ -93,12 +102,17 @@ __all__ = [
     "check_compatible",
     "dataset_mismatch",
     "dataset_unverified",
+    "read_full_gram",
     "store_identity",
 ]
 
 FORMAT_NAME = "ckapipe.gram-cache"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3  # 3: full-mode Grams stored as tiles of the upper triangle
 MODES = ("minibatch", "full")
+STORAGE_DTYPES = ("float32", "float64")
+DEFAULT_TILE = 2048
+# read_full_gram refuses to assemble a Gram larger than this (n = 16384 in float64)
+FULL_GRAM_MAX_BYTES = 2 * 2**30
 KERNELS = ("linear", "rbf")
 PRECISIONS = ("float64", "float32")
 
@@ -400,7 +414,7 @@ class GramCache:
         if self.mode != "minibatch":
             raise GramCacheUsageError(
                 f"{self.path} is a full-mode cache (one n×n Gram per layer, no batches); "
-                "use full_gram(layer)"
+                "stream its tiles with read_tile(layer, row, col), or read_full_gram(cache, layer)"
             )
         import torch  # here, not at the top: the format constants must not import torch
 
@@ -461,14 +475,93 @@ class GramCache:
             self._readers[key] = _ChunkReader(self.path, group, layer, self._group)
         return self._readers[key]
 
-    def full_gram(self, layer: str) -> np.ndarray:
-        """(n, n) float64 linear Gram of the column-centered features of ``layer`` (full mode)."""
+    def _full_only(self, what: str) -> None:
         if self.mode != "full":
             raise GramCacheUsageError(
-                f"{self.path} is a minibatch cache; full_gram needs one built with --mode full"
+                f"{self.path} is a minibatch cache; {what} needs one built with --mode full"
+            )
+
+    @property
+    def tile_grid(self) -> TileGrid:
+        """The tile grid of the full-mode Grams (n, tile size)."""
+        self._full_only("tile_grid")
+        return TileGrid(self.n_samples, int(self._group.attrs["tile_size"]))
+
+    @property
+    def tile_rows(self) -> tuple[int, int]:
+        """Tile rows [a, b) held: all of them, or a partial cache's share."""
+        self._full_only("tile_rows")
+        a, b = self._group.attrs["tile_rows"]
+        return int(a), int(b)
+
+    @property
+    def is_partial(self) -> bool:
+        """A full-mode cache holding only some tile rows (merge the parts before analysis)."""
+        return self.mode == "full" and self.tile_rows != (0, self.tile_grid.count)
+
+    def read_tile(self, layer: str, row: int, col: int) -> np.ndarray:
+        """Tile (row, col) of the (n, n) linear Gram of ``layer`` as float64, unpadded.
+
+        Shape (rows of tile row ``row``, columns of tile column ``col``); below the diagonal
+        (row > col) it is the transpose of stored tile (col, row).
+        """
+        self._full_only("read_tile")
+        grid = self.tile_grid
+        upper = (row, col) if row <= col else (col, row)
+        a, b = self.tile_rows
+        if not a <= upper[0] < b:
+            raise GramCacheUsageError(
+                f"{self.path} is a partial cache of tile rows {a}:{b}, without tile {upper}; "
+                "merge the parts first (`ckapipe merge-grams`)"
             )
         self._layers([layer])
-        return np.asarray(self._grams(layer)[...])
+        first = grid.first_tile_of_row(a)
+        tile = np.asarray(self._grams(layer)[grid.number(*upper) - first], dtype=np.float64)
+        r, c = grid.span(upper[0]), grid.span(upper[1])
+        tile = tile[: r[1] - r[0], : c[1] - c[0]]
+        return tile if row <= col else tile.T
+
+    def stored_tiles(self, layer: str) -> zarr.Array:
+        """The raw ``grams/<layer>`` tile array (P, T, T) of a full-mode cache, as stored."""
+        self._full_only("stored_tiles")
+        self._layers([layer])
+        return self._grams(layer)
+
+    def full_gram(self, layer: str) -> np.ndarray:
+        """(n, n) float64 linear Gram of ``layer`` (full mode); see :func:`read_full_gram`."""
+        return read_full_gram(self, layer)
+
+
+def read_full_gram(
+    cache: GramCache | str | os.PathLike[str], layer: str, *, max_bytes: int | None = None
+) -> np.ndarray:
+    """The whole (n, n) float64 linear Gram of the column-centered features of ``layer``,
+    assembled from the tiles of a full-mode cache (float32 tiles are widened exactly).
+
+    For measures that need the matrix in memory at moderate n. Refuses (with
+    :class:`GramCacheUsageError`) a Gram over ``max_bytes`` (default 2 GiB, n ≈ 16 000): stream
+    tiles with :meth:`GramCache.read_tile` instead.
+    """
+    opened = open_cache(cache)
+    opened._full_only("read_full_gram")
+    n = opened.n_samples
+    limit = FULL_GRAM_MAX_BYTES if max_bytes is None else int(max_bytes)
+    if 8 * n * n > limit:
+        raise GramCacheUsageError(
+            f"layer {layer!r} of {opened.path}: the full {n}x{n} float64 Gram takes "
+            f"{8 * n * n / 2**30:.1f} GiB, over the {limit / 2**30:.1f} GiB read_full_gram "
+            "allows; stream its tiles with GramCache.read_tile(layer, row, col), or pass a "
+            "larger max_bytes if the memory is there"
+        )
+    grid = opened.tile_grid
+    gram = np.empty((n, n), dtype=np.float64)
+    for row, col in grid.pairs:
+        (a, b), (c, d) = grid.span(row), grid.span(col)
+        tile = opened.read_tile(layer, row, col)
+        gram[a:b, c:d] = tile
+        if row != col:
+            gram[c:d, a:b] = tile.T
+    return gram
 
 
 class _ChunkReader:
@@ -590,6 +683,25 @@ def check_compatible(
                     f"{first.path} and {other.path} differ in {what} ({x!r} vs {y!r}); "
                     f"rebuild one with `ckapipe gram --{what} {x}`"
                 )
+        if first.mode == "full":
+            for cache in (first, other):
+                if cache.is_partial:
+                    a, b = cache.tile_rows
+                    raise IncompatibleGramCachesError(
+                        f"{cache.path} is a partial full-mode cache (tile rows {a}:{b} of "
+                        f"{cache.tile_grid.count}); merge all tile jobs first (`ckapipe "
+                        "merge-grams`)"
+                    )
+            for what, x, y in (
+                ("tile_size", first.attrs.get("tile_size"), other.attrs.get("tile_size")),
+                ("tile_rows", first.tile_rows, other.tile_rows),
+            ):
+                if x != y:
+                    raise IncompatibleGramCachesError(
+                        f"{first.path} and {other.path} differ in {what} ({x!r} vs {y!r}); "
+                        "build every full-mode cache of a study with the same --tile-size, and "
+                        "merge partial caches first (`ckapipe merge-grams`)"
+                    )
         pa, pb = first.partition, other.partition
         if pa["sha256"] != pb["sha256"]:
             differing = sorted(k for k in pa if k != "sha256" and pa.get(k) != pb.get(k))

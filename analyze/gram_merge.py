@@ -1,4 +1,6 @@
-"""Merging partial Gram caches (``rows=`` ranges of one store) into one cache, bit for bit."""
+"""Merging partial Gram caches into one cache, bit for bit: minibatch caches of disjoint
+``rows=`` ranges, or full-mode caches of disjoint tile rows (``tile_job=``) that together cover
+every tile row."""
 
 from __future__ import annotations
 
@@ -11,12 +13,13 @@ from ckapipe.analyze.gram_format import (
     GramCache,
     GramCacheUsageError,
     IncompatibleGramCachesError,
+    IncompleteGramCacheError,
     dataset_mismatch,
     identity_key,
     open_cache,
     staged_cache,
 )
-from ckapipe.formats import now, versions, write_attrs
+from ckapipe.formats import create_array, now, versions, write_attrs
 
 __all__ = ["merge_gram_caches"]
 
@@ -27,7 +30,11 @@ def merge_gram_caches(
     *,
     overwrite: bool = False,
 ) -> GramCache:
-    """Join partial minibatch caches of one store into one cache.
+    """Join partial caches of one store into one cache.
+
+    Minibatch caches of disjoint ``rows=`` ranges, or full-mode caches of tile jobs
+    (``tile_job=``) that together hold every tile row exactly once (a missing tile row raises
+    :class:`IncompleteGramCacheError` naming it).
 
     Parameters
     ----------
@@ -54,10 +61,8 @@ def merge_gram_caches(
     if not opened:
         raise GramCacheUsageError("merge needs at least one partial Gram cache")
     first = opened[0]
-    if first.mode != "minibatch":
-        raise GramCacheUsageError(
-            f"{first.path} is a full-mode cache; full mode is built in one pass, nothing to merge"
-        )
+    if first.mode == "full":
+        return _merge_full(opened, Path(out), overwrite)
     owner = _check_mergeable(opened)
     batches = sorted(owner)
     attrs = first.attrs
@@ -82,6 +87,91 @@ def merge_gram_caches(
                     arrays.write(name, int(number), part.batch_gram(name, int(number)))
         write_attrs(group, {"complete": True})  # last
     return GramCache.open(out)
+
+
+def _merge_full(opened: Sequence[GramCache], out: Path, overwrite: bool) -> GramCache:
+    """Concatenate the tiles of full-mode partial caches (copied chunk by chunk, unchanged)."""
+    _check_settings(opened, extra=(("tile_size", lambda c: c.attrs["tile_size"]),))
+    _check_settings(opened, extra=(("storage", lambda c: c.attrs["storage_dtype"]),))
+    first = opened[0]
+    grid = first.tile_grid
+    ordered = sorted(opened, key=lambda part: part.tile_rows)
+    covered = 0
+    for part in ordered:
+        a, b = part.tile_rows
+        if a < covered:
+            raise IncompatibleGramCachesError(
+                f"{part.path} holds tile rows {a}:{b}, overlapping another part (rows up to "
+                f"{covered} are covered already); merge parts of disjoint tile jobs"
+            )
+        if a > covered:
+            raise IncompleteGramCacheError(
+                f"tile rows {covered}:{a} of {grid.count} (tiles of samples "
+                f"{grid.span(covered)[0]}:{grid.span(a - 1)[1]}) are in none of the parts; "
+                "build the missing tile job(s) (`ckapipe gram --mode full --tiles K/J`) and "
+                "merge all parts"
+            )
+        covered = b
+    if covered < grid.count:
+        raise IncompleteGramCacheError(
+            f"tile rows {covered}:{grid.count} of {grid.count} (samples "
+            f"{grid.span(covered)[0]}:{grid.n}) are in none of the parts; build the missing "
+            "tile job(s) (`ckapipe gram --mode full --tiles K/J`) and merge all parts"
+        )
+    attrs = first.attrs
+    attrs.update(
+        {
+            "tile_rows": [0, grid.count],
+            "tile_job": None,
+            "merged_from": [
+                {"path": str(part.path), "tile_rows": list(part.tile_rows)} for part in ordered
+            ],
+            "versions": versions(),
+            "created": now(),
+            "complete": False,
+        }
+    )
+    with staged_cache(out, overwrite) as group:
+        write_attrs(group, attrs)
+        grams = group.require_group("grams")
+        for name in first.layer_names:
+            array = create_array(
+                grams,
+                name,
+                shape=(grid.n_tiles, grid.tile, grid.tile),
+                chunks=(1, grid.tile, grid.tile),
+                dtype=first.attrs["storage_dtype"],
+                dimension_names=("tile", "sample_i", "sample_j"),
+            )
+            for part in ordered:
+                source = part.stored_tiles(name)
+                offset = grid.first_tile_of_row(part.tile_rows[0])
+                for index in range(source.shape[0]):
+                    array[offset + index] = source[index]
+        write_attrs(group, {"complete": True})  # last
+    return GramCache.open(out)
+
+
+def _check_settings(opened: Sequence[GramCache], extra: tuple = ()) -> None:
+    first = opened[0]
+    for part in opened:
+        mismatch = dataset_mismatch(first.identity, part.identity, str(first.path), str(part.path))
+        if mismatch:
+            raise IncompatibleGramCachesError(f"cannot merge: {mismatch}")
+        for what, x, y in (
+            ("store", identity_key(first.identity), identity_key(part.identity)),
+            ("mode", first.mode, part.mode),
+            ("kernel", first.kernel, part.kernel),
+            ("threshold", first.threshold, part.threshold),
+            ("layers", first.layer_names, part.layer_names),
+            *((label, get(first), get(part)) for label, get in extra),
+        ):
+            if x != y:
+                raise IncompatibleGramCachesError(
+                    f"cannot merge {part.path} with {first.path}: they differ in {what} "
+                    f"({y!r} vs {x!r}); partial caches must come from one store and one "
+                    "`ckapipe gram` setting, differing only in --rows or --tiles"
+                )
 
 
 def _check_mergeable(opened: Sequence[GramCache]) -> dict[int, Path]:

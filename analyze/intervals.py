@@ -681,6 +681,9 @@ class FullBlockJackknife:
         self._e = np.zeros(shape)
         self._f = np.zeros(shape)
         self._s = np.zeros((self.n_blocks, self.n_layers))
+        # update_tile only: (L, n, G) sums c_ig over the columns j in block g, F_g formed later
+        self._c: np.ndarray | None = None
+        self._f_pending = False
 
     def update(self, rows, start: int) -> None:
         """Add rows ``start:start+k`` of every layer's U-centered Gram, (L, k, n).
@@ -711,12 +714,70 @@ class FullBlockJackknife:
             c = rows[:, :, cols].sum(-1)[:, others]  # (L, rows of T here)
             self._f[g] += _to_numpy(c @ c.T)
 
+    def update_tile(self, tile, row0: int, col0: int, *, mirrored: bool) -> None:
+        """Add one tile of every layer's U-centered Gram, (L, a, b) at rows ``row0:row0+a``,
+        columns ``col0:col0+b``; ``mirrored``: the tile stands for itself and its transpose
+        (an off-diagonal tile of a symmetric matrix stored once).
+
+        The terms of :meth:`update` split over tiles: D_g and E_g, s_g are sums over the rows
+        (and, mirrored, the columns) in block g; F_g needs c_ig = Σ_{j∈g} U_ij, so the (L, n, G)
+        column-block sums c are accumulated here and F_g formed once at the end. Do not mix
+        with :meth:`update` in one accumulator.
+        """
+        n_layers, a, b = tile.shape
+        if (
+            n_layers != self.n_layers
+            or row0 < 0
+            or col0 < 0
+            or row0 + a > self.n
+            or col0 + b > self.n
+        ):
+            raise ValueError(
+                f"FullBlockJackknife.update_tile: tile {tuple(tile.shape)} at ({row0}, {col0}) "
+                f"does not fit ({self.n_layers}, ≤{self.n}, ≤{self.n})"
+            )
+        if self._c is None:
+            self._c = np.zeros((self.n_layers, self.n, self.n_blocks))
+        weight = 2.0 if mirrored else 1.0
+        row_labels = self.labels[row0 : row0 + a]
+        col_labels = self.labels[col0 : col0 + b]
+        for g in range(self.n_blocks):
+            rows = np.flatnonzero(row_labels == g)
+            cols = np.flatnonzero(col_labels == g)
+            if rows.size:
+                block_rows = tile[:, _index(tile, rows), :]  # (L, a_g, b)
+                flat = block_rows.reshape(n_layers, -1)
+                self._d[g] += _to_numpy(flat @ flat.T)
+                if mirrored:
+                    self._c[:, col0 : col0 + b, g] += _to_numpy(block_rows.sum(1))
+            if cols.size:
+                block_cols = tile[:, :, _index(tile, cols)]  # (L, a, b_g)
+                self._c[:, row0 : row0 + a, g] += _to_numpy(block_cols.sum(-1))
+                if mirrored:
+                    flat = block_cols.reshape(n_layers, -1)
+                    self._d[g] += _to_numpy(flat @ flat.T)
+                if rows.size:
+                    corner = block_cols[:, _index(tile, rows), :].reshape(n_layers, -1)
+                    self._e[g] += weight * _to_numpy(corner @ corner.T)
+                    self._s[g] += weight * _to_numpy(corner.sum(-1))
+        self._f_pending = True
+
+    def _finish_tiles(self) -> None:
+        """F_g = Σ_{i∉g} c_ig(U) c_ig(V) from the column-block sums of :meth:`update_tile`."""
+        if not self._f_pending or self._c is None:
+            return
+        for g in range(self.n_blocks):
+            c = self._c[:, self.labels != g, g]  # (L, n − n_g)
+            self._f[g] = c @ c.T
+        self._f_pending = False
+
     def inner(self) -> np.ndarray:
         """(L, L) ⟨U_i, U_j⟩ over all n samples (unscaled: HSIC₁ · n(n−3))."""
         return self._d.sum(axis=0)
 
     def deleted_hsic(self) -> np.ndarray:
         """(G, L, L) HSIC₁ of every layer pair with sample block g left out."""
+        self._finish_tiles()
         sizes = np.bincount(self.labels, minlength=self.n_blocks).astype(np.float64)
         rest = (self.n - sizes)[:, None, None]  # n'
         total = self.inner()[None]

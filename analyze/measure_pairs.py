@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ckapipe.analyze.gram_format import read_full_gram
 from ckapipe.analyze.measures import (
     GRAM_MEASURES,
     LayerGeometry,
@@ -26,15 +27,7 @@ from ckapipe.analyze.study_checks import StudyError
 if TYPE_CHECKING:
     from ckapipe.analyze.gram_format import GramCache
 
-__all__ = ["measure_pairs", "read_full_gram"]
-
-
-def read_full_gram(cache: GramCache, layer: str) -> np.ndarray:
-    """The (n, n) float64 linear Gram of ``layer``'s centered features from a full-mode cache.
-
-    The one place the measures read a Gram (the full-mode storage layout may change: only this
-    function follows it)."""
-    return np.asarray(cache.full_gram(layer), dtype=np.float64)
+__all__ = ["measure_pairs"]
 
 
 def measure_pairs(

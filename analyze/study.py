@@ -16,11 +16,12 @@ Estimators
   Grams), the same permutations for every pair.
 - ``"debiased"`` / ``"biased"`` (full caches): exact HSIC₁ / HSIC₀ CKA over all n samples from
   the cached n×n linear Grams, optionally turned into RBF Grams (σ² = threshold² · median of
-  the n×n squared distances, diagonal included). Memory stays O(n²): one layer at a time for
-  the centering statistics, then row blocks of every Gram stacked into one product. Debiased
-  intervals: delete-one-block jackknife over random sample blocks, from the same row blocks
-  (:class:`~ckapipe.analyze.intervals.FullBlockJackknife`); the biased estimator has none. No
-  permutation test (refused).
+  the n×n squared distances, diagonal included; an exact streamed median). Nothing of size n²
+  is held: the Grams are streamed tile by tile (:mod:`~ckapipe.analyze.full_pairs`), one layer
+  at a time for the centering statistics, then the same tile of every Gram stacked into one
+  product. Debiased intervals: delete-one-block jackknife over random sample blocks, from the
+  same tiles (:class:`~ckapipe.analyze.intervals.FullBlockJackknife`); the biased estimator has
+  none. No permutation test (refused).
 
 Self-pairs (a model with itself: within-model layer similarity, symmetric with ones on the
 diagonal) are included by default (``include_self=True``).
@@ -276,6 +277,21 @@ def _compute_study(
             "`ckapipe gram --mode full` and use --estimator debiased or biased, or ask for cka "
             "only"
         )
+    if measures != ["cka"]:
+        rounded = [
+            name
+            for name, cache in zip(study_models, caches, strict=True)
+            if cache.attrs.get("storage_dtype") != "float64"
+        ]
+        if rounded:
+            raise StudyError(
+                f"measures {', '.join(m for m in measures if m != 'cka')} need Grams stored in "
+                f"float64, but the caches of {', '.join(rounded)} hold float32 tiles: their "
+                "rounding (about 1e-7 of the largest entry) looks like extra dimensions to CCA, "
+                "Procrustes and regression; rebuild them with `ckapipe gram --mode full "
+                "--storage float64` (the pipeline does this when analysis.measures asks for more "
+                "than cka)"
+            )
     requested = resolve_pairs(pairs, study_models, include_self)
     torch_device = resolve_device(device, error=StudyError)
     by_name = dict(zip(study_models, caches, strict=True))

@@ -470,6 +470,20 @@ def test_dry_run_plans_the_whole_demo(tmp_path):
     assert not (tmp_path / "results").exists()
 
 
+def test_full_mode_tile_jobs_are_planned_as_separate_jobs_and_a_merge(tmp_path):
+    """analysis.full_tiles = 3: three tile jobs (`--tiles K/3`) and one merge per model."""
+    config = demo_config()
+    config["analysis"].update({"mode": "full", "estimator": "debiased", "full_tiles": 3})
+    study = tmp_path / "tiles.yaml"
+    study.write_text(yaml.safe_dump(config))
+    output = _ckapipe_run(str(study), "--workdir", str(tmp_path), "--", "--dry-run")
+    counts = job_counts(output)
+    assert (counts.get("gram_tile"), counts.get("gram_merge"), counts.get("gram")) == (12, 4, None)
+    for k in (1, 2, 3):
+        assert output.count(f"--tiles {k}/3 ") == 4, output
+    assert output.count("ckapipe merge-grams ") == 4, output
+
+
 def test_heavy_jobs_declare_the_configured_threads(tmp_path):
     """resources.threads becomes the `threads:` of extract (plus one per DataLoader worker), gram
     and analyze, and gram's reader threads; training stays at 1 thread."""

@@ -171,8 +171,14 @@ def study_dir(tmp_path_factory):
         caches[f"{name}-one"] = build_gram_cache(
             stores[name], root / f"{name}-one.grams", batch_size=N, device="cpu"
         )
+        # float64 tiles: the exact path, checked to 1e-9; 16-row tiles, the last one shorter
         caches[f"{name}-full"] = build_gram_cache(
-            stores[name], root / f"{name}-full.grams", mode="full", device="cpu"
+            stores[name],
+            root / f"{name}-full.grams",
+            mode="full",
+            device="cpu",
+            storage="float64",
+            tile_size=16,
         )
         caches[f"{name}-rbf"] = build_gram_cache(
             stores[name],
@@ -181,6 +187,8 @@ def study_dir(tmp_path_factory):
             kernel="rbf",
             threshold=0.8,
             device="cpu",
+            storage="float64",
+            tile_size=16,
         )
     caches["a-m10"] = build_gram_cache(
         stores["a"], root / "a-m10.grams", batch_size=10, device="cpu"
@@ -489,15 +497,41 @@ def test_full_mode_rbf_matches_reference_and_records_bandwidth(
     assert "median" in study.provenance["bandwidth_rule"]
 
 
-def test_full_mode_row_blocks_give_the_same_result_as_one_block(study_dir, tmp_path, monkeypatch):
+@pytest.mark.parametrize("tile_size", [7, N])
+def test_full_mode_tile_size_does_not_change_the_result(
+    study_dir, tmp_path, monkeypatch, tile_size
+):
+    """Tiles of 7 rows (9 tile rows, the last one of 4) and one tile of all 60 rows give the
+    fixture's 16-row result, with its jackknife interval (5 blocks), up to summation order."""
     import ckapipe.analyze.full_pairs as full_pairs_module
+    from ckapipe.analyze.intervals import FullBlockJackknife
 
+    monkeypatch.setattr(
+        full_pairs_module,
+        "FullBlockJackknife",
+        lambda n, n_layers: FullBlockJackknife(n, n_layers, n_blocks=5),
+    )
+    stores = {name: study_dir["root"] / f"{name}.store" for name in ("a", "b")}
+    tiled = [
+        build_gram_cache(
+            stores[name],
+            tmp_path / f"{name}.grams",
+            mode="full",
+            device="cpu",
+            storage="float64",
+            tile_size=tile_size,
+        ).path
+        for name in ("a", "b")
+    ]
     caches = [cache_path(study_dir, "a-full"), cache_path(study_dir, "b-full")]
-    whole = analyze_study(caches, tmp_path / "whole.zarr", estimator="debiased", device="cpu")
-    monkeypatch.setattr(full_pairs_module, "WORK_ELEMENTS", 1)  # rows blocks of n // ΣL = 12 rows
-    blocks = analyze_study(caches, tmp_path / "blocks.zarr", estimator="debiased", device="cpu")
+    options = {"estimator": "debiased", "device": "cpu", "ci_level": 0.9, "names": ["a", "b"]}
+    whole = analyze_study(caches, tmp_path / "whole.zarr", **options)
+    other = analyze_study(tiled, tmp_path / "tiled.zarr", **options)
     for key, pair in whole.pairs.items():
-        np.testing.assert_allclose(blocks.pairs[key].cka, pair.cka, rtol=1e-12)
+        np.testing.assert_allclose(other.pairs[key].cka, pair.cka, rtol=1e-12)
+        np.testing.assert_allclose(other.pairs[key].ci_low, pair.ci_low, rtol=1e-10)
+        np.testing.assert_allclose(other.pairs[key].ci_high, pair.ci_high, rtol=1e-10)
+        assert np.isfinite(pair.ci_low).all()
 
 
 # ---------------------------------------------------------------------- refusals

@@ -66,11 +66,23 @@ def study(tmp_path_factory):
         store = _store(root / f"{name}.store", data, sample_ids)
         full.append(
             build_gram_cache(
-                store, root / f"{name}.grams", mode="full", device="cpu", precision="float64"
+                store,
+                root / f"{name}.grams",
+                mode="full",
+                device="cpu",
+                precision="float64",
+                storage="float64",
             )
         )
         minibatch.append(build_gram_cache(store, root / f"{name}-mb.grams", batch_size=10))
-    return {"root": root, "features": features, "full": full, "minibatch": minibatch}
+    rounded = build_gram_cache(store, root / "b-float32.grams", mode="full", device="cpu")
+    return {
+        "root": root,
+        "features": features,
+        "full": full,
+        "minibatch": minibatch,
+        "float32_full": [full[0], rounded],
+    }
 
 
 def _features(study, model, layer):
@@ -174,6 +186,24 @@ def test_minibatch_caches_refuse_other_measures(study, tmp_path):
         analyze_study(study["minibatch"], tmp_path / "r.zarr", measures=["cka", "rsa"])
     with pytest.raises(StudyError, match="unknown similarity measure 'cca2'"):
         analyze_study(study["full"], tmp_path / "r.zarr", estimator="debiased", measures=["cca2"])
+
+
+def test_float32_tiles_refuse_spectral_measures(study, tmp_path):
+    """float32 tiles round each Gram entry by ~1e-7 of the largest, which the spectrum of a
+    low-rank layer reads as extra dimensions (CCA of these features moves by ~0.1): refused."""
+    with pytest.raises(StudyError, match=r"caches of b hold float32 tiles.*--storage float64"):
+        analyze_study(
+            study["float32_full"],
+            tmp_path / "r.zarr",
+            names=["a", "b"],
+            estimator="debiased",
+            measures=["cka", "cca"],
+        )
+    assert not (tmp_path / "r.zarr").exists()
+    # CKA alone is fine from float32 tiles
+    analyze_study(
+        study["float32_full"], tmp_path / "r.zarr", names=["a", "b"], estimator="debiased"
+    )
 
 
 def test_cli_measure_option_prints_each_measure(study, tmp_path):

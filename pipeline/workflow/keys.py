@@ -260,6 +260,12 @@ def gram_partition(analysis: Mapping[str, Any]) -> dict[str, Any]:
     partition["precision"] = (
         default_precision(analysis["mode"]) if precision == "auto" else precision
     )
+    if analysis["mode"] == "full":
+        # float32 tiles round each Gram entry by ~1e-7 of the largest: harmless for CKA, but the
+        # measures that use a layer's spectrum (CCA, Procrustes, regression) would read that
+        # rounding as extra dimensions, so a study asking for them stores float64 tiles
+        measures = list(analysis.get("measures") or ["cka"])
+        partition["storage"] = "float32" if measures == ["cka"] else "float64"
     return partition
 
 

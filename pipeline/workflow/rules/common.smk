@@ -167,6 +167,23 @@ def gram_path(key):
     return f"{CACHE}/grams/{key}.zarr"
 
 
+# Full mode with analysis.full_tiles = J > 1: job K of J writes a partial Gram cache of its tile
+# rows beside the cache entry; the merge job joins them into the entry and removes them.
+TILE_JOBS = ANALYSIS.get("full_tiles", 1) if ANALYSIS["mode"] == "full" else 1
+
+
+def gram_tiles_folder(key):
+    return f"{CACHE}/grams/{key}.tiles"
+
+
+def gram_tile_path(key, tile):
+    return f"{gram_tiles_folder(key)}/{tile}-of-{TILE_JOBS}.zarr"
+
+
+def gram_tile_receipt(key, tile):
+    return f"{RECEIPTS}/gram-tiles/{key}/{tile}.json"
+
+
 # -- input and params functions -----------------------------------------------------------------
 def train_inputs(wildcards):
     return {"data": DEMO_DATA_RECEIPT}
@@ -274,11 +291,22 @@ def gram_args(wildcards):
             "--precision", PARTITION["precision"],
             "--device", EXTRACTION["device"],
         ]
+        + (["--storage", PARTITION["storage"]] if "storage" in PARTITION else [])
     )
 
 
 def gram_store(wildcards):
     return store_path(GRAMS[wildcards.gram_key])
+
+
+def gram_tile_inputs(wildcards):
+    return [gram_tile_receipt(wildcards.gram_key, tile) for tile in range(1, TILE_JOBS + 1)]
+
+
+def gram_tile_parts(wildcards):
+    """The partial caches of a Gram cache's tile jobs, shell-quoted."""
+    tiles = range(1, TILE_JOBS + 1)
+    return shlex.join([gram_tile_path(wildcards.gram_key, tile) for tile in tiles])
 
 
 def analyze_inputs(wildcards):

@@ -31,3 +31,58 @@ rule gram:
         " --receipt {output.receipt:q} --source {params.store:q} --"
         " ckapipe gram {params.store:q} {params.partition} --threads {threads}"
         " --out {{out}} --overwrite > {log:q} 2>&1"
+
+
+# Full mode split into analysis.full_tiles jobs: each tile job builds a partial cache of its
+# share of tile rows (`--tiles K/J`) as a cache entry of its own; the merge job joins the J parts
+# exactly into the Gram cache entry (same receipt as `gram`, which it replaces) and then deletes
+# the parts. Tile receipts are temporary: once merged they go, and a lost Gram cache is rebuilt
+# from the tile jobs again.
+if TILE_JOBS > 1:
+
+    ruleorder: gram_merge > gram
+
+    rule gram_tile:
+        input:
+            gram_inputs,
+        output:
+            receipt=temp(f"{RECEIPTS}/gram-tiles/{{gram_key}}/{{tile}}.json"),
+        params:
+            store=gram_store,
+            partition=gram_args,
+            target=lambda wildcards: gram_tile_path(wildcards.gram_key, wildcards.tile),
+            jobs=TILE_JOBS,
+        log:
+            f"{LOGS}/gram_tile/{{gram_key}}.{{tile}}.log",
+        wildcard_constraints:
+            tile=r"[1-9][0-9]*",
+        threads: THREADS
+        resources:
+            gpu=gpu_resources(),
+        conda:
+            CONDA_ENV
+        shell:
+            "python -m ckapipe.workflow.jobs build --target {params.target:q}"
+            " --receipt {output.receipt:q} --source {params.store:q} --"
+            " ckapipe gram {params.store:q} {params.partition} --threads {threads}"
+            " --tiles {wildcards.tile}/{params.jobs} --out {{out}} --overwrite > {log:q} 2>&1"
+
+    rule gram_merge:
+        input:
+            gram_tile_inputs,
+        output:
+            receipt=f"{RECEIPTS}/grams/{{gram_key}}.json",
+        params:
+            store=gram_store,
+            parts=gram_tile_parts,
+            target=lambda wildcards: gram_path(wildcards.gram_key),
+            folder=lambda wildcards: gram_tiles_folder(wildcards.gram_key),
+        log:
+            f"{LOGS}/gram_merge/{{gram_key}}.log",
+        conda:
+            CONDA_ENV
+        shell:
+            "python -m ckapipe.workflow.jobs build --target {params.target:q}"
+            " --receipt {output.receipt:q} --source {params.store:q} --"
+            " ckapipe merge-grams {params.parts} --out {{out}} --overwrite > {log:q} 2>&1"
+            " && rm -rf {params.folder:q}"
