@@ -121,6 +121,14 @@ def main() -> None:
         "--no-write", action="store_true", help="print only; leave results.json and RESULTS.md"
     )
     parser.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="write the result(s) to this JSON file (a dict by mode) instead of results.json and "
+        "RESULTS.md; bench/run.py --render leaves it out",
+    )
+    parser.add_argument(
         "--only",
         default=None,
         help="comma-separated benchmarks to run, of "
@@ -158,7 +166,11 @@ def main() -> None:
         workload_args = copy.copy(args)
         workload_args.workload = workload
         result = measure(parser, workload_args, benchmarks)
-        if not args.no_write:
+        if args.json is not None:
+            kept = json.loads(args.json.read_text()) if args.json.exists() else {}
+            kept[result["mode"]] = result
+            args.json.write_text(json.dumps(kept, indent=1, default=float) + "\n")
+        elif not args.no_write:
             write_outputs(result)
         print("\n".join(table_lines(result, BENCHMARKS)))
         print(f"\n{result['mode']} mode, wall time {result['wall_s']:.0f} s")
