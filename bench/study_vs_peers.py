@@ -251,7 +251,7 @@ def notes(result: dict[str, Any]) -> list[str]:
         f"bootstrap replicates) at M = {ms[-1]}: {study['default_analyze_s_at_max_m']:.2f} s. "
         f"Largest |ckapipe − pytorch-cka| over all pairs and layers (same batches): "
         f"{study['max_abs_diff_ckapipe_vs_pytorch_cka']:.1e} — pytorch-cka's float32 "
-        f"cancellation on the deeper layers (see the accuracy note on these CNNs)."
+        f"cancellation (uncentered Grams; see the accuracy notes of the CNN modes)."
     ]
     big = rows[ms[-1]]
     if "forward_per_model_s" in big:
