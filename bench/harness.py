@@ -318,6 +318,9 @@ def standalone_main(benchmark: ModuleType) -> None:
     parser = argparse.ArgumentParser(description=benchmark.__doc__.split("\n\n")[0])
     add_arguments(parser)
     args = parser.parse_args()
+    supported = getattr(benchmark, "WORKLOADS", ("cnn",))
+    if args.workload not in supported:
+        parser.error(f"--workload {args.workload}: this benchmark runs on {', '.join(supported)}")
     result = measure(parser, args, [benchmark])
     print("\n".join(table_lines(result, [benchmark])))
     print("\n".join(["", *benchmark.notes(result)]))

@@ -32,6 +32,7 @@ from report import best_over, log, median_over, timed
 from workload import DEFAULT_CHANNELS, ImageDataset, make_images, workload_flops_per_feature
 
 KEY = "study"
+WORKLOADS = ("cnn", "resnet18")  # the others (floors, accuracy, memory) run on the CNN only
 
 
 def _time_models(bench: BenchRun, workdir: Path, images: torch.Tensor) -> dict[str, Any]:
