@@ -15,7 +15,7 @@ time into stages from the cumulative times of the functions that do them:
 
 A bare forward pass of each model (``torch.inference_mode``, no hooks) is timed before, outside
 the profiler, as the unit. Prints the stage table (Markdown: seconds, share of the profiled time,
-bare forward passes; on a shared machine the share is the robust column, the load can change
+seconds per model in bare forward passes; on a shared machine the share is the robust column, the load can change
 between the bare pass and the profile) and the top functions by own time.
 
 Usage: ``python bench/profile_study.py --workload resnet18 --threads 1 --n 256 [--quick]``.
@@ -113,18 +113,22 @@ def main() -> None:
         shutil.rmtree(bench.root, ignore_errors=True)
 
     stats = pstats.Stats(profile)
-    forward = sum(forward_s) / len(forward_s)
+    forward = sum(forward_s) / len(forward_s)  # one model's bare pass: the unit
+    models = len(models)
     print(f"{bench.mode}: n = {cfg.n}, m = {cfg.m}, layers {', '.join(bench.layers)}")
     print(machine_text(machine(), "at the end"))
     print(f"\nbare forward pass per model (outside the profiler): {forward:.2f} s\n")
-    print("| stage (2 models + their pair, cProfile) | seconds | share | bare forward passes |")
+    print(
+        "| stage (2 models + their pair, cProfile) | seconds | share | per model, in bare forwards |"
+    )
     print("|---|---|---|---|")
     for stage, seconds in stage_rows(_cumulative(stats)):
         if seconds is None:
             print(f"| {stage} | missing (function renamed?) | | |")
         else:
-            print(f"| {stage} | {seconds:.2f} | {seconds / total:.0%} | {seconds / forward:.2f} |")
-    print(f"| total profiled | {total:.2f} | 100% | {total / forward:.2f} |")
+            per_model = seconds / models / forward
+            print(f"| {stage} | {seconds:.2f} | {seconds / total:.0%} | {per_model:.2f} |")
+    print(f"| total profiled | {total:.2f} | 100% | {total / models / forward:.2f} |")
     text = io.StringIO()
     pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)
     print("\n" + text.getvalue().split("\n\n", 1)[-1].strip())
