@@ -12,17 +12,27 @@ Every tool in the study benchmarks (``bench/run.py``) sees exactly these models 
   the case where uncentered float32 Gram products cancel catastrophically.
 - :class:`FeatureTable` — a model whose "layers" return fixed feature matrices looked up by
   sample index, so hook-based tools can be run on exactly the features of the accuracy test.
+- :data:`WORKLOADS` and the ``workload_*`` functions — the study's model family by name: ``cnn``
+  (the small CNN above) or ``resnet18`` (the CIFAR-style ResNet-18 of ``bench/resnet.py``, its
+  stem and 8 block outputs), on the same images.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from resnet import (
+    RESNET18_LAYERS,
+    make_resnet18,
+    resnet18_flops_per_feature,
+    resnet18_layer_widths,
+)
 from torch import nn
 
 __all__ = [
     "CNN_LAYERS",
     "DEFAULT_CHANNELS",
+    "WORKLOADS",
     "FeatureTable",
     "ImageDataset",
     "IndexDataset",
@@ -31,6 +41,11 @@ __all__ = [
     "make_cnn",
     "make_images",
     "offset_features",
+    "workload_flops_per_feature",
+    "workload_layer_widths",
+    "workload_layers",
+    "workload_model",
+    "workload_text",
 ]
 
 # the layers every tool compares, in order; output features per sample in the comment
@@ -220,3 +235,47 @@ class FeatureTable(nn.Module):
     def forward(self, index: torch.Tensor) -> torch.Tensor:
         outputs = [layer(index) for layer in self.layers]
         return outputs[-1]
+
+
+# the study's model families (bench/run.py --workload)
+WORKLOADS = ("cnn", "resnet18")
+
+
+def _check_workload(name: str) -> None:
+    if name not in WORKLOADS:
+        raise ValueError(f"unknown workload {name!r}; expected one of {WORKLOADS}")
+
+
+def workload_layers(name: str) -> list[str]:
+    """The layers every tool compares in workload ``name``, in order."""
+    _check_workload(name)
+    return list(CNN_LAYERS if name == "cnn" else RESNET18_LAYERS)
+
+
+def workload_model(name: str, seed: int, channels: tuple[int, ...] = DEFAULT_CHANNELS) -> nn.Module:
+    """Workload ``name``'s model for ``seed`` (eval mode); ``channels`` only shape the CNN."""
+    _check_workload(name)
+    return make_cnn(seed, tuple(channels)) if name == "cnn" else make_resnet18(seed)
+
+
+def workload_layer_widths(name: str, channels: tuple[int, ...] = DEFAULT_CHANNELS) -> list[int]:
+    """Features per sample of the compared layers of workload ``name``."""
+    _check_workload(name)
+    return cnn_layer_widths(channels) if name == "cnn" else resnet18_layer_widths()
+
+
+def workload_flops_per_feature(name: str, channels: tuple[int, ...] = DEFAULT_CHANNELS) -> float:
+    """Forward FLOP per image over compared features per image, for workload ``name``."""
+    _check_workload(name)
+    return cnn_flops_per_feature(channels) if name == "cnn" else resnet18_flops_per_feature()
+
+
+def workload_text(name: str, channels: tuple[int, ...] = DEFAULT_CHANNELS) -> str:
+    """One phrase for RESULTS.md: the model family and its compared layers' widths."""
+    widths = ", ".join(str(w) for w in workload_layer_widths(name, channels))
+    if name == "cnn":
+        return f"CNN block channels {tuple(channels)} (layer widths {widths})"
+    return (
+        "CIFAR-style ResNet-18 (random init; stem + 8 BasicBlock outputs, flattened; layer "
+        f"widths {widths})"
+    )
