@@ -16,6 +16,7 @@ import pytest
 import zarr
 
 from ckapipe.store import (
+    FLOAT16_MAX_REL_ERROR,
     ActivationStore,
     DtypeRangeError,
     IncompleteStoreError,
@@ -410,6 +411,50 @@ def test_float16_unrepresentable_layer_is_refused_naming_it(tmp_path: Path) -> N
             r"--dtype float32",
         ):
             store.write_rows(16, {"block0.out": 1e-7 * rng.normal(size=(8, 3))})
+
+
+def _exact_relative_float16_loss(residual: np.ndarray) -> float:
+    """The rounding check's quantity in float64, independently: centred RMS of the float16
+    rounding error over the centred RMS of the values."""
+    r = residual.astype(np.float64)
+    error = residual.astype(np.float16).astype(np.float64) - r
+    error -= error.mean(0)
+    r = r - r.mean(0)
+    return float(np.sqrt(np.sum(error**2) / np.sum(r**2)))
+
+
+@pytest.mark.parametrize(
+    "kind", ["relu", "tiny_variation", "subnormal", "drifted_mean", "constant_feature"]
+)
+def test_float16_fast_bound_never_accepts_what_the_exact_check_refuses(kind: str) -> None:
+    """The cheap rounding bound may only accept blocks whose exact loss is within the bound."""
+    import torch
+
+    from ckapipe.store import _float16_rounding_surely_within_bound
+
+    rng = np.random.default_rng(3)
+    for scale in (1e-9, 1e-6, 1e-4, 1e-2, 1.0, 1e3):
+        x = rng.standard_normal((64, 257)).astype(np.float32)
+        if kind == "relu":
+            x = np.maximum(x + 0.3, 0) * scale
+        elif kind == "tiny_variation":
+            x = 100.0 + scale * x  # values whose variation is far below their float16 spacing
+        elif kind == "subnormal":
+            x = x * 1e-6 * scale
+        elif kind == "drifted_mean":
+            x = x * scale + 30.0 * scale
+        else:
+            x[:, :200] = 7.0
+            x *= scale
+        x = x.astype(np.float32)
+        accepted = _float16_rounding_surely_within_bound(torch.from_numpy(x))
+        exact = _exact_relative_float16_loss(x)
+        if accepted:
+            assert exact <= FLOAT16_MAX_REL_ERROR
+        if kind == "relu" and scale == 1.0:
+            assert accepted  # the common case takes the cheap path
+        if kind == "tiny_variation" and scale == 1e-2:
+            assert exact > FLOAT16_MAX_REL_ERROR and not accepted
 
 
 def test_write_rows_shape_and_range_checks(tmp_path: Path) -> None:
