@@ -780,11 +780,16 @@ class ActivationStore:
                 f"layer {name!r}: the first rows written to a float16 store must start at row 0 "
                 f"(its offsets come from its first row block), got row {start}"
             )
-        first = values[: self.row_block].to(torch.float64)
+        # in the values' own dtype, without float64 copies of the block (for a wide conv map
+        # those cost more than the forward pass that made it): the offsets only need to be near
+        # the means, and the scale is a power of two chosen from the residuals' spread, which
+        # float32 sums give to far better than the factor of 2 that matters
+        first = values[: self.row_block]
         offsets = first.mean(0).to(torch.float32)
-        residual = first - offsets.to(torch.float64)
-        rms = float(residual.square().mean().sqrt()) if residual.numel() else 0.0
-        peak = float(residual.abs().amax()) if residual.numel() else 0.0
+        residual = torch.sub(first, offsets.to(first.dtype))
+        flat = residual.reshape(-1)
+        rms = math.sqrt(float(torch.dot(flat, flat)) / flat.numel()) if flat.numel() else 0.0
+        peak = _peak(residual)
         scale = 2.0 ** round(math.log2(rms)) if rms > 0 else 1.0
         while peak / scale > _FLOAT16_PEAK_TARGET:  # a few outliers: keep headroom for them
             scale *= 2.0
