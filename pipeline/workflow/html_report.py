@@ -515,6 +515,14 @@ def measures_section(result: Any) -> str:
         + "; ".join(f"<b>{html.escape(n)}</b>: {html.escape(MEASURES[n])}" for n in names)
         + ".</p>"
     ]
+    if any(name in names for name in ("cca", "cca_pillai", "cca_mean_rho", "pwcca", "regression")):
+        parts.append(
+            "<p>Caveat: a layer whose centered features span all n&minus;1 sample directions "
+            "(at least as many independent features as samples, e.g. a flattened conv map) "
+            "makes every canonical correlation 1, so CCA, PWCCA and regression R&sup2; are 1 "
+            "by construction for its pairs; SVCCA (top principal directions) or more samples "
+            "avoid this (docs/MEASURES.md).</p>"
+        )
     rows = [
         [html.escape(f"{a} vs {b}")] + [f"{float(np.nanmean(pair.measures[n])):.3f}" for n in names]
         for (a, b), pair in result.pairs.items()
