@@ -176,26 +176,9 @@ def _check_settings(opened: Sequence[GramCache], extra: tuple = ()) -> None:
 
 def _check_mergeable(opened: Sequence[GramCache]) -> dict[int, Path]:
     """Refuse parts of different stores, inputs or settings; map each batch to its part."""
-    first = opened[0]
+    _check_settings(opened, extra=(("partition", lambda c: c.partition["sha256"]),))
     owner: dict[int, Path] = {}
     for part in opened:
-        mismatch = dataset_mismatch(first.identity, part.identity, str(first.path), str(part.path))
-        if mismatch:
-            raise IncompatibleGramCachesError(f"cannot merge: {mismatch}")
-        for what, x, y in (
-            ("store", identity_key(first.identity), identity_key(part.identity)),
-            ("mode", first.mode, part.mode),
-            ("kernel", first.kernel, part.kernel),
-            ("threshold", first.threshold, part.threshold),
-            ("layers", first.layer_names, part.layer_names),
-            ("partition", first.partition["sha256"], part.partition["sha256"]),
-        ):
-            if x != y:
-                raise IncompatibleGramCachesError(
-                    f"cannot merge {part.path} with {first.path}: they differ in {what} "
-                    f"({y!r} vs {x!r}); partial caches must come from one store and one "
-                    "`ckapipe gram` setting, differing only in --rows"
-                )
         for number in part.batches:
             if int(number) in owner:
                 raise IncompatibleGramCachesError(
