@@ -771,7 +771,8 @@ def test_store_job_writes_the_gram_cache_once_and_rebuilds_it_from_a_reused_stor
     store, target = tmp_path / "cache/stores/s.zarr", tmp_path / "cache/grams/g.zarr"
     _store_job(tmp_path, store, target)
     fused = GramCache.open(target)
-    assert json.loads((tmp_path / "r/gram.json").read_text()) == {"path": str(target)}
+    receipt = tmp_path / "r/gram.json"
+    assert json.loads(receipt.read_text()) == {"path": str(target), "reused": False}
     assert sorted(p.name for p in target.parent.iterdir() if "building" in p.name) == []
     built = build_gram_cache(store, tmp_path / "built", batch_size=8, precision="float64")
     for b in built.batches:
@@ -780,9 +781,11 @@ def test_store_job_writes_the_gram_cache_once_and_rebuilds_it_from_a_reused_stor
     # both complete and made from the store as it is: nothing is done
     again = _store_job(tmp_path, store, target)
     assert "found complete" in again and "reusing it" in again
+    assert json.loads(receipt.read_text()) == {"path": str(target), "reused": True}
     # the Gram cache lost: the complete store is reused and `ckapipe gram` rebuilds the cache
     shutil.rmtree(target)
     rebuilt = _store_job(tmp_path, store, target)
     assert "found complete store" in rebuilt
+    assert json.loads(receipt.read_text())["reused"] is False
     for b in built.batches:
         assert np.array_equal(GramCache.open(target).batch_gram("4", b), built.batch_gram("4", b))

@@ -1,16 +1,6 @@
 # The study: all-pairs CKA per dataset from the Gram caches, then its figures.
 
 
-def analyze_architectures(wildcards):
-    """The declared architectures of the dataset's models, as `--architecture MODEL=NAME`
-    options: recorded in the result, so that plots and the report read them from it."""
-    options = []
-    for name, _ in STUDY_GRAMS[wildcards.dataset]:
-        if config["models"][name].get("architecture"):
-            options += ["--architecture", f"{name}={config['models'][name]['architecture']}"]
-    return shlex.join(options)
-
-
 rule analyze:
     input:
         grams=analyze_inputs,

@@ -309,6 +309,16 @@ def gram_tile_parts(wildcards):
     return shlex.join([gram_tile_path(wildcards.gram_key, tile) for tile in tiles])
 
 
+def analyze_architectures(wildcards):
+    """The declared architectures of the dataset's models, as `--architecture MODEL=NAME`
+    options: recorded in the result, so that plots and the report read them from it."""
+    options = []
+    for name, _ in STUDY_GRAMS[wildcards.dataset]:
+        if config["models"][name].get("architecture"):
+            options += ["--architecture", f"{name}={config['models'][name]['architecture']}"]
+    return shlex.join(options)
+
+
 def analyze_inputs(wildcards):
     if FUSED:
         return [fused_gram_receipt(GRAMS[key]) for _, key in STUDY_GRAMS[wildcards.dataset]]
