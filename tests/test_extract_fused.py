@@ -236,7 +236,18 @@ def test_background_writer_stores_the_same_bytes_and_grams(tmp_path, monkeypatch
     the store's chunk files and the Gram cache are the same as with inline writes."""
     import torch
 
-    assert torch.get_num_threads() < (os.cpu_count() or 1) or os.cpu_count() == 1
+    from ckapipe.extract import extraction
+
+    modes = []  # whether each extraction wrote on the writer thread
+    original = extraction._ChunkWriter.__init__
+
+    def recording(self, *args, **kwargs):
+        modes.append(kwargs["background"])
+        original(self, *args, **kwargs)
+
+    monkeypatch.setattr(extraction._ChunkWriter, "__init__", recording)
+    # a core free of torch's threads, whatever this machine has: the writer thread is used
+    monkeypatch.setattr(os, "cpu_count", lambda: torch.get_num_threads() + 1)
     request = ckapipe.GramRequest(out=tmp_path / "bg.g", batch_size=M)
     background = extract(tmp_path, name="bg", gram=request)
     monkeypatch.setattr(os, "cpu_count", lambda: torch.get_num_threads())  # no free core
@@ -251,5 +262,6 @@ def test_background_writer_stores_the_same_bytes_and_grams(tmp_path, monkeypatch
             if p.is_file() and "/c/" in f"/{p.relative_to(root)}"  # chunk files
         }
 
+    assert modes == [True, False]
     assert chunks(background.path) == chunks(inline.path) and chunks(background.path)
     assert_same_cache(GramCache.open(tmp_path / "bg.g"), GramCache.open(tmp_path / "in.g"))
