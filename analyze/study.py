@@ -288,9 +288,9 @@ def _compute_study(
                 f"measures {', '.join(m for m in measures if m != 'cka')} need Grams stored in "
                 f"float64, but the caches of {', '.join(rounded)} hold float32 tiles: their "
                 "rounding (about 1e-7 of the largest entry) looks like extra dimensions to CCA, "
-                "Procrustes and regression; rebuild them with `ckapipe gram --mode full "
-                "--storage float64` (the pipeline does this when analysis.measures asks for more "
-                "than cka)"
+                "Procrustes and regression; rebuild each with `ckapipe gram STORE --mode full "
+                "--storage float64 --overwrite --out CACHE` (the pipeline does this when "
+                "analysis.measures asks for more than cka)"
             )
     requested = resolve_pairs(pairs, study_models, include_self)
     torch_device = resolve_device(device, error=StudyError)
