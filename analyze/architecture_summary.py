@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ckapipe.analyze.estimators import broadcast_ratio_cka
+from ckapipe.analyze.cka_ratio import broadcast_ratio_cka
 from ckapipe.analyze.intervals import deleted_cka, jackknife_interval
 
 if TYPE_CHECKING:

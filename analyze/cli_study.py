@@ -161,7 +161,7 @@ def analyze(
     interval (or why it was withheld) and, with --permutations, the null threshold. Warns when
     the caches' partition has too few batches for the interval method.
     """
-    from ckapipe.analyze.estimators import DegenerateLayerWarning
+    from ckapipe.analyze.cka_ratio import DegenerateLayerWarning
     from ckapipe.analyze.measures import MeasureOptions, parse_measures
     from ckapipe.analyze.study import analyze_study, csv_path_for
     from ckapipe.analyze.summary import interval_batch_warning, summary_lines

@@ -48,7 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 
 # the CKA ratio and the degenerate-layer wording are the estimators'; re-exported here
-from ckapipe.analyze.estimators import broadcast_ratio_cka, nonpositive_self_hsic, ratio_cka
+from ckapipe.analyze.cka_ratio import broadcast_ratio_cka, nonpositive_self_hsic, ratio_cka
 
 __all__ = [
     "DEFAULT_INTERVAL_METHOD",

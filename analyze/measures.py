@@ -84,6 +84,7 @@ from typing import Any
 
 import numpy as np
 
+from ckapipe.analyze.cka_ratio import DegenerateLayerWarning
 from ckapipe.errors import DataError
 
 __all__ = [
@@ -314,10 +315,7 @@ class LayerGeometry:
 
 
 def _warn_degenerate(message: str) -> None:
-    """A :class:`~ckapipe.analyze.estimators.DegenerateLayerWarning` (imported here: the
-    estimator core imports torch, which ``ckapipe --help`` should not pay for)."""
-    from ckapipe.analyze.estimators import DegenerateLayerWarning
-
+    """A :class:`~ckapipe.analyze.cka_ratio.DegenerateLayerWarning` for ``message``."""
     warnings.warn(message, DegenerateLayerWarning, stacklevel=3)
 
 

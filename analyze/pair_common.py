@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from ckapipe.analyze.estimators import DegenerateLayerWarning, nonpositive_self_hsic
+from ckapipe.analyze.cka_ratio import DegenerateLayerWarning, nonpositive_self_hsic
 
 __all__ = ["WORK_ELEMENTS", "degenerate_layers", "interval_record", "undefined_replicates"]
 

@@ -970,7 +970,7 @@ def plot_result(
         with the same layer list: one panel per architecture with all such pairs overlaid.
     """
     if isinstance(result, str | Path):
-        from ckapipe.analyze.study import load_result
+        from ckapipe.analyze.result import load_result
 
         result = load_result(result)
     out = Path(out_dir)

@@ -504,6 +504,37 @@ def test_cli_plots_a_result_written_by_the_study_writer(tmp_path):
         assert_not_blank(out / name)
 
 
+def test_plotting_and_the_report_do_not_import_torch(tmp_path):
+    """The plot and report jobs only read a result: importing torch would cost each of them
+    ~2 s of CPU on the demo's critical path. A fresh interpreter plots a real RESULT.zarr and
+    imports every module the report uses, and torch stays out."""
+    from ckapipe.analyze.study import write_result
+
+    pairs = [make_pair("r18", "r18_b", RESNET18, RESNET18, seed=4)]
+    result_path = tmp_path / "RESULT.zarr"
+    write_result(make_study(pairs, ["r18", "r18_b"]), result_path, overwrite=False)
+    script = textwrap.dedent(
+        f"""
+        import sys
+        from ckapipe.cli import main
+        try:
+            main(["plot", {str(result_path)!r}, "--out", {str(tmp_path / "figs")!r},
+                  "--dpi", "30"])
+        except SystemExit as stop:
+            assert stop.code in (0, None), stop.code
+        import ckapipe.analyze.architecture_summary, ckapipe.analyze.measure_agreement
+        import ckapipe.analyze.measures, ckapipe.analyze.summary, ckapipe.workflow.html_report
+        print("TORCH", "torch" in sys.modules)
+        """
+    )
+    completed = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=False
+    )
+    assert completed.returncode == 0, completed.stderr
+    assert "TORCH False" in completed.stdout
+    assert (tmp_path / "figs" / "study_grid.png").is_file()
+
+
 def test_cli_refuses_a_directory_that_is_not_a_result(tmp_path):
     (tmp_path / "not_a_result").mkdir()
     run = CliRunner().invoke(
