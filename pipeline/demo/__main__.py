@@ -10,7 +10,6 @@ import json
 import click
 
 from ckapipe.demo.data import write_split
-from ckapipe.demo.training import train_model
 
 
 @click.group()
@@ -84,6 +83,9 @@ def train_command(
     metrics_out: str,
 ) -> None:
     """Train one demo model and write its weights and accuracy."""
+    # torch only here: the data job (on the demo's critical path) does not pay its import
+    from ckapipe.demo.training import train_model
+
     metrics = train_model(
         factory=factory,
         kwargs=json.loads(kwargs_json),
