@@ -25,8 +25,13 @@ layer4.* 512 × 4 × 4      8 192
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from typing import TypeVar
+
 import torch
 from torch import nn
+
+ModelT = TypeVar("ModelT", bound=nn.Module)
 
 __all__ = [
     "RESNET18_LAYERS",
@@ -34,6 +39,7 @@ __all__ = [
     "make_resnet18",
     "resnet18_flops_per_feature",
     "resnet18_layer_widths",
+    "seeded_eval_model",
 ]
 
 RESNET18_LAYERS = [
@@ -94,15 +100,20 @@ class CifarResNet18(nn.Module):
 
 
 def make_resnet18(seed: int) -> CifarResNet18:
-    """A :class:`CifarResNet18` initialised from ``seed``, in eval mode, non-trivial BN statistics.
+    """A :class:`CifarResNet18` initialised from ``seed``, in eval mode, non-trivial BN statistics
+    (:func:`seeded_eval_model`)."""
+    return seeded_eval_model(CifarResNet18, seed)
 
-    PyTorch's default (Kaiming-uniform) init from ``torch.manual_seed(seed)``; the BatchNorm
-    running statistics are drawn from the seed too (as a trained net's would not be 0/1), so two
-    seeds differ in every layer.
+
+def seeded_eval_model(build: Callable[[], ModelT], seed: int) -> ModelT:
+    """``build()`` under ``torch.manual_seed(seed)`` (PyTorch's default init), in eval mode, with
+    BatchNorm running statistics drawn from ``seed`` too: a trained net's are not 0/1, so two
+    seeds differ in every layer. The benchmark's small CNNs (``workload.make_cnn``) use it too;
+    it lives here because ``tests/test_bench_resnet.py`` loads this file on its own.
     """
     generator = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = CifarResNet18()
+    net = build()
     with torch.no_grad():
         for module in net.modules():
             if isinstance(module, nn.BatchNorm2d):

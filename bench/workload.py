@@ -26,6 +26,7 @@ from resnet import (
     make_resnet18,
     resnet18_flops_per_feature,
     resnet18_layer_widths,
+    seeded_eval_model,
 )
 from torch import nn
 
@@ -112,16 +113,7 @@ def make_cnn(seed: int, channels: tuple[int, int, int] = DEFAULT_CHANNELS) -> Sm
     The BatchNorm running statistics are set from the seed as well (as a trained net's would be
     non-default), so two seeds differ in every layer.
     """
-    generator = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    net = SmallCNN(channels)
-    with torch.no_grad():
-        for module in net.modules():
-            if isinstance(module, nn.BatchNorm2d):
-                c = module.num_features
-                module.running_mean.copy_(0.1 * torch.randn(c, generator=generator))
-                module.running_var.copy_(0.5 + torch.rand(c, generator=generator))
-    return net.eval()
+    return seeded_eval_model(lambda: SmallCNN(channels), seed)
 
 
 def cnn_layer_widths(channels: tuple[int, ...] | list[int]) -> list[int]:
