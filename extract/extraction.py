@@ -37,7 +37,7 @@ import logging
 import os
 import shutil
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from pathlib import Path
@@ -682,7 +682,12 @@ class _ChunkWriter:
 
     With ``background=True`` the writes (encoding, zarr, the fused Gram cache, ``rows_complete``)
     run on one writer thread, in order, while the next batches' forward passes fill a second
-    buffer per layer: for a free core or a GPU. The stored bytes are the same either way.
+    buffer per layer: for a free core or a GPU. On the CPU the writer also encodes each row
+    block (and forms its fused Grams) as soon as its forward passes are done, instead of when
+    its chunk is full: a narrow layer's chunk can hold the whole store (a 2048-feature float16
+    layer grows to 4096 rows), and encoding it only at the end would leave nothing to overlap.
+    The zarr write still waits for the whole chunk. The stored bytes are the same either way:
+    the encoding is element-wise once the first row block has fixed a layer's offsets.
     """
 
     def __init__(
@@ -726,7 +731,14 @@ class _ChunkWriter:
             if background
             else None
         )
+        # encode each row block on the writer as soon as it is captured (CPU only: on a GPU the
+        # rows reach the host asynchronously, and waiting for them per block would stall it)
+        self.early = background and not pinned
+        self.encoded_from = start  # main thread: the first row not yet queued for encoding
+        # writer thread, early mode: each layer's encoded rows of its unwritten chunk
+        self.encoded: dict[str, list[np.ndarray]] = {name: [] for name in self.chunk_rows}
         self._pending: dict[str, Future[None]] = {}  # each layer's last write job
+        self._jobs: list[Future[None]] = []  # every queued job, so that close() sees each error
         self._failed = False  # after a failed write no later one may run (rows_complete)
 
     def slots(self, rows: int) -> dict[str, torch.Tensor]:
@@ -738,10 +750,19 @@ class _ChunkWriter:
         return slots
 
     def advance(self, rows: int) -> None:
-        """Count the batch just written into :meth:`slots` as buffered."""
+        """Count the batch just written into :meth:`slots` as buffered; in early mode, queue the
+        encoding of a row block once all its rows are there."""
         self.rows_done += rows
         with self._lock:
             self.fingerprints[self.rows_done] = (self.inputs.chain, len(self.inputs.blocks))
+        if self.early and (self.rows_done % self.store.row_block == 0 or self.rows_done == self.n):
+            a, b = self.encoded_from, self.rows_done
+            values = {
+                name: buffers[self.active[name]][a - self.started[name] : b - self.started[name]]
+                for name, buffers in self.buffers.items()
+            }
+            self.encoded_from = b
+            self._submit(self._encode_block, a, values)
 
     def due(self) -> list[str]:
         """Layers whose buffered rows end at a chunk boundary (or at the last row)."""
@@ -767,7 +788,7 @@ class _ChunkWriter:
         if self._pool is None:
             self._write(values, rows_done)
             return
-        job = self._pool.submit(self._write, values, rows_done)
+        job = self._submit(self._write, values, rows_done)
         for name in names:
             previous = self._pending.get(name)
             self._pending[name] = job
@@ -776,37 +797,71 @@ class _ChunkWriter:
                 previous.result()  # it read the buffer the capture fills next (raises its error)
 
     def close(self) -> None:
-        """Wait for every queued write (raising the first error) and stop the writer thread."""
+        """Wait for every queued job (raising the first error) and stop the writer thread."""
         if self._pool is None:
             return
         try:
-            for job in list(self._pending.values()):
+            for job in self._jobs:
                 job.result()
         finally:
             self._pool.shutdown(wait=True)  # nothing may write once the caller moves on
 
-    def _write(self, values: dict[str, tuple[int, torch.Tensor]], rows_done: int) -> None:
+    def _submit(self, work: Callable[..., None], *args: Any) -> Future[None]:
+        assert self._pool is not None
+        self._jobs = [job for job in self._jobs if not job.done() or job.exception() is not None]
+        job = self._pool.submit(self._guarded, work, *args)
+        self._jobs.append(job)
+        return job
+
+    def _guarded(self, work: Callable[..., None], *args: Any) -> None:
         if self._failed:
-            return  # a queued write behind a failed one: the store stays at its resume point
+            return  # queued behind a failed job: the store stays at its resume point
         try:
-            self._write_rows(values, rows_done)
+            work(*args)
         except BaseException:
             self._failed = True
             raise
 
-    def _write_rows(self, values: dict[str, tuple[int, torch.Tensor]], rows_done: int) -> None:
-        groups: dict[int, dict[str, np.ndarray]] = {}
-        for name, (start, rows) in values.items():
-            groups.setdefault(start, {})[name] = rows.numpy()
-        for start, group in groups.items():
-            try:
-                encoded = self.store.write_rows(start, group, some_layers=True)
-            except DtypeRangeError:
-                raise  # the caller removes the store and says so
-            except StoreError as error:
-                raise type(error)(f"{error} [store {self.store.path} left incomplete]") from None
-            if self.on_encoded is not None:
-                self.on_encoded(start, encoded)  # rows as stored: the fused Gram cache
+    def _write(self, values: dict[str, tuple[int, torch.Tensor]], rows_done: int) -> None:
+        if self.early:
+            for name, (start, _) in values.items():
+                blocks, self.encoded[name] = self.encoded[name], []
+                with self._store_errors():
+                    self.store.write_encoded(start, {name: np.concatenate(blocks)})
+        else:
+            groups: dict[int, dict[str, np.ndarray]] = {}
+            for name, (start, rows) in values.items():
+                groups.setdefault(start, {})[name] = rows.numpy()
+            for start, group in groups.items():
+                with self._store_errors():
+                    encoded = self.store.write_rows(start, group, some_layers=True)
+                if self.on_encoded is not None:
+                    self.on_encoded(start, encoded)  # rows as stored: the fused Gram cache
+        self._advance_rows_complete(values, rows_done)
+
+    def _encode_block(self, start: int, values: dict[str, torch.Tensor]) -> None:
+        """Early mode: encode rows ``start:start+k`` of every layer, hand them to the fused Gram
+        cache, and keep them for the layer's chunk write."""
+        with self._store_errors():
+            encoded = self.store.encode_rows(start, {n: v.numpy() for n, v in values.items()})
+        for name, rows in encoded.items():
+            # a copy: float32 stores encode to a view of the capture buffer, which is reused
+            self.encoded[name].append(np.array(rows, copy=True))
+        if self.on_encoded is not None:
+            self.on_encoded(start, encoded)  # rows as stored: the fused Gram cache
+
+    @contextlib.contextmanager
+    def _store_errors(self) -> Iterator[None]:
+        try:
+            yield
+        except DtypeRangeError:
+            raise  # the caller removes the store and says so
+        except StoreError as error:
+            raise type(error)(f"{error} [store {self.store.path} left incomplete]") from None
+
+    def _advance_rows_complete(
+        self, values: dict[str, tuple[int, torch.Tensor]], rows_done: int
+    ) -> None:
         for name in values:
             self.flushed[name] = rows_done
         complete = min(self.flushed.values())

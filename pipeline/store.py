@@ -603,7 +603,17 @@ class ActivationStore:
     def write_rows(
         self, start: int, activations: Mapping[str, np.ndarray], *, some_layers: bool = False
     ) -> dict[str, np.ndarray]:
-        """Write rows ``start:start+k`` of every layer (all layers at once, ``k`` equal for all).
+        """Write rows ``start:start+k`` of every layer (all layers at once, ``k`` equal for all):
+        :meth:`encode_rows`, then :meth:`write_encoded`. Returns what :meth:`encode_rows` returns.
+        """
+        encoded = self.encode_rows(start, activations, some_layers=some_layers)
+        self.write_encoded(start, encoded)
+        return encoded
+
+    def encode_rows(
+        self, start: int, activations: Mapping[str, np.ndarray], *, some_layers: bool = False
+    ) -> dict[str, np.ndarray]:
+        """Check and encode rows ``start:start+k`` of every layer, without writing them.
 
         Returns each given layer's rows as stored (storage dtype: float16 residuals, float32, or
         bfloat16 bit patterns as uint16), Gram-only layers included (encoded, not written): the
@@ -641,12 +651,18 @@ class ActivationStore:
                     f"got {values.shape}"
                 )
             encoded[layer.name] = self._encode(layer.name, values, start)
+        return encoded
+
+    def write_encoded(self, start: int, encoded: Mapping[str, np.ndarray]) -> None:
+        """Write rows ``start:start+k`` as :meth:`encode_rows` returned them (Gram-only layers
+        are skipped: they have no array). Rows of the same layer may be encoded in several
+        calls and written in one, so that each write covers whole chunks."""
+        self._require_writable()
         for name, values in encoded.items():
             if name in self._by_name:
                 if name not in self._writable_arrays:
                     self._writable_arrays[name] = writable(self.array(name))
-                self._writable_arrays[name][start : start + k, :] = values
-        return encoded
+                self._writable_arrays[name][start : start + len(values), :] = values
 
     def set_rows_complete(self, rows: int, **extra_attrs: Any) -> None:
         """Record that rows ``0:rows`` of every layer are durably written (the resume point).

@@ -232,8 +232,10 @@ def _rows_complete(path: Path) -> int:
 
 
 def test_background_writer_stores_the_same_bytes_and_grams(tmp_path, monkeypatch):
-    """With a free core the writes run on a writer thread, overlapping the next forward pass;
-    the store's chunk files and the Gram cache are the same as with inline writes."""
+    """With a free core the writes run on a writer thread, overlapping the next forward pass,
+    and each row block is encoded (and its Grams formed) as soon as it is captured, while the
+    zarr write waits for whole chunks (the narrow layer's chunks hold several row blocks): the
+    store's chunk files and the Gram cache are the same as with inline writes."""
     import torch
 
     from ckapipe.extract import extraction
