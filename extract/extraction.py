@@ -809,6 +809,9 @@ class _ChunkWriter:
     def _submit(self, work: Callable[..., None], *args: Any) -> Future[None]:
         assert self._pool is not None
         self._jobs = [job for job in self._jobs if not job.done() or job.exception() is not None]
+        for job in self._jobs:
+            if job.done():
+                job.result()  # a failed job: stop the extraction now, not after the last batch
         job = self._pool.submit(self._guarded, work, *args)
         self._jobs.append(job)
         return job
