@@ -324,7 +324,9 @@ def extract_activations(
     gram_only:
         Selected layers (names as resolved) whose activations are not stored, only their
         fused Grams (needs ``gram``). For wide layers (conv maps) whose raw rows cost more to
-        write than to recompute; ``ckapipe gram`` cannot build other caches of them.
+        write than to recompute; ``ckapipe gram`` cannot build other caches of them. The store
+        keeps their per-batch Grams, so an interrupted run resumes (with the same ``gram``
+        settings and ``gram_only`` set; others are refused).
 
     Returns
     -------
