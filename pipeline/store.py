@@ -75,6 +75,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ckapipe.analyze.partition import MIN_BATCH  # numpy only: the epoch-0 batches
 from ckapipe.errors import DataError, FormatError, IncompleteError, WriterLockedError
 from ckapipe.formats import (
     WriterLock,
@@ -139,7 +140,6 @@ LAYOUT_ATTRS = frozenset(
 )
 #: Group of the per-batch Grams of Gram-only layers (see the module docstring).
 GRAM_ONLY_GROUP = "gram_only_grams"
-_MIN_GRAM_BATCH = 4  # HSIC₁ divides by m(m−3): as ckapipe.analyze.partition.MIN_BATCH
 
 
 class StoreError(FormatError):
@@ -547,13 +547,13 @@ class ActivationStore:
         if record is None:
             return 0
         whole, remainder = divmod(self.n_samples, int(record["batch_size"]))
-        return whole + int(remainder >= _MIN_GRAM_BATCH)
+        return whole + int(remainder >= MIN_BATCH)
 
     def _gram_only_batches_within(self, rows: int) -> tuple[int, int]:
         """(full batches, short last batches (0 or 1)) whose rows all lie in ``0:rows``."""
         m = int(self.gram_only_grams["batch_size"])  # type: ignore[index]
         whole, remainder = divmod(self.n_samples, m)
-        last = int(remainder >= _MIN_GRAM_BATCH and rows >= self.n_samples)
+        last = int(remainder >= MIN_BATCH and rows >= self.n_samples)
         return min(rows // m, whole), last
 
     def _gram_only_location(self, name: str, batch: int) -> tuple[str, int]:
@@ -1054,7 +1054,7 @@ def _create_gram_only_arrays(root: zarr.Group, names: list[str], n: int, m: int)
     """The per-batch Gram arrays of Gram-only layers, one chunk per batch (module docstring)."""
     whole, remainder = divmod(n, m)
     shapes = {"grams": (whole, m)}
-    if remainder >= _MIN_GRAM_BATCH:
+    if remainder >= MIN_BATCH:
         shapes["grams_last"] = (1, remainder)
     for where, (count, size) in shapes.items():
         if not count:
