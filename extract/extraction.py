@@ -890,9 +890,18 @@ def _run(
     # a writer thread when a core is free of torch's threads (or the model runs on a GPU)
     background = on_cuda or torch.get_num_threads() < (os.cpu_count() or 1)
     kept = store.gram_only_grams
+    gram_batch = int(kept["batch_size"]) if kept is not None else 1
+    resume_every = math.lcm(batch_size, gram_batch) if kept is not None else 1
+    if resume_every > max(batch_size, gram_batch):
+        log.warning(
+            "%s: with Gram-only layers the resume points are multiples of lcm(batch size %d, "
+            "Gram batch size %d) = %d rows; a Gram batch size that divides or is a multiple of "
+            "the batch size makes them more frequent",
+            store.path, batch_size, gram_batch, resume_every,
+        )  # fmt: skip
     writer = _ChunkWriter(
         store, start, inputs, pinned=on_cuda, on_encoded=on_encoded, background=background,
-        resume_every=math.lcm(batch_size, int(kept["batch_size"])) if kept else 1,
+        resume_every=resume_every,
     )  # fmt: skip
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(data, sample_ids[start:].tolist()),

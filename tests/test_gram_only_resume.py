@@ -272,3 +272,17 @@ def test_a_gram_only_store_without_kept_grams_still_says_to_re_extract(tmp_path)
         writer = FusedGramWriter(request, store, ["a", "g"], torch.device("cpu"))
         with writer, pytest.raises(GramCacheUsageError, match="older ckapipe.*rm -r"):
             writer.resume(8)
+
+
+def test_resume_points_far_apart_are_warned_about(tmp_path, caplog):
+    """Batches of 8 and m = 12: resume points only every lcm = 24 rows, said once at the start."""
+    from ckapipe.extract.extraction import extract_activations
+
+    with caplog.at_level("WARNING", logger="ckapipe.extract"):
+        store = extract_activations(
+            "models:make_mlp", {"factory": "models:vector_dataset", "kwargs": {"n": 48}},
+            layers="0,4", out=tmp_path / "s", batch_size=8, row_block=8, progress=False,
+            gram=GramRequest(out=tmp_path / "g", batch_size=12), gram_only=["0"],
+        )  # fmt: skip
+    assert "lcm(batch size 8, Gram batch size 12) = 24 rows" in caplog.text
+    assert store.gram_only_batches_kept() == 4 and GramCache.open(tmp_path / "g").batches.size == 4
