@@ -191,7 +191,8 @@ def layers_command(
     multiple=True,
     metavar="LAYER",
     help="Do not store this layer's activations, only its Grams in --gram-out (repeatable; "
-    "for wide conv maps whose rows cost more to write than to recompute).",
+    "for wide conv maps whose rows cost more to write than to recompute). The store keeps "
+    "its per-batch Grams, so an interrupted run resumes with the same --gram-* options.",
 )
 def extract_command(model: Any, dataset: Any, layers: tuple[str, ...], **options: Any) -> None:
     """Run MODEL once over a dataset and write the selected layers' activations to a store.

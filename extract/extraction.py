@@ -7,7 +7,11 @@ the dataset size, the seed, the order and the limit, so every model extracted wi
 same ``sample_ids``.
 
 Resume. Rows are written one row block at a time (a multiple of the batch size, so batches are
-composed identically after a resume) and ``rows_complete`` advances after each block. Running
+composed identically after a resume) and ``rows_complete`` advances after each block. With
+Gram-only layers it advances only to multiples of lcm(batch size, Gram batch size m) (or n),
+so that a resume never cuts a Gram batch whose earlier rows of a Gram-only layer were never
+stored; the store keeps those layers' per-batch Grams up to there (see
+:mod:`ckapipe.extract.fused_gram`). Running
 the same extraction again on an interrupted store checks that everything that determines its
 contents is unchanged (naming the first field that differs) and continues from
 ``rows_complete``; the finished store is byte-identical to an uninterrupted run's.
@@ -34,6 +38,7 @@ import datetime as _dt
 import hashlib
 import json
 import logging
+import math
 import os
 import shutil
 import threading
@@ -57,7 +62,13 @@ from ckapipe.extract.capture import (
     model_failed,
     split_batch,
 )
-from ckapipe.extract.fused_gram import FusedGramWriter, GramRequest, reuse_or_build
+from ckapipe.extract.fused_gram import (
+    FusedGramWriter,
+    GramRequest,
+    check_fits,
+    kept_mismatch,
+    reuse_or_build,
+)
 from ckapipe.extract.layers import LayerSelectionError, LayerSelector, resolve_layers
 from ckapipe.extract.progress import Progress
 from ckapipe.extract.specs import (
@@ -113,8 +124,9 @@ IDENTITY_FIELDS = (
     "output_key",
     "autocast",
     "layer_selection",
+    "gram_only",  # before "layers", which it changes: the clearer message
+    "gram_only_grams",
     "layers",
-    "gram_only",
     "dtype",
     "codec",
     "sample_ids_sha256",
@@ -312,7 +324,9 @@ def extract_activations(
     gram_only:
         Selected layers (names as resolved) whose activations are not stored, only their
         fused Grams (needs ``gram``). For wide layers (conv maps) whose raw rows cost more to
-        write than to recompute; ``ckapipe gram`` cannot build other caches of them.
+        write than to recompute; ``ckapipe gram`` cannot build other caches of them. The store
+        keeps their per-batch Grams, so an interrupted run resumes (with the same ``gram``
+        settings and ``gram_only`` set; others are refused).
 
     Returns
     -------
@@ -394,6 +408,8 @@ def extract_activations(
                     f"gram_only names {unknown} are not among the selected layers "
                     f"{[r.name for r in records]}"
                 )
+            if gram is not None:
+                check_fits(gram, len(sample_ids))  # before a store is created for it
             if row_block is None:
                 row_block = _stored_row_block(out, batch_size) or _default_row_block(
                     batch_size, sum(r.n_features for r in records)
@@ -417,6 +433,10 @@ def extract_activations(
                     "layer_selection": [s.name for s in selectors],
                     "layers": [r.to_dict() for r in records if r.name not in gram_only],
                     "gram_only": [r.name for r in records if r.name in gram_only] or None,
+                    # kept in the store per batch, so that an interrupted run can resume
+                    "gram_only_grams": gram.kept_record([r.name for r in records])
+                    if gram is not None and gram_only
+                    else None,
                     "dtype": dtype,
                     "codec": codec,
                     "sample_ids_sha256": sample_ids_digest(sample_ids),
@@ -559,7 +579,7 @@ def _open_or_create(
             **{
                 key: value
                 for key, value in identity.items()
-                if key not in ("layers", "dtype", "codec")
+                if key not in ("layers", "dtype", "codec", "gram_only_grams")
             },
             "device": str(device),
             "versions": versions(),
@@ -570,12 +590,27 @@ def _open_or_create(
             out, layers=[r for r in records if r.name not in gram_only], sample_ids=sample_ids,
             dtype=dtype, codec=codec, attrs=attrs, row_block=row_block,
             gram_only=[r for r in records if r.name in gram_only],
+            gram_only_grams=identity["gram_only_grams"],
         )  # fmt: skip
     existing = ActivationStore.open(out, allow_incomplete=True)
     stored = existing.attrs
     for field in IDENTITY_FIELDS:
+        if field == "gram_only_grams":
+            # absent from stores without kept Grams (older ones: the Gram writer says so)
+            if field in stored and stored[field] != identity[field]:
+                raise ExtractionError(kept_mismatch(existing, identity[field]))
+            continue
+        state = "a complete" if existing.is_complete else "an interrupted"
+        if field == "gram_only" and stored.get(field) != identity[field]:
+            original = ",".join(stored.get(field) or [])
+            raise ExtractionError(
+                f"{out} holds {state} extraction whose Gram-only layers (--gram-only) are "
+                f"{stored.get(field) or []}, but this run's are {identity[field] or []}: a layer "
+                "cannot change between stored and Gram-only within one store; re-run with "
+                f"{f'--gram-only {original}' if original else 'no --gram-only'} to "
+                f"{'reuse' if existing.is_complete else 'resume'} it, or choose another --out"
+            )
         if stored.get(field) != identity[field]:
-            state = "a complete" if existing.is_complete else "an interrupted"
             raise ExtractionError(
                 f"{out} holds {state} extraction whose {field!r} is {stored.get(field)!r}, but this "
                 f"run's is {identity[field]!r}; re-run with the original settings to "
@@ -678,7 +713,10 @@ class _ChunkWriter:
     blocks), so each layer is flushed at its own chunk boundaries, and at the end.
     ``rows_complete`` advances to the rows every layer holds, with the input fingerprint of
     exactly those rows. Batches never straddle a chunk boundary: chunk rows are multiples of the
-    row block, a multiple of the batch size, and writing starts at a row-block boundary.
+    row block, a multiple of the batch size, and writing starts at a multiple of the batch size.
+    ``resume_every`` > 1 (a store that keeps the Grams of Gram-only layers) holds
+    ``rows_complete`` back to its multiples (or n): lcm(batch size, Gram batch size), so that a
+    resume point never cuts a Gram batch (see :mod:`ckapipe.extract.fused_gram`).
 
     With ``background=True`` the writes (encoding, zarr, the fused Gram cache, ``rows_complete``)
     run on one writer thread, in order, while the next batches' forward passes fill a second
@@ -698,8 +736,10 @@ class _ChunkWriter:
         pinned: bool,
         on_encoded: Callable[[int, dict[str, np.ndarray]], None] | None = None,
         background: bool = False,
+        resume_every: int = 1,
     ):
         self.store = store
+        self.resume_every = resume_every
         self.n = store.n_samples
         self.rows_done = start
         self.on_encoded = on_encoded
@@ -868,6 +908,8 @@ class _ChunkWriter:
         for name in values:
             self.flushed[name] = rows_done
         complete = min(self.flushed.values())
+        if complete != self.n:
+            complete -= complete % self.resume_every
         if complete > self.store.rows_complete or complete == self.n:
             with self._lock:
                 chain, blocks = self.fingerprints[complete]
@@ -905,9 +947,20 @@ def _run(
     on_cuda = device.type == "cuda"
     # a writer thread when a core is free of torch's threads (or the model runs on a GPU)
     background = on_cuda or torch.get_num_threads() < (os.cpu_count() or 1)
+    kept = store.gram_only_grams
+    gram_batch = int(kept["batch_size"]) if kept is not None else 1
+    resume_every = math.lcm(batch_size, gram_batch) if kept is not None else 1
+    if resume_every > max(batch_size, gram_batch):
+        log.warning(
+            "%s: with Gram-only layers the resume points are multiples of lcm(batch size %d, "
+            "Gram batch size %d) = %d rows; a Gram batch size that divides or is a multiple of "
+            "the batch size makes them more frequent",
+            store.path, batch_size, gram_batch, resume_every,
+        )  # fmt: skip
     writer = _ChunkWriter(
-        store, start, inputs, pinned=on_cuda, on_encoded=on_encoded, background=background
-    )
+        store, start, inputs, pinned=on_cuda, on_encoded=on_encoded, background=background,
+        resume_every=resume_every,
+    )  # fmt: skip
     loader = torch.utils.data.DataLoader(
         torch.utils.data.Subset(data, sample_ids[start:].tolist()),
         batch_size=batch_size,

@@ -17,8 +17,19 @@ other kernels or full mode come from ``ckapipe gram`` on the store.
 Resume. The staged cache of an interrupted extraction is discarded with its process; on
 resume the batches of the rows already in the store are recomputed from the store (with
 ``gram_build``'s own reader), and the rows of a batch cut by the resume point are read back
-from it. Gram-only layers have no stored rows: an interrupted extraction with Gram-only layers
-cannot resume (the error says to delete the store and re-run).
+from it. Gram-only layers have no stored rows, so the store keeps their per-batch Ũ Grams
+(:meth:`~ckapipe.store.ActivationStore.write_gram_only_gram`, written here as each batch is
+formed, before ``rows_complete`` passes it) and the resume copies them into the new cache: the
+same float64 bytes. For them the resume point must not cut a batch (its earlier rows are
+gone), so a store with Gram-only layers advances ``rows_complete`` only to batch boundaries
+(multiples of lcm(extraction batch size, m), or n; see :mod:`ckapipe.extract.extraction`). That
+was chosen over a row block that is a multiple of m (which would force ``--row-block`` and
+grow the host buffers of the wide layers Gram-only is for) and over storing the cut batch's
+rows (raw rows of exactly the layers that should not be written, rewritten in place at every
+resume point): a kill costs at most the rows since the last batch boundary, recomputed. The
+store records the Gram request (:meth:`GramRequest.kept_record`), and a resume with another
+request or another ``--gram-only`` set is refused. A Gram-only store written before this had
+no kept Grams and still cannot resume (the error says to delete it and re-run).
 """
 
 from __future__ import annotations
@@ -46,7 +57,7 @@ from ckapipe.analyze.partition import MIN_BATCH, batch_span, make_partition
 from ckapipe.formats import write_attrs
 from ckapipe.store import ActivationStore
 
-__all__ = ["FusedGramWriter", "GramRequest"]
+__all__ = ["FusedGramWriter", "GramRequest", "check_fits", "kept_mismatch"]
 
 PRECISION_CHOICES = ("auto", *PRECISIONS)
 
@@ -110,6 +121,20 @@ class GramRequest:
         """The precision recorded in the cache (``auto`` resolved as ``ckapipe gram`` does)."""
         return default_precision("minibatch") if self.precision == "auto" else self.precision
 
+    def kept_record(self, layers: list[str]) -> dict[str, Any]:
+        """What a store with Gram-only layers records of this request (root attribute
+        ``gram_only_grams``): everything that determines the cache, so that a resume with
+        another request is refused, and ``layers``, the cache's layer order (Gram-only layers
+        included)."""
+        return {
+            "batch_size": int(self.batch_size),
+            "kernel": self.kernel,
+            "threshold": float(self.threshold),
+            "precision": self.product_precision,
+            "seed": int(self.seed),
+            "layers": list(layers),
+        }
+
     def build_options(self) -> dict[str, Any]:
         """Keyword arguments of :func:`~ckapipe.analyze.gram_build.build_gram_cache` that build
         the same cache from the finished store."""
@@ -152,16 +177,12 @@ class FusedGramWriter:
 
         n = store.n_samples
         m = int(request.batch_size)
-        if n < MIN_BATCH:
-            raise GramCacheUsageError(
-                f"the extraction has {n} samples, and HSIC₁ needs at least 4; drop the Gram "
-                "request or extract more samples"
-            )
-        if m > n:
-            raise GramCacheUsageError(
-                f"Gram batch_size {m} is larger than the extraction's {n} samples; use "
-                f"--gram-batch-size <= {n}"
-            )
+        check_fits(request, n)
+        kept = store.gram_only_grams
+        if kept is not None and kept != request.kept_record(list(layers)):
+            raise GramCacheUsageError(kept_mismatch(store, request.kept_record(list(layers))))
+        #: Gram-only layers whose per-batch Grams the store keeps (for a resume)
+        self.kept = {r.name for r in store.gram_only} if kept is not None else set()
         self.request = request
         self.store = store
         self.layers = list(layers)
@@ -198,21 +219,40 @@ class FusedGramWriter:
         self._context.__exit__(*exc)
 
     def resume(self, rows: int) -> None:
-        """Recompute the batches of the store's first ``rows`` rows (an interrupted extraction)."""
+        """Complete the batches of the store's first ``rows`` rows (an interrupted extraction,
+        or a complete store whose cache is missing): stored layers' Grams recomputed from the
+        store, Gram-only layers' copied from the Grams the store keeps."""
         if rows == 0:
             return
-        if self.store.gram_only:
+        if self.store.gram_only and not self.kept:
             names = [layer.name for layer in self.store.gram_only]
             raise GramCacheUsageError(
-                f"{self.store.path} is an interrupted extraction with Gram-only layers {names}, "
-                f"whose first {rows} rows were not stored, so their Grams cannot be completed; "
-                f"delete the store (rm -r {self.store.path}) and re-run this command"
+                f"{self.store.path} is an extraction with Gram-only layers {names} whose first "
+                f"{rows} rows were not stored and whose per-batch Grams were not kept (a store "
+                "written by an older ckapipe), so their Grams cannot be completed; delete the "
+                f"store (rm -r {self.store.path}) and re-run this command"
             )
         from ckapipe.analyze.gram_build import _epoch0_grams
 
         m = self.partition["batch_size"]
+        if self.kept:
+            kept = self.store.gram_only_batches_kept(rows)
+            if rows != self.store.n_samples and rows % m:
+                raise GramCacheUsageError(
+                    f"{self.store.path}: its resume point, row {rows}, cuts Gram batch "
+                    f"{rows // m} of its Gram-only layers {sorted(self.kept)}, whose earlier "
+                    f"rows were not stored; delete the store (rm -r {self.store.path}) and "
+                    "re-run this command"
+                )
+            for name in sorted(self.kept):
+                for k in range(kept):
+                    self.arrays.write(  # type: ignore[union-attr]
+                        name, k, self.store.read_gram_only_gram(name, k)
+                    )
+                self.next_batch[name] = kept
+        stored = [name for name in self.layers if name not in self.kept]
         whole = min(rows // m, self.n_batches)
-        if whole:
+        if whole and stored:
             settings = {
                 "device": self.device,
                 "prefetch": 2,
@@ -222,19 +262,20 @@ class FusedGramWriter:
             }
             _epoch0_grams(
                 self.store,
-                _LayerSubset(self.arrays, self.layers),  # type: ignore[arg-type]
+                _LayerSubset(self.arrays, stored),  # type: ignore[arg-type]
                 self.partition,
                 0,
                 whole,
                 self.finish_gram,
                 settings,
             )
-        for name in self.layers:
+        for name in stored:
             self.next_batch[name] = whole
             start = whole * m
             if start < rows and whole < self.n_batches:
                 # the batch cut by the resume point: its first rows as stored
                 self.pieces[name].append((start, self.store.array(name)[start:rows]))
+                self._drain(name)  # rows == n (all rows written): the short last batch
 
     def add(self, start: int, encoded: dict[str, np.ndarray]) -> None:
         """Rows ``start:start+k`` of some layers, as stored; forms every batch they complete."""
@@ -265,7 +306,11 @@ class FusedGramWriter:
             if self.bfloat16:
                 tile = tile.view(torch.bfloat16)
             add_shifted_products(gram, tile.to(self.device), self.product_dtype)
-        self.arrays.write(name, k, self.finish_gram(gram, name, k))  # type: ignore[union-attr]
+        finished = self.finish_gram(gram, name, k)
+        if name in self.kept:
+            # into the store, before rows_complete passes this batch: a resume copies it back
+            self.store.write_gram_only_gram(name, k, finished)
+        self.arrays.write(name, k, finished)  # type: ignore[union-attr]
 
     def finish(self) -> None:
         """Record the attributes (the complete store's identity) and the completion flag."""
@@ -292,9 +337,59 @@ class FusedGramWriter:
         write_attrs(self.group, {"complete": True})
 
 
+def check_fits(request: GramRequest, n: int) -> None:
+    """Refuse a Gram request that an extraction of ``n`` samples cannot serve (before any work)."""
+    if n < MIN_BATCH:
+        raise GramCacheUsageError(
+            f"the extraction has {n} samples, and HSIC₁ needs at least 4; drop the Gram "
+            "request or extract more samples"
+        )
+    if int(request.batch_size) > n:
+        raise GramCacheUsageError(
+            f"Gram batch_size {request.batch_size} is larger than the extraction's {n} samples; "
+            f"use --gram-batch-size <= {n}"
+        )
+
+
+_OPTION_OF = {
+    "batch_size": "--gram-batch-size",
+    "kernel": "--gram-kernel",
+    "threshold": "--gram-threshold",
+    "precision": "--gram-precision",
+    "seed": "--gram-seed",
+    "layers": "--layers",
+}
+
+
+def kept_mismatch(store: ActivationStore, wanted: dict[str, Any] | None) -> str:
+    """Why a Gram request cannot continue ``store``'s kept Grams of its Gram-only layers, naming
+    the differing settings, with their stored values, and what to do."""
+    kept = store.gram_only_grams or {}
+    if wanted is None:
+        return (
+            f"{store.path} keeps the Grams of Gram-only layers "
+            f"{[r.name for r in store.gram_only]} for a Gram request ({kept}), and this run "
+            "has none; re-run with the original --gram-out and --gram-only options"
+        )
+    differ = [key for key in sorted(set(kept) | set(wanted)) if kept.get(key) != wanted.get(key)]
+    original = ", ".join(
+        f"{_OPTION_OF.get(key, key)} {kept.get(key)!r} (this run: {wanted.get(key)!r})"
+        for key in differ
+    )
+    state = "complete" if store.is_complete else "interrupted"
+    return (
+        f"{store.path} is an {state} extraction whose Gram-only layers "
+        f"{[r.name for r in store.gram_only]} were reduced to Grams with other settings: "
+        f"{original}; their activations were not stored, so Grams of other settings cannot "
+        "be made from it. Re-run with the original settings, or delete the store "
+        f"(rm -r {store.path}) and re-extract"
+    )
+
+
 def reuse_or_build(request: GramRequest, store: ActivationStore, device: torch.device) -> None:
     """The Gram cache of a store an extraction found complete: reuse a matching one at
-    ``request.out``, or build it from the store (impossible for Gram-only layers)."""
+    ``request.out``, or build it from the store (Gram-only layers: from the per-batch Grams it
+    keeps; a store that keeps none cannot give them)."""
     from ckapipe.analyze.gram_build import build_gram_cache
     from ckapipe.analyze.gram_format import identity_key, store_identity
 
@@ -316,9 +411,16 @@ def reuse_or_build(request: GramRequest, store: ActivationStore, device: torch.d
             )
         return
     if store.gram_only:
-        raise GramCacheUsageError(
-            f"{store.path} is complete but its fused Gram cache {out} is missing, and its "
-            f"Gram-only layers {[r.name for r in store.gram_only]} were never stored; delete "
-            f"the store (rm -r {store.path}) and re-run this command"
-        )
+        kept = store.gram_only_grams
+        if kept is None:
+            raise GramCacheUsageError(
+                f"{store.path} is complete but its fused Gram cache {out} is missing, and its "
+                f"Gram-only layers {[r.name for r in store.gram_only]} were never stored; "
+                f"delete the store (rm -r {store.path}) and re-run this command"
+            )
+        # e.g. killed between the store's completion flag and the cache's rename into place
+        with FusedGramWriter(request, store, list(kept["layers"]), device) as writer:
+            writer.resume(store.n_samples)
+            writer.finish()
+        return
     build_gram_cache(store, out, device=device, **request.build_options())

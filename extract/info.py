@@ -54,7 +54,10 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
         ``stored_shape`` [n, p], ``original_shape`` (per sample, before reduction),
         ``reduction``, ``chunk_shape``, ``storage_dtype``, ``size_bytes``) and ``provenance``
         (every other root attribute, e.g. model and dataset specs, weights SHA-256, seed,
-        order, input fingerprint, versions, timestamps), and ``damaged``: None, or what is
+        order, input fingerprint, versions, timestamps), ``gram_only_layers``,
+        ``gram_only_grams`` (None, or for a store that keeps the per-batch Grams of its Gram-only
+        layers: ``request`` (the Gram settings), ``batches_kept`` and ``batches``), and
+        ``damaged``: None, or what is
         missing (a deleted chunk file among the rows the store claims), so that a damaged store
         is still described rather than refused.
     """
@@ -111,6 +114,13 @@ def describe_store(path: str | os.PathLike[str]) -> dict[str, Any]:
             }
             for record in store.gram_only
         ],
+        "gram_only_grams": None
+        if store.gram_only_grams is None
+        else {
+            "request": store.gram_only_grams,
+            "batches_kept": store.gram_only_batches_kept(),
+            "batches": store.gram_only_batch_count(),
+        },
         "provenance": provenance,
         "damaged": damaged,
     }
@@ -177,6 +187,22 @@ def format_store_info(info: dict[str, Any]) -> str:
             f"{tuple(layer['original_shape'])}): activations not stored, only in the fused Gram "
             "cache of its extraction"
         )
+    kept = info.get("gram_only_grams")
+    if info.get("gram_only_layers"):
+        if kept is None:
+            lines.append(
+                "  per-batch Grams of the Gram-only layers: not kept (an older store; if "
+                "interrupted it cannot resume)"
+            )
+        else:
+            request = kept["request"]
+            lines.append(
+                f"  per-batch Grams of the Gram-only layers kept in the store: "
+                f"{kept['batches_kept']} of {kept['batches']} batches (m = "
+                f"{request.get('batch_size')}, kernel {request.get('kernel')}, threshold "
+                f"{request.get('threshold')}, precision {request.get('precision')}, seed "
+                f"{request.get('seed')}); a resume or a rebuilt fused cache copies them"
+            )
     lines.append("provenance")
     if not info["provenance"]:
         lines.append("  (none recorded)")

@@ -7,6 +7,8 @@ Layout (format ``ckapipe.activation-store``, version 2)::
       sample_ids                (n,) int64: dataset index of each stored row
       layers/<layer name>       (n, p) activations, dimension_names ("sample", "feature:<name>")
       offsets/<layer name>      (p,) float32 per-feature offsets (float16 stores only)
+      gram_only_grams/grams/<layer name>       (B, m, m) float64 (Gram-only layers, see below)
+      gram_only_grams/grams_last/<layer name>  (1, r, r) float64 (short last batch, r = n mod m)
       .writer.lock              advisory lock held by the one writer (not part of the format)
 
 Rows are samples in the order they were written: a seeded random permutation of the dataset by
@@ -25,6 +27,22 @@ written (see :mod:`ckapipe.formats`), so :meth:`ActivationStore.open` refuses a 
 a deleted chunk and a read of a damaged chunk fails instead of returning zeros. bfloat16 is stored
 as uint16 bit patterns (zarr 3 has no bfloat16) with the array attribute
 ``logical_dtype = "bfloat16"``; :meth:`ActivationStore.read` decodes it.
+
+Gram-only layers (root attribute ``gram_only_layers``) are encoded like the others but have no
+``layers/<name>`` array: a writer feeds them to a fused Gram cache only. So that an interrupted
+extraction can resume, a store created with ``gram_only_grams`` (root attribute: the fused Gram
+request, ``{"batch_size": m, "kernel", "threshold", "precision", "seed", "layers"}``) keeps the
+U-centered Gram Ũ of every epoch-0 minibatch of every Gram-only layer: batch b (rows
+``b*m:(b+1)*m``) is chunk b of ``gram_only_grams/grams/<layer>`` (one chunk per batch); a short
+last batch of r = n mod m ≥ 4 rows is ``gram_only_grams/grams_last/<layer>``; a remainder of 1–3
+rows has none (HSIC₁ cannot use it). The same float64 values the fused cache holds, bit for bit.
+A writer writes batch b's Grams before ``rows_complete`` passes its last row, and in such a store
+``rows_complete`` is always a batch boundary (a multiple of m, or n): a batch cut by the resume
+point would have lost its earlier rows of the Gram-only layers, which are never stored. So the
+Grams of the batches inside ``rows_complete`` are covered by the same guarantees as the rows
+(checksummed chunks, every chunk present, one writer). These arrays and the attribute are an
+optional addition to version 2: stores without them open as before (a Gram-only store written
+before them cannot resume, and says so).
 
 float16 encoding. float16 keeps 11 significant bits of a value's *magnitude*, but CKA only sees
 a feature's variation across samples: a post-ReLU feature of mean 100 and spread 1 would keep
@@ -57,6 +75,7 @@ from typing import Any
 import numpy as np
 import zarr
 
+from ckapipe.analyze.partition import MIN_BATCH  # numpy only: the epoch-0 batches
 from ckapipe.errors import DataError, FormatError, IncompleteError, WriterLockedError
 from ckapipe.formats import (
     WriterLock,
@@ -116,8 +135,11 @@ LAYOUT_ATTRS = frozenset(
         "complete",
         "float16_encoding",
         "gram_only_layers",
+        "gram_only_grams",
     }
 )
+#: Group of the per-batch Grams of Gram-only layers (see the module docstring).
+GRAM_ONLY_GROUP = "gram_only_grams"
 
 
 class StoreError(FormatError):
@@ -266,6 +288,7 @@ class ActivationStore:
         attrs: Mapping[str, Any] | None = None,
         row_block: int = 256,
         gram_only: Sequence[LayerRecord] = (),
+        gram_only_grams: Mapping[str, Any] | None = None,
     ) -> ActivationStore:
         """Create an empty store and return it open for writing (holding the writer lock).
 
@@ -289,6 +312,11 @@ class ActivationStore:
             Layers that are encoded like the others (float16 offsets and scale recorded) but
             whose rows are not stored: a writer feeds them to a fused Gram cache only. Listed
             in the root attribute ``gram_only_layers``; they have no ``layers/<name>`` array.
+        gram_only_grams:
+            The fused Gram request whose per-batch Grams of the Gram-only layers the store
+            keeps (a JSON-ready dict with at least ``batch_size`` m, 4 ≤ m ≤ n), so that an
+            interrupted extraction can resume; ``None``: not kept (the store cannot resume
+            once a row is written). See the module docstring.
         """
         path = Path(path)
         if dtype not in LOGICAL_DTYPES:
@@ -311,6 +339,15 @@ class ActivationStore:
             raise StoreError("sample_ids contain duplicates: every row must be a distinct sample")
         if row_block < 1:
             raise StoreError(f"row_block must be >= 1, got {row_block}")
+        if gram_only_grams is not None:
+            if not gram_only:
+                raise StoreError("gram_only_grams needs Gram-only layers (gram_only) to keep")
+            m = gram_only_grams.get("batch_size")
+            if not isinstance(m, int) or isinstance(m, bool) or not 4 <= m <= sample_ids.size:
+                raise StoreError(
+                    f"gram_only_grams batch_size must be an integer between 4 and the "
+                    f"{sample_ids.size} samples, got {m!r}"
+                )
         try:
             json.dumps(dict(attrs or {}))
         except (TypeError, ValueError) as error:
@@ -349,6 +386,11 @@ class ActivationStore:
                     **(
                         {"gram_only_layers": [layer.to_dict() for layer in gram_only]}
                         if gram_only
+                        else {}
+                    ),
+                    **(
+                        {GRAM_ONLY_GROUP: dict(gram_only_grams)}
+                        if gram_only_grams is not None
                         else {}
                     ),
                     "rows_complete": 0,
@@ -399,6 +441,10 @@ class ActivationStore:
                         "logical_dtype": dtype,
                         "shape": list(layer.shape),
                     },
+                )
+            if gram_only_grams is not None:
+                _create_gram_only_arrays(
+                    root, [layer.name for layer in gram_only], n, int(gram_only_grams["batch_size"])
                 )
             try:
                 os.rename(staging, path)  # atomic; replaces `path` only if it is an empty folder
@@ -465,13 +511,100 @@ class ActivationStore:
 
         Raises :class:`~ckapipe.errors.IntegrityError` naming the layer and chunk.
         """
-        rows = None if self.is_complete else self.rows_complete
-        check_chunks(
-            self.path,
-            rows={f"layers/{name}": rows for name in self.layer_names}
-            if rows is not None
-            else None,
-        )
+        if self.is_complete:
+            check_chunks(self.path)
+            return
+        rows = self.rows_complete
+        leading = {f"layers/{name}": rows for name in self.layer_names}
+        if self.gram_only_grams is not None:
+            full, last = self._gram_only_batches_within(rows)
+            for record in self.gram_only:
+                leading[f"{GRAM_ONLY_GROUP}/grams/{record.name}"] = full
+                leading[f"{GRAM_ONLY_GROUP}/grams_last/{record.name}"] = last
+        check_chunks(self.path, rows=leading)
+
+    # -- per-batch Grams of Gram-only layers ------------------------------------------------
+    @property
+    def gram_only_grams(self) -> dict[str, Any] | None:
+        """The fused Gram request whose per-batch Grams of the Gram-only layers this store keeps
+        (see the module docstring), or None (no Gram-only layers, or an older store)."""
+        record = self._group.attrs.get(GRAM_ONLY_GROUP)
+        return dict(record) if record is not None else None
+
+    def gram_only_batches_kept(self, rows: int | None = None) -> int:
+        """How many epoch-0 batches' Grams of the Gram-only layers the first ``rows`` rows
+        (default: ``rows_complete``, or n when complete) cover: batches 0 … k-1 are kept."""
+        if self.gram_only_grams is None:
+            return 0
+        if rows is None:
+            rows = self.n_samples if self.is_complete else self.rows_complete
+        full, last = self._gram_only_batches_within(rows)
+        return full + last
+
+    def gram_only_batch_count(self) -> int:
+        """Epoch-0 batches of the kept Grams (n // m, plus a short last batch of r ≥ 4 rows)."""
+        record = self.gram_only_grams
+        if record is None:
+            return 0
+        whole, remainder = divmod(self.n_samples, int(record["batch_size"]))
+        return whole + int(remainder >= MIN_BATCH)
+
+    def _gram_only_batches_within(self, rows: int) -> tuple[int, int]:
+        """(full batches, short last batches (0 or 1)) whose rows all lie in ``0:rows``."""
+        m = int(self.gram_only_grams["batch_size"])  # type: ignore[index]
+        whole, remainder = divmod(self.n_samples, m)
+        last = int(remainder >= MIN_BATCH and rows >= self.n_samples)
+        return min(rows // m, whole), last
+
+    def _gram_only_location(self, name: str, batch: int) -> tuple[str, int]:
+        record = self.gram_only_grams
+        if record is None or name not in {layer.name for layer in self.gram_only}:
+            raise StoreError(
+                f"store {self.path} keeps no per-batch Grams of layer {name!r} (its Gram-only "
+                f"layers with kept Grams: "
+                f"{[r.name for r in self.gram_only] if record is not None else []})"
+            )
+        whole = self.n_samples // int(record["batch_size"])
+        if not 0 <= batch < self.gram_only_batch_count():
+            raise StoreError(
+                f"store {self.path}: layer {name!r} has Gram batches 0…"
+                f"{self.gram_only_batch_count() - 1}, not {batch}"
+            )
+        if batch < whole:
+            return f"{GRAM_ONLY_GROUP}/grams/{name}", batch
+        return f"{GRAM_ONLY_GROUP}/grams_last/{name}", 0
+
+    def read_gram_only_gram(self, name: str, batch: int) -> np.ndarray:
+        """(m_b, m_b) float64 Ũ Gram of epoch-0 batch ``batch`` of Gram-only layer ``name``.
+
+        Only batches counted by :meth:`gram_only_batches_kept` hold data; a damaged chunk
+        fails its checksum.
+        """
+        where, index = self._gram_only_location(name, batch)
+        if batch >= self.gram_only_batches_kept():
+            raise StoreError(
+                f"store {self.path}: batch {batch} of Gram-only layer {name!r} is not written yet "
+                f"({self.gram_only_batches_kept()} batches are, up to row {self.rows_complete})"
+            )
+        return np.asarray(self._group[where][index], dtype=np.float64)
+
+    def write_gram_only_gram(self, name: str, batch: int, gram: np.ndarray) -> None:
+        """Keep the (m_b, m_b) Ũ Gram of epoch-0 batch ``batch`` of Gram-only layer ``name``.
+
+        Must run before ``rows_complete`` passes the batch's last row (see the module docstring).
+        """
+        self._require_writable()
+        where, index = self._gram_only_location(name, batch)
+        array = self._writable_arrays.get(where)
+        if array is None:
+            array = self._writable_arrays[where] = writable(self._group[where])
+        gram = np.asarray(gram)
+        if gram.shape != tuple(array.shape[1:]) or gram.dtype != np.float64:
+            raise StoreError(
+                f"layer {name!r}, batch {batch}: a kept Gram must be float64 of shape "
+                f"{tuple(array.shape[1:])}, got {gram.dtype} {gram.shape}"
+            )
+        array[index] = gram
 
     # -- float16 encoding ------------------------------------------------------------------
     def encoding(self, name: str) -> tuple[np.ndarray, float] | None:
@@ -671,6 +804,13 @@ class ActivationStore:
         in the same metadata update, so they always match ``rows_complete``.
         """
         self._require_writable()
+        record = self.gram_only_grams
+        if record is not None and rows != self.n_samples and rows % int(record["batch_size"]):
+            raise StoreError(
+                f"{self.path} keeps the Grams of Gram-only layers per batch of "
+                f"{record['batch_size']} rows, so its resume point must be a batch boundary; "
+                f"got rows_complete {rows}"
+            )
         write_attrs(self._group, {**extra_attrs, "rows_complete": int(rows)})
 
     def mark_complete(self, **extra_attrs: Any) -> None:
@@ -924,6 +1064,28 @@ def _as_buffer(out: np.ndarray) -> Any:
 def _require_store_dir(path: Path) -> None:
     if not (path / "zarr.json").is_file():
         raise StoreError(f"{path} is not a zarr store (no zarr.json); check the path")
+
+
+def _create_gram_only_arrays(root: zarr.Group, names: list[str], n: int, m: int) -> None:
+    """The per-batch Gram arrays of Gram-only layers, one chunk per batch (module docstring)."""
+    whole, remainder = divmod(n, m)
+    shapes = {"grams": (whole, m)}
+    if remainder >= MIN_BATCH:
+        shapes["grams_last"] = (1, remainder)
+    for where, (count, size) in shapes.items():
+        if not count:
+            continue
+        group = root.require_group(GRAM_ONLY_GROUP).require_group(where)
+        for name in names:
+            create_array(
+                group,
+                name,
+                shape=(count, size, size),
+                chunks=(1, size, size),
+                dtype="float64",
+                dimension_names=("batch", "sample_i", "sample_j"),
+                attributes={"layer": name},
+            )
 
 
 def _writer_lock(store_dir: Path) -> WriterLock:
