@@ -33,8 +33,10 @@ import torch
 
 from ckapipe.analyze.estimators import add_shifted_products
 from ckapipe.analyze.gram_format import (
+    DEFAULT_STORAGE,
     KERNELS,
     PRECISIONS,
+    STORAGE_DTYPES,
     BatchArrays,
     GramCache,
     GramCacheUsageError,
@@ -66,6 +68,9 @@ class GramRequest:
     precision:
         ``"auto"`` (minibatch default, float32 products summed in float64), ``"float32"`` or
         ``"float64"``.
+    storage:
+        Dtype of the stored Grams, ``"float32"`` (default, half the disk, each finished
+        float64 Gram rounded once) or ``"float64"``; the same as ``ckapipe gram --storage``.
     seed:
         Recorded partition seed (epoch 0 does not depend on it; later epochs built by
         ``ckapipe gram`` from the store do).
@@ -78,6 +83,7 @@ class GramRequest:
     kernel: str = "linear"
     threshold: float = 1.0
     precision: str = "auto"
+    storage: str = DEFAULT_STORAGE
     seed: int = 0
     epochs: int = 1
 
@@ -104,6 +110,10 @@ class GramRequest:
             raise GramCacheUsageError(
                 f"Gram precision must be one of {PRECISION_CHOICES}, got {self.precision!r}"
             )
+        if self.storage not in STORAGE_DTYPES:
+            raise GramCacheUsageError(
+                f"Gram storage must be one of {STORAGE_DTYPES}, got {self.storage!r}"
+            )
 
     @property
     def product_precision(self) -> str:
@@ -120,6 +130,7 @@ class GramRequest:
             "kernel": self.kernel,
             "threshold": float(self.threshold),
             "precision": self.product_precision,
+            "storage": self.storage,
         }
 
 
@@ -191,7 +202,13 @@ class FusedGramWriter:
         self._context = staged_cache(self.out, overwrite=False)
         group = self._context.__enter__()
         self.group = group
-        self.arrays = BatchArrays(group, self.layers, self.partition, list(range(self.n_batches)))
+        self.arrays = BatchArrays(
+            group,
+            self.layers,
+            self.partition,
+            list(range(self.n_batches)),
+            storage=self.request.storage,
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -286,6 +303,7 @@ class FusedGramWriter:
             kernel=self.request.kernel,
             threshold=self.request.threshold,
             precision=self.request.product_precision,
+            storage=self.request.storage,
             seed=self.request.seed,
         )
         write_attrs(self.group, attrs)
@@ -307,12 +325,13 @@ def reuse_or_build(request: GramRequest, store: ActivationStore, device: torch.d
             and cache.kernel == request.kernel
             and cache.threshold == float(request.threshold)
             and cache.attrs.get("precision") == request.product_precision
+            and cache.storage_dtype == request.storage
             and identity_key(cache.identity) == identity_key(store_identity(store))
         )
         if not same:
             raise GramCacheUsageError(
                 f"{out} already exists and is not this extraction's Gram cache (other store, "
-                "partition, kernel or precision); remove it or choose another --gram-out"
+                "partition, kernel, precision or storage); remove it or choose another --gram-out"
             )
         return
     if store.gram_only:
