@@ -282,3 +282,13 @@ def test_background_writer_stores_the_same_bytes_and_grams(tmp_path, monkeypatch
     assert modes == [True, False]
     assert chunks(background.path) == chunks(inline.path) and chunks(background.path)
     assert_same_cache(GramCache.open(tmp_path / "bg.g"), GramCache.open(tmp_path / "in.g"))
+
+
+def test_a_reused_store_refuses_a_fused_cache_of_another_storage(tmp_path):
+    request = ckapipe.GramRequest(out=tmp_path / "g.zarr", batch_size=M)
+    extract(tmp_path, gram=request)
+    assert GramCache.open(tmp_path / "g.zarr").storage_dtype == "float32"
+    extract(tmp_path, gram=request)  # the same request: store and cache reused
+    wider = ckapipe.GramRequest(out=tmp_path / "g.zarr", batch_size=M, storage="float64")
+    with pytest.raises(UsageError, match=r"not this extraction's Gram cache .*storage"):
+        extract(tmp_path, gram=wider)
