@@ -156,7 +156,10 @@ def _describe_cache(cache: Any) -> str:
         what = f"exact {cache.n_samples}x{cache.n_samples} Grams in {grid.tile}-row tiles"
         if cache.is_partial:
             what += f", tile rows {a}:{b} of {grid.count} (a partial cache: merge-grams the parts)"
-    return f"{len(cache.layer_names)} layers, {what} ({cache.kernel} kernel)"
+    return (
+        f"{len(cache.layer_names)} layers, {what} ({cache.kernel} kernel, stored in "
+        f"{cache.storage_dtype})"
+    )
 
 
 @opts.command("merge-grams")

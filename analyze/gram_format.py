@@ -16,9 +16,14 @@ deleted chunk. Two modes:
     :func:`ckapipe.analyze.estimators.centered_batch_gram` returns for the batch's rows (formed
     and summed in float64), stored in dtype ``storage_dtype``: float32 by default, each entry
     rounded once to nearest when the finished Ũ is written (minibatch CKA stays within 1e-6 of
-    the float64 path, measured in the tests and ``bench/RESULTS.md``), or float64 (exact). A
-    cache without the attribute (built before it existed) is float64. Readers widen to float64
-    exactly, so the analysis always computes in float64.
+    the float64 path, measured in the tests and ``bench/RESULTS.md``), or float64 (exact);
+    chosen with ``ckapipe gram --storage``, ``ckapipe extract --gram-storage`` (the fused
+    path: :class:`~ckapipe.extract.fused_gram.GramRequest` ``storage``, bit for bit what
+    ``ckapipe gram`` stores) and the workflow's ``analysis.gram_storage`` (part of the cache
+    key). A cache without the attribute (built before it existed) is float64. Every reader
+    (:meth:`GramCache.batch_gram`, :meth:`GramCache.iter_batches`,
+    :meth:`GramCache.read_batches_into`) widens to float64 exactly, so the analysis (CKA,
+    intervals, permutation null) always computes in float64.
     Epoch 0 cuts the store (already in random order) into contiguous batches of m rows; epoch
     e ≥ 1 re-partitions with ``numpy.random.default_rng(epoch_seeds[e]).permutation(n)``. The
     epoch seeds depend only on (seed, n, m), so every store of a study gets the same batches.
@@ -49,7 +54,7 @@ ids only mean the same dataset size, seed and order, not the same data.
 Partial caches: ``rows=(start, stop)`` (multiples of m, or stop = n) keeps only the batches whose
 positions lie inside those rows in every epoch, so disjoint row ranges (e.g. a SLURM array) hold
 disjoint batches; :func:`~ckapipe.analyze.gram_merge.merge_gram_caches` joins them into a cache equal, array for array and
-bit for bit, to one full pass.
+bit for bit, to one full pass. Parts must share ``storage_dtype`` (a mix is refused).
 """
 
 from __future__ import annotations

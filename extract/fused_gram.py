@@ -9,8 +9,9 @@ Bit-for-bit the cache ``ckapipe gram`` builds from the finished store (epoch 0 o
 batch's Gram is formed from the rows *as stored* (the float16 residuals, float32 values, or
 bfloat16 bit patterns a reader gets back), split into the same column tiles (the store's
 column chunks), with the same functions (:func:`~ckapipe.analyze.estimators.
-add_shifted_products`, then the kernel and U-centering of ``gram_build``), and written with
-the same format module in a staged directory under its writer lock. The partition is epoch 0:
+add_shifted_products`, then the kernel and U-centering of ``gram_build``), rounded to the same
+storage dtype (``GramRequest.storage``, as ``ckapipe gram --storage``) and written with the
+same format module in a staged directory under its writer lock. The partition is epoch 0:
 contiguous blocks of m rows in store order (:mod:`ckapipe.analyze.partition`); further epochs,
 other kernels or full mode come from ``ckapipe gram`` on the store.
 
