@@ -22,7 +22,7 @@ from ckapipe.analyze.gram_cache import (
     build_gram_cache,
     merge_gram_caches,
 )
-from ckapipe.analyze.study import analyze_study
+from ckapipe.analyze.study import analyze_study, load_result
 from ckapipe.cli import main
 from ckapipe.store import ActivationStore, LayerRecord
 
@@ -156,6 +156,8 @@ def test_float32_stored_cka_is_within_1e_6_of_a_float64_feature_reference(tmp_pa
     features_of = [[[x.astype(np.float64)[b] for x in d.values()] for b in blocks] for d in data]
     reference = minibatch_cka(*features_of)  # (La, Lb), float64 throughout
     rounded = _study(f32, tmp_path / "r32.ckapipe", permutations=50)
+    recorded = load_result(tmp_path / "r32.ckapipe").provenance["models"]["a"]["gram_cache_attrs"]
+    assert (recorded["storage_dtype"], recorded["precision"]) == ("float32", "float32")
     exact = _study(f64, tmp_path / "r64.ckapipe", permutations=50)
     storage_only = _study(stored_only, tmp_path / "s32.ckapipe").cka
     error_exact = np.abs(exact.cka - reference).max()
