@@ -852,6 +852,19 @@ class BatchArrays:
             }
 
     def write(self, layer: str, batch: int, gram: np.ndarray) -> None:
-        """Store a finished float64 Ũ Gram: the one rounding (to nearest) of float32 storage."""
+        """Store a finished float64 Ũ Gram: the one rounding (to nearest) of float32 storage.
+
+        Raises :class:`GramCacheDataError` when an entry is beyond float32's range (it would be
+        stored as ±inf and give NaN CKA).
+        """
         where, index = self.where[int(batch)]
-        self.arrays[where][layer][index] = np.asarray(gram).astype(self.storage, copy=False)
+        gram = np.asarray(gram)
+        with np.errstate(over="ignore"):  # an overflow is refused just below, by name
+            stored = gram.astype(self.storage, copy=False)
+        if stored is not gram and not np.isfinite(stored).all() and np.isfinite(gram).all():
+            raise GramCacheDataError(
+                f"layer {layer!r}, batch {batch}: a U-centered Gram entry ({np.abs(gram).max():.3g}"
+                f" at most) is beyond float32's range ({np.finfo(np.float32).max:.3g}); build the "
+                "cache with --storage float64 (storage='float64'), or rescale the activations"
+            )
+        self.arrays[where][layer][index] = stored

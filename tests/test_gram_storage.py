@@ -18,6 +18,7 @@ from reference import batch_slices, minibatch_cka
 
 from ckapipe.analyze.gram_cache import (
     GramCache,
+    GramCacheDataError,
     IncompatibleGramCachesError,
     build_gram_cache,
     merge_gram_caches,
@@ -266,3 +267,17 @@ def test_cli_gram_storage_option(tmp_path):
     assert result.exit_code == 0 and GramCache.open(tmp_path / "x").storage_dtype == "float32"
     bad = runner.invoke(main, ["gram", str(store), "--storage", "float16", "--out", "y"])
     assert bad.exit_code == 2 and "'float16' is not one of" in bad.output
+
+
+def test_a_gram_beyond_float32_range_is_refused_not_stored_as_inf(tmp_path):
+    # features of size ~1e19: the float64 Gram (~1e40) is finite, its float32 rounding is not
+    data = {"huge": (np.random.default_rng(0).normal(size=(64, 4)) * 1e19).astype(np.float32)}
+    store = _store(tmp_path / "s", data)
+    with pytest.raises(GramCacheDataError, match=r"layer 'huge', batch 0: .*--storage float64"):
+        build_gram_cache(store, tmp_path / "f32", batch_size=32, precision="float64")
+    assert not (tmp_path / "f32").exists()
+    exact = build_gram_cache(
+        store, tmp_path / "f64", batch_size=32, precision="float64", storage="float64"
+    )
+    assert np.isfinite(exact.batch_gram("huge", 0)).all()
+    assert np.abs(exact.batch_gram("huge", 0)).max() > np.finfo(np.float32).max
