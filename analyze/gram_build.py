@@ -28,6 +28,7 @@ from torch import Tensor
 from ckapipe.analyze.estimators import add_shifted_products, centered_batch_gram
 from ckapipe.analyze.full_build import write_full_tiles
 from ckapipe.analyze.gram_format import (
+    DEFAULT_STORAGE,
     DEFAULT_TILE,
     FORMAT_NAME,
     FORMAT_VERSION,
@@ -155,7 +156,7 @@ def _check_arguments(
 
 
 def _check_tiles(
-    mode: str, n: int, tile_size: int, storage: str, tile_job: tuple[int, int] | None
+    mode: str, n: int, tile_size: int, tile_job: tuple[int, int] | None
 ) -> tuple[int, int]:
     """The tile rows [start, stop) a full-mode build writes (all of them without a job)."""
     bad = GramCacheUsageError
@@ -165,8 +166,6 @@ def _check_tiles(
         return (0, 0)
     if not isinstance(tile_size, int | np.integer) or tile_size < 1:
         raise bad(f"tile_size must be an integer >= 1, got {tile_size!r}")
-    if storage not in STORAGE_DTYPES:
-        raise bad(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
     grid = TileGrid(n, int(tile_size))
     if tile_job is None:
         return (0, grid.count)
@@ -208,7 +207,7 @@ def build_gram_cache(
     max_slab_bytes: int = 256 * 2**20,
     precision: str | None = None,
     tile_size: int = DEFAULT_TILE,
-    storage: str = "float32",
+    storage: str = DEFAULT_STORAGE,
     tile_job: tuple[int, int] | None = None,
     overwrite: bool = False,
 ) -> GramCache:
@@ -254,8 +253,10 @@ def build_gram_cache(
         about T² float64 plus two row blocks of at most ``max_slab_bytes``; analysis reads one
         tile per layer at a time.
     storage:
-        Full mode: dtype of the stored tiles, ``"float32"`` (default; half the disk, entries
-        rounded to 2⁻²⁴ relative after a float64 computation) or ``"float64"`` (exact).
+        Dtype of the stored Grams (both modes), ``"float32"`` (default; half the disk, each
+        entry rounded once to nearest, 2⁻²⁴ relative, after a float64 computation; minibatch
+        CKA within 1e-6 of float64 storage) or ``"float64"`` (exact). Recorded as the
+        ``storage_dtype`` attribute; readers always return float64.
     tile_job:
         Full mode: ``(k, jobs)``, 0-based job ``k`` of ``jobs``: a partial cache of a balanced
         share of the tile rows (:meth:`~ckapipe.analyze.tile_grid.TileGrid.job_rows`), e.g. for a
@@ -294,7 +295,9 @@ def build_gram_cache(
     names = [name for name in source.layer_names if name in names]  # store order
     out = Path(out)
     n = source.n_samples
-    tile_rows = _check_tiles(mode, n, tile_size, storage, tile_job)
+    if storage not in STORAGE_DTYPES:
+        raise GramCacheUsageError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
+    tile_rows = _check_tiles(mode, n, tile_size, tile_job)
     partition = make_partition(n, batch_size, epochs, seed, mode=mode)
     batches: list[int] = []
     if mode == "minibatch":
@@ -320,13 +323,13 @@ def build_gram_cache(
         kernel=kernel,
         threshold=threshold,
         precision=precision,
+        storage=storage,
         seed=seed,
     )
     if mode == "full":
         attrs.update(
             {
                 "tile_size": int(tile_size),
-                "storage_dtype": storage,
                 "tile_rows": [int(tile_rows[0]), int(tile_rows[1])],
                 "tile_job": None if tile_job is None else [int(tile_job[0]), int(tile_job[1])],
             }
@@ -353,7 +356,7 @@ def build_gram_cache(
                 product_dtype=settings["product_dtype"],
             )
         else:
-            arrays = BatchArrays(group, names, partition, batches)
+            arrays = BatchArrays(group, names, partition, batches, storage=storage)
             finish = _finisher(kernel, threshold)
             _epoch0_grams(source, arrays, partition, first, last, finish, settings)
             for epoch in range(1, epochs):
@@ -375,6 +378,7 @@ def _cache_attrs(
     kernel: str,
     threshold: float,
     precision: str,
+    storage: str,
     seed: int,
 ) -> dict[str, Any]:
     """The root attributes of a new cache (one metadata write), completion flag still False."""
@@ -389,6 +393,7 @@ def _cache_attrs(
         "rbf_bandwidth_rule": RBF_RULE if kernel == "rbf" else None,
         "stored": "u_centered_gram" if mode == "minibatch" else "linear_gram",
         "precision": precision,
+        "storage_dtype": storage,
         "batch_size": batch_size,
         "epochs": int(epochs),
         "seed": int(seed),

@@ -12,8 +12,18 @@ chunk is written, and :meth:`GramCache.open` refuses an old format, an incomplet
 deleted chunk. Two modes:
 
 ``minibatch``
-    Per layer, the U-centered Gram Ũ(K_b) (Székely & Rizzo 2014) of every minibatch b, float64,
-    what :func:`ckapipe.analyze.estimators.centered_batch_gram` returns for the batch's rows.
+    Per layer, the U-centered Gram Ũ(K_b) (Székely & Rizzo 2014) of every minibatch b, what
+    :func:`ckapipe.analyze.estimators.centered_batch_gram` returns for the batch's rows (formed
+    and summed in float64), stored in dtype ``storage_dtype``: float32 by default, each entry
+    rounded once to nearest when the finished Ũ is written (minibatch CKA stays within 1e-6 of
+    the float64 path, measured in the tests and ``bench/RESULTS.md``), or float64 (exact);
+    chosen with ``ckapipe gram --storage``, ``ckapipe extract --gram-storage`` (the fused
+    path: :class:`~ckapipe.extract.fused_gram.GramRequest` ``storage``, bit for bit what
+    ``ckapipe gram`` stores) and the workflow's ``analysis.gram_storage`` (part of the cache
+    key). A cache without the attribute (built before it existed) is float64. Every reader
+    (:meth:`GramCache.batch_gram`, :meth:`GramCache.iter_batches`,
+    :meth:`GramCache.read_batches_into`) widens to float64 exactly, so the analysis (CKA,
+    intervals, permutation null) always computes in float64.
     Epoch 0 cuts the store (already in random order) into contiguous batches of m rows; epoch
     e ≥ 1 re-partitions with ``numpy.random.default_rng(epoch_seeds[e]).permutation(n)``. The
     epoch seeds depend only on (seed, n, m), so every store of a study gets the same batches.
@@ -44,7 +54,7 @@ ids only mean the same dataset size, seed and order, not the same data.
 Partial caches: ``rows=(start, stop)`` (multiples of m, or stop = n) keeps only the batches whose
 positions lie inside those rows in every epoch, so disjoint row ranges (e.g. a SLURM array) hold
 disjoint batches; :func:`~ckapipe.analyze.gram_merge.merge_gram_caches` joins them into a cache equal, array for array and
-bit for bit, to one full pass.
+bit for bit, to one full pass. Parts must share ``storage_dtype`` (a mix is refused).
 """
 
 from __future__ import annotations
@@ -115,6 +125,9 @@ DEFAULT_TILE = 2048
 FULL_GRAM_MAX_BYTES = 2 * 2**30
 KERNELS = ("linear", "rbf")
 PRECISIONS = ("float64", "float32")
+
+
+DEFAULT_STORAGE = "float32"
 
 
 def default_precision(mode: str) -> str:
@@ -325,6 +338,12 @@ class GramCache:
         return list(self._group.attrs["layers"])
 
     @property
+    def storage_dtype(self) -> str:
+        """Dtype of the stored Grams, ``"float32"`` or ``"float64"`` (every reader widens to
+        float64). Caches from before the attribute existed hold float64 minibatch Grams."""
+        return str(self._group.attrs.get("storage_dtype", "float64"))
+
+    @property
     def batch_size(self) -> int | None:
         return self._group.attrs["batch_size"]
 
@@ -382,7 +401,8 @@ class GramCache:
         return batch_locations(self.partition, self.batches.tolist())
 
     def batch_gram(self, layer: str, batch: int) -> np.ndarray:
-        """(m_b, m_b) float64 Ũ Gram of global batch number ``batch`` of ``layer``."""
+        """(m_b, m_b) float64 Ũ Gram of global batch number ``batch`` of ``layer`` (float32
+        storage widened exactly)."""
         where = self._where
         if int(batch) not in where:
             raise GramCacheUsageError(
@@ -390,14 +410,15 @@ class GramCache:
             )
         self._layers([layer])
         group, index = where[int(batch)]
-        return np.asarray(self._group[group][layer][index])
+        return np.asarray(self._group[group][layer][index], dtype=np.float64)
 
     def iter_batches(
         self, device: str | torch.device | None = None, layers: Sequence[str] | None = None
     ) -> Iterator[tuple[int, Tensor]]:
         """Yield ``(global batch number, Ũ Grams (L, m_b, m_b) float64)`` in global batch order.
 
-        m_b is the batch's size: m, or r = n mod m for an epoch's short last batch.
+        m_b is the batch's size: m, or r = n mod m for an epoch's short last batch. Grams stored
+        in float32 are widened (exactly) to float64.
 
         Parameters
         ----------
@@ -431,7 +452,11 @@ class GramCache:
 
         def read(number: int) -> np.ndarray:
             group, index = where[number]
-            return np.stack([array[index] for array in arrays[group]])  # (L, m_b, m_b)
+            m_b = arrays[group][0].shape[-1]
+            grams = np.empty((len(names), m_b, m_b), dtype=np.float64)  # (L, m_b, m_b)
+            for l, array in enumerate(arrays[group]):  # noqa: E741 - l indexes layers
+                grams[l] = array[index]  # float32 storage: widened here, exactly
+            return grams
 
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="ckapipe-grams") as pool:
             ahead: deque = deque()
@@ -450,7 +475,8 @@ class GramCache:
 
         ``out`` is float64 (G, L, m_b, m_b), all batches of one size, and may be a view into a
         larger buffer (e.g. the slice of one model in the stacked Grams of a study): the chunk
-        files are read straight into it, so a study needs no copy to stack its models.
+        files are read straight into it (float32 storage widened exactly), so a study needs no
+        copy to stack its models.
         """
         names = self._layers(layers)
         where = self._where
@@ -567,8 +593,9 @@ def read_full_gram(
 class _ChunkReader:
     """Reads one chunk (one batch) of a per-batch Gram array into a given float64 buffer.
 
-    The arrays a cache writes have one chunk per batch, stored as little-endian float64 bytes
-    followed by their CRC-32C (:func:`ckapipe.formats.create_array`). Such a chunk is read with
+    The arrays a cache writes have one chunk per batch, stored as little-endian float32 or
+    float64 bytes (``storage_dtype``) followed by their CRC-32C
+    (:func:`ckapipe.formats.create_array`). Such a chunk is read with
     one ``read``, its checksum verified and its values copied to the destination: zarr's
     per-chunk machinery, and even opening each array with zarr, cost several times the I/O for
     the many small chunks of a study. The layout is taken from the array's ``zarr.json`` (the
@@ -583,21 +610,21 @@ class _ChunkReader:
             metadata = json.loads((root / group / layer / "zarr.json").read_text())
         except (OSError, ValueError):
             metadata = {}
-        self.direct = _plain_per_batch_float64(metadata) and sys.byteorder == "little"
+        self.stored = _plain_per_batch_dtype(metadata) if sys.byteorder == "little" else None
 
     @cached_property
     def array(self) -> zarr.Array:
         return self.zarr_group[self.group][self.layer]
 
     def read(self, index: int, dest: np.ndarray) -> None:
-        if not (self.direct and self._read_direct(index, dest)):
+        if not (self.stored is not None and self._read_direct(index, dest, self.stored)):
             dest[...] = self.array[index]
 
-    def _read_direct(self, index: int, dest: np.ndarray) -> bool:
+    def _read_direct(self, index: int, dest: np.ndarray, stored: np.dtype) -> bool:
         """True when the chunk was read and its checksum matched."""
         import google_crc32c
 
-        nbytes = dest.nbytes
+        nbytes = dest.size * stored.itemsize
         try:
             fd = os.open(self.directory / str(index) / "0" / "0", os.O_RDONLY)
         except FileNotFoundError:
@@ -613,21 +640,22 @@ class _ChunkReader:
         data = np.frombuffer(raw, dtype=np.uint8, count=nbytes)
         if google_crc32c.value(data) != int.from_bytes(raw[nbytes:], "little"):
             return False
-        dest[...] = data.view(np.float64).reshape(dest.shape)
+        dest[...] = data.view(stored).reshape(dest.shape)  # float32: widened exactly
         return True
 
 
-def _plain_per_batch_float64(metadata: dict[str, Any]) -> bool:
-    """Whether zarr v3 array metadata describes uncompressed little-endian float64 chunks of
-    one batch each (shape (B, m, m), chunks (1, m, m)), checksummed with CRC-32C, at keys
-    ``c/<batch>/0/0``: the layout :class:`_ChunkReader` reads without zarr."""
+def _plain_per_batch_dtype(metadata: dict[str, Any]) -> np.dtype | None:
+    """The dtype (float32 or float64) when zarr v3 array metadata describes uncompressed
+    little-endian chunks of one batch each (shape (B, m, m), chunks (1, m, m)), checksummed with
+    CRC-32C, at keys ``c/<batch>/0/0``: the layout :class:`_ChunkReader` reads without zarr;
+    else None."""
     shape = metadata.get("shape") or []
     grid = metadata.get("chunk_grid") or {}
     keys = metadata.get("chunk_key_encoding") or {}
     codecs = metadata.get("codecs") or []
-    return (
+    plain = (
         metadata.get("zarr_format") == 3
-        and metadata.get("data_type") == "float64"
+        and metadata.get("data_type") in STORAGE_DTYPES
         and len(shape) == 3
         and grid.get("name") == "regular"
         and (grid.get("configuration") or {}).get("chunk_shape") == [1, *shape[1:]]
@@ -637,6 +665,7 @@ def _plain_per_batch_float64(metadata: dict[str, Any]) -> bool:
         and (codecs[0].get("configuration") or {}).get("endian") == "little"
         and not metadata.get("storage_transformers")
     )
+    return np.dtype(metadata["data_type"]) if plain else None
 
 
 def open_cache(cache: GramCache | str | os.PathLike[str]) -> GramCache:
@@ -774,12 +803,22 @@ def staged_cache(out: Path, overwrite: bool) -> Iterator[zarr.Group]:
 
 class BatchArrays:
     """The per-batch Gram arrays of a minibatch cache: ``grams/<layer>`` (full batches, (B, m,
-    m)) and ``grams_last/<layer>`` (short last batches, (B', r, r)), one chunk per batch."""
+    m)) and ``grams_last/<layer>`` (short last batches, (B', r, r)), one chunk per batch, in
+    dtype ``storage`` (``"float32"`` or ``"float64"``, the cache's ``storage_dtype``)."""
 
     def __init__(
-        self, group: zarr.Group, layers: Sequence[str], partition: dict, batches: list[int]
+        self,
+        group: zarr.Group,
+        layers: Sequence[str],
+        partition: dict,
+        batches: list[int],
+        *,
+        storage: str,
     ):
+        if storage not in STORAGE_DTYPES:
+            raise GramCacheUsageError(f"storage must be one of {STORAGE_DTYPES}, got {storage!r}")
         self.layers = list(layers)
+        self.storage = np.dtype(storage)
         self.where = batch_locations(partition, batches)
         sizes = {"grams": partition["batch_size"], "grams_last": partition["last_batch_size"]}
         counts = {"grams": 0, "grams_last": 0}
@@ -806,12 +845,26 @@ class BatchArrays:
                     name,
                     shape=(count, size, size),
                     chunks=(1, size, size),
-                    dtype="float64",
+                    dtype=storage,
                     dimension_names=("batch", "sample_i", "sample_j"),
                 )
                 for name in layers
             }
 
     def write(self, layer: str, batch: int, gram: np.ndarray) -> None:
+        """Store a finished float64 Ũ Gram: the one rounding (to nearest) of float32 storage.
+
+        Raises :class:`GramCacheDataError` when an entry is beyond float32's range (it would be
+        stored as ±inf and give NaN CKA).
+        """
         where, index = self.where[int(batch)]
-        self.arrays[where][layer][index] = gram
+        gram = np.asarray(gram)
+        with np.errstate(over="ignore"):  # an overflow is refused just below, by name
+            stored = gram.astype(self.storage, copy=False)
+        if stored is not gram and not np.isfinite(stored).all() and np.isfinite(gram).all():
+            raise GramCacheDataError(
+                f"layer {layer!r}, batch {batch}: a U-centered Gram entry ({np.abs(gram).max():.3g}"
+                f" at most) is beyond float32's range ({np.finfo(np.float32).max:.3g}); build the "
+                "cache with --storage float64 (storage='float64'), or rescale the activations"
+            )
+        self.arrays[where][layer][index] = stored

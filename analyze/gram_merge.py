@@ -80,10 +80,13 @@ def merge_gram_caches(
     )
     with staged_cache(Path(out), overwrite) as group:
         write_attrs(group, attrs)
-        arrays = BatchArrays(group, first.layer_names, first.partition, batches)
+        arrays = BatchArrays(
+            group, first.layer_names, first.partition, batches, storage=first.storage_dtype
+        )
         for name in first.layer_names:
             for part in opened:
                 for number in part.batches:
+                    # widened to float64 and rounded back: float32 -> float64 -> float32 is exact
                     arrays.write(name, int(number), part.batch_gram(name, int(number)))
         write_attrs(group, {"complete": True})  # last
     return GramCache.open(out)
@@ -92,7 +95,6 @@ def merge_gram_caches(
 def _merge_full(opened: Sequence[GramCache], out: Path, overwrite: bool) -> GramCache:
     """Concatenate the tiles of full-mode partial caches (copied chunk by chunk, unchanged)."""
     _check_settings(opened, extra=(("tile_size", lambda c: c.attrs["tile_size"]),))
-    _check_settings(opened, extra=(("storage", lambda c: c.attrs["storage_dtype"]),))
     first = opened[0]
     grid = first.tile_grid
     ordered = sorted(opened, key=lambda part: part.tile_rows)
@@ -164,6 +166,7 @@ def _check_settings(opened: Sequence[GramCache], extra: tuple = ()) -> None:
             ("kernel", first.kernel, part.kernel),
             ("threshold", first.threshold, part.threshold),
             ("layers", first.layer_names, part.layer_names),
+            ("storage dtype (--storage)", first.storage_dtype, part.storage_dtype),
             *((label, get(first), get(part)) for label, get in extra),
         ):
             if x != y:

@@ -68,6 +68,9 @@ def cache_settings(cache: GramCache) -> dict[str, Any]:
     settings["n_samples"] = cache.n_samples
     settings["samples_used"] = cache.samples_used
     settings["dropped_rows"] = cache.dropped_rows
+    # how the Grams were computed and kept (a cache from before storage_dtype: float64)
+    settings["precision"] = cache.attrs.get("precision")
+    settings["storage_dtype"] = cache.storage_dtype
     return settings
 
 

@@ -9,8 +9,9 @@ Bit-for-bit the cache ``ckapipe gram`` builds from the finished store (epoch 0 o
 batch's Gram is formed from the rows *as stored* (the float16 residuals, float32 values, or
 bfloat16 bit patterns a reader gets back), split into the same column tiles (the store's
 column chunks), with the same functions (:func:`~ckapipe.analyze.estimators.
-add_shifted_products`, then the kernel and U-centering of ``gram_build``), and written with
-the same format module in a staged directory under its writer lock. The partition is epoch 0:
+add_shifted_products`, then the kernel and U-centering of ``gram_build``), rounded to the same
+storage dtype (``GramRequest.storage``, as ``ckapipe gram --storage``) and written with the
+same format module in a staged directory under its writer lock. The partition is epoch 0:
 contiguous blocks of m rows in store order (:mod:`ckapipe.analyze.partition`); further epochs,
 other kernels or full mode come from ``ckapipe gram`` on the store.
 
@@ -44,8 +45,10 @@ import torch
 
 from ckapipe.analyze.estimators import add_shifted_products
 from ckapipe.analyze.gram_format import (
+    DEFAULT_STORAGE,
     KERNELS,
     PRECISIONS,
+    STORAGE_DTYPES,
     BatchArrays,
     GramCache,
     GramCacheUsageError,
@@ -77,6 +80,9 @@ class GramRequest:
     precision:
         ``"auto"`` (minibatch default, float32 products summed in float64), ``"float32"`` or
         ``"float64"``.
+    storage:
+        Dtype of the stored Grams, ``"float32"`` (default, half the disk, each finished
+        float64 Gram rounded once) or ``"float64"``; the same as ``ckapipe gram --storage``.
     seed:
         Recorded partition seed (epoch 0 does not depend on it; later epochs built by
         ``ckapipe gram`` from the store do).
@@ -89,6 +95,7 @@ class GramRequest:
     kernel: str = "linear"
     threshold: float = 1.0
     precision: str = "auto"
+    storage: str = DEFAULT_STORAGE
     seed: int = 0
     epochs: int = 1
 
@@ -114,6 +121,10 @@ class GramRequest:
         if self.precision not in PRECISION_CHOICES:
             raise GramCacheUsageError(
                 f"Gram precision must be one of {PRECISION_CHOICES}, got {self.precision!r}"
+            )
+        if self.storage not in STORAGE_DTYPES:
+            raise GramCacheUsageError(
+                f"Gram storage must be one of {STORAGE_DTYPES}, got {self.storage!r}"
             )
 
     @property
@@ -145,6 +156,7 @@ class GramRequest:
             "kernel": self.kernel,
             "threshold": float(self.threshold),
             "precision": self.product_precision,
+            "storage": self.storage,
         }
 
 
@@ -212,7 +224,13 @@ class FusedGramWriter:
         self._context = staged_cache(self.out, overwrite=False)
         group = self._context.__enter__()
         self.group = group
-        self.arrays = BatchArrays(group, self.layers, self.partition, list(range(self.n_batches)))
+        self.arrays = BatchArrays(
+            group,
+            self.layers,
+            self.partition,
+            list(range(self.n_batches)),
+            storage=self.request.storage,
+        )
         return self
 
     def __exit__(self, *exc: Any) -> None:
@@ -331,6 +349,7 @@ class FusedGramWriter:
             kernel=self.request.kernel,
             threshold=self.request.threshold,
             precision=self.request.product_precision,
+            storage=self.request.storage,
             seed=self.request.seed,
         )
         write_attrs(self.group, attrs)
@@ -402,12 +421,13 @@ def reuse_or_build(request: GramRequest, store: ActivationStore, device: torch.d
             and cache.kernel == request.kernel
             and cache.threshold == float(request.threshold)
             and cache.attrs.get("precision") == request.product_precision
+            and cache.storage_dtype == request.storage
             and identity_key(cache.identity) == identity_key(store_identity(store))
         )
         if not same:
             raise GramCacheUsageError(
                 f"{out} already exists and is not this extraction's Gram cache (other store, "
-                "partition, kernel or precision); remove it or choose another --gram-out"
+                "partition, kernel, precision or storage); remove it or choose another --gram-out"
             )
         return
     if store.gram_only:

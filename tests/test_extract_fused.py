@@ -61,29 +61,43 @@ def assert_same_cache(fused: GramCache, built: GramCache) -> None:
     assert fused.partition == built.partition
     without_path = [{k: v for k, v in c.identity.items() if k != "path"} for c in (fused, built)]
     assert without_path[0] == without_path[1]
-    for key in ("kernel", "threshold", "precision", "batch_size", "epochs", "rows", "stored"):
+    keys = ("kernel", "threshold", "precision", "storage_dtype", "batch_size", "epochs", "rows")
+    for key in (*keys, "stored"):
         assert fused.attrs[key] == built.attrs[key], key
     for name in fused.layer_names:
         for b in fused.batches:
             a, c = fused.batch_gram(name, b), built.batch_gram(name, b)
             assert np.array_equal(a, c), (name, b, np.abs(a - c).max())
+    # the stored values themselves, in the stored dtype, bit for bit
+    for group in ("grams", "grams_last"):
+        for name in fused.layer_names:
+            a = zarr.open_group(str(fused.path))[f"{group}/{name}"][...]
+            c = zarr.open_group(str(built.path))[f"{group}/{name}"][...]
+            assert a.dtype == c.dtype == np.dtype(fused.storage_dtype)
+            assert a.tobytes() == c.tobytes(), (group, name)
 
 
+@pytest.mark.parametrize("storage", ["float32", "float64"])
 @pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
 @pytest.mark.parametrize("kernel", ["linear", "rbf"])
-def test_fused_cache_is_bit_identical_to_ckapipe_gram(tmp_path, dtype, kernel):
-    request = ckapipe.GramRequest(out=tmp_path / "fused.zarr", batch_size=M, kernel=kernel)
+def test_fused_cache_is_bit_identical_to_ckapipe_gram(tmp_path, dtype, kernel, storage):
+    request = ckapipe.GramRequest(
+        out=tmp_path / "fused.zarr", batch_size=M, kernel=kernel, storage=storage
+    )
     store = extract(tmp_path, gram=request, dtype=dtype)
     fused = GramCache.open(tmp_path / "fused.zarr")
     built = build_gram_cache(
-        store, tmp_path / "built.zarr", batch_size=M, kernel=kernel, device="cpu"
+        store, tmp_path / "built.zarr", batch_size=M, kernel=kernel, device="cpu", storage=storage
     )
     assert fused.batch_sizes.tolist() == [12, 12, 12, 10]  # a short last batch
+    assert fused.storage_dtype == storage
     assert_same_cache(fused, built)
 
 
 def test_fused_linear_grams_match_float64_reference(tmp_path):
-    request = ckapipe.GramRequest(out=tmp_path / "g.zarr", batch_size=M, precision="float64")
+    request = ckapipe.GramRequest(
+        out=tmp_path / "g.zarr", batch_size=M, precision="float64", storage="float64"
+    )
     store = extract(tmp_path, gram=request, dtype="float32")
     cache = GramCache.open(tmp_path / "g.zarr")
     for name in store.layer_names:
@@ -151,6 +165,8 @@ def test_bad_gram_requests_are_usage_errors(tmp_path):
         ckapipe.GramRequest(out=tmp_path / "g", batch_size=3)
     with pytest.raises(UsageError, match="kernel"):
         ckapipe.GramRequest(out=tmp_path / "g", kernel="poly")
+    with pytest.raises(UsageError, match=r"Gram storage must be one of \('float32', 'float64'\)"):
+        ckapipe.GramRequest(out=tmp_path / "g", storage="float16")
     with pytest.raises(UsageError, match="needs a Gram request"):
         extract(tmp_path, gram_only=["0"])
     with pytest.raises(UsageError, match="not among the selected layers"):
@@ -169,13 +185,14 @@ def test_cli_fused_extract(tmp_path):
         '{"factory": "models:image_dataset", "kwargs": {"n": 46}}', "--layers", "0,1,6",
         "--out", str(tmp_path / "s"), "--batch-size", "4", "--no-progress",
         "--gram-out", str(tmp_path / "g"), "--gram-batch-size", str(M), "--gram-kernel", "rbf",
-        "--gram-only", "0",
+        "--gram-only", "0", "--gram-storage", "float64",
     ]  # fmt: skip
     result = CliRunner().invoke(main, args)
     assert result.exit_code == 0, result.output
-    assert "Gram" in result.output
+    assert "stored in float64" in result.output
     cache = GramCache.open(tmp_path / "g")
     assert cache.kernel == "rbf" and cache.layer_names == ["0", "1", "6"]
+    assert cache.storage_dtype == "float64"
     # re-running reuses the complete store and its matching cache
     again = CliRunner().invoke(main, args)
     assert again.exit_code == 0, again.output
@@ -267,3 +284,13 @@ def test_background_writer_stores_the_same_bytes_and_grams(tmp_path, monkeypatch
     assert modes == [True, False]
     assert chunks(background.path) == chunks(inline.path) and chunks(background.path)
     assert_same_cache(GramCache.open(tmp_path / "bg.g"), GramCache.open(tmp_path / "in.g"))
+
+
+def test_a_reused_store_refuses_a_fused_cache_of_another_storage(tmp_path):
+    request = ckapipe.GramRequest(out=tmp_path / "g.zarr", batch_size=M)
+    extract(tmp_path, gram=request)
+    assert GramCache.open(tmp_path / "g.zarr").storage_dtype == "float32"
+    extract(tmp_path, gram=request)  # the same request: store and cache reused
+    wider = ckapipe.GramRequest(out=tmp_path / "g.zarr", batch_size=M, storage="float64")
+    with pytest.raises(UsageError, match=r"not this extraction's Gram cache .*storage"):
+        extract(tmp_path, gram=wider)

@@ -101,9 +101,16 @@ def assert_close(actual, expected, what):
 @pytest.mark.parametrize("dtype", ["float16", "float32", "bfloat16"])
 def test_minibatch_grams_equal_numpy_reference(tmp_path, dtype):
     store = make_store(tmp_path / "store", dtype=dtype)
-    # float64 products: the exact path, checked to 1e-10
+    # float64 products and storage: the exact path, checked to 1e-10
     cache = build_gram_cache(
-        store, tmp_path / "grams", batch_size=M, epochs=2, seed=7, device="cpu", precision="float64"
+        store,
+        tmp_path / "grams",
+        batch_size=M,
+        epochs=2,
+        seed=7,
+        device="cpu",
+        precision="float64",
+        storage="float64",
     )
     per_epoch = N // M + 1  # 8 batches of 24 and a short last batch of the 11 remaining rows
     assert cache.mode == "minibatch" and cache.kernel == "linear" and cache.batch_size == M
@@ -157,6 +164,7 @@ def test_rbf_minibatch_grams_use_the_batch_median(tmp_path):
         threshold=0.7,
         device="cpu",
         precision="float64",
+        storage="float64",
     )
     assert cache.kernel == "rbf" and "median" in cache.attrs["rbf_bandwidth_rule"]
     values = stored(store, "wide")
@@ -375,6 +383,7 @@ def test_cached_grams_equal_the_estimators_u_centered_gram(tmp_path, kernel):
         kernel=kernel,
         device="cpu",
         precision="float64",
+        storage="float64",
     )
     rows = expected_batch_rows(N, M, 2, cache.partition["epoch_seeds"])
     assert sorted({len(r) for r in rows.values()}) == [11, M]
@@ -642,8 +651,8 @@ def _cache_cka(cache) -> dict[tuple[str, str], float]:
 
 @pytest.mark.parametrize("features", ["offset_relu", "cnn"])
 def test_default_float32_products_keep_cka_within_1e_6_of_float64(tmp_path, features):
-    """The default precision (float32 products of float32-shifted tiles, float64 sums) against
-    float64 products, on float32 stores: every pair's minibatch CKA within 1e-6."""
+    """The defaults (float32 products of float32-shifted tiles, float64 sums, float32 storage)
+    against float64 products and storage, on float32 stores: every pair's CKA within 1e-6."""
     n = 512
     if features == "offset_relu":
         data = _offset_relu_features(n, {"a": 300, "b": 700})
@@ -652,10 +661,16 @@ def test_default_float32_products_keep_cka_within_1e_6_of_float64(tmp_path, feat
     store = _store_of(tmp_path / "store", data)
     default = build_gram_cache(store, tmp_path / "f32", batch_size=64, device="cpu")
     assert default.attrs["precision"] == "float32"
+    assert default.storage_dtype == "float32"
     exact = build_gram_cache(
-        store, tmp_path / "f64", batch_size=64, device="cpu", precision="float64"
+        store,
+        tmp_path / "f64",
+        batch_size=64,
+        device="cpu",
+        precision="float64",
+        storage="float64",
     )
-    assert exact.attrs["precision"] == "float64"
+    assert exact.attrs["precision"] == "float64" and exact.storage_dtype == "float64"
     got, want = _cache_cka(default), _cache_cka(exact)
     worst = max(abs(got[pair] - want[pair]) for pair in want)
     assert worst <= 1e-6, worst

@@ -85,6 +85,8 @@ def test_gram_key_depends_on_store_and_partition():
         "seed": 0,
         "kernel": "linear",
         "threshold": 1.0,
+        "precision": "float32",
+        "storage": "float32",
     }
     base = gram_key("a" * 16, partition)
     assert gram_key("b" * 16, partition) != base
@@ -94,8 +96,36 @@ def test_gram_key_depends_on_store_and_partition():
         ("seed", 1),
         ("mode", "full"),
         ("kernel", "rbf"),
+        ("precision", "float64"),
+        ("storage", "float64"),
     ]:
         assert gram_key("a" * 16, {**partition, name: value}) != base, name
+
+
+def test_gram_storage_enters_the_key_of_both_modes_and_old_minibatch_keys_are_not_reused():
+    """analysis.gram_storage: auto = float32 for CKA only (minibatch always), float64 for the
+    spectral measures; a float64 cache never answers a float32 key, and the keys of caches from
+    before storage entered minibatch keys (float64, keyed without it) match neither."""
+    analysis = {
+        "mode": "minibatch",
+        "batch_size": 128,
+        "epochs": 1,
+        "seed": 0,
+        "kernel": "linear",
+        "threshold": 1.0,
+        "precision": "auto",
+        "measures": ["cka"],
+    }
+    auto = keys.gram_partition(analysis)
+    assert auto["storage"] == "float32" and auto["precision"] == "float32"
+    exact = keys.gram_partition({**analysis, "gram_storage": "float64"})
+    assert exact["storage"] == "float64"
+    assert keys.gram_partition({**analysis, "gram_storage": "float32"}) == auto
+    old = {name: value for name, value in exact.items() if name != "storage"}
+    assert len({gram_key("a" * 16, p) for p in (auto, exact, old)}) == 3
+    full = {**analysis, "mode": "full", "estimator": "debiased"}
+    assert keys.gram_partition(full)["storage"] == "float32"
+    assert keys.gram_partition({**full, "measures": ["cka", "cca"]})["storage"] == "float64"
 
 
 def test_file_hasher_matches_hashlib_and_remembers_until_the_file_changes(tmp_path):
@@ -199,6 +229,16 @@ def test_the_demo_config_is_valid():
             "storage: Additional properties are not allowed ('dtpye'",
         ),
         (lambda c: c["storage"].update(dtype="int8"), "storage.dtype: 'int8' is not one of"),
+        (
+            lambda c: c["analysis"].update(gram_storage="float16"),
+            "analysis.gram_storage: 'float16' is not one of",
+        ),
+        (
+            lambda c: c["analysis"].update(
+                mode="full", estimator="debiased", measures=["cka", "cca"], gram_storage="float32"
+            ),
+            "analysis.gram_storage: float32 Grams do not suit cca",
+        ),
         (
             lambda c: c["analysis"].update(ci_level=1.5),
             "analysis.ci_level: 1.5 is greater than or equal to the maximum",
@@ -740,6 +780,9 @@ def test_a_minibatch_study_extracts_and_builds_grams_in_one_job_with_its_resourc
     for target in re.findall(r"--gram-target (\S+)", output):
         assert Path(target).parent.name == "grams" and Path(target).suffix == ".zarr"
     assert partition["precision"] in output
+    # the demo stores exact Grams: the fused extraction is asked for them
+    assert partition["storage"] == "float64"
+    assert output.count("--gram-storage float64") == 4, output
 
 
 def _store_job(tmp_path: Path, store: Path, target: Path, *extract: str) -> str:

@@ -50,9 +50,10 @@ from ckapipe.store import ActivationStore, LayerRecord
 
 
 def build_gram_cache(*args, **kwargs):
-    """Caches with exact float64 products: these tests hold the study to the float64 reference
-    at 1e-10 and better; the float32-product default meets its own bar (1e-6), tested in
-    test_gram_cache."""
+    """Caches with exact float64 products and float64 storage: these tests hold the study to the
+    float64 reference at 1e-10 and better; the float32 defaults (products and storage) meet
+    their own bar (1e-6), tested in test_gram_cache and test_gram_storage."""
+    kwargs.setdefault("storage", "float64")
     return _build_gram_cache(*args, precision="float64", **kwargs)
 
 

@@ -69,6 +69,12 @@ def config_errors(config: Mapping[str, Any], schema_path: Path = SCHEMA_PATH) ->
             f"analysis.measures: {', '.join(others)} need mode full (the exact n x n Grams; only "
             "cka has a minibatch form); set analysis.mode: full and estimator: debiased"
         )
+    if others and analysis.get("gram_storage") == "float32":
+        messages.append(
+            f"analysis.gram_storage: float32 Grams do not suit {', '.join(others)} (their "
+            "rounding, about 1e-7 of the largest entry, looks like extra dimensions to CCA, "
+            "Procrustes and regression); set gram_storage: auto or float64, or ask for cka only"
+        )
     models = config.get("models", {})
     pairs = config.get("pairs", "all")
     if isinstance(pairs, list):

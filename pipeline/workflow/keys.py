@@ -19,7 +19,8 @@ A store's key is a short SHA-256 of everything that determines its bytes:
   its seed.
 
 A Gram cache's key adds the partition and kernel (mode, batch size, epochs, seed, kernel,
-threshold) and the Gram cache format version to its store's key. Two studies asking for the same content get the same path, so the
+threshold), the product precision, the storage dtype of the Grams (float32 or float64, both
+modes) and the Gram cache format version to its store's key. Two studies asking for the same content get the same path, so the
 second one reuses the first one's work; any change to the content gives a new path, so a stale
 store is never picked up. File hashes are remembered by (path, size, mtime, inode, ctime) so
 that large checkpoints are not re-read on every Snakemake invocation; the ctime (which no user
@@ -65,6 +66,7 @@ __all__ = [
     "demo_data_dir",
     "gram_key",
     "gram_partition",
+    "gram_storage",
     "module_file",
     "store_key",
     "study_keys",
@@ -252,20 +254,33 @@ def store_key(
 PARTITION_SETTINGS = ("mode", "batch_size", "epochs", "seed", "kernel", "threshold")
 
 
+def gram_storage(analysis: Mapping[str, Any]) -> str:
+    """The dtype a study's Gram caches are stored in (``analysis.gram_storage``, ``auto``
+    resolved): float32 for a study of CKA only, in either mode (each finished float64 Gram
+    rounded once; CKA within 1e-6 of float64 storage), else float64. Float32 tiles round each
+    Gram entry by ~1e-7 of the largest: harmless for CKA, but the measures that use a layer's
+    spectrum (CCA, Procrustes, regression) would read that rounding as extra dimensions."""
+    storage = analysis.get("gram_storage", "auto")
+    if storage != "auto":
+        return str(storage)
+    measures = list(analysis.get("measures") or ["cka"])
+    return "float32" if measures == ["cka"] else "float64"
+
+
 def gram_partition(analysis: Mapping[str, Any]) -> dict[str, Any]:
     """What of a study's ``analysis`` settings a Gram cache depends on, with the product
-    precision resolved (``auto`` is the precision ``ckapipe gram`` picks for the mode)."""
+    precision resolved (``auto`` is the precision ``ckapipe gram`` picks for the mode) and the
+    storage dtype (:func:`gram_storage`): a float64 cache is never taken for a float32 one.
+
+    Minibatch caches of studies before ``storage`` entered this key (float64, keyed without
+    it) are not found under the new keys: the workflow rebuilds them (from their stores, which
+    keep their keys) rather than mistake them for float32 caches."""
     partition = {name: analysis[name] for name in PARTITION_SETTINGS}
     precision = analysis.get("precision", "auto")
     partition["precision"] = (
         default_precision(analysis["mode"]) if precision == "auto" else precision
     )
-    if analysis["mode"] == "full":
-        # float32 tiles round each Gram entry by ~1e-7 of the largest: harmless for CKA, but the
-        # measures that use a layer's spectrum (CCA, Procrustes, regression) would read that
-        # rounding as extra dimensions, so a study asking for them stores float64 tiles
-        measures = list(analysis.get("measures") or ["cka"])
-        partition["storage"] = "float32" if measures == ["cka"] else "float64"
+    partition["storage"] = gram_storage(analysis)
     return partition
 
 

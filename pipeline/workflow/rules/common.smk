@@ -262,6 +262,7 @@ def fused_args(wildcards):
         "--gram-kernel", ANALYSIS["kernel"],
         "--gram-threshold", str(ANALYSIS["threshold"]),
         "--gram-precision", PARTITION["precision"],
+        "--gram-storage", PARTITION["storage"],
         "--gram-seed", str(ANALYSIS["seed"]),
     ]
     return shlex.join(
@@ -289,9 +290,9 @@ def gram_args(wildcards):
             "--kernel", ANALYSIS["kernel"],
             "--threshold", str(ANALYSIS["threshold"]),
             "--precision", PARTITION["precision"],
+            "--storage", PARTITION["storage"],
             "--device", EXTRACTION["device"],
         ]
-        + (["--storage", PARTITION["storage"]] if "storage" in PARTITION else [])
     )
 
 
