@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ckapipe.analyze.estimators import add_shifted_products, centered_batch_gram
+from ckapipe.analyze.batch_writer import BatchWriter, background_writes
+from ckapipe.analyze.estimators import TileWorkspace, add_shifted_products, centered_batch_gram
 from ckapipe.analyze.full_build import write_full_tiles
 from ckapipe.analyze.gram_format import (
     DEFAULT_TILE,
@@ -437,21 +438,26 @@ def _epoch0_grams(
                 requests.append(BlockRequest(span, ((name, c0, c1),), tag=tag))
             k = k_end
     grams: dict[int, Tensor] | None = None
-    for block in iter_blocks(store, requests, **_loader(settings)):
-        name, k, k_end, last_tile = block.request.tag
-        tile = block.tensors[0]
-        spans = {j: batch_span(partition, j) for j in range(k, k_end)}
-        if grams is None:
-            grams = {
-                j: torch.zeros(b - a, b - a, dtype=torch.float64, device=tile.device)
-                for j, (a, b) in spans.items()
-            }
-        for j, (a, b) in spans.items():
-            add_shifted_products(grams[j], tile[a - k * m : b - k * m], settings["product_dtype"])
-        if last_tile:
-            for j in range(k, k_end):
-                arrays.write(name, j, finish(grams[j], name, j))
-            grams = None
+    workspace = TileWorkspace()
+    background = background_writes(settings["device"])
+    with BatchWriter(arrays, finish, background=background) as writer:
+        for block in iter_blocks(store, requests, **_loader(settings)):
+            name, k, k_end, last_tile = block.request.tag
+            tile = block.tensors[0]
+            spans = {j: batch_span(partition, j) for j in range(k, k_end)}
+            if grams is None:
+                grams = {
+                    j: torch.zeros(b - a, b - a, dtype=torch.float64, device=tile.device)
+                    for j, (a, b) in spans.items()
+                }
+            for j, (a, b) in spans.items():
+                add_shifted_products(
+                    grams[j], tile[a - k * m : b - k * m], settings["product_dtype"], workspace
+                )
+            if last_tile:
+                for j in range(k, k_end):
+                    writer.write(name, j, grams[j])
+                grams = None
 
 
 def _permuted_epoch_grams(
@@ -484,11 +490,12 @@ def _permuted_epoch_grams(
             k: torch.zeros(len(rows), len(rows), dtype=torch.float64, device=device)
             for k, rows in members.items()
         }
+        workspace = TileWorkspace()
         for block in iter_blocks(store, requests, **_loader(settings)):
             slab = block.tensors[0]  # (n, w)
             for k, rows in members.items():
                 add_shifted_products(
-                    grams[k], slab.index_select(0, rows), settings["product_dtype"]
+                    grams[k], slab.index_select(0, rows), settings["product_dtype"], workspace
                 )
         for k in numbers:
             number = epoch * per_epoch + k
