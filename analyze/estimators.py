@@ -52,6 +52,7 @@ __all__ = [
     "MinibatchCKA",
     "add_centered_products",
     "add_shifted_products",
+    "add_tile_products",
     "broadcast_ratio_cka",
     "center_gram",
     "centered_batch_gram",
@@ -67,6 +68,7 @@ __all__ = [
     "ratio_cka",
     "rbf_from_gram",
     "self_hsic_problem",
+    "shifted_tile",
     "stacked_hsic1",
     "FullCentering",
     "StreamedMedian",
@@ -662,6 +664,32 @@ class TileWorkspace:
         return flat[:count].view(shape)
 
 
+def shifted_tile(
+    tile: Tensor, product_dtype: torch.dtype = torch.float64, workspace: TileWorkspace | None = None
+) -> Tensor:
+    """X' = ``tile`` (m, w) minus its first row, in ``product_dtype``: the operand of
+    :func:`add_tile_products`. A new tensor, or the ``workspace``'s buffer (valid until its next
+    use); ``tile`` is never modified."""
+    if workspace is None:
+        x = tile.to(product_dtype)
+        if x.data_ptr() == tile.data_ptr():
+            x = x.clone()  # same dtype as given: do not shift the caller's buffer in place
+    else:
+        x = workspace.tensor((tile.shape[0], tile.shape[1]), product_dtype, tile.device)
+        x.copy_(tile)  # the same cast as ``tile.to``
+    x -= x[:1].clone()  # in place: one copy of the tile at a time, not two
+    return x
+
+
+def add_tile_products(gram: Tensor, x: Tensor) -> None:
+    """Add X'X'ᵀ to ``gram`` (m, m) float64 in place: float64 ``x`` in one ``addmm_``, float32
+    ``x`` multiplied in float32 and the product added in float64."""
+    if x.dtype == torch.float64:
+        gram.addmm_(x, x.T)
+    else:
+        gram += x @ x.T
+
+
 def add_shifted_products(
     gram: Tensor,
     tile: Tensor,
@@ -678,20 +706,10 @@ def add_shifted_products(
     cancel; a constant column becomes exactly 0. ``product_dtype`` float32 multiplies in float32
     (about 2x faster on a CPU) and still sums in float64. ``tile`` is never modified.
     ``workspace`` (a :class:`TileWorkspace`) holds X' instead of a fresh tensor per call: the
-    same values, without mapping new memory for every wide tile.
+    same values, without mapping new memory for every wide tile. The two halves,
+    :func:`shifted_tile` and :func:`add_tile_products`, may run on different threads.
     """
-    if workspace is None:
-        x = tile.to(product_dtype)
-        if x.data_ptr() == tile.data_ptr():
-            x = x.clone()  # same dtype as given: do not shift the caller's buffer in place
-    else:
-        x = workspace.tensor((tile.shape[0], tile.shape[1]), product_dtype, tile.device)
-        x.copy_(tile)  # the same cast as ``tile.to``
-    x -= x[:1].clone()  # in place: one copy of the tile at a time, not two
-    if product_dtype == torch.float64:
-        gram.addmm_(x, x.T)
-    else:
-        gram += x @ x.T
+    add_tile_products(gram, shifted_tile(tile, product_dtype, workspace))
 
 
 def centered_batch_gram(

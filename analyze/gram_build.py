@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ckapipe.analyze.batch_writer import BatchWriter, background_writes
-from ckapipe.analyze.estimators import TileWorkspace, add_shifted_products, centered_batch_gram
+from ckapipe.analyze.estimators import (
+    TileWorkspace,
+    add_shifted_products,
+    add_tile_products,
+    centered_batch_gram,
+    shifted_tile,
+)
 from ckapipe.analyze.full_build import write_full_tiles
 from ckapipe.analyze.gram_format import (
     DEFAULT_TILE,
@@ -47,6 +53,7 @@ from ckapipe.analyze.gram_format import (
     store_identity,
 )
 from ckapipe.analyze.loader import (
+    Block,
     BlockRequest,
     column_ranges,
     iter_blocks,
@@ -60,6 +67,7 @@ from ckapipe.analyze.partition import (
     epoch_order,
     make_partition,
 )
+from ckapipe.analyze.pass_overlap import BatchWriter, free_core, run_ahead
 from ckapipe.analyze.tile_grid import TileGrid
 from ckapipe.formats import now, versions, write_attrs
 from ckapipe.store import ActivationStore, IncompleteStoreError
@@ -437,27 +445,49 @@ def _epoch0_grams(
                 tag = (name, k, k_end, last_tile)
                 requests.append(BlockRequest(span, ((name, c0, c1),), tag=tag))
             k = k_end
+    background = free_core(settings["device"])
+    blocks = iter_blocks(store, requests, **_loader(settings))
+    workspaces = 2 if background else 1  # the tile being multiplied, the one being prepared
+    prepared = _shifted_batch_tiles(blocks, partition, settings["product_dtype"], workspaces)
     grams: dict[int, Tensor] | None = None
-    workspace = TileWorkspace()
-    background = background_writes(settings["device"])
     with BatchWriter(arrays, finish, background=background) as writer:
-        for block in iter_blocks(store, requests, **_loader(settings)):
-            name, k, k_end, last_tile = block.request.tag
+        with closing(run_ahead(prepared, background)) as tiles:
+            for (name, k, k_end, last_tile), j, x in tiles:
+                if grams is None:
+                    grams = {}
+                    for i in range(k, k_end):
+                        a, b = batch_span(partition, i)
+                        grams[i] = torch.zeros(b - a, b - a, dtype=torch.float64, device=x.device)
+                add_tile_products(grams[j], x)
+                if last_tile and j == k_end - 1:
+                    for i in range(k, k_end):
+                        writer.write(name, i, grams[i])
+                    grams = None
+
+
+def _shifted_batch_tiles(
+    blocks: Iterator[Block],
+    partition: dict[str, Any],
+    product_dtype: torch.dtype,
+    workspaces: int,
+) -> Iterator[tuple[Any, int, Tensor]]:
+    """(block tag, batch number, X') for each batch of each epoch-0 block: the batch's rows of
+    the block's column tile, shifted by its first row in the product dtype, in the next of
+    ``workspaces`` rotating buffers (each X' is valid until that many more are yielded)."""
+    buffers = [TileWorkspace() for _ in range(workspaces)]
+    count = 0
+    with closing(blocks):
+        for block in blocks:
+            k, k_end = block.request.tag[1:3]
             tile = block.tensors[0]
-            spans = {j: batch_span(partition, j) for j in range(k, k_end)}
-            if grams is None:
-                grams = {
-                    j: torch.zeros(b - a, b - a, dtype=torch.float64, device=tile.device)
-                    for j, (a, b) in spans.items()
-                }
-            for j, (a, b) in spans.items():
-                add_shifted_products(
-                    grams[j], tile[a - k * m : b - k * m], settings["product_dtype"], workspace
+            first = block.request.rows[0]  # batch k's first row
+            for j in range(k, k_end):
+                a, b = batch_span(partition, j)
+                x = shifted_tile(
+                    tile[a - first : b - first], product_dtype, buffers[count % workspaces]
                 )
-            if last_tile:
-                for j in range(k, k_end):
-                    writer.write(name, j, grams[j])
-                grams = None
+                count += 1
+                yield block.request.tag, j, x
 
 
 def _permuted_epoch_grams(

@@ -12,7 +12,7 @@ Also the accuracy of float32 products: largest |CKA(float32) − CKA(float64)| o
 
 ``--gemm-floor`` measures instead the pass against its *GEMM floor* (issue 12: ≥ 80 % at
 n ≥ 5000): the time of the very products the pass makes (each batch's column tiles X' X'ᵀ, in
-the product dtype, accumulated into a float64 m×m Gram as ``add_shifted_products`` does) on
+the product dtype, accumulated into a float64 m×m Gram by the pass's ``add_tile_products``) on
 tiles already in memory, already converted and shifted, with nothing else around them. Pass and
 floor run interleaved in one process, for each precision and each torch thread count; the table
 gives floor time ÷ pass time.
@@ -187,19 +187,19 @@ def floor_tiles(path: Path, m: int, precision: str) -> list[list[Any]]:
 
 def gemm_floor(batches: list[list[Any]]) -> float:
     """Seconds of the pass's products alone: per batch, X' X'ᵀ of each tile summed into a
-    float64 m×m Gram with the same call the pass makes (float64: ``addmm_``; float32: the
+    float64 m×m Gram with the call the pass makes
+    (:func:`~ckapipe.analyze.estimators.add_tile_products`: float64 ``addmm_``; float32: the
     float32 product added to the float64 Gram)."""
     import torch
+
+    from ckapipe.analyze.estimators import add_tile_products
 
     start = time.perf_counter()
     for tiles in batches:
         rows = tiles[0].shape[0]
         gram = torch.zeros(rows, rows, dtype=torch.float64)
         for x in tiles:
-            if x.dtype == torch.float64:
-                gram.addmm_(x, x.T)
-            else:
-                gram += x @ x.T
+            add_tile_products(gram, x)
     return time.perf_counter() - start
 
 

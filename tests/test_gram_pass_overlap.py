@@ -16,12 +16,12 @@ import pytest
 import torch
 
 import ckapipe.store as store_module
-from ckapipe.analyze import batch_writer
-from ckapipe.analyze.batch_writer import BatchWriter
+from ckapipe.analyze import estimators, gram_build, pass_overlap
 from ckapipe.analyze.estimators import TileWorkspace, add_shifted_products, centered_batch_gram
 from ckapipe.analyze.gram_cache import GramCache, GramCacheError, build_gram_cache
 from ckapipe.analyze.loader import column_ranges
 from ckapipe.analyze.partition import batch_span, make_partition
+from ckapipe.analyze.pass_overlap import BatchWriter, run_ahead
 from ckapipe.store import ActivationStore, LayerRecord
 
 FEATURES = {"narrow": 7, "wide": 300}
@@ -122,12 +122,20 @@ def test_background_and_inline_writes_build_the_same_cache(
     thread; the cache is bit-for-bit the inline one and the pre-speed-up computation."""
     path = make_store(tmp_path / "store", dtype)
     modes = _writer_modes(monkeypatch)
+    preparers = set()  # threads that shifted tiles
+
+    def recording_shift(*args, **kwargs):
+        preparers.add(threading.current_thread().name.rsplit("_", 1)[0])
+        return estimators.shifted_tile(*args, **kwargs)
+
+    monkeypatch.setattr(gram_build, "shifted_tile", recording_shift)
     options = {"batch_size": M, "epochs": 2, "kernel": kernel, "precision": precision}
     _free_cores(monkeypatch, 1)
     background = build_gram_cache(path, tmp_path / "bg", device="cpu", **options)
     _free_cores(monkeypatch, 0)
     inline = build_gram_cache(path, tmp_path / "inline", device="cpu", **options)
     assert modes == [True, False]
+    assert preparers == {"ckapipe-gram-prepare", "MainThread"}
     assert background.layer_names == inline.layer_names == list(FEATURES)
     assert len(background.batches) == 10  # 2 epochs of 5, the permuted epoch included
     for name in FEATURES:
@@ -185,10 +193,40 @@ def test_an_error_in_the_pass_drops_pending_writes_and_waits_for_the_running_one
 
 
 def test_writes_keep_their_order_and_bound_the_pending_grams(monkeypatch):
-    monkeypatch.setattr(batch_writer, "MAX_PENDING", 3)
+    monkeypatch.setattr(pass_overlap, "MAX_PENDING", 3)
     recorder = _Recorder()
     with BatchWriter(recorder, _slow_finish, background=True) as writer:
         for batch in range(8):
             writer.write("layer", batch, torch.zeros(4, 4, dtype=torch.float64))
             assert len(writer._pending) <= 3  # noqa: SLF001 - the bound under test
     assert recorder.written == [("layer", b) for b in range(8)]
+
+
+def test_run_ahead_keeps_order_raises_errors_and_stops_its_source():
+    def numbers(log):
+        try:
+            for i in range(6):
+                log.append(threading.current_thread().name)
+                if i == 4:
+                    raise ValueError("bad block 4")
+                yield i
+        finally:
+            log.append("closed")
+
+    inline_log: list[str] = []
+    with pytest.raises(ValueError, match="bad block 4"):
+        list(run_ahead(numbers(inline_log), False))
+    assert set(inline_log[:-1]) == {"MainThread"} and inline_log[-1] == "closed"
+    log: list[str] = []
+    seen = []
+    with pytest.raises(ValueError, match="bad block 4"):
+        for value in run_ahead(numbers(log), True):
+            seen.append(value)
+    assert seen == [0, 1, 2, 3] and log[-1] == "closed"
+    assert set(log[:-1]) == {"ckapipe-gram-prepare_0"}
+
+    log = []
+    ahead = run_ahead(numbers(log), True)
+    assert next(ahead) == 0
+    ahead.close()  # the caller stops early: the item in progress finishes, the source closes
+    assert log[-1] == "closed" and len(log) == 3  # items 0 and 1 computed, then closed

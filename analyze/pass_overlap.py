@@ -1,26 +1,31 @@
-"""Finishing and writing a Gram cache's batches, on a writer thread when a core is free.
+"""The Gram pass's work around its products, moved onto helper threads when a core is free.
 
-A minibatch Gram pass spends its time in the tile products; each finished batch Gram then
-still needs its U-centering and a zarr chunk write (about 3 ms for a 256 × 256 float64 chunk
-on a 2-core VM, ~20 % of the products' time at n = 5120, bench/RESULTS.md). With a core free
-of torch's threads, :class:`BatchWriter` runs both on one writer thread while the pass goes on
-with the next products. The values and the files are the same either way: the same functions
-run on the same Grams, each batch into its own chunk.
+A minibatch Gram pass should spend its time in the tile products X'X'ᵀ (its GEMM floor). Around
+them it converts and shifts each tile (:func:`~ckapipe.analyze.estimators.shifted_tile`), and
+finishes each batch Gram (U-centering) and writes it as a zarr chunk (about 3 ms for a 256 ×
+256 float64 chunk on a 2-core VM): together ~35 % of the products' time at n = 5120 in float32
+(bench/RESULTS.md, GEMM floor section). With a core free of torch's threads
+(:func:`free_core`), :func:`run_ahead` prepares the next shifted tile on one helper thread and
+:class:`BatchWriter` finishes and writes batches on another while the products go on. The
+values and files are the same either way: the same functions on the same inputs, each batch
+into its own chunk; only the thread differs.
 """
 
 from __future__ import annotations
 
 import os
 from collections import deque
-from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Protocol
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from typing import Any, Protocol, TypeVar
 
 import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["BatchWriter", "background_writes"]
+__all__ = ["BatchWriter", "free_core", "run_ahead"]
+
+T = TypeVar("T")
 
 #: Batches handed over but not yet written, at most: each holds its m × m float64 Gram.
 MAX_PENDING = 64
@@ -30,10 +35,36 @@ class _Arrays(Protocol):
     def write(self, layer: str, batch: int, gram: np.ndarray) -> None: ...
 
 
-def background_writes(device: torch.device) -> bool:
-    """Whether a writer thread helps: a CPU pass whose torch threads leave a core free (on a
-    loaded core, the products' own threads would lose time to it)."""
+def free_core(device: torch.device) -> bool:
+    """Whether helper threads help: a CPU pass whose torch threads leave a core free (on a core
+    that torch's threads use, the products would lose that time to them)."""
     return device.type == "cpu" and torch.get_num_threads() < (os.cpu_count() or 1)
+
+
+def run_ahead(items: Iterator[T], background: bool) -> Iterator[T]:
+    """Yield ``items``, computing each next one on a helper thread while the caller works on the
+    current one (``background``), or inline.
+
+    ``items`` is only ever advanced by one thread at a time; its errors are raised here. When
+    the caller stops early (an error, ``close()``), the item in progress is waited for and
+    ``items`` is closed, so nothing runs on the helper thread afterwards.
+    """
+    if not background:
+        yield from items
+        return
+    end = object()
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="ckapipe-gram-prepare")
+    future = pool.submit(next, items, end)
+    try:
+        while (item := future.result()) is not end:
+            future = pool.submit(next, items, end)
+            yield item  # type: ignore[misc]
+    finally:
+        wait([future])
+        pool.shutdown(wait=True)
+        close = getattr(items, "close", None)
+        if close is not None:
+            close()
 
 
 class BatchWriter:
