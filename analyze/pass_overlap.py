@@ -3,7 +3,7 @@
 A minibatch Gram pass should spend its time in the tile products X'X'ᵀ (its GEMM floor). Around
 them it converts and shifts each tile (:func:`~ckapipe.analyze.estimators.shifted_tile`), and
 finishes each batch Gram (U-centering) and writes it as a zarr chunk (about 3 ms for a 256 ×
-256 float64 chunk on a 2-core VM): together ~35 % of the products' time at n = 5120 in float32
+256 float64 chunk on a 2-core VM): together ~40 % of the products' time at n = 5120 in float32
 (bench/RESULTS.md, GEMM floor section). With a core free of torch's threads
 (:func:`free_core`), :func:`run_ahead` prepares the next shifted tile on one helper thread and
 :class:`BatchWriter` finishes and writes batches on another while the products go on. The
