@@ -27,8 +27,8 @@ __all__ = ["BatchWriter", "free_core", "run_ahead"]
 
 T = TypeVar("T")
 
-#: Batches handed over but not yet written, at most: each holds its m × m float64 Gram.
-MAX_PENDING = 64
+#: Bytes of batch Grams handed over but not yet written, at most (one Gram always may be).
+MAX_PENDING_BYTES = 64 * 2**20
 
 
 class _Arrays(Protocol):
@@ -90,7 +90,8 @@ class BatchWriter:
             if background
             else None
         )
-        self._pending: deque[Future[None]] = deque()
+        self._pending: deque[tuple[Future[None], int]] = deque()  # (write, Gram bytes)
+        self._pending_bytes = 0
 
     @property
     def background(self) -> bool:
@@ -104,9 +105,15 @@ class BatchWriter:
         if self._pool is None:
             self._write(layer, batch, gram)
             return
-        while self._pending and (self._pending[0].done() or len(self._pending) >= MAX_PENDING):
-            self._pending.popleft().result()  # re-raises a failed write here
-        self._pending.append(self._pool.submit(self._write, layer, batch, gram))
+        size = gram.numel() * gram.element_size()
+        while self._pending and (
+            self._pending[0][0].done() or self._pending_bytes + size > MAX_PENDING_BYTES
+        ):
+            future, done_size = self._pending.popleft()
+            self._pending_bytes -= done_size
+            future.result()  # re-raises a failed write here
+        self._pending.append((self._pool.submit(self._write, layer, batch, gram), size))
+        self._pending_bytes += size
 
     def __enter__(self) -> BatchWriter:
         return self
@@ -119,6 +126,6 @@ class BatchWriter:
             return
         try:
             while self._pending:
-                self._pending.popleft().result()
+                self._pending.popleft()[0].result()
         finally:
             self._pool.shutdown(wait=True, cancel_futures=True)

@@ -193,13 +193,15 @@ def test_an_error_in_the_pass_drops_pending_writes_and_waits_for_the_running_one
 
 
 def test_writes_keep_their_order_and_bound_the_pending_grams(monkeypatch):
-    monkeypatch.setattr(pass_overlap, "MAX_PENDING", 3)
+    monkeypatch.setattr(pass_overlap, "MAX_PENDING_BYTES", 3 * 4 * 4 * 8)  # three 4×4 Grams
     recorder = _Recorder()
     with BatchWriter(recorder, _slow_finish, background=True) as writer:
         for batch in range(8):
             writer.write("layer", batch, torch.zeros(4, 4, dtype=torch.float64))
             assert len(writer._pending) <= 3  # noqa: SLF001 - the bound under test
-    assert recorder.written == [("layer", b) for b in range(8)]
+        writer.write("layer", 8, torch.zeros(8, 8, dtype=torch.float64))  # alone over the bound
+        assert len(writer._pending) == 1  # noqa: SLF001
+    assert recorder.written == [("layer", b) for b in range(9)]
 
 
 def test_run_ahead_keeps_order_raises_errors_and_stops_its_source():
