@@ -31,7 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckapipe.analyze.estimators import add_shifted_products
+from ckapipe.analyze.estimators import TileWorkspace, add_shifted_products
 from ckapipe.analyze.gram_format import (
     KERNELS,
     PRECISIONS,
@@ -173,6 +173,7 @@ class FusedGramWriter:
             torch.float64 if request.product_precision == "float64" else torch.float32
         )
         self.finish_gram = _finisher(request.kernel, request.threshold)
+        self.workspace = TileWorkspace()  # one converted tile, reused: no fresh 32 MiB tiles
         self.bfloat16 = store.dtype == "bfloat16"
         self.columns = {
             name: column_ranges(
@@ -264,7 +265,7 @@ class FusedGramWriter:
             tile = torch.from_numpy(np.ascontiguousarray(rows[:, c0:c1]))
             if self.bfloat16:
                 tile = tile.view(torch.bfloat16)
-            add_shifted_products(gram, tile.to(self.device), self.product_dtype)
+            add_shifted_products(gram, tile.to(self.device), self.product_dtype, self.workspace)
         self.arrays.write(name, k, self.finish_gram(gram, name, k))  # type: ignore[union-attr]
 
     def finish(self) -> None:
