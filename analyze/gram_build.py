@@ -428,7 +428,13 @@ def _epoch0_grams(
     finish: Callable[[Tensor, str, int], np.ndarray],
     settings: dict[str, Any],
 ) -> None:
-    """Contiguous batches: row windows of whole batches ≈ one row chunk, tiled along columns."""
+    """Contiguous batches: row windows of whole batches ≈ one row chunk, tiled along columns.
+
+    With a core free of torch's threads (:func:`~ckapipe.analyze.pass_overlap.free_core`), the
+    next tile is shifted on a helper thread and finished batches are U-centered and written on
+    another while this thread multiplies; the same functions on the same inputs, so the same
+    bits (bench/RESULTS.md, GEMM floor section).
+    """
     m = partition["batch_size"]
     requests = []
     for name in arrays.layers:
