@@ -59,6 +59,7 @@ __all__ = [
     "MinibatchCKA",
     "add_centered_products",
     "add_shifted_products",
+    "add_tile_products",
     "broadcast_ratio_cka",
     "center_gram",
     "centered_batch_gram",
@@ -74,9 +75,11 @@ __all__ = [
     "ratio_cka",
     "rbf_from_gram",
     "self_hsic_problem",
+    "shifted_tile",
     "stacked_hsic1",
     "FullCentering",
     "StreamedMedian",
+    "TileWorkspace",
     "u_center",
     "u_centered_gram",
 ]
@@ -550,8 +553,59 @@ def u_centered_gram(x: ArrayLike, *, kernel: Kernel = "linear", threshold: float
     return centered_batch_gram(g, kernel=kernel, threshold=threshold)
 
 
+class TileWorkspace:
+    """A reusable buffer for the converted, shifted tile of :func:`add_shifted_products`.
+
+    A fresh tile of 32 MiB or more (256 × 16384 float64, 256 × 32768 float32) is above glibc's
+    largest mmap threshold, so each one is mapped and page-faulted anew: measured 25 ms for the
+    256 × 16384 float16 → float64 conversion against 6 ms into a reused buffer, next to 53 ms
+    for its product (bench/RESULTS.md, GEMM floor section). One workspace per loop of products;
+    it grows to the largest tile and is not thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._flat: Tensor | None = None
+
+    def tensor(self, shape: tuple[int, int], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised ``shape`` tensor in the buffer, valid until the next call."""
+        count = shape[0] * shape[1]
+        flat = self._flat
+        if flat is None or flat.numel() < count or flat.dtype != dtype or flat.device != device:
+            flat = self._flat = torch.empty(count, dtype=dtype, device=device)
+        return flat[:count].view(shape)
+
+
+def shifted_tile(
+    tile: Tensor, product_dtype: torch.dtype = torch.float64, workspace: TileWorkspace | None = None
+) -> Tensor:
+    """X' = ``tile`` (m, w) minus its first row, in ``product_dtype``: the operand of
+    :func:`add_tile_products`. A new tensor, or the ``workspace``'s buffer (valid until its next
+    use); ``tile`` is never modified."""
+    if workspace is None:
+        x = tile.to(product_dtype)
+        if x.data_ptr() == tile.data_ptr():
+            x = x.clone()  # same dtype as given: do not shift the caller's buffer in place
+    else:
+        x = workspace.tensor((tile.shape[0], tile.shape[1]), product_dtype, tile.device)
+        x.copy_(tile)  # the same cast as ``tile.to``
+    x -= x[:1].clone()  # in place: one copy of the tile at a time, not two
+    return x
+
+
+def add_tile_products(gram: Tensor, x: Tensor) -> None:
+    """Add X'X'ᵀ to ``gram`` (m, m) float64 in place: float64 ``x`` in one ``addmm_``, float32
+    ``x`` multiplied in float32 and the product added in float64."""
+    if x.dtype == torch.float64:
+        gram.addmm_(x, x.T)
+    else:
+        gram += x @ x.T
+
+
 def add_shifted_products(
-    gram: Tensor, tile: Tensor, product_dtype: torch.dtype = torch.float64
+    gram: Tensor,
+    tile: Tensor,
+    product_dtype: torch.dtype = torch.float64,
+    workspace: TileWorkspace | None = None,
 ) -> None:
     """Add X'X'ᵀ to ``gram`` (m, m) float64 in place, X' = ``tile`` (m, w) minus its first row.
 
@@ -562,15 +616,11 @@ def add_shifted_products(
     common offset (post-ReLU means) that makes uncentered entries huge and their differences
     cancel; a constant column becomes exactly 0. ``product_dtype`` float32 multiplies in float32
     (about 2x faster on a CPU) and still sums in float64. ``tile`` is never modified.
+    ``workspace`` (a :class:`TileWorkspace`) holds X' instead of a fresh tensor per call: the
+    same values, without mapping new memory for every wide tile. The two halves,
+    :func:`shifted_tile` and :func:`add_tile_products`, may run on different threads.
     """
-    x = tile.to(product_dtype)
-    if x.data_ptr() == tile.data_ptr():
-        x = x.clone()  # same dtype as given: do not shift the caller's buffer in place
-    x -= x[:1].clone()  # in place: one copy of the tile at a time, not two
-    if product_dtype == torch.float64:
-        gram.addmm_(x, x.T)
-    else:
-        gram += x @ x.T
+    add_tile_products(gram, shifted_tile(tile, product_dtype, workspace))
 
 
 def centered_batch_gram(

@@ -17,7 +17,8 @@ from __future__ import annotations
 
 import os
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from ckapipe.analyze.estimators import add_shifted_products, centered_batch_gram
+from ckapipe.analyze.estimators import (
+    TileWorkspace,
+    add_shifted_products,
+    add_tile_products,
+    centered_batch_gram,
+    shifted_tile,
+)
 from ckapipe.analyze.full_build import write_full_tiles
 from ckapipe.analyze.gram_format import (
     DEFAULT_STORAGE,
@@ -47,6 +54,7 @@ from ckapipe.analyze.gram_format import (
     store_identity,
 )
 from ckapipe.analyze.loader import (
+    Block,
     BlockRequest,
     column_ranges,
     iter_blocks,
@@ -60,6 +68,7 @@ from ckapipe.analyze.partition import (
     epoch_order,
     make_partition,
 )
+from ckapipe.analyze.pass_overlap import BatchWriter, free_core, run_ahead
 from ckapipe.analyze.tile_grid import TileGrid
 from ckapipe.formats import now, versions, write_attrs
 from ckapipe.store import ActivationStore, IncompleteStoreError
@@ -424,7 +433,13 @@ def _epoch0_grams(
     finish: Callable[[Tensor, str, int], np.ndarray],
     settings: dict[str, Any],
 ) -> None:
-    """Contiguous batches: row windows of whole batches ≈ one row chunk, tiled along columns."""
+    """Contiguous batches: row windows of whole batches ≈ one row chunk, tiled along columns.
+
+    With a core free of torch's threads (:func:`~ckapipe.analyze.pass_overlap.free_core`), the
+    next tile is shifted on a helper thread and finished batches are U-centered and written on
+    another while this thread multiplies; the same functions on the same inputs, so the same
+    bits (bench/RESULTS.md, GEMM floor section).
+    """
     m = partition["batch_size"]
     requests = []
     for name in arrays.layers:
@@ -441,22 +456,49 @@ def _epoch0_grams(
                 tag = (name, k, k_end, last_tile)
                 requests.append(BlockRequest(span, ((name, c0, c1),), tag=tag))
             k = k_end
+    background = free_core(settings["device"])
+    blocks = iter_blocks(store, requests, **_loader(settings))
+    workspaces = 2 if background else 1  # the tile being multiplied, the one being prepared
+    prepared = _shifted_batch_tiles(blocks, partition, settings["product_dtype"], workspaces)
     grams: dict[int, Tensor] | None = None
-    for block in iter_blocks(store, requests, **_loader(settings)):
-        name, k, k_end, last_tile = block.request.tag
-        tile = block.tensors[0]
-        spans = {j: batch_span(partition, j) for j in range(k, k_end)}
-        if grams is None:
-            grams = {
-                j: torch.zeros(b - a, b - a, dtype=torch.float64, device=tile.device)
-                for j, (a, b) in spans.items()
-            }
-        for j, (a, b) in spans.items():
-            add_shifted_products(grams[j], tile[a - k * m : b - k * m], settings["product_dtype"])
-        if last_tile:
+    with BatchWriter(arrays, finish, background=background) as writer:
+        with closing(run_ahead(prepared, background)) as tiles:
+            for (name, k, k_end, last_tile), j, x in tiles:
+                if grams is None:
+                    grams = {}
+                    for i in range(k, k_end):
+                        a, b = batch_span(partition, i)
+                        grams[i] = torch.zeros(b - a, b - a, dtype=torch.float64, device=x.device)
+                add_tile_products(grams[j], x)
+                if last_tile and j == k_end - 1:
+                    for i in range(k, k_end):
+                        writer.write(name, i, grams[i])
+                    grams = None
+
+
+def _shifted_batch_tiles(
+    blocks: Iterator[Block],
+    partition: dict[str, Any],
+    product_dtype: torch.dtype,
+    workspaces: int,
+) -> Iterator[tuple[Any, int, Tensor]]:
+    """(block tag, batch number, X') for each batch of each epoch-0 block: the batch's rows of
+    the block's column tile, shifted by its first row in the product dtype, in the next of
+    ``workspaces`` rotating buffers (each X' is valid until that many more are yielded)."""
+    buffers = [TileWorkspace() for _ in range(workspaces)]
+    count = 0
+    with closing(blocks):
+        for block in blocks:
+            k, k_end = block.request.tag[1:3]
+            tile = block.tensors[0]
+            first = block.request.rows[0]  # batch k's first row
             for j in range(k, k_end):
-                arrays.write(name, j, finish(grams[j], name, j))
-            grams = None
+                a, b = batch_span(partition, j)
+                x = shifted_tile(
+                    tile[a - first : b - first], product_dtype, buffers[count % workspaces]
+                )
+                count += 1
+                yield block.request.tag, j, x
 
 
 def _permuted_epoch_grams(
@@ -489,11 +531,12 @@ def _permuted_epoch_grams(
             k: torch.zeros(len(rows), len(rows), dtype=torch.float64, device=device)
             for k, rows in members.items()
         }
+        workspace = TileWorkspace()
         for block in iter_blocks(store, requests, **_loader(settings)):
             slab = block.tensors[0]  # (n, w)
             for k, rows in members.items():
                 add_shifted_products(
-                    grams[k], slab.index_select(0, rows), settings["product_dtype"]
+                    grams[k], slab.index_select(0, rows), settings["product_dtype"], workspace
                 )
         for k in numbers:
             number = epoch * per_epoch + k

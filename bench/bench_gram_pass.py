@@ -10,11 +10,20 @@ On the same synthetic float16 stores, side by side in one run:
     growth), next to the RSS of a process that only imported everything and opened the store.
 Also the accuracy of float32 products: largest |CKA(float32) − CKA(float64)| over layer pairs.
 
+``--gemm-floor`` measures instead the pass against its *GEMM floor* (issue 12: ≥ 80 % at
+n ≥ 5000): the time of the very products the pass makes (each batch's column tiles X' X'ᵀ, in
+the product dtype, accumulated into a float64 m×m Gram by the pass's ``add_tile_products``) on
+tiles already in memory, already converted and shifted, with nothing else around them. Pass and
+floor run interleaved in one process, for each precision and each torch thread count; the table
+gives floor time ÷ pass time.
+
 Usage::
 
     python bench/bench_gram_pass.py            # n = 4096 / 16384, layers of 4k–32k features
     python bench/bench_gram_pass.py --quick    # seconds: n = 1024 / 4096, smaller layers
     python bench/bench_gram_pass.py --write    # also replace this benchmark's section of RESULTS.md
+    python bench/bench_gram_pass.py --gemm-floor             # n = 5120, layers 512/4096/16384
+    python bench/bench_gram_pass.py --gemm-floor --profile   # plus a cProfile of one pass
 
 Timings are warm page cache (stores just written); medians over ``--repeats``.
 """
@@ -31,6 +40,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from report import RESULTS_MD, machine, machine_text, median, proc_status_mb, utc_now, write_section
@@ -141,6 +151,158 @@ def max_cka_difference(cache_a: Path, cache_b: Path) -> float:
             accumulator.update_grams(grams)
         results.append(accumulator.compute())
     return float(np.abs(results[0] - results[1]).max())
+
+
+def floor_tiles(path: Path, m: int, precision: str) -> list[list[Any]]:
+    """The operands of every product an epoch-0 minibatch pass makes, ready to multiply.
+
+    One list per (layer, batch), store order: the batch's column tiles (the store's column
+    chunks, as the pass reads them), converted to the product dtype and shifted by the batch's
+    first row exactly as :func:`~ckapipe.analyze.estimators.add_shifted_products` does,
+    contiguous in memory.
+    """
+    import torch
+
+    from ckapipe.analyze.loader import column_ranges
+    from ckapipe.analyze.partition import batch_span, make_partition
+    from ckapipe.store import ActivationStore
+
+    dtype = torch.float64 if precision == "float64" else torch.float32
+    store = ActivationStore.open(path)
+    partition = make_partition(store.n_samples, m, 1, 0)
+    batches = []
+    for name in store.layer_names:
+        array = store.array(name)
+        columns = column_ranges(store.layer(name).n_features, store.chunk_shape(name)[1])
+        for k in range(partition["batches_per_epoch"]):
+            a, b = batch_span(partition, k)
+            rows = torch.from_numpy(np.asarray(array[a:b]))
+            tiles = []
+            for c0, c1 in columns:
+                x = rows[:, c0:c1].to(dtype)
+                tiles.append((x - x[:1]).contiguous())
+            batches.append(tiles)
+    return batches
+
+
+def gemm_floor(batches: list[list[Any]]) -> float:
+    """Seconds of the pass's products alone: per batch, X' X'ᵀ of each tile summed into a
+    float64 m×m Gram with the call the pass makes
+    (:func:`~ckapipe.analyze.estimators.add_tile_products`: float64 ``addmm_``; float32: the
+    float32 product added to the float64 Gram)."""
+    import torch
+
+    from ckapipe.analyze.estimators import add_tile_products
+
+    start = time.perf_counter()
+    for tiles in batches:
+        rows = tiles[0].shape[0]
+        gram = torch.zeros(rows, rows, dtype=torch.float64)
+        for x in tiles:
+            add_tile_products(gram, x)
+    return time.perf_counter() - start
+
+
+def _floor_runs(
+    path: Path, work: Path, m: int, repeats: int, threads: list[int]
+) -> dict[tuple[int, str], dict[str, list[float]]]:
+    """Seconds of the pass and of its GEMM floor, per (torch threads, precision); within each
+    thread count the four measurements alternate in every repeat."""
+    import torch
+
+    tiles = {precision: floor_tiles(path, m, precision) for precision in ("float64", "float32")}
+    timings: dict[tuple[int, str], dict[str, list[float]]] = {}
+    for count in threads:
+        torch.set_num_threads(count)
+        for precision in tiles:  # warm-up: allocator, page cache, MKL's kernels
+            gemm_floor(tiles[precision])
+            gram_pass(path, work / f"g-{precision}", m, "cpu", precision)
+        for repeat in range(repeats):
+            for precision in tiles:
+                runs = timings.setdefault((count, precision), {"floor": [], "pass": []})
+                runs["floor"].append(gemm_floor(tiles[precision]))
+                runs["pass"].append(gram_pass(path, work / f"g-{precision}", m, "cpu", precision))
+                print(f"threads {count}, {precision}, repeat {repeat}: floor "
+                      f"{runs['floor'][-1]:.2f} s, pass {runs['pass'][-1]:.2f} s",
+                      flush=True)  # fmt: skip
+    return timings
+
+
+def _floor_table(timings: dict[tuple[int, str], dict[str, list[float]]], flops: float) -> list[str]:
+    """Medians (min) of pass and floor, the floor's GFLOP/s, and floor ÷ pass three ways: of the
+    medians, the median of each repeat's own ratio (floor and pass ran back to back, so the
+    least affected by a shared machine's changing load), and of the fastest runs."""
+    lines = [
+        "| torch threads | products | GEMM floor: median (min) | floor GFLOP/s | Gram pass: "
+        "median (min) | floor ÷ pass: medians | per-repeat ratios: median | fastest runs |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for (count, precision), runs in timings.items():
+        floor, full = median(runs["floor"]), median(runs["pass"])
+        paired = median([f / p for f, p in zip(runs["floor"], runs["pass"], strict=True)])
+        lines.append(
+            f"| {count} | {precision} | {floor:.2f} s ({min(runs['floor']):.2f}) | "
+            f"{flops / floor / 1e9:.0f} | {full:.2f} s ({min(runs['pass']):.2f}) | "
+            f"{100 * floor / full:.0f} % | **{100 * paired:.0f} %** | "
+            f"{100 * min(runs['floor']) / min(runs['pass']):.0f} % |"
+        )
+    return lines
+
+
+def profile_pass(path: Path, work: Path, m: int, precision: str, top: int = 25) -> str:
+    """cProfile of one pass (main thread only: reader threads show as waits), by own time."""
+    import cProfile
+    import io
+    import pstats
+
+    profiler = cProfile.Profile()
+    profiler.enable()
+    gram_pass(path, work / "g-profile", m, "cpu", precision)
+    profiler.disable()
+    text = io.StringIO()
+    pstats.Stats(profiler, stream=text).sort_stats("tottime").print_stats(top)
+    return text.getvalue()
+
+
+def run_gemm_floor(args: argparse.Namespace) -> str:
+    """The pass vs its GEMM floor on a fresh float16 store (``--gemm-floor``)."""
+    import torch
+
+    n, features, m = args.n, args.features, args.batch_size
+    work = Path(tempfile.mkdtemp(prefix="ckapipe-bench-", dir=args.dir))
+    try:
+        path = work / "store"
+        start = time.perf_counter()
+        make_store(path, n, features)
+        print(f"store n={n}: {store_bytes(path) / 1e9:.2f} GB written in "
+              f"{time.perf_counter() - start:.1f} s", flush=True)  # fmt: skip
+        from ckapipe.store import ActivationStore
+
+        store = ActivationStore.open(path)
+        chunks = {name: list(store.chunk_shape(name)) for name in store.layer_names}
+        batches = n // m
+        flops = 2.0 * m * m * sum(features) * batches
+        timings = _floor_runs(path, work, m, args.repeats, args.threads)
+        profiles = []
+        if args.profile:
+            for count in args.threads:
+                torch.set_num_threads(count)
+                report = profile_pass(path, work, m, "float32")
+                profiles += [f"cProfile, float32 pass, {count} torch thread(s):", report]
+                print(profiles[-2], profiles[-1], sep="\n", flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return "\n".join(
+        [
+            f"Run {utc_now()} on {machine_text(machine(), 'at the end')}; device `cpu`.",
+            f"Store: float16 (as extraction writes by default), no codec, n = {n}, layers "
+            f"{features} features, chunks {chunks}. Minibatch m = {m} ({batches} batches), "
+            f"1 epoch; {flops / 1e9:.1f} GFLOP of tile products per pass. Warm page cache; "
+            f"medians of {args.repeats} interleaved repeats.",
+            "",
+            *_floor_table(timings, flops),
+        ]
+    )
 
 
 def child_peak_rss(argv: list[str]) -> int:
@@ -292,14 +454,32 @@ def write_results(body: str, analysis: str) -> None:
     )
 
 
+FLOOR_HEADING = (
+    "## Gram pass vs its GEMM floor at n ≥ 5000 (issue 12)\n\n"
+    "Script: `python bench/bench_gram_pass.py --gemm-floor` (`--profile` adds a cProfile)."
+)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny stores, seconds")
-    parser.add_argument("--n", type=int, default=4096, help="rows of the smaller store")
-    parser.add_argument("--features", type=int, nargs="+", default=[4096, 16384, 32768])
+    parser.add_argument("--n", type=int, default=None, help="rows of the (smaller) store")
+    parser.add_argument("--features", type=int, nargs="+", default=None)
     parser.add_argument("--batch-size", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto")
+    parser.add_argument(
+        "--gemm-floor",
+        action="store_true",
+        help="measure the pass against its GEMM floor instead (defaults: n 5120, layers "
+        "512 4096 16384)",
+    )
+    parser.add_argument(
+        "--threads", type=int, nargs="+", default=[1, 2], help="torch threads (--gemm-floor)"
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="--gemm-floor: also cProfile one float32 pass"
+    )
     parser.add_argument("--dir", default=None, help="where to put the temporary stores")
     parser.add_argument("--write", action="store_true", help="update bench/RESULTS.md")
     parser.add_argument("--analysis", default="", help="text to put under the tables")
@@ -310,6 +490,17 @@ def main() -> None:
     if args.child:
         child_main(args)
         return
+    if args.gemm_floor:
+        args.n = args.n or 5120
+        args.features = args.features or [512, 4096, 16384]
+        body = run_gemm_floor(args)
+        print(body)
+        if args.write:
+            write_section("bench_gram_floor", f"{FLOOR_HEADING}\n\n{body}\n\n{args.analysis}")
+            print(f"updated {RESULTS_MD}")
+        return
+    args.n = args.n or 4096
+    args.features = args.features or [4096, 16384, 32768]
     body = run(args)
     print(body)
     if args.write:

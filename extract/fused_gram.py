@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from ckapipe.analyze.estimators import add_shifted_products
+from ckapipe.analyze.estimators import TileWorkspace, add_shifted_products
 from ckapipe.analyze.gram_format import (
     DEFAULT_STORAGE,
     KERNELS,
@@ -206,6 +206,7 @@ class FusedGramWriter:
             torch.float64 if request.product_precision == "float64" else torch.float32
         )
         self.finish_gram = _finisher(request.kernel, request.threshold)
+        self.workspace = TileWorkspace()  # one converted tile, reused: no fresh 32 MiB tiles
         self.bfloat16 = store.dtype == "bfloat16"
         self.columns = {
             name: column_ranges(
@@ -323,7 +324,7 @@ class FusedGramWriter:
             tile = torch.from_numpy(np.ascontiguousarray(rows[:, c0:c1]))
             if self.bfloat16:
                 tile = tile.view(torch.bfloat16)
-            add_shifted_products(gram, tile.to(self.device), self.product_dtype)
+            add_shifted_products(gram, tile.to(self.device), self.product_dtype, self.workspace)
         finished = self.finish_gram(gram, name, k)
         if name in self.kept:
             # into the store, before rows_complete passes this batch: a resume copies it back
