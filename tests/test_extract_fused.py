@@ -20,6 +20,7 @@ import numpy as np
 import pytest
 import zarr
 from click.testing import CliRunner
+from helpers import rows_complete
 from reference import linear_gram, u_centered
 
 import ckapipe
@@ -222,7 +223,7 @@ def test_fused_cache_survives_kill_and_resume(tmp_path, monkeypatch):
     )
     try:
         deadline = time.monotonic() + 90
-        while _rows_complete(out) < 64:
+        while rows_complete(out) < 64:
             assert child.poll() is None, "the child extraction ended early"
             assert time.monotonic() < deadline, "the child wrote nothing within 90 s"
             time.sleep(0.02)
@@ -239,13 +240,6 @@ def test_fused_cache_survives_kill_and_resume(tmp_path, monkeypatch):
     fused = GramCache.open(grams)
     assert fused.batch_sizes.tolist()[-1] == 4
     assert_same_cache(fused, built)
-
-
-def _rows_complete(path: Path) -> int:
-    try:
-        return ActivationStore.open(path, allow_incomplete=True, check_chunks=False).rows_complete
-    except StoreError:
-        return -1
 
 
 def test_background_writer_stores_the_same_bytes_and_grams(tmp_path, monkeypatch):

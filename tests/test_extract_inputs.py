@@ -9,16 +9,15 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import textwrap
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import STORE_TIMESTAMPS, rows_complete, sigkill_when, store_files
 
 import ckapipe.store
 from ckapipe.extract.cli import extract_command
@@ -29,7 +28,6 @@ N = 160
 STALL_AT = 64
 # small chunks, so that rows_complete advances in several steps (64, 128, 160), here and in the child
 CHUNK_BYTES = 512
-TIMESTAMPS = {"started_at", "created_at", "completed_at"}
 CHILD = textwrap.dedent(
     f"""
     import time
@@ -61,32 +59,17 @@ def _args(data: Path, out: Path, *extra: str) -> list[str]:
     ]  # fmt: skip
 
 
-def _files(root: Path) -> dict[str, bytes]:
-    return {
-        str(path.relative_to(root)): path.read_bytes()
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != ".writer.lock"
-    }
-
-
 def _assert_same_store(a: Path, b: Path) -> None:
     """Byte-identical but for the timestamps in the root metadata."""
-    files_a, files_b = _files(a), _files(b)
+    files_a, files_b = store_files(a), store_files(b)
     del files_a["zarr.json"], files_b["zarr.json"]
     assert files_a == files_b
 
     def attrs(path: Path) -> dict:
         values = ActivationStore.open(path).attrs
-        return {k: v for k, v in values.items() if k not in TIMESTAMPS}
+        return {k: v for k, v in values.items() if k not in STORE_TIMESTAMPS}
 
     assert attrs(a) == attrs(b)
-
-
-def _rows_complete(path: Path) -> int:
-    try:
-        return ActivationStore.open(path, allow_incomplete=True).rows_complete
-    except Exception:  # not created yet
-        return -1
 
 
 def _kill_at_row_64(data: Path, out: Path) -> None:
@@ -98,18 +81,7 @@ def _kill_at_row_64(data: Path, out: Path) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while _rows_complete(out) < STALL_AT:
-            assert child.poll() is None, child.stderr.read().decode()
-            assert time.monotonic() < deadline, "the child wrote nothing within 60 s"
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-        child.stderr.close()
-    assert child.returncode == -signal.SIGKILL
+    sigkill_when(child, lambda: rows_complete(out) >= STALL_AT, within=60)
 
 
 @pytest.fixture(autouse=True)
@@ -128,7 +100,7 @@ def test_killed_extraction_on_replaced_data_is_refused_then_advice_works(tmp_pat
     original = _dataset(data)
     killed = tmp_path / "killed"
     _kill_at_row_64(data, killed)
-    assert _rows_complete(killed) == STALL_AT
+    assert rows_complete(killed) == STALL_AT
     spare = tmp_path / "spare"
     shutil.copytree(killed, spare)
 
@@ -137,7 +109,7 @@ def test_killed_extraction_on_replaced_data_is_refused_then_advice_works(tmp_pat
     changed = original.copy()
     changed[sample] += 1.0
     np.save(data, changed)
-    before = _files(killed)
+    before = store_files(killed)
     runner = CliRunner()
     result = runner.invoke(extract_command, _args(data, killed))
     assert result.exit_code == 1, result.output
@@ -146,7 +118,7 @@ def test_killed_extraction_on_replaced_data_is_refused_then_advice_works(tmp_pat
     assert "resuming it would mix rows of the old and the new data" in result.output
     assert "x.npy" in result.output and f"rm -r {killed}" in result.output
     assert "wrote" not in result.output and "Traceback" not in result.output
-    assert _files(killed) == before  # untouched: still the interrupted store of the old data
+    assert store_files(killed) == before  # untouched: still the interrupted store of the old data
 
     # the advice works: delete the store, re-run the same command
     shutil.rmtree(killed)
@@ -174,11 +146,11 @@ def test_complete_store_on_replaced_data_is_refused_not_reused(tmp_path: Path) -
     assert runner.invoke(extract_command, _args(data, out)).exit_code == 0
 
     # unchanged data: reused, verified, nothing written
-    before = _files(out)
+    before = store_files(out)
     result = runner.invoke(extract_command, _args(data, out))
     assert result.exit_code == 0, result.output
     assert "already holds this extraction" in result.output and "wrote" not in result.output
-    assert _files(out) == before
+    assert store_files(out) == before
 
     # the file replaced by other values of the same shape: refused, the store untouched
     np.save(data, original[::-1].copy())
@@ -188,14 +160,14 @@ def test_complete_store_on_replaced_data_is_refused_not_reused(tmp_path: Path) -
     assert f"rows 0:8 (row block 0, first sample id {first_id})" in result.output
     assert "reusing it would return activations of the old data" in result.output
     assert "wrote" not in result.output and "already holds" not in result.output
-    assert _files(out) == before
+    assert store_files(out) == before
 
     # the advice works
     shutil.rmtree(out)
     result = runner.invoke(extract_command, _args(data, out))
     assert result.exit_code == 0, result.output
     assert f"wrote {out}" in result.output
-    assert _files(out) != before
+    assert store_files(out) != before
 
 
 def test_float16_unrepresentable_layer_removes_store_and_float32_advice_works(

@@ -21,6 +21,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from helpers import assert_same_store_bytes, rows_complete
 
 import ckapipe.store
 from ckapipe.extract.cli import extract_command
@@ -42,22 +43,6 @@ CHILD = (
     f"import ckapipe.store; ckapipe.store.TARGET_CHUNK_BYTES = {CHUNK_BYTES}; "
     "from ckapipe.extract.cli import extract_command; extract_command()"
 )
-TIMESTAMPS = {"started_at", "created_at", "completed_at"}
-
-
-def _rows_complete(path: Path) -> int:
-    try:
-        return ActivationStore.open(path, allow_incomplete=True).rows_complete
-    except Exception:  # not created yet
-        return -1
-
-
-def _files(root: Path) -> dict[str, bytes]:
-    return {
-        str(path.relative_to(root)): path.read_bytes()
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != ".writer.lock"
-    }
 
 
 def test_sigkill_then_resume_is_byte_identical(tmp_path, caplog, monkeypatch):
@@ -81,7 +66,7 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, caplog, monkeypatch):
     )
     try:
         deadline = time.monotonic() + 60
-        while _rows_complete(killed) < 64:
+        while rows_complete(killed) < 64:
             assert child.poll() is None, child.stderr.read().decode()
             assert time.monotonic() < deadline, "the child wrote nothing within 60 s"
             time.sleep(0.02)
@@ -151,16 +136,8 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, caplog, monkeypatch):
     )
     assert fresh.exit_code == 0, fresh.output
 
-    a, b = _files(killed), _files(tmp_path / "fresh")
-    assert sorted(a) == sorted(b)
-    assert sum(name.startswith("layers/0/c/") for name in a) == N // 16  # chunk files compared
-    assert sum(name.startswith("layers/4/c/") for name in a) == 3
-    for name in a:
-        if name != "zarr.json":
-            assert a[name] == b[name], name
-    attrs_a = json.loads(a["zarr.json"])["attributes"]
-    attrs_b = json.loads(b["zarr.json"])["attributes"]
-    for key in TIMESTAMPS:
-        attrs_a.pop(key), attrs_b.pop(key)
-    assert attrs_a == attrs_b
-    assert attrs_a["complete"] is True and attrs_a["rows_complete"] == N
+    files = assert_same_store_bytes(killed, tmp_path / "fresh")
+    assert sum(name.startswith("layers/0/c/") for name in files) == N // 16  # chunks compared
+    assert sum(name.startswith("layers/4/c/") for name in files) == 3
+    attrs = json.loads(files["zarr.json"])["attributes"]
+    assert attrs["complete"] is True and attrs["rows_complete"] == N

@@ -18,6 +18,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from helpers import float32_store, small_cnn_relus
 from reference import linear_gram, rbf_gram, u_centered
 
 import ckapipe.store as store_module
@@ -602,20 +603,6 @@ def _offset_relu_features(n: int, widths: dict[str, int]) -> dict[str, np.ndarra
     }
 
 
-def _cnn_features(n: int) -> dict[str, np.ndarray]:
-    from models import image_dataset, make_cnn
-
-    net = make_cnn(channels=16)
-    acts = {}
-    for i in (1, 3):  # the two ReLUs
-        net[i].register_forward_hook(
-            lambda mod, inp, out, i=i: acts.__setitem__(f"relu{i}", out.flatten(1).numpy().copy())
-        )
-    with torch.no_grad():
-        net(image_dataset(n=n, size=8)[:][0])
-    return acts
-
-
 def _all_pairs_cka(batches: list[dict[str, np.ndarray]]) -> dict[tuple[str, str], float]:
     """Minibatch CKA of every layer pair from per-batch Ũ Grams (float64 arithmetic)."""
 
@@ -624,19 +611,6 @@ def _all_pairs_cka(batches: list[dict[str, np.ndarray]]) -> dict[tuple[str, str]
 
     names = list(batches[0])
     return {(a, b): hsic(a, b) / np.sqrt(hsic(a, a) * hsic(b, b)) for a in names for b in names}
-
-
-def _store_of(path, data: dict[str, np.ndarray]):
-    n = len(next(iter(data.values())))
-    records = [LayerRecord(name, (x.shape[1],), "flatten", x.shape[1]) for name, x in data.items()]
-    store = ActivationStore.create(
-        path, layers=records, sample_ids=np.arange(n), dtype="float32", row_block=64
-    )
-    store.write_rows(0, data)
-    store.set_rows_complete(n)
-    store.mark_complete()
-    store.close()
-    return path
 
 
 def _cache_cka(cache) -> dict[tuple[str, str], float]:
@@ -657,8 +631,8 @@ def test_default_float32_products_keep_cka_within_1e_6_of_float64(tmp_path, feat
     if features == "offset_relu":
         data = _offset_relu_features(n, {"a": 300, "b": 700})
     else:
-        data = _cnn_features(n)
-    store = _store_of(tmp_path / "store", data)
+        data = small_cnn_relus(n)
+    store = float32_store(tmp_path / "store", data)
     default = build_gram_cache(store, tmp_path / "f32", batch_size=64, device="cpu")
     assert default.attrs["precision"] == "float32"
     assert default.storage_dtype == "float32"

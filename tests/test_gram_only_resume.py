@@ -20,16 +20,15 @@ import json
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
+from helpers import assert_same_store_bytes, rows_complete, sigkill_when, store_files
 
 import ckapipe.store
 from ckapipe.analyze.gram_cache import GramCache
@@ -48,7 +47,6 @@ CHILD = (
     f"import ckapipe.store; ckapipe.store.TARGET_CHUNK_BYTES = {CHUNK_BYTES}; "
     "from ckapipe.extract.cli import extract_command; extract_command()"
 )
-TIMESTAMPS = {"started_at", "created_at", "completed_at"}
 
 
 def args(out: Path, grams: Path, m: int, *extra: str, gram_only: str = "0,2") -> list[str]:
@@ -74,47 +72,12 @@ def kill_child_at(arguments: list[str], stall_row: int, ready) -> None:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    try:
-        deadline = time.monotonic() + 90
-        while not ready():
-            assert child.poll() is None, child.stderr.read().decode()
-            assert time.monotonic() < deadline, "the child did not get there within 90 s"
-            time.sleep(0.02)
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-        child.stderr.close()
-    assert child.returncode == -signal.SIGKILL
-
-
-def rows_complete(path: Path) -> int:
-    try:
-        return ActivationStore.open(path, allow_incomplete=True, check_chunks=False).rows_complete
-    except Exception:  # noqa: BLE001 - not created yet
-        return -1
-
-
-def files(root: Path) -> dict[str, bytes]:
-    return {
-        str(path.relative_to(root)): path.read_bytes()
-        for path in sorted(root.rglob("*"))
-        if path.is_file() and path.name != ".writer.lock"
-    }
+    sigkill_when(child, ready)
 
 
 def assert_same_store(a: Path, b: Path) -> None:
-    fa, fb = files(a), files(b)
-    assert sorted(fa) == sorted(fb)
-    assert any(name.startswith("gram_only_grams/grams/0/c/") for name in fa)
-    for name in fa:
-        if name != "zarr.json":
-            assert fa[name] == fb[name], name
-    attrs_a = json.loads(fa["zarr.json"])["attributes"]
-    attrs_b = json.loads(fb["zarr.json"])["attributes"]
-    for key in TIMESTAMPS:
-        attrs_a.pop(key), attrs_b.pop(key)
-    assert attrs_a == attrs_b
+    files = assert_same_store_bytes(a, b)
+    assert any(name.startswith("gram_only_grams/grams/0/c/") for name in files)
 
 
 def assert_same_cache(resumed: GramCache, fresh: GramCache) -> None:
@@ -180,7 +143,7 @@ def test_a_resume_with_other_gram_settings_is_refused_and_info_verify_see_the_gr
 ):
     out, grams = tmp_path / "killed", tmp_path / "killed.grams"
     kill_child_at(args(out, grams, 12), 100, lambda: rows_complete(out) >= 60)
-    before = files(out)
+    before = store_files(out)
 
     refusals = {
         "gram_only": (
@@ -201,7 +164,7 @@ def test_a_resume_with_other_gram_settings_is_refused_and_info_verify_see_the_gr
         refused = run_extract(arguments)
         assert refused.exit_code != 0, what
         assert re.search(message, " ".join(refused.output.split())), (what, refused.output)
-    assert files(out) == before and not grams.exists()  # nothing touched
+    assert store_files(out) == before and not grams.exists()  # nothing touched
 
     info = CliRunner().invoke(main, ["info", str(out)])
     assert info.exit_code == 0, info.output

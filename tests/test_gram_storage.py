@@ -14,6 +14,7 @@ import pytest
 import torch
 import zarr
 from click.testing import CliRunner
+from helpers import float32_store, small_cnn_relus
 from reference import batch_slices, minibatch_cka
 
 from ckapipe.analyze.gram_cache import (
@@ -25,7 +26,6 @@ from ckapipe.analyze.gram_cache import (
 )
 from ckapipe.analyze.study import analyze_study, load_result
 from ckapipe.cli import main
-from ckapipe.store import ActivationStore, LayerRecord
 
 N = 500  # 7 batches of 64 and a short last batch of 52
 M = 64
@@ -43,34 +43,6 @@ def _offset_relu(n: int, widths: dict[str, int], seed: int) -> dict[str, np.ndar
         ).astype(np.float32)
         for name, w in widths.items()
     }
-
-
-def _cnn(n: int, seed: int) -> dict[str, np.ndarray]:
-    """The two ReLU outputs of a small CNN (tests/models.py) on n random 8x8 images."""
-    from models import image_dataset, make_cnn
-
-    net = make_cnn(channels=16, seed=seed)
-    acts: dict[str, np.ndarray] = {}
-    for i in (1, 3):
-        net[i].register_forward_hook(
-            lambda mod, inp, out, i=i: acts.__setitem__(f"relu{i}", out.flatten(1).numpy().copy())
-        )
-    with torch.no_grad():
-        net(image_dataset(n=n, size=8)[:][0])
-    return acts
-
-
-def _store(path: Path, data: dict[str, np.ndarray]) -> Path:
-    n = len(next(iter(data.values())))
-    records = [LayerRecord(name, (x.shape[1],), "flatten", x.shape[1]) for name, x in data.items()]
-    store = ActivationStore.create(
-        path, layers=records, sample_ids=np.arange(n), dtype="float32", row_block=64
-    )
-    store.write_rows(0, data)
-    store.set_rows_complete(n)
-    store.mark_complete()
-    store.close()
-    return path
 
 
 def _raw(cache: GramCache, group: str, layer: str) -> np.ndarray:
@@ -94,7 +66,7 @@ def _study(caches: list[GramCache], out: Path, permutations: int = 0):
 
 
 def test_float32_storage_is_the_float64_gram_rounded_once_and_read_back_as_float64(tmp_path):
-    store = _store(tmp_path / "s", _offset_relu(N, {"x": 40, "y": 90}, seed=0))
+    store = float32_store(tmp_path / "s", _offset_relu(N, {"x": 40, "y": 90}, seed=0))
     settings = {"batch_size": M, "epochs": 2, "seed": 1, "device": "cpu"}
     f64 = build_gram_cache(store, tmp_path / "f64", storage="float64", **settings)
     f32 = build_gram_cache(store, tmp_path / "f32", **settings)  # the default
@@ -138,8 +110,8 @@ def test_float32_stored_cka_is_within_1e_6_of_a_float64_feature_reference(tmp_pa
     if features == "offset_relu":
         data = [_offset_relu(N, {"x": 300, "y": 700}, seed=s) for s in (0, 1)]
     else:
-        data = [_cnn(N, seed=s) for s in (0, 1)]
-    stores = [_store(tmp_path / f"s{i}", d) for i, d in enumerate(data)]
+        data = [small_cnn_relus(N, seed=s) for s in (0, 1)]
+    stores = [float32_store(tmp_path / f"s{i}", d) for i, d in enumerate(data)]
     f32 = [build_gram_cache(s, tmp_path / f"f32_{i}", batch_size=M) for i, s in enumerate(stores)]
     f64 = [
         build_gram_cache(
@@ -179,7 +151,7 @@ def test_float32_stored_cka_is_within_1e_6_of_a_float64_feature_reference(tmp_pa
 
 def test_old_float64_caches_without_the_attribute_open_and_give_the_same_numbers(tmp_path):
     data = [_offset_relu(N, {"x": 40, "y": 90}, seed=s) for s in (0, 1)]
-    stores = [_store(tmp_path / f"s{i}", d) for i, d in enumerate(data)]
+    stores = [float32_store(tmp_path / f"s{i}", d) for i, d in enumerate(data)]
     caches = [
         build_gram_cache(s, tmp_path / f"g{i}", batch_size=M, storage="float64")
         for i, s in enumerate(stores)
@@ -213,7 +185,7 @@ def test_old_float64_caches_without_the_attribute_open_and_give_the_same_numbers
 
 
 def test_float32_parts_merge_bit_for_bit_into_one_float32_pass(tmp_path):
-    store = _store(tmp_path / "s", _offset_relu(N, {"x": 40}, seed=0))
+    store = float32_store(tmp_path / "s", _offset_relu(N, {"x": 40}, seed=0))
     settings = {"batch_size": M, "epochs": 2, "device": "cpu"}
     whole = build_gram_cache(store, tmp_path / "whole", **settings)
     parts = [
@@ -240,7 +212,7 @@ def _gram_bytes(cache: GramCache) -> int:
 
 
 def test_float32_storage_halves_the_cache_on_disk(tmp_path):
-    store = _store(tmp_path / "s", _offset_relu(N, {"x": 40, "y": 90}, seed=0))
+    store = float32_store(tmp_path / "s", _offset_relu(N, {"x": 40, "y": 90}, seed=0))
     f64 = build_gram_cache(store, tmp_path / "f64", batch_size=M, storage="float64")
     f32 = build_gram_cache(store, tmp_path / "f32", batch_size=M)
     wide, narrow = _gram_bytes(f64), _gram_bytes(f32)
@@ -252,7 +224,7 @@ def test_float32_storage_halves_the_cache_on_disk(tmp_path):
 
 
 def test_cli_gram_storage_option(tmp_path):
-    store = _store(tmp_path / "s", _offset_relu(100, {"x": 8}, seed=0))
+    store = float32_store(tmp_path / "s", _offset_relu(100, {"x": 8}, seed=0))
     runner = CliRunner()
     for storage in ("float32", "float64"):
         out = tmp_path / storage
@@ -272,7 +244,7 @@ def test_cli_gram_storage_option(tmp_path):
 def test_a_gram_beyond_float32_range_is_refused_not_stored_as_inf(tmp_path):
     # features of size ~1e19: the float64 Gram (~1e40) is finite, its float32 rounding is not
     data = {"huge": (np.random.default_rng(0).normal(size=(64, 4)) * 1e19).astype(np.float32)}
-    store = _store(tmp_path / "s", data)
+    store = float32_store(tmp_path / "s", data)
     with pytest.raises(GramCacheDataError, match=r"layer 'huge', batch 0: .*--storage float64"):
         build_gram_cache(store, tmp_path / "f32", batch_size=32, precision="float64")
     assert not (tmp_path / "f32").exists()
