@@ -775,8 +775,9 @@ class _ChunkWriter:
         # rows reach the host asynchronously, and waiting for them per block would stall it)
         self.early = background and not pinned
         self.encoded_from = start  # main thread: the first row not yet queued for encoding
-        # writer thread, early mode: each layer's encoded rows of its unwritten chunk
-        self.encoded: dict[str, list[np.ndarray]] = {name: [] for name in self.chunk_rows}
+        # writer thread, early mode: each stored layer's encoded rows of its unwritten chunk
+        # (Gram-only layers are encoded for the fused Grams, never written)
+        self.encoded: dict[str, list[np.ndarray]] = {name: [] for name in store.layer_names}
         self._pending: dict[str, Future[None]] = {}  # each layer's last write job
         self._jobs: list[Future[None]] = []  # every queued job, so that close() sees each error
         self._failed = False  # after a failed write no later one may run (rows_complete)
@@ -868,9 +869,12 @@ class _ChunkWriter:
     def _write(self, values: dict[str, tuple[int, torch.Tensor]], rows_done: int) -> None:
         if self.early:
             for name, (start, _) in values.items():
+                if name not in self.encoded:
+                    continue  # a Gram-only layer: nothing to write
                 blocks, self.encoded[name] = self.encoded[name], []
+                rows = blocks[0] if len(blocks) == 1 else np.concatenate(blocks)
                 with self._store_errors():
-                    self.store.write_encoded(start, {name: np.concatenate(blocks)})
+                    self.store.write_encoded(start, {name: rows})
         else:
             groups: dict[int, dict[str, np.ndarray]] = {}
             for name, (start, rows) in values.items():
@@ -885,11 +889,14 @@ class _ChunkWriter:
     def _encode_block(self, start: int, values: dict[str, torch.Tensor]) -> None:
         """Early mode: encode rows ``start:start+k`` of every layer, hand them to the fused Gram
         cache, and keep them for the layer's chunk write."""
+        captured = {name: rows.numpy() for name, rows in values.items()}
         with self._store_errors():
-            encoded = self.store.encode_rows(start, {n: v.numpy() for n, v in values.items()})
-        for name, rows in encoded.items():
-            # a copy: float32 stores encode to a view of the capture buffer, which is reused
-            self.encoded[name].append(np.array(rows, copy=True))
+            encoded = self.store.encode_rows(start, captured)
+        for name in self.encoded:
+            rows = encoded[name]
+            # float32 stores encode to a view of the capture buffer, which the capture reuses
+            shared = np.may_share_memory(rows, captured[name])
+            self.encoded[name].append(np.array(rows, copy=True) if shared else rows)
         if self.on_encoded is not None:
             self.on_encoded(start, encoded)  # rows as stored: the fused Gram cache
 

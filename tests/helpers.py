@@ -120,3 +120,14 @@ def small_cnn_relus(n: int, seed: int = 0) -> dict:
     with torch.no_grad():
         net(image_dataset(n=n, size=8)[:][0])
     return acts
+
+
+def load_file_module(path: Path, name: str):
+    """Import the Python file ``path`` as module ``name`` on its own (not from a package: the
+    benchmarks and tools are scripts beside the package, not in it)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

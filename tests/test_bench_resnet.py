@@ -7,20 +7,17 @@ multiply-adds), the layer widths against the hooked output shapes.
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
 import torch
+from helpers import load_file_module
 from torch import nn
 
 _RESNET_PY = Path(__file__).resolve().parents[1] / "bench" / "resnet.py"
 
 
 def _load_resnet():
-    spec = importlib.util.spec_from_file_location("bench_resnet", _RESNET_PY)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_file_module(_RESNET_PY, "bench_resnet")
 
 
 def _hooked_forward(net: nn.Module, x: torch.Tensor, names: list[str]):

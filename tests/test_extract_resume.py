@@ -12,16 +12,14 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from helpers import assert_same_store_bytes, rows_complete
+from helpers import assert_same_store_bytes, rows_complete, sigkill_when
 
 import ckapipe.store
 from ckapipe.extract.cli import extract_command
@@ -64,12 +62,10 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, caplog, monkeypatch):
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    try:
-        deadline = time.monotonic() + 60
-        while rows_complete(killed) < 64:
-            assert child.poll() is None, child.stderr.read().decode()
-            assert time.monotonic() < deadline, "the child wrote nothing within 60 s"
-            time.sleep(0.02)
+
+    def ready() -> bool:
+        if rows_complete(killed) < 64:
+            return False
         # a second writer while the child holds the store is refused
         with pytest.raises(StoreLockedError, match=r"being written by another process"):
             extract_activations(
@@ -81,12 +77,9 @@ def test_sigkill_then_resume_is_byte_identical(tmp_path, caplog, monkeypatch):
                 row_block=8,
                 progress=False,
             )
-        os.kill(child.pid, signal.SIGKILL)
-    finally:
-        child.kill()
-        child.wait()
-        child.stderr.close()
-    assert child.returncode == -signal.SIGKILL
+        return True
+
+    sigkill_when(child, ready, within=60)
     interrupted = ActivationStore.open(killed, allow_incomplete=True)
     assert interrupted.rows_complete == 64 and not interrupted.is_complete
     assert interrupted.chunk_shape("0") == (16, 16) and interrupted.chunk_shape("4") == (64, 4)

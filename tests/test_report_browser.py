@@ -7,12 +7,12 @@ CKAPIPE_REQUIRE_CHROMIUM=1, which turns the skip into an error."""
 
 from __future__ import annotations
 
-import importlib.util
 import os
 from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import load_file_module
 from matplotlib.image import imread
 
 from ckapipe.analyze.plots import plot_result
@@ -22,14 +22,7 @@ from ckapipe.workflow.html_report import write_report
 TOOL = Path(__file__).resolve().parents[1] / "tools" / "screenshot_report.py"
 
 
-def _load_tool():
-    spec = importlib.util.spec_from_file_location("screenshot_report", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-screenshot_report = _load_tool()
+screenshot_report = load_file_module(TOOL, "screenshot_report")
 BROWSER = screenshot_report.find_chromium()
 if BROWSER is None and os.environ.get("CKAPIPE_REQUIRE_CHROMIUM") == "1":
     # CI installs Chromium (.ci/run): a missing browser there is a failure, not a skip
